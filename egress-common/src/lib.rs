@@ -1,0 +1,105 @@
+//! Types shared by the egress kernel programs (`egress-ebpf`) and the agent (`egress-user`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the same bytes are written by one side into a
+//! BPF map and read by the other.
+#![no_std]
+
+/// Names of the maps in the eBPF object. They are pinned by name under the agent's bpffs
+/// directory, so a restarted agent finds the same maps the attached programs use.
+pub mod maps {
+    pub const CONFIG: &str = "EGRESS_CONFIG";
+    pub const COUNTERS: &str = "EGRESS_COUNTERS";
+    pub const PENDING: &str = "EGRESS_PENDING";
+    pub const ORIGINAL_DST: &str = "EGRESS_ORIG_DST";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    pub const CONNECT4: &str = "egress_connect4";
+    pub const SOCK_OPS: &str = "egress_sock_ops";
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// A socket address as the kernel sees it.
+///
+/// `addr` holds the address in network byte order exactly as the kernel stores it (for IPv4
+/// only `addr[0]` is used, the rest is zero); `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+}
+
+impl SockAddr {
+    pub const fn v4(addr_be: u32, port: u16) -> Self {
+        Self {
+            addr: [addr_be, 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
+    }
+}
+
+/// Settings the agent writes into the single-entry `EGRESS_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Non-zero once an agent has written this entry. Until then intercepted connects are
+    /// refused: the programs never let traffic through unconfigured.
+    pub ready: u32,
+    /// Socket mark the agent puts on its own upstream and direct sockets; such sockets are
+    /// never redirected, wherever the agent's process sits in the cgroup tree.
+    pub agent_mark: u32,
+    /// Port of the agent's listener on 127.0.0.1 (host byte order).
+    pub listen_port: u16,
+    pub _pad: u16,
+    /// Bit set of `FLAG_*`.
+    pub flags: u32,
+}
+
+/// Emit aya-log debug records from the kernel programs.
+pub const FLAG_KERNEL_LOG: u32 = 1;
+
+/// Indexes into the per-CPU `EGRESS_COUNTERS` array: one counter per kernel decision.
+pub mod counter {
+    /// TCP connects seen by connect4.
+    pub const CONNECT_SEEN: u32 = 0;
+    /// Rewritten to the agent's listener.
+    pub const REDIRECTED: u32 = 1;
+    /// Left alone: loopback or unspecified destination.
+    pub const PASS_LOOPBACK: u32 = 2;
+    /// Left alone: the agent's own socket (carries the agent mark).
+    pub const PASS_AGENT: u32 = 3;
+    /// Left alone: not a TCP socket (UDP, e.g. DNS).
+    pub const PASS_NOT_TCP: u32 = 4;
+    /// Refused with EPERM: no agent has configured the programs.
+    pub const DENY_UNCONFIGURED: u32 = 5;
+    /// sock_ops recorded the original destination under the connection's 4-tuple.
+    pub const ORIGDST_RECORDED: u32 = 6;
+    /// Refused with EPERM: the original destination could not be remembered (map full).
+    pub const DENY_NO_STATE: u32 = 7;
+    pub const COUNT: u32 = 8;
+
+    /// Human names for metrics and `egress status`, indexed like the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect_seen",
+        "redirected",
+        "pass_loopback",
+        "pass_agent",
+        "pass_not_tcp",
+        "deny_unconfigured",
+        "origdst_recorded",
+        "deny_no_state",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data without padding holes that matter; any bit pattern is valid.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::AgentConfig {}
+}

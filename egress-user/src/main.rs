@@ -1,0 +1,45 @@
+use clap::Parser;
+use egress_user::{
+    cli::{Cli, Command, LogFormat},
+    ebpf, run,
+};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Detach(args) => match ebpf::detach(&args.bpffs_dir) {
+            Ok(true) => {
+                println!("detached: removed {}", args.bpffs_dir.display());
+                Ok(())
+            }
+            Ok(false) => {
+                println!("nothing to detach at {}", args.bpffs_dir.display());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Command::Status(args) => run::status(&args.bpffs_dir),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,324 @@
+//! Upstream proxy URLs, parsed the way Synapse parses them (`synapse.http.proxyagent.parse_proxy`):
+//! `[scheme://][user:pass@]host[:port]`, scheme `http` (default) or `https`, default port 1080,
+//! credentials used only when both user and password are non-empty, anything after the
+//! authority ignored. Credentials are taken verbatim, as Synapse does (no percent-decoding).
+
+use std::fmt;
+
+pub const DEFAULT_PORT: u16 = 1080;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyScheme {
+    Http,
+    Https,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub scheme: ProxyScheme,
+    /// Hostname or IP literal, lowercased, without brackets.
+    pub host: String,
+    pub port: u16,
+    /// `user:password`, sent as `Proxy-Authorization: Basic`.
+    credentials: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProxyUrlError {
+    #[error("unsupported proxy scheme '{0}': only http:// and https:// proxies are supported")]
+    UnsupportedScheme(String),
+    #[error("proxy URL has no host name")]
+    MissingHost,
+    #[error("invalid proxy port '{0}': expected a number from 1 to 65535")]
+    InvalidPort(String),
+    #[error("invalid IPv6 literal in proxy URL: missing ']'")]
+    UnclosedBracket,
+}
+
+impl ProxyUrl {
+    pub fn parse(input: &str) -> Result<Self, ProxyUrlError> {
+        let input = input.trim();
+        let (scheme, rest) = match input.split_once("://") {
+            Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+            None => ("http".to_owned(), input),
+        };
+        let scheme = match scheme.as_str() {
+            "http" => ProxyScheme::Http,
+            "https" => ProxyScheme::Https,
+            _ => return Err(ProxyUrlError::UnsupportedScheme(scheme)),
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        // As Python's urlsplit: the host part starts after the last '@'.
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, authority),
+        };
+        let (host, port) = split_host_port(hostport)?;
+        if host.is_empty() {
+            return Err(ProxyUrlError::MissingHost);
+        }
+        let credentials = userinfo.and_then(|info| {
+            let (user, pass) = info.split_once(':')?;
+            (!user.is_empty() && !pass.is_empty()).then(|| format!("{user}:{pass}"))
+        });
+        Ok(Self {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port: port.unwrap_or(DEFAULT_PORT),
+            credentials,
+        })
+    }
+
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// The value of the `Proxy-Authorization` header, if the URL carries credentials.
+    pub fn authorization(&self) -> Option<String> {
+        use base64::Engine as _;
+        self.credentials
+            .as_ref()
+            .map(|c| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c)))
+    }
+
+    /// `host:port` with IPv6 literals bracketed, for connecting and for logs.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn split_host_port(hostport: &str) -> Result<(&str, Option<u16>), ProxyUrlError> {
+    let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']').ok_or(ProxyUrlError::UnclosedBracket)?;
+        let port = match after {
+            "" => None,
+            _ => Some(
+                after
+                    .strip_prefix(':')
+                    .ok_or_else(|| ProxyUrlError::InvalidPort(after.to_owned()))?,
+            ),
+        };
+        (host, port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        }
+    };
+    let port = match port {
+        // "host:" means the default port, as in urlsplit.
+        None | Some("") => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(ProxyUrlError::InvalidPort(p.to_owned())),
+            Ok(n) => Some(n),
+        },
+    };
+    Ok((host, port))
+}
+
+/// Never print credentials: Debug and Display show the URL with the password redacted.
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            ProxyScheme::Http => "http",
+            ProxyScheme::Https => "https",
+        };
+        match &self.credentials {
+            Some(c) => {
+                let user = c.split_once(':').map_or("", |(u, _)| u);
+                write!(f, "{scheme}://{user}:***@{}", self.authority())
+            }
+            None => write!(f, "{scheme}://{}", self.authority()),
+        }
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProxyUrl({self})")
+    }
+}
+
+/// Reads a proxy variable from the environment the way Python's `getproxies_environment` does:
+/// the name is matched case-insensitively, and the all-lowercase spelling wins when several
+/// are set. Empty values count as unset.
+pub fn proxy_from_env<I>(vars: I, name: &str) -> Option<String>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let name = name.to_ascii_lowercase();
+    let mut found: Option<String> = None;
+    for (key, value) in vars {
+        if !key.eq_ignore_ascii_case(&name) || value.is_empty() {
+            continue;
+        }
+        if key == name {
+            return Some(value);
+        }
+        found.get_or_insert(value);
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_like_synapse() {
+        // input, scheme, host, port, Proxy-Authorization credentials
+        let cases: &[(&str, ProxyScheme, &str, u16, Option<&str>)] = &[
+            ("proxy.example", ProxyScheme::Http, "proxy.example", 1080, None),
+            (
+                "proxy.example:3128",
+                ProxyScheme::Http,
+                "proxy.example",
+                3128,
+                None,
+            ),
+            (
+                "http://proxy.example",
+                ProxyScheme::Http,
+                "proxy.example",
+                1080,
+                None,
+            ),
+            (
+                "https://proxy.example",
+                ProxyScheme::Https,
+                "proxy.example",
+                1080,
+                None,
+            ),
+            (
+                "HTTPS://Proxy.Example:443/",
+                ProxyScheme::Https,
+                "proxy.example",
+                443,
+                None,
+            ),
+            (
+                "http://u:p@proxy:3128",
+                ProxyScheme::Http,
+                "proxy",
+                3128,
+                Some("u:p"),
+            ),
+            ("u:p@proxy", ProxyScheme::Http, "proxy", 1080, Some("u:p")),
+            (
+                "http://u:p@ss@proxy:3128",
+                ProxyScheme::Http,
+                "proxy",
+                3128,
+                Some("u:p@ss"),
+            ),
+            (
+                "http://u:p%40ss@proxy",
+                ProxyScheme::Http,
+                "proxy",
+                1080,
+                Some("u:p%40ss"),
+            ),
+            ("http://u:@proxy", ProxyScheme::Http, "proxy", 1080, None),
+            ("http://:p@proxy", ProxyScheme::Http, "proxy", 1080, None),
+            ("http://user@proxy", ProxyScheme::Http, "proxy", 1080, None),
+            ("http://[::1]:3128", ProxyScheme::Http, "::1", 3128, None),
+            ("[2001:db8::5]", ProxyScheme::Http, "2001:db8::5", 1080, None),
+            (
+                "10.0.0.1:8080/some/path?x",
+                ProxyScheme::Http,
+                "10.0.0.1",
+                8080,
+                None,
+            ),
+            ("http://proxy:", ProxyScheme::Http, "proxy", 1080, None),
+            ("  http://proxy:1  ", ProxyScheme::Http, "proxy", 1, None),
+        ];
+        for (input, scheme, host, port, creds) in cases {
+            let url = ProxyUrl::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(url.scheme, *scheme, "{input}");
+            assert_eq!(url.host, *host, "{input}");
+            assert_eq!(url.port, *port, "{input}");
+            assert_eq!(url.credentials.as_deref(), *creds, "{input}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_urls() {
+        let cases: &[(&str, ProxyUrlError)] = &[
+            (
+                "socks5://proxy:1080",
+                ProxyUrlError::UnsupportedScheme("socks5".into()),
+            ),
+            (
+                "socks5h://proxy",
+                ProxyUrlError::UnsupportedScheme("socks5h".into()),
+            ),
+            ("ftp://proxy", ProxyUrlError::UnsupportedScheme("ftp".into())),
+            ("http://", ProxyUrlError::MissingHost),
+            ("http://u:p@:3128", ProxyUrlError::MissingHost),
+            ("", ProxyUrlError::MissingHost),
+            ("http://proxy:99999", ProxyUrlError::InvalidPort("99999".into())),
+            ("http://proxy:0", ProxyUrlError::InvalidPort("0".into())),
+            ("http://proxy:abc", ProxyUrlError::InvalidPort("abc".into())),
+            ("http://[::1", ProxyUrlError::UnclosedBracket),
+            ("http://[::1]x", ProxyUrlError::InvalidPort("x".into())),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(ProxyUrl::parse(input).as_ref(), Err(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn authorization_is_basic_base64() {
+        let url = ProxyUrl::parse("http://alice:s3cret@proxy:3128").unwrap();
+        assert_eq!(url.authorization().as_deref(), Some("Basic YWxpY2U6czNjcmV0"));
+        assert_eq!(ProxyUrl::parse("proxy").unwrap().authorization(), None);
+    }
+
+    #[test]
+    fn display_and_debug_redact_password() {
+        let url = ProxyUrl::parse("https://alice:s3cret@[::1]:3129").unwrap();
+        assert_eq!(url.to_string(), "https://alice:***@[::1]:3129");
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn env_lookup_is_case_insensitive_and_lowercase_wins() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Vars, Option<&str>)] = &[
+            (&[], None),
+            (&[("HTTPS_PROXY", "upper")], Some("upper")),
+            (&[("https_proxy", "lower")], Some("lower")),
+            (
+                &[("HTTPS_PROXY", "upper"), ("https_proxy", "lower")],
+                Some("lower"),
+            ),
+            (
+                &[("https_proxy", "lower"), ("HTTPS_PROXY", "upper")],
+                Some("lower"),
+            ),
+            (&[("Https_Proxy", "mixed")], Some("mixed")),
+            (&[("https_proxy", ""), ("HTTPS_PROXY", "upper")], Some("upper")),
+            (&[("http_proxy", "other")], None),
+        ];
+        for (vars, expected) in cases {
+            assert_eq!(
+                proxy_from_env(env(vars), "https_proxy").as_deref(),
+                *expected,
+                "{vars:?}"
+            );
+        }
+    }
+}

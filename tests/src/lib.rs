@@ -1,0 +1,348 @@
+//! Test topologies for egress, built from real parts: network namespaces joined by a bridge, a
+//! homeserver host whose client processes run in an intercepted cgroup, a proxy host running
+//! squid with basic auth, and an origin host running nginx with TLS on 443 and 8448.
+//!
+//! ```text
+//!   hs (10.248.0.10)        proxy (10.248.0.20)        origin (10.248.0.30)
+//!   agent + cgroup clients  squid :3128 (basic auth)   nginx :443 :8448 (TLS), :80
+//!          \________________________|_________________________/
+//!                            switch (bridge br0)
+//! ```
+//! The homeserver host can reach the origin directly over the bridge, so tests that assert
+//! "nothing went direct" are meaningful. Everything is removed on drop, also when a test panics.
+
+pub mod cgroup;
+pub mod cmd;
+pub mod netns;
+pub mod peers;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{
+    cgroup::Cgroup,
+    netns::Netns,
+    peers::{Certs, Daemon, SquidOptions},
+};
+
+pub const HS_IP: &str = "10.248.0.10";
+pub const PROXY_IP: &str = "10.248.0.20";
+pub const ORIGIN_IP: &str = "10.248.0.30";
+pub const ORIGIN_NAME: &str = "origin.test";
+pub const SQUID_PORT: u16 = 3128;
+pub const PROXY_USER: &str = "egress";
+pub const PROXY_PASSWORD: &str = "Tr0ub4dor-s3cret";
+/// Prefix of every namespace, cgroup and bpffs directory a testbed creates.
+pub const NAME_PREFIX: &str = "egt";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Testbed {
+    pub name: String,
+    pub dir: PathBuf,
+    pub certs: Certs,
+    pub pin_dir: PathBuf,
+    // Drop order matters: processes first, then the cgroup, then the namespaces.
+    agent: Option<Daemon>,
+    agent_runs: u32,
+    squid: Daemon,
+    nginx: Daemon,
+    pub cgroup: Cgroup,
+    pub hs: Netns,
+    pub proxy: Netns,
+    pub origin: Netns,
+    _switch: Netns,
+}
+
+/// What a client command printed and how it exited.
+#[derive(Debug)]
+pub struct ClientResult {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for ClientResult {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Testbed {
+    pub fn new() -> Result<Self> {
+        let id = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{NAME_PREFIX}{}x{id}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("egress-testbed-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+
+        let switch = Netns::create(format!("{name}-sw"))?;
+        let hs = Netns::create(format!("{name}-hs"))?;
+        let proxy = Netns::create(format!("{name}-px"))?;
+        let origin = Netns::create(format!("{name}-or"))?;
+        netns::create_bridge(&switch)?;
+        netns::attach_host(&switch, &hs, "p-hs", HS_IP)?;
+        netns::attach_host(&switch, &proxy, "p-px", PROXY_IP)?;
+        netns::attach_host(&switch, &origin, "p-or", ORIGIN_IP)?;
+        peers::install_packet_counter(&origin, HS_IP)?;
+
+        let certs = peers::make_certs(&dir, "origin", &[ORIGIN_NAME], &[ORIGIN_IP])?;
+        let squid = peers::start_squid(
+            &proxy,
+            &dir,
+            &name,
+            &SquidOptions {
+                user: PROXY_USER,
+                password: PROXY_PASSWORD,
+                http_port: SQUID_PORT,
+                hosts: &format!("{ORIGIN_IP} {ORIGIN_NAME}\n"),
+            },
+        )?;
+        let nginx = peers::start_nginx(&origin, &dir, &certs, &[443, 8448], 80)?;
+        let cgroup = Cgroup::create(&format!("egress-test/{name}"))?;
+        let mut bed = Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
+            name,
+            dir,
+            certs,
+            agent: None,
+            agent_runs: 0,
+            squid,
+            nginx,
+            cgroup,
+            hs,
+            proxy,
+            origin,
+            _switch: switch,
+        };
+        bed.wait_for("squid", |b| b.proxy.is_listening(SQUID_PORT))?;
+        bed.wait_for("nginx", |b| {
+            b.origin.is_listening(443) && b.origin.is_listening(8448)
+        })?;
+        Ok(bed)
+    }
+
+    fn wait_for(&mut self, what: &str, ready: impl Fn(&Self) -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if ready(self) {
+                return Ok(());
+            }
+            if self.squid.exited() || self.nginx.exited() {
+                bail!("{what} did not start; logs in {}", self.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{what} not ready after 20 s; logs in {}", self.dir.display())
+    }
+
+    /// `http://user:password@proxy:3128`, optionally with another password.
+    pub fn proxy_url(&self, password: &str) -> String {
+        format!("http://{PROXY_USER}:{password}@{PROXY_IP}:{SQUID_PORT}")
+    }
+
+    /// Starts `egress run` in the homeserver namespace, attached to the test cgroup, and waits
+    /// until it reports ready. `args` come after the testbed's own (--cgroup, --bpffs-dir).
+    pub fn start_agent(&mut self, args: &[&str]) -> Result<()> {
+        self.stop_agent();
+        self.agent_runs += 1;
+        let log = self.agent_log_path(self.agent_runs);
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.hs.path()))
+            .arg(egress_bin())
+            .arg("run")
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .arg("--bpffs-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .env("EGRESS_LOG", "info,egress=debug");
+        let mut agent = Daemon::spawn("egress", command, &log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("egress ready")
+            {
+                self.agent = Some(agent);
+                return Ok(());
+            }
+            if agent.exited() || Instant::now() > deadline {
+                bail!(
+                    "egress did not become ready:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the agent with the right proxy credentials.
+    pub fn start_default_agent(&mut self) -> Result<()> {
+        let url = self.proxy_url(PROXY_PASSWORD);
+        self.start_agent(&["--https-proxy", &url])
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.signal(libc::SIGTERM);
+            let _ = agent.child.wait();
+        }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+    }
+
+    fn agent_log_path(&self, run: u32) -> PathBuf {
+        self.dir.join(format!("egress-{run}.log"))
+    }
+
+    /// Everything the agent(s) of this testbed logged so far.
+    pub fn agent_log(&self) -> String {
+        (1..=self.agent_runs)
+            .map(|run| std::fs::read_to_string(self.agent_log_path(run)).unwrap_or_default())
+            .collect()
+    }
+
+    /// Runs `program args...` inside the intercepted cgroup, in the homeserver namespace.
+    pub fn run_in_cgroup(&self, program: &str, args: &[&str]) -> Result<ClientResult> {
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(&self.cgroup.path)
+            .arg("nsenter")
+            .arg(format!("--net={}", self.hs.path()))
+            .arg(program)
+            .args(args)
+            .output()?;
+        Ok(output.into())
+    }
+
+    /// curl from inside the cgroup with no proxy settings at all: `url` is fetched "directly",
+    /// with origin.test resolving to the origin's address and the test CA trusted.
+    pub fn curl(&self, url: &str) -> Result<ClientResult> {
+        let ca = self.certs.ca.to_string_lossy().into_owned();
+        let mut args = vec!["-sS", "--noproxy", "*", "--max-time", "15", "--cacert", &ca];
+        let resolves: Vec<String> = [443, 8448, 80]
+            .iter()
+            .map(|p| format!("{ORIGIN_NAME}:{p}:{ORIGIN_IP}"))
+            .collect();
+        for r in &resolves {
+            args.extend_from_slice(&["--resolve", r]);
+        }
+        args.push(url);
+        self.run_in_cgroup("curl", &args)
+    }
+
+    /// A bare TCP connect from inside the cgroup. stdout is `connected`, or the error's
+    /// errno name (`ECONNREFUSED`, `EPERM`, ...), so tests can tell refusal from denial.
+    pub fn tcp_connect(&self, ip: &str, port: u16) -> Result<String> {
+        let script = "import errno, socket, sys\n\
+try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5); print('connected')\n\
+except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
+        let result = self.run_in_cgroup("python3", &["-c", script, ip, &port.to_string()])?;
+        Ok(result.stdout.trim().to_owned())
+    }
+
+    pub fn squid_access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("squid/access.log")).unwrap_or_default()
+    }
+
+    pub fn origin_access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nginx/access.log")).unwrap_or_default()
+    }
+
+    /// Packets that reached the origin host from the homeserver host's address, i.e. direct.
+    pub fn direct_packets_at_origin(&self) -> Result<u64> {
+        peers::read_packet_counter(&self.origin)
+    }
+
+    /// Polls `read` until `pred` holds or `timeout` passes; returns the last value read.
+    pub fn eventually(
+        &self,
+        timeout: Duration,
+        read: impl Fn(&Self) -> String,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = read(self);
+            if pred(&value) || Instant::now() > deadline {
+                return value;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn egress(&self, args: &[&str]) -> Result<ClientResult> {
+        Ok(Command::new(egress_bin()).args(args).output()?.into())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.kill_agent();
+        // Removing the pins detaches the programs from the (soon removed) cgroup.
+        cmd::quietly(
+            &egress_bin().to_string_lossy(),
+            &["detach", "--bpffs-dir", &self.pin_dir.to_string_lossy()],
+        );
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if std::thread::panicking() {
+            eprintln!("testbed {}: logs kept in {}", self.name, self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The `egress` binary under test: $EGRESS_BIN, else the workspace's release build.
+pub fn egress_bin() -> PathBuf {
+    std::env::var_os("EGRESS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/egress"))
+}
+
+/// Removes what crashed earlier runs may have left: namespaces, cgroups and pins named egt*.
+pub fn sweep_leftovers() {
+    if let Ok(list) = cmd::run("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(NAME_PREFIX) {
+                cmd::quietly("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(root) = cgroup::cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(root.join("egress-test"))
+    {
+        for entry in entries.flatten() {
+            cgroup::remove(&entry.path());
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(NAME_PREFIX) {
+                cmd::quietly(
+                    &egress_bin().to_string_lossy(),
+                    &["detach", "--bpffs-dir", &entry.path().to_string_lossy()],
+                );
+            }
+        }
+    }
+}

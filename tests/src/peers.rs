@@ -1,0 +1,263 @@
+//! Real third-party peers: a test CA (openssl), squid with basic auth, nginx serving TLS.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context, Result};
+
+use crate::{cmd::run, netns::Netns};
+
+/// A CA and one server certificate signed by it, made with the openssl CLI.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn make_certs(dir: &Path, name: &str, dns_names: &[&str], ips: &[&str]) -> Result<Certs> {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    if !dir.join("ca.pem").exists() {
+        let mut args = vec!["req", "-x509"];
+        args.extend_from_slice(&ec);
+        let (key, out) = (p("ca.key"), p("ca.pem"));
+        args.extend_from_slice(&[
+            "-keyout",
+            &key,
+            "-out",
+            &out,
+            "-days",
+            "3",
+            "-subj",
+            "/CN=egress test CA",
+        ]);
+        run("openssl", &args)?;
+    }
+    let (key, csr, cert) = (
+        p(&format!("{name}.key")),
+        p(&format!("{name}.csr")),
+        p(&format!("{name}.pem")),
+    );
+    let mut args = vec!["req"];
+    args.extend_from_slice(&ec);
+    let subject = format!("/CN={}", dns_names.first().copied().unwrap_or(name));
+    args.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subject]);
+    run("openssl", &args)?;
+    let sans: Vec<String> = dns_names
+        .iter()
+        .map(|d| format!("DNS:{d}"))
+        .chain(ips.iter().map(|i| format!("IP:{i}")))
+        .collect();
+    let ext = p(&format!("{name}.ext"));
+    fs::write(&ext, format!("subjectAltName={}\n", sans.join(",")))?;
+    let (ca, ca_key) = (p("ca.pem"), p("ca.key"));
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    )?;
+    Ok(Certs {
+        ca: dir.join("ca.pem"),
+        cert: PathBuf::from(cert),
+        key: PathBuf::from(key),
+    })
+}
+
+/// A process started by the testbed, killed on drop.
+pub struct Daemon {
+    pub name: &'static str,
+    pub child: Child,
+}
+
+impl Daemon {
+    /// Starts `command` in a process group of its own, so that its children (nginx workers,
+    /// squid helpers) go with it.
+    pub fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let log = fs::File::create(log)?;
+        let child = command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { name, child })
+    }
+
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Daemon {
+    /// Sends `signal` to the whole process group.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on the group we created.
+        unsafe { libc::kill(-(self.child.id() as i32), signal) };
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct SquidOptions<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub http_port: u16,
+    /// name -> address lines for squid's hosts_file (no DNS inside the namespaces).
+    pub hosts: &'a str,
+}
+
+/// squid with basic auth (htpasswd + basic_ncsa_auth), CONNECT allowed to any port, access log
+/// in `dir/squid/access.log`.
+pub fn start_squid(ns: &Netns, dir: &Path, instance: &str, opts: &SquidOptions) -> Result<Daemon> {
+    let sq = dir.join("squid");
+    fs::create_dir_all(&sq)?;
+    let passwd = sq.join("passwd");
+    run(
+        "htpasswd",
+        &["-bc", &passwd.to_string_lossy(), opts.user, opts.password],
+    )?;
+    let hosts = sq.join("hosts");
+    fs::write(&hosts, opts.hosts)?;
+    run("chown", &["-R", "proxy:proxy", &sq.to_string_lossy()])?;
+    let d = sq.display();
+    let conf = format!(
+        "http_port {port}
+auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}
+auth_param basic children 2 startup=1 idle=1
+auth_param basic realm egress-test
+acl authed proxy_auth REQUIRED
+http_access deny !authed
+http_access allow authed
+http_access deny all
+access_log stdio:{d}/access.log squid
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+cache deny all
+hosts_file {hosts}
+dns_nameservers 127.0.0.1
+shutdown_lifetime 1 second
+",
+        port = opts.http_port,
+        passwd = passwd.display(),
+        hosts = hosts.display(),
+    );
+    let conf_path = sq.join("squid.conf");
+    fs::write(&conf_path, conf)?;
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &ns.name, "squid", "-N", "-n", instance, "-f"])
+        .arg(&conf_path);
+    Daemon::spawn("squid", command, &sq.join("stdout.log"))
+}
+
+/// nginx answering `origin ok PORT` over TLS on each of `tls_ports` and over plain HTTP on
+/// `http_port`; the access log (`dir/nginx/access.log`) records the peer address of each request.
+pub fn start_nginx(
+    ns: &Netns,
+    dir: &Path,
+    certs: &Certs,
+    tls_ports: &[u16],
+    http_port: u16,
+) -> Result<Daemon> {
+    let ng = dir.join("nginx");
+    fs::create_dir_all(&ng)?;
+    let d = ng.display();
+    let listens: String = tls_ports
+        .iter()
+        .map(|p| format!("    listen {p} ssl;\n"))
+        .chain(std::iter::once(format!("    listen {http_port};\n")))
+        .collect();
+    let conf = format!(
+        "daemon off;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  log_format egress '$remote_addr $server_port \"$request\" $status $ssl_server_name';
+  access_log {d}/access.log egress;
+  client_body_temp_path {d}/tmp-body;
+  proxy_temp_path {d}/tmp-proxy;
+  fastcgi_temp_path {d}/tmp-fastcgi;
+  uwsgi_temp_path {d}/tmp-uwsgi;
+  scgi_temp_path {d}/tmp-scgi;
+  server {{
+{listens}    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{ return 200 \"origin ok $server_port\\n\"; }}
+  }}
+}}
+",
+        cert = certs.cert.display(),
+        key = certs.key.display(),
+    );
+    let conf_path = ng.join("nginx.conf");
+    fs::write(&conf_path, conf)?;
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &ns.name, "nginx", "-c"])
+        .arg(&conf_path);
+    Daemon::spawn("nginx", command, &ng.join("stdout.log"))
+}
+
+/// Counts, with an nftables rule in `ns`, every packet arriving from `source`.
+pub fn install_packet_counter(ns: &Netns, source: &str) -> Result<()> {
+    let rules = format!(
+        "table inet egress_test {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip saddr {source} counter
+  }}
+}}
+"
+    );
+    crate::cmd::run_with_input("ip", &["netns", "exec", &ns.name, "nft", "-f", "-"], &rules)?;
+    Ok(())
+}
+
+pub fn read_packet_counter(ns: &Netns) -> Result<u64> {
+    let listing = ns.exec("nft", &["list", "chain", "inet", "egress_test", "input"])?;
+    let packets = listing
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .context("no counter in the nftables listing")?;
+    Ok(packets.parse()?)
+}

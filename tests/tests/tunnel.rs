@@ -1,0 +1,232 @@
+//! Foundation: connections from the intercepted cgroup, made with no proxy settings at all,
+//! reach the origin only through squid; failures reset the client; a stopped agent fails closed.
+//!
+//! Root only: real namespaces, squid, nginx, cgroup eBPF programs.
+
+use std::time::Duration;
+
+use egress_testbed::{HS_IP, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_USER, Testbed};
+
+fn testbed() -> Testbed {
+    Testbed::new().expect("building the test topology")
+}
+
+#[test]
+fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
+    let mut bed = testbed();
+    bed.start_default_agent().unwrap();
+
+    for port in [443u16, 8448] {
+        let url = format!("https://{ORIGIN_NAME}:{port}/");
+        let result = bed.curl(&url).unwrap();
+        assert_eq!(
+            result.code,
+            Some(0),
+            "curl {url}: {result:?}\nagent log:\n{}",
+            bed.agent_log()
+        );
+        assert_eq!(result.stdout, format!("origin ok {port}\n"));
+
+        // squid writes the CONNECT line when the tunnel closes.
+        let needle = format!("CONNECT {ORIGIN_IP}:{port} {PROXY_USER} ");
+        let squid_log = bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
+            l.contains(&needle)
+        });
+        assert!(
+            squid_log.contains(&needle),
+            "squid log lacks `{needle}`:\n{squid_log}"
+        );
+        assert!(squid_log.contains("TCP_TUNNEL/200"), "{squid_log}");
+    }
+
+    let origin_log = bed.origin_access_log();
+    let lines: Vec<&str> = origin_log.lines().collect();
+    assert_eq!(lines.len(), 2, "origin log: {origin_log}");
+    for line in lines {
+        assert!(
+            line.starts_with(&format!("{PROXY_IP} ")),
+            "origin saw a peer other than the proxy: {line}"
+        );
+    }
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        0,
+        "packets went direct to the origin"
+    );
+
+    let log = bed.agent_log();
+    assert!(log.contains(&format!("original_dst={ORIGIN_IP}:443")), "{log}");
+    assert!(
+        log.contains("route=proxy-connect") && log.contains("status=200"),
+        "{log}"
+    );
+}
+
+#[test]
+fn many_concurrent_connections_each_reach_their_own_destination() {
+    let mut bed = testbed();
+    bed.start_default_agent().unwrap();
+    // 40 parallel fetches alternating ports: a mixed-up original destination would answer
+    // with the other port's body.
+    let script = format!(
+        "for i in $(seq 1 40); do p=$([ $((i % 2)) -eq 0 ] && echo 443 || echo 8448); \
+         (out=$(curl -sS --noproxy '*' --max-time 20 --cacert {ca} --resolve {ORIGIN_NAME}:$p:{ORIGIN_IP} \
+         https://{ORIGIN_NAME}:$p/); echo \"$out want=$p\") & done; wait",
+        ca = bed.certs.ca.display()
+    );
+    let result = bed.run_in_cgroup("sh", &["-c", &script]).unwrap();
+    let lines: Vec<&str> = result.stdout.lines().filter(|l| l.contains("want=")).collect();
+    assert_eq!(lines.len(), 40, "{result:?}");
+    for line in lines {
+        let want = line.rsplit("want=").next().unwrap();
+        assert!(
+            line.starts_with(&format!("origin ok {want} ")),
+            "wrong destination: {line}"
+        );
+    }
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn wrong_proxy_credentials_reset_the_client_and_log_407() {
+    let mut bed = testbed();
+    let url = bed.proxy_url("wrong-password");
+    bed.start_agent(&["--https-proxy", &url]).unwrap();
+
+    let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
+    assert_ne!(result.code, Some(0), "{result:?}");
+    assert!(
+        result.stderr.contains("reset by peer") || result.stderr.contains("Connection reset"),
+        "client should see a reset: {result:?}"
+    );
+    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
+        l.contains("status=407")
+    });
+    assert!(
+        log.contains("status=407"),
+        "decision log should name the 407:\n{log}"
+    );
+    assert!(log.contains("outcome=error"), "{log}");
+    assert!(bed.squid_access_log().contains("TCP_DENIED/407"));
+    assert_eq!(bed.origin_access_log(), "");
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn unreachable_proxy_resets_the_client_promptly() {
+    let mut bed = testbed();
+    // Nothing listens on port 9 of the proxy host: connection refused.
+    bed.start_agent(&["--https-proxy", &format!("http://{PROXY_IP}:9")])
+        .unwrap();
+    let started = std::time::Instant::now();
+    let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
+    assert_ne!(result.code, Some(0), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "reset took {:?}",
+        started.elapsed()
+    );
+    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
+        l.contains("connecting to proxy")
+    });
+    assert!(
+        log.contains("connecting to proxy") && log.contains("refused"),
+        "{log}"
+    );
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
+    let mut bed = testbed();
+    bed.start_default_agent().unwrap();
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+
+    bed.stop_agent();
+    assert_eq!(
+        bed.tcp_connect(ORIGIN_IP, 443).unwrap(),
+        "ECONNREFUSED",
+        "connect must be refused while the agent is down"
+    );
+    assert_ne!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+
+    bed.start_default_agent().unwrap();
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0),
+        "{}",
+        bed.agent_log()
+    );
+
+    bed.kill_agent();
+    assert_eq!(
+        bed.tcp_connect(ORIGIN_IP, 8448).unwrap(),
+        "ECONNREFUSED",
+        "after a crash"
+    );
+
+    bed.start_default_agent().unwrap();
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
+        Some(0),
+        "{}",
+        bed.agent_log()
+    );
+
+    // Only the proxy ever talked to the origin.
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        0,
+        "a connection went direct"
+    );
+    assert!(!bed.origin_access_log().contains(HS_IP));
+
+    // A deliberate detach removes the interception: now the client really goes direct.
+    bed.stop_agent();
+    let detach = bed
+        .egress(&["detach", "--bpffs-dir", &bed.pin_dir.to_string_lossy()])
+        .unwrap();
+    assert_eq!(detach.code, Some(0), "{detach:?}");
+    assert!(!bed.pin_dir.exists());
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+    assert!(bed.origin_access_log().contains(&format!("{HS_IP} 443")));
+    assert!(bed.direct_packets_at_origin().unwrap() > 0);
+}
+
+#[test]
+fn loopback_connections_are_never_intercepted() {
+    let mut bed = testbed();
+    bed.start_default_agent().unwrap();
+    // A server on the homeserver host's loopback (think Redis, Postgres, workers), reached from
+    // the cgroup: must connect directly, not via the agent.
+    let script = "python3 -m http.server 18080 --bind 127.0.0.1 >/dev/null 2>&1 & \
+                  for i in $(seq 1 50); do curl -s -o /dev/null http://127.0.0.1:18080/ && break; sleep 0.1; done; \
+                  curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:18080/; kill %1";
+    let result = bed.run_in_cgroup("sh", &["-c", script]).unwrap();
+    assert_eq!(result.stdout, "200", "{result:?}");
+    let status = bed
+        .egress(&["status", "--bpffs-dir", &bed.pin_dir.to_string_lossy()])
+        .unwrap();
+    let loopback = counter(&status.stdout, "pass_loopback");
+    assert!(loopback >= 2, "{}", status.stdout);
+    assert_eq!(counter(&status.stdout, "redirected"), 0, "{}", status.stdout);
+}
+
+fn counter(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{status}"))
+}

@@ -1,0 +1,106 @@
+//! Project tasks: `cargo xtask setup | build | run | test`.
+
+mod demo;
+mod setup;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "egress project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: Debian packages, nightly rust-src, bpf-linker.
+    Setup,
+    /// Build the eBPF programs and the `egress` binary that embeds them (release).
+    Build,
+    /// Set up, build and run `egress run ARGS` as root. With no ARGS: the demo topology.
+    Run {
+        /// With no ARGS: exit after one round of the demo instead of running until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        /// Arguments for `egress run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test: unit tests and the root-only namespace tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(true),
+        Task::Build => {
+            setup::setup(false)?;
+            build()
+        }
+        Task::Run { once, args } => {
+            require_root()?;
+            setup::setup(true)?;
+            build()?;
+            if args.is_empty() {
+                demo::run(&egress_bin(), once)
+            } else {
+                let mut full = vec!["run".to_owned()];
+                full.extend(args);
+                let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+                setup::sh(&egress_bin().to_string_lossy(), &refs, &[])
+            }
+        }
+        Task::Test { args } => {
+            require_root()?;
+            setup::setup(true)?;
+            build()?;
+            egress_testbed::sweep_leftovers();
+            let bin = egress_bin();
+            let mut full = vec!["test", "--release", "--workspace"];
+            full.extend(args.iter().map(String::as_str));
+            setup::sh("cargo", &full, &[("EGRESS_BIN", &bin.to_string_lossy())])
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn egress_bin() -> PathBuf {
+    workspace_root().join("target/release/egress")
+}
+
+fn build() -> Result<()> {
+    let tools = setup::tools_dir();
+    setup::sh(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "egress-user",
+            "--bin",
+            "egress",
+        ],
+        &[("EGRESS_TOOLS_DIR", &tools.to_string_lossy())],
+    )
+}
+
+fn require_root() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this task needs root (BPF programs, cgroups, network namespaces): run it with sudo");
+    }
+    Ok(())
+}

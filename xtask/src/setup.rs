@@ -1,0 +1,191 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks. Idempotent, and a few
+//! seconds when everything is already there.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the agent's tests, demo and benchmarks use as real peers and tools.
+pub const APT_PACKAGES: &[&str] = &[
+    "squid",
+    "apache2-utils",
+    "nginx-light",
+    "curl",
+    "iproute2",
+    "nftables",
+    "openssl",
+    "util-linux",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where bpf-linker and its LLVM shim live: $EGRESS_TOOLS_DIR or ~/.cache/egress/tools
+/// (the same default egress-user's build script looks in).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("EGRESS_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/egress/tools")
+        })
+}
+
+pub fn setup(with_packages: bool) -> Result<()> {
+    if with_packages {
+        apt_packages()?;
+    }
+    rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    sh("apt-get", &["update", "-qq"], &[])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(&missing);
+    sh("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = capture("rustc", &["+nightly", "--print", "sysroot"]).context(
+        "the nightly toolchain is required for the eBPF programs (rustup toolchain install nightly)",
+    )?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+fn rust_src() -> Result<()> {
+    let src = nightly_sysroot()?.join("lib/rustlib/src/rust/library/core");
+    if src.exists() {
+        return Ok(());
+    }
+    println!("setup: adding rust-src to the nightly toolchain");
+    sh(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+        &[],
+    )
+}
+
+/// bpf-linker 0.13 built against the nightly toolchain's own libLLVM (as new as rustc's LLVM,
+/// which Debian's LLVM is not). It is tied to that exact nightly: a stamp records which, and a
+/// changed nightly or a binary that no longer runs triggers a rebuild.
+fn bpf_linker() -> Result<()> {
+    let root = tools_dir();
+    let linker = root.join("bin/bpf-linker");
+    let stamp_path = root.join("bpf-linker.stamp");
+    let wanted_stamp = format!(
+        "{BPF_LINKER_VERSION}\n{}",
+        capture("rustc", &["+nightly", "-vV"])?
+    );
+    let runs = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if runs && std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(wanted_stamp.as_str()) {
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's libLLVM (about a minute)"
+    );
+    let sysroot_lib = nightly_sysroot()?.join("lib");
+    let lib = std::fs::read_dir(&sysroot_lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", sysroot_lib.display()))?;
+    let llvm_major = wanted_stamp
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV did not report its LLVM version")?
+        .to_owned();
+    let shim = root.join("llvm-shim/lib");
+    std::fs::create_dir_all(&shim)?;
+    for name in [Path::new("libLLVM.so"), Path::new(lib.file_name().unwrap())] {
+        let link = shim.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    let features = format!("llvm-{llvm_major}");
+    let root_str = root.to_string_lossy().into_owned();
+    let prefix = root.join("llvm-shim").to_string_lossy().into_owned();
+    sh(
+        "cargo",
+        &[
+            "+stable",
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &features,
+            "--root",
+            &root_str,
+        ],
+        &[("LLVM_PREFIX", prefix.as_str())],
+    )?;
+    let check = Command::new(&linker).arg("--version").output()?;
+    if !check.status.success() {
+        bail!(
+            "the freshly built bpf-linker does not run: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    std::fs::write(&stamp_path, wanted_stamp)?;
+    Ok(())
+}
+
+fn capture(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn sh(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let mut command = Command::new(program);
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    // xtask itself runs under cargo: do not leak its toolchain choice into nested cargo calls.
+    command.env_remove("RUSTUP_TOOLCHAIN");
+    let status = command.status().with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
