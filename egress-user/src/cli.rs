@@ -62,8 +62,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_LISTEN_PORT,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub listen_port: u16,
-    /// Socket mark on the agent's own connections (never intercepted).
-    #[arg(long, value_name = "MARK", default_value_t = DEFAULT_AGENT_MARK, value_parser = parse_u32)]
+    /// Socket mark on the agent's own connections (never intercepted); non-zero.
+    #[arg(long, value_name = "MARK", default_value_t = DEFAULT_AGENT_MARK, value_parser = parse_mark)]
     pub agent_mark: u32,
     /// Seconds allowed for the TCP connect to the upstream proxy.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -78,10 +78,15 @@ pub struct RunArgs {
     pub pin: PinArgs,
 }
 
-fn parse_u32(s: &str) -> Result<u32, String> {
+/// A non-zero u32, decimal or 0x-hex. Zero would match every unmarked socket in the kernel.
+fn parse_mark(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
     };
-    parsed.map_err(|e| format!("'{s}': {e}"))
+    match parsed {
+        Ok(0) => Err("the agent mark must be non-zero".into()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
 }

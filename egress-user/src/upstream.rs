@@ -67,9 +67,12 @@ pub async fn connect_marked(
         TcpSocket::new_v6()
     }
     .map_err(|source| UpstreamError::Connect { addr, source })?;
-    socket2::SockRef::from(&socket)
-        .set_mark(mark)
-        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    // Mark 0 means "no mark" (unit tests); the agent itself always runs with a non-zero mark.
+    if mark != 0 {
+        socket2::SockRef::from(&socket)
+            .set_mark(mark)
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+    }
     socket
         .set_nodelay(true)
         .map_err(|source| UpstreamError::Connect { addr, source })?;
@@ -162,4 +165,138 @@ async fn connect_handshake(
         stream: parts.io.into_inner(),
         early_data: parts.read_buf,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        connect: Duration::from_secs(2),
+        handshake: Duration::from_millis(500),
+    };
+
+    /// A one-connection fake proxy on loopback: returns the request head it read, after
+    /// answering with `answer` and then echoing whatever follows.
+    async fn fake_proxy(answer: &'static [u8]) -> (ProxyUrl, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap() == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            stream.write_all(answer).await.unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            String::from_utf8(head).unwrap()
+        });
+        let url = ProxyUrl::parse(&format!("http://alice:s3cret@127.0.0.1:{port}")).unwrap();
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn connect_sends_target_host_and_credentials_and_keeps_early_data() {
+        let (proxy, task) = fake_proxy(b"HTTP/1.1 200 Connection established\r\n\r\nearly").await;
+        let mut tunnel = open_tunnel(&proxy, "10.1.2.3:8448", 0, TIMEOUTS).await.unwrap();
+        assert_eq!(&tunnel.early_data[..], b"early");
+        tunnel.stream.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tunnel.stream.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+        drop(tunnel);
+
+        let head = task.await.unwrap();
+        let mut lines = head.lines();
+        assert_eq!(lines.next(), Some("CONNECT 10.1.2.3:8448 HTTP/1.1"));
+        let headers: Vec<String> = lines.map(str::to_ascii_lowercase).collect();
+        assert!(headers.contains(&"host: 10.1.2.3:8448".to_owned()), "{head}");
+        assert!(
+            headers.contains(&"proxy-authorization: basic ywxpy2u6cznjcmv0".to_owned()),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bracketed_ipv6_target_and_no_credentials() {
+        let (mut proxy, task) = fake_proxy(b"HTTP/1.0 200 OK\r\n\r\n").await;
+        proxy = ProxyUrl::parse(&format!("127.0.0.1:{}", proxy.port)).unwrap();
+        open_tunnel(&proxy, "[2001:db8::1]:443", 0, TIMEOUTS)
+            .await
+            .unwrap();
+        let head = task.await.unwrap();
+        assert!(
+            head.starts_with("CONNECT [2001:db8::1]:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            !head.to_ascii_lowercase().contains("proxy-authorization"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn non_2xx_answers_are_errors_with_their_status() {
+        for (answer, status) in [
+            (&b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=x\r\nContent-Length: 0\r\n\r\n"[..], 407),
+            (&b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\nnope!"[..], 403),
+            (&b"HTTP/1.1 502 Bad Gateway\r\n\r\n"[..], 502),
+            (&b"HTTP/1.1 301 Moved\r\nLocation: /\r\n\r\n"[..], 301),
+        ] {
+            let (proxy, _task) = fake_proxy(answer).await;
+            let err = open_tunnel(&proxy, "10.1.2.3:443", 0, TIMEOUTS).await.err().unwrap();
+            assert_eq!(err.status(), Some(status), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_answer_is_a_protocol_error() {
+        let (proxy, _task) = fake_proxy(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+        let err = open_tunnel(&proxy, "10.1.2.3:443", 0, TIMEOUTS)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, UpstreamError::Protocol(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn silent_proxy_times_out() {
+        let (proxy, _task) = fake_proxy(b"").await;
+        let started = std::time::Instant::now();
+        let err = open_tunnel(&proxy, "10.1.2.3:443", 0, TIMEOUTS)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, UpstreamError::HandshakeTimeout), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn refused_proxy_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let proxy = ProxyUrl::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let err = open_tunnel(&proxy, "10.1.2.3:443", 0, TIMEOUTS)
+            .await
+            .err()
+            .unwrap();
+        match err {
+            UpstreamError::Connect { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused)
+            }
+            other => panic!("{other}"),
+        }
+    }
 }

@@ -14,7 +14,8 @@ fn testbed() -> Testbed {
 #[test]
 fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
     let mut bed = testbed();
-    bed.start_default_agent().unwrap();
+    let url = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
+    bed.start_agent(&["--https-proxy", &url, "--kernel-log"]).unwrap();
 
     for port in [443u16, 8448] {
         let url = format!("https://{ORIGIN_NAME}:{port}/");
