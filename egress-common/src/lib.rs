@@ -11,7 +11,14 @@ pub mod maps {
     pub const COUNTERS: &str = "EGRESS_COUNTERS";
     pub const PENDING: &str = "EGRESS_PENDING";
     pub const ORIGINAL_DST: &str = "EGRESS_ORIG_DST";
+    /// LPM trie of IPv4 destinations whose connect() fails with EPERM (blacklist minus whitelist).
+    pub const DENY4: &str = "EGRESS_DENY4";
+    /// LPM trie of IPv4 destinations passed direct without the agent (no_proxy IPs and CIDRs).
+    pub const BYPASS4: &str = "EGRESS_BYPASS4";
 }
+
+/// Capacity of each deny/bypass trie.
+pub const MAX_RANGES: u32 = 16384;
 
 /// Names of the programs in the eBPF object.
 pub mod programs {
@@ -82,7 +89,11 @@ pub mod counter {
     pub const ORIGDST_RECORDED: u32 = 6;
     /// Refused with EPERM: the original destination could not be remembered (map full).
     pub const DENY_NO_STATE: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Refused with EPERM: destination in the deny trie (blacklisted, not whitelisted).
+    pub const DENY_BLACKLIST: u32 = 8;
+    /// Left alone: destination in the bypass trie (no_proxy IP or CIDR).
+    pub const PASS_NO_PROXY: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -94,6 +105,8 @@ pub mod counter {
         "deny_unconfigured",
         "origdst_recorded",
         "deny_no_state",
+        "deny_blacklist",
+        "pass_no_proxy",
     ];
 }
 

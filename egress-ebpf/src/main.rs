@@ -14,11 +14,11 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::bpf_get_socket_cookie,
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
-use egress_common::{AF_INET, AgentConfig, FLAG_KERNEL_LOG, SockAddr, counter};
+use egress_common::{AF_INET, AgentConfig, FLAG_KERNEL_LOG, MAX_RANGES, SockAddr, counter};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -43,6 +43,13 @@ static PENDING: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
 /// entries; the agent deletes each entry once read, LRU ages out the rest.
 #[map(name = "EGRESS_ORIG_DST")]
 static ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(65536, 0);
+
+/// Filled by the agent from its policy. Keys are IPv4 addresses in network byte order.
+#[map(name = "EGRESS_DENY4")]
+static DENY4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_RANGES, 0);
+
+#[map(name = "EGRESS_BYPASS4")]
+static BYPASS4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_RANGES, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -88,6 +95,20 @@ fn decide_connect4(ctx: &SockAddrContext) -> i32 {
     }
 
     let dst_port = u16::from_be(sa.user_port as u16);
+    // IP-only decisions never cost a trip through the agent: deny first, then bypass.
+    let key = Key::new(32, dst_ip);
+    if DENY4.get(&key).is_some() {
+        count(counter::DENY_BLACKLIST);
+        if cfg.flags & FLAG_KERNEL_LOG != 0 {
+            debug!(ctx, "deny {:i}:{}", u32::from_be(dst_ip), dst_port);
+        }
+        return DENY;
+    }
+    if BYPASS4.get(&key).is_some() {
+        count(counter::PASS_NO_PROXY);
+        return ALLOW;
+    }
+
     let original = SockAddr::v4(dst_ip, dst_port);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if PENDING.insert(cookie, original, BPF_ANY as u64).is_err() {

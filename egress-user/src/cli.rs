@@ -4,10 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
-pub const DEFAULT_LISTEN_PORT: u16 = 15001;
-/// "egrs": marks the agent's own sockets so the kernel program never redirects them.
-pub const DEFAULT_AGENT_MARK: u32 = 0x6567_7273;
+use crate::config::{DEFAULT_PIN_DIR, DefaultRoute};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,7 +13,8 @@ pub const DEFAULT_AGENT_MARK: u32 = 0x6567_7273;
     about = "Transparent egress proxy for Matrix homeserver hosts",
     long_about = "egress catches every outbound TCP connect of the processes in the given cgroups \
                   (a cgroup eBPF program) and sends it through the configured HTTP(S) forward \
-                  proxy. The homeserver needs no proxy configuration."
+                  proxy, applying no_proxy rules and IP blacklists. The homeserver needs no proxy \
+                  configuration."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,58 +33,91 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach to the cgroups and proxy their outbound connections until stopped.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove the interception: detach the programs and delete everything pinned.
-    Detach(PinArgs),
+    Detach(PinDir),
     /// Show the attached cgroups and the kernel decision counters.
-    Status(PinArgs),
+    Status(PinDir),
 }
 
 #[derive(Args, Debug)]
-pub struct PinArgs {
+pub struct PinDir {
     /// bpffs directory holding egress's pinned programs and maps.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pub bpffs_dir: PathBuf,
 }
 
-#[derive(Args, Debug)]
+/// Flags of `egress run`. Each overrides the config file and the environment.
+#[derive(Args, Debug, Default)]
 pub struct RunArgs {
+    /// TOML config file [default: /etc/egress/egress.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// cgroup (v2) directory whose processes are intercepted; repeatable.
-    #[arg(long = "cgroup", value_name = "PATH", required = true)]
+    #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
-    /// Upstream proxy for tunnelled connections, `[http://][user:pass@]host[:port]`
-    /// (default port 1080). Default: the https_proxy / HTTPS_PROXY environment variable.
+    /// Proxy for TLS (and unrecognised) connections, `[http://][user:pass@]host[:port]`
+    /// (port 1080 by default). Default: $https_proxy / $HTTPS_PROXY.
     #[arg(long, value_name = "URL")]
     pub https_proxy: Option<String>,
-    /// Port of the agent's listener on 127.0.0.1, where intercepted connects are sent.
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_LISTEN_PORT,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    pub listen_port: u16,
-    /// Socket mark on the agent's own connections (never intercepted); non-zero.
-    #[arg(long, value_name = "MARK", default_value_t = DEFAULT_AGENT_MARK, value_parser = parse_mark)]
-    pub agent_mark: u32,
-    /// Seconds allowed for the TCP connect to the upstream proxy.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    pub connect_timeout: f64,
-    /// Seconds allowed for the proxy's answer to CONNECT.
-    #[arg(long, value_name = "SECS", default_value_t = 15.0)]
-    pub handshake_timeout: f64,
+    /// Proxy for plain HTTP requests, forwarded in absolute form. Default: $http_proxy.
+    /// Without one, plain HTTP goes direct (blacklist still applies), as in Synapse.
+    #[arg(long, value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Destinations that bypass the proxy: `*`, host names (suffix match), IPs, CIDR ranges,
+    /// `host:port`; repeatable or comma-separated. Default: $no_proxy.
+    #[arg(long, value_name = "ENTRY")]
+    pub no_proxy: Vec<String>,
+    /// Destinations refused outright (connect fails with EPERM); repeatable. Replaces the
+    /// default list (Synapse's private and reserved ranges).
+    #[arg(long, value_name = "CIDR")]
+    pub ip_range_blacklist: Vec<String>,
+    /// Exceptions to the blacklist; repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub ip_range_whitelist: Vec<String>,
+    /// Port of the agent's listener on 127.0.0.1 [default: 15001].
+    #[arg(long, value_name = "PORT")]
+    pub listen_port: Option<u16>,
+    /// Socket mark on the agent's own connections, never intercepted; non-zero
+    /// [default: 0x65677273].
+    #[arg(long, value_name = "MARK", value_parser = parse_u32)]
+    pub agent_mark: Option<u32>,
+    /// Seconds allowed for the TCP connect to the upstream [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<f64>,
+    /// Seconds allowed for the proxy's answer to CONNECT [default: 15].
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<f64>,
+    /// Seconds to wait for the client's first bytes (TLS ClientHello or HTTP request head)
+    /// [default: 0.5].
+    #[arg(long, value_name = "SECS")]
+    pub peek_timeout: Option<f64>,
+    /// CONNECT to the vetted IP address even when SNI/Host names the destination (DNS-rebinding
+    /// safety over proxy-side domain ACLs).
+    #[arg(long)]
+    pub connect_by_ip: bool,
+    /// Route for connections that send neither TLS nor HTTP within the peek window
+    /// [default: proxy].
+    #[arg(long, value_enum, value_name = "ROUTE")]
+    pub default_route: Option<DefaultRoute>,
     /// Emit the kernel programs' debug records (aya-log) into the agent's log.
     #[arg(long)]
     pub kernel_log: bool,
     #[command(flatten)]
-    pub pin: PinArgs,
+    pub pin: OptionalPinDir,
 }
 
-/// A non-zero u32, decimal or 0x-hex. Zero would match every unmarked socket in the kernel.
-fn parse_mark(s: &str) -> Result<u32, String> {
+#[derive(Args, Debug, Default)]
+pub struct OptionalPinDir {
+    /// bpffs directory for the pinned programs and maps [default: /sys/fs/bpf/egress].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
     };
-    match parsed {
-        Ok(0) => Err("the agent mark must be non-zero".into()),
-        Ok(mark) => Ok(mark),
-        Err(e) => Err(format!("'{s}': {e}")),
-    }
+    parsed.map_err(|e| format!("'{s}': {e}"))
 }

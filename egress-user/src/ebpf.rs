@@ -17,10 +17,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use egress_common::{AgentConfig, SockAddr, counter, maps, programs};
+use ipnet::{IpNet, Ipv4Net};
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EGRESS_EBPF_OBJECT"));
@@ -40,6 +44,8 @@ pub struct KernelSettings {
 pub struct Kernel {
     orig_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
     counters: PerCpuArray<MapData, u64>,
+    deny4: LpmTrie<MapData, u32, u8>,
+    bypass4: LpmTrie<MapData, u32, u8>,
     ebpf: Ebpf,
 }
 
@@ -79,9 +85,13 @@ impl Kernel {
 
         let orig_dst = HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?;
+        let deny4 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY4)?)?;
+        let bypass4 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS4)?)?;
         Ok(Self {
             orig_dst: Mutex::new(orig_dst),
             counters,
+            deny4,
+            bypass4,
             ebpf,
         })
     }
@@ -133,9 +143,67 @@ impl Kernel {
         ))
     }
 
+    /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass` (IPv4 part).
+    ///
+    /// The tries are pinned and in use while this runs, so the order avoids any moment that is
+    /// more permissive than either the old or the new policy: new denies go in before stale
+    /// ones leave; stale bypasses leave before new ones go in.
+    pub fn set_ranges(&mut self, deny: &[IpNet], bypass: &[IpNet]) -> Result<()> {
+        let deny = v4_nets(deny);
+        let bypass = v4_nets(bypass);
+        if deny.len() + bypass.len() > 2 * egress_common::MAX_RANGES as usize {
+            bail!(
+                "too many address ranges for the kernel (at most {} each)",
+                egress_common::MAX_RANGES
+            );
+        }
+        insert_nets(&mut self.deny4, &deny).context("filling the kernel deny trie")?;
+        remove_stale(&mut self.deny4, &deny)?;
+        remove_stale(&mut self.bypass4, &bypass)?;
+        insert_nets(&mut self.bypass4, &bypass).context("filling the kernel bypass trie")?;
+        Ok(())
+    }
+
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
         read_counters(&self.counters)
     }
+}
+
+fn v4_nets(nets: &[IpNet]) -> Vec<Ipv4Net> {
+    nets.iter()
+        .filter_map(|n| match n {
+            IpNet::V4(v4) => Some(v4.trunc()),
+            IpNet::V6(_) => None,
+        })
+        .collect()
+}
+
+fn v4_key(net: &Ipv4Net) -> Key<u32> {
+    Key::new(u32::from(net.prefix_len()), u32::from(net.network()).to_be())
+}
+
+fn insert_nets(trie: &mut LpmTrie<MapData, u32, u8>, nets: &[Ipv4Net]) -> Result<()> {
+    for net in nets {
+        trie.insert(&v4_key(net), 1, 0)
+            .with_context(|| format!("adding {net}"))?;
+    }
+    Ok(())
+}
+
+fn remove_stale(trie: &mut LpmTrie<MapData, u32, u8>, keep: &[Ipv4Net]) -> Result<()> {
+    let keep: std::collections::HashSet<(u32, u32)> = keep
+        .iter()
+        .map(|n| (u32::from(n.prefix_len()), u32::from(n.network()).to_be()))
+        .collect();
+    let stale: Vec<Key<u32>> = trie
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !keep.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for key in stale {
+        trie.remove(&key)?;
+    }
+    Ok(())
 }
 
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, u64)>> {

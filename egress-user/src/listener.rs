@@ -1,8 +1,10 @@
-//! Accepts the connections the kernel redirected, recovers where they were going, and relays
-//! them through the upstream proxy. Any failure resets the client: nothing goes direct.
+//! Accepts the connections the kernel redirected, recovers where they were going, learns the
+//! name the client asked for from its first bytes, decides by policy, and routes: deny, direct,
+//! CONNECT through https_proxy, or forward through http_proxy. Any failure resets the client:
+//! nothing goes direct unless the policy said direct.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -10,33 +12,36 @@ use std::{
     time::Duration,
 };
 
+use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt,
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
+    time::Instant,
 };
 
 use crate::{
+    config::{Config, DefaultRoute},
     decision::{Decision, Route},
     ebpf::Kernel,
+    forward::{self, Forward},
+    policy::{Protocol, Route as Verdict, Target},
     proxy_url::ProxyUrl,
-    upstream::{self, Timeouts},
+    relay::{self, reset},
+    sniff::{self, Sniff, Sniffed},
+    upstream,
 };
 
 pub struct Agent {
     pub kernel: Kernel,
-    pub https_proxy: ProxyUrl,
-    pub agent_mark: u32,
-    pub timeouts: Timeouts,
+    pub config: Config,
     next_id: AtomicU64,
 }
 
 impl Agent {
-    pub fn new(kernel: Kernel, https_proxy: ProxyUrl, agent_mark: u32, timeouts: Timeouts) -> Self {
+    pub fn new(kernel: Kernel, config: Config) -> Self {
         Self {
             kernel,
-            https_proxy,
-            agent_mark,
-            timeouts,
+            config,
             next_id: AtomicU64::new(1),
         }
     }
@@ -64,62 +69,175 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<
 }
 
 async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision: &mut Decision) {
+    let config = &agent.config;
     let original = match peer {
-        SocketAddr::V4(peer) => agent.kernel.take_original_dst(peer),
+        SocketAddr::V4(peer) => agent.kernel.take_original_dst(peer).map(SocketAddr::V4),
         SocketAddr::V6(_) => None,
     };
     let Some(original) = original else {
-        decision.rule = "no-original-destination";
-        decision.error = Some("connection was not redirected by egress (no original destination)".into());
-        reset(client);
-        return;
+        decision.fail("connection was not redirected by egress (no original destination)");
+        return reset(client);
     };
-    decision.original_dst = Some(SocketAddr::V4(original));
-    decision.route = Route::Connect;
-    decision.upstream = Some(agent.https_proxy.authority());
-    let target = connect_target(original);
+    decision.original_dst = Some(original);
 
-    let tunnel =
-        match upstream::open_tunnel(&agent.https_proxy, &target, agent.agent_mark, agent.timeouts).await {
-            Ok(tunnel) => tunnel,
-            Err(e) => {
-                decision.upstream_status = e.status();
-                decision.error = Some(e.to_string());
-                reset(client);
-                return;
-            }
-        };
-    decision.upstream_status = Some(200);
-    let mut upstream = tunnel.stream;
-    if !tunnel.early_data.is_empty() {
-        if let Err(e) = client.write_all(&tunnel.early_data).await {
-            decision.error = Some(format!("writing to client: {e}"));
-            reset(client);
-            return;
+    let (first_bytes, sniffed) = match read_first_bytes(&mut client, config.peek_timeout).await {
+        Ok(read) => read,
+        Err(e) => return decision.fail(format!("reading from client: {e}")),
+    };
+    let (protocol, name) = match sniffed {
+        Sniffed::Tls { sni } => (Protocol::Tls, sni),
+        Sniffed::Http { host, .. } => (Protocol::Http, host),
+        Sniffed::Other => (Protocol::Unknown, None),
+    };
+    decision.protocol = match protocol {
+        Protocol::Tls => "tls",
+        Protocol::Http => "http",
+        Protocol::Unknown => "unknown",
+    };
+    decision.name = name.clone();
+
+    let proxy = match (protocol, config.default_route) {
+        (Protocol::Http, _) => config.http_proxy.as_ref(),
+        (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => config.https_proxy.as_ref(),
+        (Protocol::Unknown, DefaultRoute::Direct) => None,
+        (Protocol::Unknown, DefaultRoute::Deny) => {
+            decision.route = Route::Deny;
+            decision.rule = "default_route deny (neither TLS nor HTTP)".into();
+            return reset(client);
         }
-        decision.bytes_down += tunnel.early_data.len() as u64;
+    };
+    let target = Target {
+        ip: original.ip(),
+        port: original.port(),
+        host: name.as_deref(),
+        protocol,
+    };
+    let verdict = config.policy.decide(&target, proxy.is_some());
+    decision.rule = verdict.rule;
+    match (verdict.route, proxy) {
+        (Verdict::Deny, _) => {
+            decision.route = Route::Deny;
+            reset(client);
+        }
+        (Verdict::Direct, _) | (Verdict::Proxy, None) => {
+            decision.route = Route::Direct;
+            decision.target = Some(original.to_string());
+            match upstream::connect_marked(original, config.agent_mark, config.timeouts.connect).await {
+                Ok(stream) => relay::relay(client, stream, &first_bytes, &[], decision).await,
+                Err(e) => {
+                    decision.fail(e);
+                    reset(client);
+                }
+            }
+        }
+        (Verdict::Proxy, Some(proxy)) if protocol == Protocol::Http => {
+            decision.route = Route::ProxyForward;
+            decision.upstream = Some(proxy.authority());
+            let host = target.host.filter(|_| !config.connect_by_ip);
+            let authority = forward::absolute_authority(
+                &host.map_or_else(|| original.ip().to_string(), str::to_owned),
+                original.port(),
+            );
+            decision.target = Some(authority.clone());
+            let forward = Forward {
+                proxy: proxy.clone(),
+                authority,
+                approved_host: target.host.map(str::to_owned),
+                mark: config.agent_mark,
+                timeouts: config.timeouts,
+            };
+            forward::serve(client, first_bytes.freeze(), forward, decision).await;
+        }
+        (Verdict::Proxy, Some(proxy)) => {
+            decision.route = Route::ProxyConnect;
+            decision.upstream = Some(proxy.authority());
+            let connect_target = connect_target(&target, config.connect_by_ip);
+            decision.target = Some(connect_target.clone());
+            tunnel(agent, proxy, &connect_target, client, &first_bytes, decision).await;
+        }
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => {
-            decision.bytes_up += up;
-            decision.bytes_down += down;
+}
+
+async fn tunnel(
+    agent: &Agent,
+    proxy: &ProxyUrl,
+    target: &str,
+    client: TcpStream,
+    first_bytes: &[u8],
+    decision: &mut Decision,
+) {
+    let config = &agent.config;
+    match upstream::open_tunnel(proxy, target, config.agent_mark, config.timeouts).await {
+        Ok(tunnel) => {
+            decision.upstream_status = Some(200);
+            relay::relay(client, tunnel.stream, first_bytes, &tunnel.early_data, decision).await;
         }
         Err(e) => {
-            // One side reset or failed: pass the abort on to both rather than a clean close.
-            decision.error = Some(format!("relay: {e}"));
+            decision.upstream_status = e.status();
+            decision.fail(e);
             reset(client);
-            reset(upstream);
         }
     }
 }
 
-fn connect_target(original: SocketAddrV4) -> String {
-    original.to_string()
+/// `host:port` for CONNECT: the client's name (SNI) when known, else the IP (IPv6 bracketed).
+fn connect_target(target: &Target, by_ip: bool) -> String {
+    match target.host {
+        Some(host) if !by_ip => format!("{host}:{}", target.port),
+        _ => SocketAddr::new(target.ip, target.port).to_string(),
+    }
 }
 
-/// Closes with RST (SO_LINGER 0), so the client sees a reset rather than an orderly end of
-/// stream it could mistake for a complete answer.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
+/// Reads until the first bytes say what they are (ClientHello, request head), the peek window
+/// closes, the client stops sending, or the sniff limit is reached.
+async fn read_first_bytes(client: &mut TcpStream, window: Duration) -> std::io::Result<(BytesMut, Sniffed)> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let deadline = Instant::now() + window;
+    loop {
+        if let Sniff::Done(sniffed) = sniff::sniff(&buf) {
+            return Ok((buf, sniffed));
+        }
+        match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => {
+                // Silence or end of stream: a partial ClientHello is still TLS, anything else
+                // (including nothing at all: server-speaks-first) is unknown.
+                let sniffed = if buf.first() == Some(&0x16) {
+                    Sniffed::Tls { sni: None }
+                } else {
+                    Sniffed::Other
+                };
+                return Ok((buf, sniffed));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn connect_target_prefers_the_name_unless_by_ip() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let t = |ip, host| Target {
+            ip,
+            port: 8448,
+            host,
+            protocol: Protocol::Tls,
+        };
+        assert_eq!(
+            connect_target(&t(v4, Some("matrix.example")), false),
+            "matrix.example:8448"
+        );
+        assert_eq!(
+            connect_target(&t(v4, Some("matrix.example")), true),
+            "10.1.2.3:8448"
+        );
+        assert_eq!(connect_target(&t(v4, None), false), "10.1.2.3:8448");
+        assert_eq!(connect_target(&t(v6, None), false), "[2001:db8::1]:8448");
+    }
 }

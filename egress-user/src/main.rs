@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(&args),
         Command::Detach(args) => match ebpf::detach(&args.bpffs_dir) {
             Ok(true) => {
                 println!("detached: removed {}", args.bpffs_dir.display());

@@ -1,60 +1,62 @@
 //! `egress run` and `egress status`.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 
 use crate::{
     cli::RunArgs,
+    config::Config,
     ebpf::{self, Kernel, KernelSettings},
     listener::{self, Agent},
-    proxy_url::{ProxyScheme, ProxyUrl, proxy_from_env},
-    upstream::Timeouts,
 };
 
-pub fn run(args: RunArgs) -> Result<()> {
-    let https_proxy = resolve_proxy(args.https_proxy.as_deref(), "https_proxy")?;
-    for cgroup in &args.cgroups {
-        ebpf::cgroup_id(cgroup).with_context(|| format!("--cgroup {}", cgroup.display()))?;
+pub fn run(args: &RunArgs) -> Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = Config::load(args, &env)?;
+    for cgroup in &config.cgroups {
+        ebpf::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
-    let timeouts = Timeouts {
-        connect: seconds("--connect-timeout", args.connect_timeout)?,
-        handshake: seconds("--handshake-timeout", args.handshake_timeout)?,
-    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run_async(args, https_proxy, timeouts))
+        .block_on(run_async(config))
 }
 
-async fn run_async(args: RunArgs, https_proxy: ProxyUrl, timeouts: Timeouts) -> Result<()> {
+async fn run_async(config: Config) -> Result<()> {
     // Listen before attaching, so the first redirected connect already finds us.
-    let listener = TcpListener::bind(("127.0.0.1", args.listen_port))
+    let listener = TcpListener::bind(("127.0.0.1", config.listen_port))
         .await
-        .with_context(|| format!("listening on 127.0.0.1:{}", args.listen_port))?;
+        .with_context(|| format!("listening on 127.0.0.1:{}", config.listen_port))?;
     let settings = KernelSettings {
-        pin_dir: args.pin.bpffs_dir.clone(),
-        listen_port: args.listen_port,
-        agent_mark: args.agent_mark,
-        kernel_log: args.kernel_log,
+        pin_dir: config.pin_dir.clone(),
+        listen_port: config.listen_port,
+        agent_mark: config.agent_mark,
+        kernel_log: config.kernel_log,
     };
     let mut kernel = Kernel::load(&settings)?;
     if let Some(logger) = kernel.take_logger() {
         tokio::spawn(drive_kernel_log(logger));
     }
-    for cgroup in &args.cgroups {
+    // Ranges before links: a newly attached cgroup is never without its deny set.
+    kernel.set_ranges(
+        &config.policy.kernel_deny_nets(),
+        &config.policy.kernel_bypass_nets(),
+    )?;
+    for cgroup in &config.cgroups {
         kernel.attach(cgroup, &settings.pin_dir)?;
         tracing::info!(cgroup = %cgroup.display(), "attached");
     }
     tracing::info!(
-        listen = %format!("127.0.0.1:{}", args.listen_port),
-        https_proxy = %https_proxy,
+        listen = %format!("127.0.0.1:{}", config.listen_port),
+        https_proxy = %display_proxy(&config.https_proxy),
+        http_proxy = %display_proxy(&config.http_proxy),
         pin_dir = %settings.pin_dir.display(),
         "egress ready"
     );
 
-    let agent = Arc::new(Agent::new(kernel, https_proxy, args.agent_mark, timeouts));
+    let agent = Arc::new(Agent::new(kernel, config));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
         result = listener::serve(listener, agent.clone()) => result?,
@@ -66,6 +68,12 @@ async fn run_async(args: RunArgs, https_proxy: ProxyUrl, timeouts: Timeouts) -> 
          next `egress run` (`egress detach` removes the interception)"
     );
     Ok(())
+}
+
+fn display_proxy(proxy: &Option<crate::proxy_url::ProxyUrl>) -> String {
+    proxy
+        .as_ref()
+        .map_or_else(|| "none (direct)".to_owned(), ToString::to_string)
 }
 
 async fn drive_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
@@ -80,29 +88,6 @@ async fn drive_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
-}
-
-/// The proxy from the flag, else from the environment (Synapse's rules), validated.
-fn resolve_proxy(flag: Option<&str>, env_name: &str) -> Result<ProxyUrl> {
-    let (source, value) = match flag {
-        Some(v) => (format!("--{}", env_name.replace('_', "-")), v.to_owned()),
-        None => match proxy_from_env(std::env::vars(), env_name) {
-            Some(v) => (format!("environment variable {env_name}"), v),
-            None => bail!("no upstream proxy: pass --https-proxy URL or set https_proxy"),
-        },
-    };
-    let url = ProxyUrl::parse(&value).with_context(|| format!("{source}: invalid proxy URL"))?;
-    if url.scheme == ProxyScheme::Https {
-        bail!("{source}: https:// upstream proxies (TLS to the proxy) are not supported yet");
-    }
-    Ok(url)
-}
-
-fn seconds(flag: &str, value: f64) -> Result<Duration> {
-    if !(value.is_finite() && value > 0.0) {
-        bail!("{flag} {value}: must be a positive number of seconds");
-    }
-    Ok(Duration::from_secs_f64(value))
 }
 
 pub fn status(pin_dir: &Path) -> Result<()> {

@@ -84,7 +84,11 @@ pub async fn connect_marked(
 }
 
 /// Connects to the proxy, whichever of its resolved addresses answers first in order.
-async fn connect_proxy(proxy: &ProxyUrl, mark: u32, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+pub async fn connect_proxy(
+    proxy: &ProxyUrl,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, UpstreamError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((proxy.host.as_str(), proxy.port))
         .await
         .map_err(|source| UpstreamError::Resolve {

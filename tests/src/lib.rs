@@ -31,6 +31,8 @@ use crate::{
     peers::{Certs, Daemon, SquidOptions},
 };
 
+/// The test LAN. Private address space: in egress's default blacklist.
+pub const LAN: &str = "10.248.0.0/24";
 pub const HS_IP: &str = "10.248.0.10";
 pub const PROXY_IP: &str = "10.248.0.20";
 pub const ORIGIN_IP: &str = "10.248.0.30";
@@ -188,10 +190,27 @@ impl Testbed {
         }
     }
 
-    /// Starts the agent with the right proxy credentials.
+    /// The agent's usual arguments: squid with the right credentials as https_proxy, and the
+    /// test LAN whitelisted (it is private address space, blacklisted by default).
+    pub fn default_agent_args(&self) -> Vec<String> {
+        vec![
+            "--https-proxy".into(),
+            self.proxy_url(PROXY_PASSWORD),
+            "--ip-range-whitelist".into(),
+            LAN.into(),
+        ]
+    }
+
+    /// Starts the agent with [`Self::default_agent_args`] followed by `extra`.
+    pub fn start_agent_with(&mut self, extra: &[&str]) -> Result<()> {
+        let mut args = self.default_agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_agent(&refs)
+    }
+
     pub fn start_default_agent(&mut self) -> Result<()> {
-        let url = self.proxy_url(PROXY_PASSWORD);
-        self.start_agent(&["--https-proxy", &url])
+        self.start_agent_with(&[])
     }
 
     /// Stops the agent with SIGTERM and waits for it.
@@ -237,6 +256,11 @@ impl Testbed {
     /// curl from inside the cgroup with no proxy settings at all: `url` is fetched "directly",
     /// with origin.test resolving to the origin's address and the test CA trusted.
     pub fn curl(&self, url: &str) -> Result<ClientResult> {
+        self.curl_many(&[url])
+    }
+
+    /// One curl fetching several URLs (reusing its connection where it can).
+    pub fn curl_many(&self, urls: &[&str]) -> Result<ClientResult> {
         let ca = self.certs.ca.to_string_lossy().into_owned();
         let mut args = vec!["-sS", "--noproxy", "*", "--max-time", "15", "--cacert", &ca];
         let resolves: Vec<String> = [443, 8448, 80]
@@ -246,7 +270,7 @@ impl Testbed {
         for r in &resolves {
             args.extend_from_slice(&["--resolve", r]);
         }
-        args.push(url);
+        args.extend_from_slice(urls);
         self.run_in_cgroup("curl", &args)
     }
 

@@ -14,8 +14,8 @@ fn testbed() -> Testbed {
 #[test]
 fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
     let mut bed = testbed();
-    let url = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
-    bed.start_agent(&["--https-proxy", &url, "--kernel-log"]).unwrap();
+    bed.start_agent_with(&["--kernel-log", "--connect-by-ip"])
+        .unwrap();
 
     for port in [443u16, 8448] {
         let url = format!("https://{ORIGIN_NAME}:{port}/");
@@ -40,7 +40,9 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
         assert!(squid_log.contains("TCP_TUNNEL/200"), "{squid_log}");
     }
 
-    let origin_log = bed.origin_access_log();
+    let origin_log = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
+        l.lines().count() >= 2
+    });
     let lines: Vec<&str> = origin_log.lines().collect();
     assert_eq!(lines.len(), 2, "origin log: {origin_log}");
     for line in lines {
@@ -92,7 +94,8 @@ fn many_concurrent_connections_each_reach_their_own_destination() {
 fn wrong_proxy_credentials_reset_the_client_and_log_407() {
     let mut bed = testbed();
     let url = bed.proxy_url("wrong-password");
-    bed.start_agent(&["--https-proxy", &url]).unwrap();
+    bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", egress_testbed::LAN])
+        .unwrap();
 
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_ne!(result.code, Some(0), "{result:?}");
@@ -117,7 +120,8 @@ fn wrong_proxy_credentials_reset_the_client_and_log_407() {
 fn unreachable_proxy_resets_the_client_promptly() {
     let mut bed = testbed();
     // Nothing listens on port 9 of the proxy host: connection refused.
-    bed.start_agent(&["--https-proxy", &format!("http://{PROXY_IP}:9")])
+    let url = format!("http://{PROXY_IP}:9");
+    bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", egress_testbed::LAN])
         .unwrap();
     let started = std::time::Instant::now();
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
@@ -199,7 +203,10 @@ fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
-    assert!(bed.origin_access_log().contains(&format!("{HS_IP} 443")));
+    let origin = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
+        l.contains(HS_IP)
+    });
+    assert!(origin.contains(&format!("{HS_IP} 443")), "{origin}");
     assert!(bed.direct_packets_at_origin().unwrap() > 0);
 }
 

@@ -1,0 +1,431 @@
+//! The effective configuration, from four sources, later wins:
+//! built-in defaults → TOML file → environment (`http_proxy`, `https_proxy`, `no_proxy`, with
+//! Synapse's parsing) → command-line flags. Every bad value stops the start with an error that
+//! names the key, the value and why; the daemon never runs half-configured.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::{
+    cli::RunArgs,
+    policy::{self, NoProxy, Policy},
+    proxy_url::{ProxyScheme, ProxyUrl, proxy_from_env},
+    upstream::Timeouts,
+};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/egress/egress.toml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+/// "egrs": marks the agent's own sockets so the kernel program never redirects them.
+pub const DEFAULT_AGENT_MARK: u32 = 0x6567_7273;
+
+/// What to do with a connection whose first bytes are neither a TLS ClientHello nor an HTTP/1
+/// request within the peek window (e.g. protocols where the server speaks first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultRoute {
+    /// CONNECT through https_proxy (by IP), like TLS.
+    Proxy,
+    /// Connect directly (still blacklist-checked).
+    Direct,
+    /// Reset the connection.
+    Deny,
+}
+
+/// The TOML file: same names as the flags (and as Synapse's homeserver.yaml where they exist).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub cgroups: Option<Vec<PathBuf>>,
+    pub https_proxy: Option<String>,
+    pub http_proxy: Option<String>,
+    pub no_proxy: Option<Vec<String>>,
+    pub ip_range_blacklist: Option<Vec<String>>,
+    pub ip_range_whitelist: Option<Vec<String>>,
+    pub listen_port: Option<u16>,
+    pub agent_mark: Option<u32>,
+    pub connect_timeout: Option<f64>,
+    pub handshake_timeout: Option<f64>,
+    pub peek_timeout: Option<f64>,
+    pub connect_by_ip: Option<bool>,
+    pub default_route: Option<DefaultRoute>,
+    pub kernel_log: Option<bool>,
+    pub bpffs_dir: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub cgroups: Vec<PathBuf>,
+    pub https_proxy: Option<ProxyUrl>,
+    pub http_proxy: Option<ProxyUrl>,
+    pub policy: Policy,
+    pub listen_port: u16,
+    pub agent_mark: u32,
+    pub timeouts: Timeouts,
+    /// How long to wait for the client's first bytes (ClientHello / request head).
+    pub peek_timeout: Duration,
+    /// CONNECT to the vetted IP even when SNI/Host names the destination.
+    pub connect_by_ip: bool,
+    pub default_route: DefaultRoute,
+    pub kernel_log: bool,
+    pub pin_dir: PathBuf,
+}
+
+impl Config {
+    /// Resolves the configuration for `egress run` from all sources.
+    pub fn load(args: &RunArgs, env: &[(String, String)]) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => read_file(Path::new(DEFAULT_CONFIG_PATH))?,
+            None => FileConfig::default(),
+        };
+        Self::merge(file, args, env)
+    }
+
+    pub fn merge(file: FileConfig, args: &RunArgs, env: &[(String, String)]) -> Result<Self> {
+        let env_value = |name: &str| proxy_from_env(env.iter().cloned(), name);
+
+        let https_proxy = layered_proxy(
+            "https_proxy",
+            &file.https_proxy,
+            env_value("https_proxy"),
+            &args.https_proxy,
+        )?;
+        let http_proxy = layered_proxy(
+            "http_proxy",
+            &file.http_proxy,
+            env_value("http_proxy"),
+            &args.http_proxy,
+        )?;
+
+        let no_proxy = if !args.no_proxy.is_empty() {
+            let mut all = NoProxy::default();
+            for value in &args.no_proxy {
+                all.extend(NoProxy::parse_env(value).map_err(|e| anyhow::anyhow!("--no-proxy: {e}"))?);
+            }
+            all
+        } else if let Some(value) = env_value("no_proxy") {
+            NoProxy::parse_env(&value).map_err(|e| anyhow::anyhow!("environment variable no_proxy: {e}"))?
+        } else if let Some(list) = &file.no_proxy {
+            NoProxy::parse_list(list.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("config key no_proxy: {e}"))?
+        } else {
+            NoProxy::default()
+        };
+
+        let blacklist = match (&args.ip_range_blacklist[..], &file.ip_range_blacklist) {
+            ([], None) => policy::default_blacklist(),
+            ([], Some(list)) => ip_ranges("config key ip_range_blacklist", list)?,
+            (flags, _) => ip_ranges("--ip-range-blacklist", flags)?,
+        };
+        let whitelist = match (&args.ip_range_whitelist[..], &file.ip_range_whitelist) {
+            ([], None) => Vec::new(),
+            ([], Some(list)) => ip_ranges("config key ip_range_whitelist", list)?,
+            (flags, _) => ip_ranges("--ip-range-whitelist", flags)?,
+        };
+
+        let cgroups = if !args.cgroups.is_empty() {
+            args.cgroups.clone()
+        } else {
+            file.cgroups.clone().unwrap_or_default()
+        };
+        if cgroups.is_empty() {
+            bail!("no cgroup to attach to: pass --cgroup PATH or set `cgroups` in the config file");
+        }
+
+        let agent_mark = args.agent_mark.or(file.agent_mark).unwrap_or(DEFAULT_AGENT_MARK);
+        if agent_mark == 0 {
+            bail!("agent_mark 0: must be non-zero (0 would match every unmarked socket)");
+        }
+        let listen_port = args
+            .listen_port
+            .or(file.listen_port)
+            .unwrap_or(DEFAULT_LISTEN_PORT);
+        if listen_port == 0 {
+            bail!("listen_port 0: must be a port from 1 to 65535");
+        }
+
+        Ok(Self {
+            cgroups,
+            https_proxy,
+            http_proxy,
+            policy: Policy {
+                whitelist,
+                blacklist,
+                no_proxy,
+            },
+            listen_port,
+            agent_mark,
+            timeouts: Timeouts {
+                connect: seconds(
+                    "connect_timeout",
+                    args.connect_timeout.or(file.connect_timeout),
+                    10.0,
+                )?,
+                handshake: seconds(
+                    "handshake_timeout",
+                    args.handshake_timeout.or(file.handshake_timeout),
+                    15.0,
+                )?,
+            },
+            peek_timeout: seconds("peek_timeout", args.peek_timeout.or(file.peek_timeout), 0.5)?,
+            connect_by_ip: args.connect_by_ip || file.connect_by_ip.unwrap_or(false),
+            default_route: args
+                .default_route
+                .or(file.default_route)
+                .unwrap_or(DefaultRoute::Proxy),
+            kernel_log: args.kernel_log || file.kernel_log.unwrap_or(false),
+            pin_dir: args
+                .pin
+                .bpffs_dir
+                .clone()
+                .or(file.bpffs_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// The proxy for one scheme: flag, else environment, else file; validated with its source named.
+fn layered_proxy(
+    key: &str,
+    file: &Option<String>,
+    env: Option<String>,
+    flag: &Option<String>,
+) -> Result<Option<ProxyUrl>> {
+    let (source, value) = if let Some(v) = flag {
+        (format!("--{}", key.replace('_', "-")), v.clone())
+    } else if let Some(v) = env {
+        (format!("environment variable {key}"), v)
+    } else if let Some(v) = file {
+        (format!("config key {key}"), v.clone())
+    } else {
+        return Ok(None);
+    };
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    let url = ProxyUrl::parse(&value).with_context(|| format!("{source}: invalid proxy URL"))?;
+    if url.scheme == ProxyScheme::Https {
+        bail!("{source}: https:// upstream proxies (TLS to the proxy) are not supported yet");
+    }
+    Ok(Some(url))
+}
+
+fn ip_ranges(source: &str, values: &[String]) -> Result<Vec<IpNet>> {
+    values
+        .iter()
+        .map(|v| policy::parse_ip_range(v).map_err(|e| anyhow::anyhow!("{source}: {e}")))
+        .collect()
+}
+
+fn seconds(key: &str, value: Option<f64>, default: f64) -> Result<Duration> {
+    let value = value.unwrap_or(default);
+    if !(value.is_finite() && value > 0.0 && value <= 3600.0) {
+        bail!("{key} {value}: must be a number of seconds above 0 and at most 3600");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            cgroups: vec![PathBuf::from("/sys/fs/cgroup/test")],
+            ..RunArgs::default()
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(toml_text: &str) -> FileConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    fn error(file_config: FileConfig, args: &RunArgs, env: &[(String, String)]) -> String {
+        format!("{:#}", Config::merge(file_config, args, env).unwrap_err())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::merge(FileConfig::default(), &args(), &[]).unwrap();
+        assert_eq!(c.https_proxy, None);
+        assert_eq!(c.http_proxy, None);
+        assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.listen_port, DEFAULT_LISTEN_PORT);
+        assert_eq!(c.agent_mark, DEFAULT_AGENT_MARK);
+        assert_eq!(c.default_route, DefaultRoute::Proxy);
+        assert_eq!(c.peek_timeout, Duration::from_millis(500));
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(!c.connect_by_ip);
+    }
+
+    #[test]
+    fn later_sources_win_file_then_env_then_flags() {
+        let f = || file("https_proxy = \"file:1\"\nhttp_proxy = \"file:2\"\nno_proxy = [\"file.example\"]");
+        let c = Config::merge(f(), &args(), &[]).unwrap();
+        assert_eq!(c.https_proxy.unwrap().host, "file");
+        assert_eq!(c.policy.no_proxy, NoProxy::parse_list(["file.example"]).unwrap());
+
+        let e = env(&[("HTTPS_PROXY", "env:1"), ("no_proxy", "env.example,10.0.0.0/8")]);
+        let c = Config::merge(f(), &args(), &e).unwrap();
+        assert_eq!(c.https_proxy.unwrap().host, "env");
+        assert_eq!(c.http_proxy.unwrap().host, "file");
+        assert_eq!(
+            c.policy.no_proxy,
+            NoProxy::parse_env("env.example,10.0.0.0/8").unwrap()
+        );
+
+        let a = RunArgs {
+            https_proxy: Some("flag:1".into()),
+            no_proxy: vec!["flag.example".into(), "a.example,b.example".into()],
+            ..args()
+        };
+        let c = Config::merge(f(), &a, &e).unwrap();
+        assert_eq!(c.https_proxy.unwrap().host, "flag");
+        assert_eq!(
+            c.policy.no_proxy,
+            NoProxy::parse_list(["flag.example", "a.example", "b.example"]).unwrap()
+        );
+    }
+
+    #[test]
+    fn blacklist_replaces_default_and_whitelist_is_read() {
+        let f = file(
+            "ip_range_blacklist = [\"10.0.0.0/8\"]\nip_range_whitelist = [\"10.1.0.0/16\", \"10.2.3.4\"]",
+        );
+        let c = Config::merge(f, &args(), &[]).unwrap();
+        assert_eq!(c.policy.blacklist, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.policy.whitelist.len(), 2);
+        let a = RunArgs {
+            ip_range_blacklist: vec!["192.168.0.0/16".into()],
+            ..args()
+        };
+        let c = Config::merge(file("ip_range_blacklist = [\"10.0.0.0/8\"]"), &a, &[]).unwrap();
+        assert_eq!(
+            c.policy.blacklist,
+            vec!["192.168.0.0/16".parse::<IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_value() {
+        type Case = (
+            FileConfig,
+            RunArgs,
+            Vec<(String, String)>,
+            &'static [&'static str],
+        );
+        let cases: Vec<Case> = vec![
+            (
+                file("https_proxy = \"socks5://p:1080\""),
+                args(),
+                vec![],
+                &["config key https_proxy", "socks5"],
+            ),
+            (
+                FileConfig::default(),
+                RunArgs {
+                    https_proxy: Some("http://p:99999".into()),
+                    ..args()
+                },
+                vec![],
+                &["--https-proxy", "99999"],
+            ),
+            (
+                FileConfig::default(),
+                args(),
+                env(&[("http_proxy", "ftp://x")]),
+                &["environment variable http_proxy", "ftp"],
+            ),
+            (
+                FileConfig::default(),
+                args(),
+                env(&[("https_proxy", "https://p")]),
+                &["https_proxy", "not supported yet"],
+            ),
+            (
+                file("ip_range_blacklist = [\"10.0.0.0/33\"]"),
+                args(),
+                vec![],
+                &["ip_range_blacklist", "10.0.0.0/33"],
+            ),
+            (
+                FileConfig::default(),
+                RunArgs {
+                    ip_range_whitelist: vec!["nonsense".into()],
+                    ..args()
+                },
+                vec![],
+                &["--ip-range-whitelist", "nonsense"],
+            ),
+            (
+                file("no_proxy = [\"10.0.0.0/99\"]"),
+                args(),
+                vec![],
+                &["no_proxy", "10.0.0.0/99"],
+            ),
+            (
+                FileConfig::default(),
+                RunArgs {
+                    cgroups: vec![],
+                    ..RunArgs::default()
+                },
+                vec![],
+                &["cgroup"],
+            ),
+            (file("agent_mark = 0"), args(), vec![], &["agent_mark 0"]),
+            (file("listen_port = 0"), args(), vec![], &["listen_port 0"]),
+            (file("peek_timeout = -1.0"), args(), vec![], &["peek_timeout -1"]),
+            (
+                FileConfig::default(),
+                RunArgs {
+                    connect_timeout: Some(f64::NAN),
+                    ..args()
+                },
+                vec![],
+                &["connect_timeout NaN"],
+            ),
+        ];
+        for (f, a, e, needles) in cases {
+            let message = error(f, &a, &e);
+            for needle in needles {
+                assert!(message.contains(needle), "`{message}` should mention `{needle}`");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let unknown = toml::from_str::<FileConfig>("https_proxy = \"p\"\nno_proxy_hosts = []").unwrap_err();
+        assert!(unknown.to_string().contains("no_proxy_hosts"), "{unknown}");
+        let port = toml::from_str::<FileConfig>("listen_port = 70000").unwrap_err();
+        assert!(port.to_string().contains("listen_port"), "{port}");
+        let route = toml::from_str::<FileConfig>("default_route = \"sideways\"").unwrap_err();
+        assert!(route.to_string().contains("sideways"), "{route}");
+    }
+
+    #[test]
+    fn empty_proxy_value_means_none() {
+        let c = Config::merge(FileConfig::default(), &args(), &env(&[("https_proxy", " ")])).unwrap();
+        assert!(c.https_proxy.is_none());
+    }
+}

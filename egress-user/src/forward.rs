@@ -1,0 +1,220 @@
+//! Plain HTTP through the upstream proxy, as a real forward proxy client would send it: each
+//! request rewritten to absolute form (`GET http://host/path`), `Proxy-Authorization` on every
+//! request, keep-alive on both sides. hyper speaks HTTP/1 to the client and to the proxy.
+
+use std::{
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU16, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::{
+    decision::Decision,
+    proxy_url::ProxyUrl,
+    relay::{ByteCounts, PrefixedIo},
+    upstream::{self, Timeouts, UpstreamError},
+};
+
+/// Where and how one client connection's requests are forwarded.
+pub struct Forward {
+    pub proxy: ProxyUrl,
+    /// Authority for the absolute-form URI: the client's host (port added when not 80), or the
+    /// original IP:port when connecting by IP.
+    pub authority: String,
+    /// The host the policy approved; a kept-alive connection may not switch to another.
+    pub approved_host: Option<String>,
+    pub mark: u32,
+    pub timeouts: Timeouts,
+}
+
+struct State {
+    forward: Forward,
+    authorization: Option<HeaderValue>,
+    sender: tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
+    requests: AtomicU64,
+    last_status: AtomicU16,
+    failure: Mutex<Option<String>>,
+    client_fd: RawFd,
+}
+
+pub async fn serve(client: TcpStream, sniffed: Bytes, forward: Forward, decision: &mut Decision) {
+    let authorization = forward
+        .proxy
+        .authorization()
+        .and_then(|a| HeaderValue::from_str(&a).ok())
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+    let state = Arc::new(State {
+        forward,
+        authorization,
+        sender: tokio::sync::Mutex::new(None),
+        requests: AtomicU64::new(0),
+        last_status: AtomicU16::new(0),
+        failure: Mutex::new(None),
+        client_fd: client.as_raw_fd(),
+    });
+    let counts = Arc::new(ByteCounts::default());
+    let io = TokioIo::new(PrefixedIo::new(sniffed, client, counts.clone()));
+    let service_state = state.clone();
+    let service = service_fn(move |request| {
+        let state = service_state.clone();
+        async move { state.forward_one(request).await }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .await;
+
+    decision.requests = state.requests.load(Ordering::Relaxed);
+    decision.bytes_up = counts.read.load(Ordering::Relaxed);
+    decision.bytes_down = counts.written.load(Ordering::Relaxed);
+    let status = state.last_status.load(Ordering::Relaxed);
+    decision.upstream_status = (status != 0).then_some(status);
+    if let Some(failure) = state.failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        decision.fail(failure);
+    } else if let Err(e) = served {
+        decision.fail(format!("client connection: {e}"));
+    }
+}
+
+impl State {
+    async fn forward_one(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.try_forward(request).await;
+        if let Err(e) = &result {
+            self.abort_client(e.to_string());
+        }
+        result
+    }
+
+    async fn try_forward(&self, mut request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        if let Some(approved) = &self.forward.approved_host {
+            let host = request_host(&request);
+            if host.as_deref() != Some(approved.as_str()) {
+                return Err(UpstreamError::Protocol(format!(
+                    "request for host {} on a connection approved for {approved}",
+                    host.as_deref().unwrap_or("(none)")
+                )));
+            }
+        }
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *request.uri_mut() = Uri::try_from(format!("http://{}{path}", self.forward.authority))
+            .map_err(|e| UpstreamError::Protocol(format!("building absolute URI: {e}")))?;
+        let headers = request.headers_mut();
+        headers.remove(header::PROXY_AUTHORIZATION);
+        headers.remove("proxy-connection");
+        if let Some(auth) = &self.authorization {
+            headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
+        }
+
+        let mut sender = self.sender.lock().await;
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            *sender = Some(self.connect().await?);
+        }
+        let response = sender
+            .as_mut()
+            .expect("connected above")
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        self.last_status
+            .store(response.status().as_u16(), Ordering::Relaxed);
+        // 407 is the proxy refusing egress's credentials, not an answer from the origin.
+        if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            return Err(UpstreamError::Status(response.status()));
+        }
+        Ok(response)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let f = &self.forward;
+        let stream = upstream::connect_proxy(&f.proxy, f.mark, f.timeouts.connect).await?;
+        let (sender, conn) = tokio::time::timeout(
+            f.timeouts.handshake,
+            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|_| UpstreamError::HandshakeTimeout)?
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// Records why, and makes the coming close of the client connection a reset.
+    fn abort_client(&self, why: String) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        // SAFETY: hyper owns the client stream and is still serving it while a request is
+        // in flight, so the fd is open; we only set a socket option on it.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.client_fd) };
+        let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// The request's Host header, lowercased, without port.
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    let value = request.headers().get(header::HOST)?.to_str().ok()?;
+    let authority: http::uri::Authority = value.parse().ok()?;
+    Some(
+        authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase(),
+    )
+}
+
+/// The authority for the absolute-form URI: `host` with the original port unless it is 80.
+pub fn absolute_authority(host: &str, port: u16) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    if port == 80 {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_authority_adds_non_default_port_and_brackets() {
+        assert_eq!(absolute_authority("origin.test", 80), "origin.test");
+        assert_eq!(absolute_authority("origin.test", 8080), "origin.test:8080");
+        assert_eq!(absolute_authority("10.0.0.1", 80), "10.0.0.1");
+        assert_eq!(absolute_authority("2001:db8::1", 8080), "[2001:db8::1]:8080");
+    }
+
+    #[test]
+    fn request_host_is_lowercased_without_port() {
+        let req = |host: &str| Request::builder().header(header::HOST, host).body(()).unwrap();
+        assert_eq!(
+            request_host(&req("Origin.Test:8080")).as_deref(),
+            Some("origin.test")
+        );
+        assert_eq!(
+            request_host(&req("[2001:DB8::1]:80")).as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(request_host(&Request::new(())), None);
+    }
+}
