@@ -9,12 +9,15 @@
 pub mod maps {
     pub const CONFIG: &str = "EGRESS_CONFIG";
     pub const COUNTERS: &str = "EGRESS_COUNTERS";
-    pub const PENDING: &str = "EGRESS_PENDING";
+    pub const SOCKET_DST: &str = "EGRESS_SOCKET_DST";
     pub const ORIGINAL_DST: &str = "EGRESS_ORIG_DST";
     /// LPM trie of IPv4 destinations whose connect() fails with EPERM (blacklist minus whitelist).
     pub const DENY4: &str = "EGRESS_DENY4";
     /// LPM trie of IPv4 destinations passed direct without the agent (no_proxy IPs and CIDRs).
     pub const BYPASS4: &str = "EGRESS_BYPASS4";
+    /// The same two for IPv6 destinations (IPv4-mapped ones use the IPv4 tries).
+    pub const DENY6: &str = "EGRESS_DENY6";
+    pub const BYPASS6: &str = "EGRESS_BYPASS6";
 }
 
 /// Capacity of each deny/bypass trie.
@@ -23,6 +26,9 @@ pub const MAX_RANGES: u32 = 16384;
 /// Names of the programs in the eBPF object.
 pub mod programs {
     pub const CONNECT4: &str = "egress_connect4";
+    pub const CONNECT6: &str = "egress_connect6";
+    pub const GETPEERNAME4: &str = "egress_getpeername4";
+    pub const GETPEERNAME6: &str = "egress_getpeername6";
     pub const SOCK_OPS: &str = "egress_sock_ops";
 }
 
@@ -49,6 +55,15 @@ impl SockAddr {
             family: AF_INET,
         }
     }
+
+    /// `addr` as four network-order words, as the kernel stores an in6_addr.
+    pub const fn v6(addr: [u32; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            family: AF_INET6,
+        }
+    }
 }
 
 /// Settings the agent writes into the single-entry `EGRESS_CONFIG` array.
@@ -61,7 +76,7 @@ pub struct AgentConfig {
     /// Socket mark the agent puts on its own upstream and direct sockets; such sockets are
     /// never redirected, wherever the agent's process sits in the cgroup tree.
     pub agent_mark: u32,
-    /// Port of the agent's listener on 127.0.0.1 (host byte order).
+    /// Port of the agent's listeners on 127.0.0.1 and [::1] (host byte order).
     pub listen_port: u16,
     pub _pad: u16,
     /// Bit set of `FLAG_*`.
@@ -73,7 +88,7 @@ pub const FLAG_KERNEL_LOG: u32 = 1;
 
 /// Indexes into the per-CPU `EGRESS_COUNTERS` array: one counter per kernel decision.
 pub mod counter {
-    /// TCP connects seen by connect4.
+    /// TCP connects seen by connect4 / connect6.
     pub const CONNECT_SEEN: u32 = 0;
     /// Rewritten to the agent's listener.
     pub const REDIRECTED: u32 = 1;

@@ -1,28 +1,42 @@
 //! egress kernel programs.
 //!
-//! `egress_connect4` (cgroup/connect4) sees every IPv4 connect() of processes in the attached
-//! cgroups. TCP connects that are not to loopback and not from the agent itself are rewritten
-//! to the agent's listener on 127.0.0.1; the original destination is parked under the socket's
-//! cookie. `egress_sock_ops` then runs when the kernel has chosen the local port (TCP_CONNECT_CB)
-//! and moves the parked destination to a map keyed by the connection's local address, which is
-//! exactly the peer address the agent sees on accept().
+//! `egress_connect4` / `egress_connect6` (cgroup/connect4|6) see every connect() of processes in
+//! the attached cgroups. For TCP, loopback destinations and the agent's own (marked) sockets are
+//! left alone; IP-only policy is applied at once (deny trie: EPERM; bypass trie: untouched);
+//! everything else is rewritten to the agent's listener on loopback, and the original destination
+//! is remembered under the socket's cookie for the socket's lifetime.
+//!
+//! `egress_sock_ops` runs when the kernel has chosen the local port (TCP_CONNECT_CB) and files the
+//! original destination under the connection's local address, which is exactly the peer address
+//! the agent sees on accept(). It also asks for state callbacks, to forget the socket on close.
+//!
+//! `egress_getpeername4|6` keep the redirect invisible: the application's getpeername() returns
+//! the address it connected to, not the agent's.
 #![no_std]
 #![no_main]
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock_addr,
+    },
     helpers::bpf_get_socket_cookie,
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
-use egress_common::{AF_INET, AgentConfig, FLAG_KERNEL_LOG, MAX_RANGES, SockAddr, counter};
+use egress_common::{AF_INET, AF_INET6, AgentConfig, FLAG_KERNEL_LOG, MAX_RANGES, SockAddr, counter};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-const LOOPBACK_BE: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+const TCP_CLOSE: u32 = 7;
+const LOOPBACK4: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+const LOOPBACK6: [u32; 4] = [0, 0, 0, 1u32.to_be()];
+const MAPPED_PREFIX: u32 = 0xffffu32.to_be();
 
 /// connect() return values for cgroup/connect programs.
 const ALLOW: i32 = 1;
@@ -34,9 +48,9 @@ static CONFIG: Array<AgentConfig> = Array::pinned(1, 0);
 #[map(name = "EGRESS_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
-/// Socket cookie -> original destination, between connect4 and sock_ops.
-#[map(name = "EGRESS_PENDING")]
-static PENDING: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
+/// Socket cookie -> original destination, from connect until the socket closes.
+#[map(name = "EGRESS_SOCKET_DST")]
+static SOCKET_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(262144, 0);
 
 /// Client-side local address of a redirected connection -> original destination.
 /// Unique while the connection exists, so concurrent connects and port reuse cannot mix up
@@ -44,12 +58,18 @@ static PENDING: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
 #[map(name = "EGRESS_ORIG_DST")]
 static ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(65536, 0);
 
-/// Filled by the agent from its policy. Keys are IPv4 addresses in network byte order.
+/// Filled by the agent from its policy. Keys are addresses in network byte order.
 #[map(name = "EGRESS_DENY4")]
 static DENY4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_RANGES, 0);
 
 #[map(name = "EGRESS_BYPASS4")]
 static BYPASS4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_RANGES, 0);
+
+#[map(name = "EGRESS_DENY6")]
+static DENY6: LpmTrie<[u32; 4], u8> = LpmTrie::pinned(MAX_RANGES, 0);
+
+#[map(name = "EGRESS_BYPASS6")]
+static BYPASS6: LpmTrie<[u32; 4], u8> = LpmTrie::pinned(MAX_RANGES, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -59,83 +79,229 @@ fn count(index: u32) {
     }
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
-    decide_connect4(&ctx)
+/// The verifier only allows 4-byte loads of the ctx's IPv6 words; read them one by one.
+#[inline(always)]
+fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let w = words as *const u32;
+    unsafe { [read_volatile(w), read_volatile(w.add(1)), read_volatile(w.add(2)), read_volatile(w.add(3))] }
 }
 
 #[inline(always)]
-fn decide_connect4(ctx: &SockAddrContext) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
+fn write_ip6(words: *mut [u32; 4], value: [u32; 4]) {
+    let w = words as *mut u32;
+    unsafe {
+        write_volatile(w, value[0]);
+        write_volatile(w.add(1), value[1]);
+        write_volatile(w.add(2), value[2]);
+        write_volatile(w.add(3), value[3]);
+    }
+}
+
+#[inline(always)]
+fn is_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == MAPPED_PREFIX
+}
+
+/// What connect4/6 decided, before the rewrite.
+enum Verdict {
+    Allow,
+    Deny,
+    Redirect(SockAddr),
+}
+
+#[inline(always)]
+fn is_tcp(sa: &bpf_sock_addr) -> bool {
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         count(counter::PASS_NOT_TCP);
-        return ALLOW;
+        return false;
     }
     count(counter::CONNECT_SEEN);
+    true
+}
 
-    let dst_ip = sa.user_ip4;
-    let first_octet = u32::from_be(dst_ip) >> 24;
-    if first_octet == 127 || dst_ip == 0 {
-        count(counter::PASS_LOOPBACK);
-        return ALLOW;
-    }
-
+/// The agent settings, or None (deny: unconfigured programs never let anything through).
+#[inline(always)]
+fn config(sa: &bpf_sock_addr) -> Result<&'static AgentConfig, Verdict> {
     let Some(cfg) = CONFIG.get(0) else {
         count(counter::DENY_UNCONFIGURED);
-        return DENY;
+        return Err(Verdict::Deny);
     };
     if cfg.ready == 0 {
         count(counter::DENY_UNCONFIGURED);
-        return DENY;
+        return Err(Verdict::Deny);
     }
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
     if mark == cfg.agent_mark {
         count(counter::PASS_AGENT);
-        return ALLOW;
+        return Err(Verdict::Allow);
     }
+    Ok(cfg)
+}
 
-    let dst_port = u16::from_be(sa.user_port as u16);
-    // IP-only decisions never cost a trip through the agent: deny first, then bypass.
+/// Policy for an IPv4 destination (also IPv4-mapped ones from connect6).
+#[inline(always)]
+fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16) -> (Verdict, u16) {
+    if u32::from_be(dst_ip) >> 24 == 127 || dst_ip == 0 {
+        count(counter::PASS_LOOPBACK);
+        return (Verdict::Allow, 0);
+    }
+    let cfg = match config(sa) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return (verdict, 0),
+    };
     let key = Key::new(32, dst_ip);
     if DENY4.get(&key).is_some() {
         count(counter::DENY_BLACKLIST);
         if cfg.flags & FLAG_KERNEL_LOG != 0 {
             debug!(ctx, "deny {:i}:{}", u32::from_be(dst_ip), dst_port);
         }
-        return DENY;
+        return (Verdict::Deny, 0);
     }
     if BYPASS4.get(&key).is_some() {
         count(counter::PASS_NO_PROXY);
-        return ALLOW;
+        return (Verdict::Allow, 0);
     }
+    if cfg.flags & FLAG_KERNEL_LOG != 0 {
+        debug!(ctx, "redirect {:i}:{}", u32::from_be(dst_ip), dst_port);
+    }
+    (Verdict::Redirect(SockAddr::v4(dst_ip, dst_port)), cfg.listen_port)
+}
 
-    let original = SockAddr::v4(dst_ip, dst_port);
+#[inline(always)]
+fn decide6(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: [u32; 4], dst_port: u16) -> (Verdict, u16) {
+    if dst_ip == LOOPBACK6 || dst_ip == [0; 4] {
+        count(counter::PASS_LOOPBACK);
+        return (Verdict::Allow, 0);
+    }
+    let cfg = match config(sa) {
+        Ok(cfg) => cfg,
+        Err(verdict) => return (verdict, 0),
+    };
+    let key = Key::new(128, dst_ip);
+    if DENY6.get(&key).is_some() {
+        count(counter::DENY_BLACKLIST);
+        if cfg.flags & FLAG_KERNEL_LOG != 0 {
+            debug!(ctx, "deny {:i}:{}", to_bytes(dst_ip), dst_port);
+        }
+        return (Verdict::Deny, 0);
+    }
+    if BYPASS6.get(&key).is_some() {
+        count(counter::PASS_NO_PROXY);
+        return (Verdict::Allow, 0);
+    }
+    if cfg.flags & FLAG_KERNEL_LOG != 0 {
+        debug!(ctx, "redirect {:i}:{}", to_bytes(dst_ip), dst_port);
+    }
+    (Verdict::Redirect(SockAddr::v6(dst_ip, dst_port)), cfg.listen_port)
+}
+
+#[inline(always)]
+fn to_bytes(words: [u32; 4]) -> [u8; 16] {
+    unsafe { core::mem::transmute(words) }
+}
+
+/// Parks the original destination under the socket cookie; false if the map refused.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, original: &SockAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING.insert(cookie, original, BPF_ANY as u64).is_err() {
+    if SOCKET_DST.insert(cookie, original, BPF_ANY as u64).is_err() {
         // Without the original destination the agent could not route it: refuse, never leak.
         count(counter::DENY_NO_STATE);
-        return DENY;
+        return false;
     }
-
-    sa.user_ip4 = LOOPBACK_BE;
-    sa.user_port = (cfg.listen_port.to_be()) as u32;
     count(counter::REDIRECTED);
-    if cfg.flags & FLAG_KERNEL_LOG != 0 {
-        debug!(
-            ctx,
-            "redirect {:i}:{} cookie {}",
-            u32::from_be(dst_ip),
-            dst_port,
-            cookie
-        );
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    let dst_port = u16::from_be(sa.user_port as u16);
+    match decide4(&ctx, sa, sa.user_ip4, dst_port) {
+        (Verdict::Allow, _) => ALLOW,
+        (Verdict::Deny, _) => DENY,
+        (Verdict::Redirect(original), listen_port) => {
+            if !remember(&ctx, &original) {
+                return DENY;
+            }
+            sa.user_ip4 = LOOPBACK4;
+            sa.user_port = listen_port.to_be() as u32;
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    let dst_ip = read_ip6(&sa.user_ip6);
+    let dst_port = u16::from_be(sa.user_port as u16);
+    // An IPv4-mapped destination is IPv4 on the wire: IPv4 policy, IPv4 loopback listener.
+    let mapped = is_mapped(&dst_ip);
+    let decision = if mapped {
+        decide4(&ctx, sa, dst_ip[3], dst_port)
+    } else {
+        decide6(&ctx, sa, dst_ip, dst_port)
+    };
+    match decision {
+        (Verdict::Allow, _) => ALLOW,
+        (Verdict::Deny, _) => DENY,
+        (Verdict::Redirect(original), listen_port) => {
+            if !remember(&ctx, &original) {
+                return DENY;
+            }
+            let loopback = if mapped { [0, 0, MAPPED_PREFIX, LOOPBACK4] } else { LOOPBACK6 };
+            write_ip6(&mut sa.user_ip6, loopback);
+            sa.user_port = listen_port.to_be() as u32;
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(original) = unsafe { SOCKET_DST.get(cookie) } {
+        if original.family == AF_INET {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = original.addr[0];
+            sa.user_port = original.port.to_be() as u32;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(original) = unsafe { SOCKET_DST.get(cookie) } {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let ip = if original.family == AF_INET {
+            [0, 0, MAPPED_PREFIX, original.addr[0]]
+        } else {
+            original.addr
+        };
+        write_ip6(&mut sa.user_ip6, ip);
+        sa.user_port = original.port.to_be() as u32;
     }
     ALLOW
 }
 
 #[sock_ops]
 pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB && ctx.family() == AF_INET as u32 {
-        record_original_dst(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => record_original_dst(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = SOCKET_DST.remove(cookie);
+        }
+        _ => {}
     }
     0
 }
@@ -143,15 +309,23 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn record_original_dst(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(original) = (unsafe { PENDING.get(cookie) }) else {
+    let Some(original) = (unsafe { SOCKET_DST.get(cookie) }) else {
         return;
     };
     let original = *original;
-    let local = SockAddr::v4(ctx.local_ip4(), ctx.local_port() as u16);
+    let port = ctx.local_port() as u16;
+    let local = if ctx.family() == AF_INET6 as u32 {
+        let ip = read_ip6(unsafe { &(*ctx.ops).local_ip6 });
+        // A dual-stack socket talking IPv4: the agent accepts it on its IPv4 listener.
+        if is_mapped(&ip) { SockAddr::v4(ip[3], port) } else { SockAddr::v6(ip, port) }
+    } else {
+        SockAddr::v4(ctx.local_ip4(), port)
+    };
     if ORIG_DST.insert(local, original, BPF_ANY as u64).is_ok() {
         count(counter::ORIGDST_RECORDED);
     }
-    let _ = PENDING.remove(cookie);
+    // Ask for state changes, to forget the socket when it closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 #[cfg(not(test))]

@@ -100,6 +100,13 @@ pub struct RunArgs {
     /// [default: proxy].
     #[arg(long, value_enum, value_name = "ROUTE")]
     pub default_route: Option<DefaultRoute>,
+    /// CA certificates (PEM) to verify https:// proxies with, instead of the system roots.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_ca_file: Option<PathBuf>,
+    /// TESTING ONLY: do not verify the certificate of an https:// proxy (like Synapse's
+    /// use_insecure_ssl_client_just_for_testing_do_not_use).
+    #[arg(long)]
+    pub insecure_skip_proxy_tls_verify: bool,
     /// Emit the kernel programs' debug records (aya-log) into the agent's log.
     #[arg(long)]
     pub kernel_log: bool,

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::{
     cli::RunArgs,
     policy::{self, NoProxy, Policy},
-    proxy_url::{ProxyScheme, ProxyUrl, proxy_from_env},
+    proxy_url::{ProxyUrl, proxy_from_env},
     upstream::Timeouts,
 };
 
@@ -57,6 +57,8 @@ pub struct FileConfig {
     pub default_route: Option<DefaultRoute>,
     pub kernel_log: Option<bool>,
     pub bpffs_dir: Option<PathBuf>,
+    pub proxy_ca_file: Option<PathBuf>,
+    pub insecure_skip_proxy_tls_verify: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -75,6 +77,10 @@ pub struct Config {
     pub default_route: DefaultRoute,
     pub kernel_log: bool,
     pub pin_dir: PathBuf,
+    /// CA certificates (PEM) for verifying https:// proxies, instead of the system roots.
+    pub proxy_ca_file: Option<PathBuf>,
+    /// Testing only: accept any certificate from an https:// proxy.
+    pub insecure_skip_proxy_tls_verify: bool,
 }
 
 impl Config {
@@ -181,6 +187,9 @@ impl Config {
                 .or(file.default_route)
                 .unwrap_or(DefaultRoute::Proxy),
             kernel_log: args.kernel_log || file.kernel_log.unwrap_or(false),
+            proxy_ca_file: args.proxy_ca_file.clone().or(file.proxy_ca_file.clone()),
+            insecure_skip_proxy_tls_verify: args.insecure_skip_proxy_tls_verify
+                || file.insecure_skip_proxy_tls_verify.unwrap_or(false),
             pin_dir: args
                 .pin
                 .bpffs_dir
@@ -217,9 +226,6 @@ fn layered_proxy(
         return Ok(None);
     }
     let url = ProxyUrl::parse(&value).with_context(|| format!("{source}: invalid proxy URL"))?;
-    if url.scheme == ProxyScheme::Https {
-        bail!("{source}: https:// upstream proxies (TLS to the proxy) are not supported yet");
-    }
     Ok(Some(url))
 }
 
@@ -355,12 +361,6 @@ mod tests {
                 args(),
                 env(&[("http_proxy", "ftp://x")]),
                 &["environment variable http_proxy", "ftp"],
-            ),
-            (
-                FileConfig::default(),
-                args(),
-                env(&[("https_proxy", "https://p")]),
-                &["https_proxy", "not supported yet"],
             ),
             (
                 file("ip_range_blacklist = [\"10.0.0.0/33\"]"),

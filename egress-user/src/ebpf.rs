@@ -8,7 +8,7 @@
 
 use std::{
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -23,8 +23,9 @@ use aya::{
     },
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
+use egress_common::{AF_INET, AF_INET6};
 use egress_common::{AgentConfig, SockAddr, counter, maps, programs};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 /// The kernel programs, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EGRESS_EBPF_OBJECT"));
@@ -32,6 +33,13 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EGRESS_EBPF_OBJECT
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const LINKS_DIR: &str = "links";
+/// The cgroup/sock_addr programs, all attached to every target cgroup (besides sock_ops).
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
 
 pub struct KernelSettings {
     pub pin_dir: PathBuf,
@@ -46,6 +54,8 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     deny4: LpmTrie<MapData, u32, u8>,
     bypass4: LpmTrie<MapData, u32, u8>,
+    deny6: LpmTrie<MapData, [u32; 4], u8>,
+    bypass6: LpmTrie<MapData, [u32; 4], u8>,
     ebpf: Ebpf,
 }
 
@@ -78,8 +88,10 @@ impl Kernel {
             0,
         )?;
 
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?.try_into()?;
-        connect4.load().context("loading the connect4 program")?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            prog.load().with_context(|| format!("loading program {name}"))?;
+        }
         let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?.try_into()?;
         sock_ops.load().context("loading the sock_ops program")?;
 
@@ -87,11 +99,15 @@ impl Kernel {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?;
         let deny4 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY4)?)?;
         let bypass4 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS4)?)?;
+        let deny6 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY6)?)?;
+        let bypass6 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS6)?)?;
         Ok(Self {
             orig_dst: Mutex::new(orig_dst),
             counters,
             deny4,
             bypass4,
+            deny6,
+            bypass6,
             ebpf,
         })
     }
@@ -114,53 +130,46 @@ impl Kernel {
         let cgroup_fd = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let links = pin_dir.join(LINKS_DIR);
 
-        let connect4: &mut CgroupSockAddr = program(&mut self.ebpf, programs::CONNECT4)?.try_into()?;
-        let id = connect4
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching connect4 to {}", cgroup.display()))?;
-        let link: FdLink = connect4.take_link(id)?.try_into()?;
-        replace_pinned_link(link, &links.join(format!("{cgroup_id}-connect4")))?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
+            let id = prog
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
+        }
 
         let sock_ops: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS)?.try_into()?;
         let id = sock_ops
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .with_context(|| format!("attaching sock_ops to {}", cgroup.display()))?;
         let link: FdLink = sock_ops.take_link(id)?.try_into()?;
-        replace_pinned_link(link, &links.join(format!("{cgroup_id}-sock_ops")))?;
+        replace_pinned_link(link, &links.join(format!("{cgroup_id}-{}", programs::SOCK_OPS)))?;
         Ok(())
     }
 
     /// The destination the client asked for, for a connection accepted from `peer`.
     /// Each entry is read once and deleted.
-    pub fn take_original_dst(&self, peer: SocketAddrV4) -> Option<SocketAddrV4> {
-        let key = SockAddr::v4(u32::from(*peer.ip()).to_be(), peer.port());
+    pub fn take_original_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = to_sock_addr(peer);
         let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
         let original = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(original.addr[0])),
-            original.port,
-        ))
+        from_sock_addr(&original)
     }
 
-    /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass` (IPv4 part).
+    /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass`.
     ///
     /// The tries are pinned and in use while this runs, so the order avoids any moment that is
     /// more permissive than either the old or the new policy: new denies go in before stale
     /// ones leave; stale bypasses leave before new ones go in.
     pub fn set_ranges(&mut self, deny: &[IpNet], bypass: &[IpNet]) -> Result<()> {
-        let deny = v4_nets(deny);
-        let bypass = v4_nets(bypass);
-        if deny.len() + bypass.len() > 2 * egress_common::MAX_RANGES as usize {
-            bail!(
-                "too many address ranges for the kernel (at most {} each)",
-                egress_common::MAX_RANGES
-            );
-        }
-        insert_nets(&mut self.deny4, &deny).context("filling the kernel deny trie")?;
-        remove_stale(&mut self.deny4, &deny)?;
-        remove_stale(&mut self.bypass4, &bypass)?;
-        insert_nets(&mut self.bypass4, &bypass).context("filling the kernel bypass trie")?;
+        let (deny4, deny6) = trie_keys(deny)?;
+        let (bypass4, bypass6) = trie_keys(bypass)?;
+        replace_keys(&mut self.deny4, &deny4, true).context("updating the kernel deny set")?;
+        replace_keys(&mut self.deny6, &deny6, true).context("updating the kernel deny set")?;
+        replace_keys(&mut self.bypass4, &bypass4, false).context("updating the kernel bypass set")?;
+        replace_keys(&mut self.bypass6, &bypass6, false).context("updating the kernel bypass set")?;
         Ok(())
     }
 
@@ -169,41 +178,83 @@ impl Kernel {
     }
 }
 
-fn v4_nets(nets: &[IpNet]) -> Vec<Ipv4Net> {
-    nets.iter()
-        .filter_map(|n| match n {
-            IpNet::V4(v4) => Some(v4.trunc()),
-            IpNet::V6(_) => None,
-        })
-        .collect()
-}
+type TrieKeys = (Vec<Key<u32>>, Vec<Key<[u32; 4]>>);
 
-fn v4_key(net: &Ipv4Net) -> Key<u32> {
-    Key::new(u32::from(net.prefix_len()), u32::from(net.network()).to_be())
-}
-
-fn insert_nets(trie: &mut LpmTrie<MapData, u32, u8>, nets: &[Ipv4Net]) -> Result<()> {
+/// LPM keys for `nets`, split by family.
+fn trie_keys(nets: &[IpNet]) -> Result<TrieKeys> {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
     for net in nets {
-        trie.insert(&v4_key(net), 1, 0)
-            .with_context(|| format!("adding {net}"))?;
+        match net.trunc() {
+            IpNet::V4(n) => v4.push(Key::new(n.prefix_len().into(), u32::from(n.network()).to_be())),
+            IpNet::V6(n) => v6.push(Key::new(n.prefix_len().into(), ip6_words(n.network()))),
+        }
     }
-    Ok(())
+    if v4.len().max(v6.len()) > egress_common::MAX_RANGES as usize {
+        bail!(
+            "too many address ranges for the kernel (at most {} per family)",
+            egress_common::MAX_RANGES
+        );
+    }
+    Ok((v4, v6))
 }
 
-fn remove_stale(trie: &mut LpmTrie<MapData, u32, u8>, keep: &[Ipv4Net]) -> Result<()> {
-    let keep: std::collections::HashSet<(u32, u32)> = keep
-        .iter()
-        .map(|n| (u32::from(n.prefix_len()), u32::from(n.network()).to_be()))
-        .collect();
-    let stale: Vec<Key<u32>> = trie
+/// Makes `trie` hold exactly `keys`: inserting first and then removing when `insert_first`
+/// (deny sets), removing stale keys first otherwise (bypass sets).
+fn replace_keys<K: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, K, u8>,
+    keys: &[Key<K>],
+    insert_first: bool,
+) -> Result<()> {
+    let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+    let stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(|k| k.ok())
-        .filter(|k| !keep.contains(&(k.prefix_len(), k.data())))
+        .filter(|k| !keys.iter().any(|n| same(n, k)))
         .collect();
-    for key in stale {
-        trie.remove(&key)?;
+    if !insert_first {
+        for key in &stale {
+            trie.remove(key)?;
+        }
+    }
+    for key in keys {
+        trie.insert(key, 1, 0)?;
+    }
+    if insert_first {
+        for key in &stale {
+            trie.remove(key)?;
+        }
     }
     Ok(())
+}
+
+/// An IPv6 address as the kernel's four network-order words.
+fn ip6_words(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+fn to_sock_addr(addr: SocketAddr) -> SockAddr {
+    match addr {
+        SocketAddr::V4(a) => SockAddr::v4(u32::from(*a.ip()).to_be(), a.port()),
+        SocketAddr::V6(a) => SockAddr::v6(ip6_words(*a.ip()), a.port()),
+    }
+}
+
+fn from_sock_addr(addr: &SockAddr) -> Option<SocketAddr> {
+    match addr.family {
+        AF_INET => Some(SocketAddr::new(
+            Ipv4Addr::from(u32::from_be(addr.addr[0])).into(),
+            addr.port,
+        )),
+        AF_INET6 => {
+            let mut octets = [0u8; 16];
+            for (i, word) in addr.addr.iter().enumerate() {
+                octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            Some(SocketAddr::new(Ipv6Addr::from(octets).into(), addr.port))
+        }
+        _ => None,
+    }
 }
 
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(&'static str, u64)>> {
@@ -338,4 +389,28 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
         bail!("cgroup {}: not a cgroup v2 directory", path.display());
     }
     Ok(std::fs::metadata(path)?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_round_trip_through_the_kernel_layout() {
+        for text in [
+            "10.248.0.30:443",
+            "[2001:db8::1]:8448",
+            "[::1]:15001",
+            "127.0.0.1:1",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(from_sock_addr(&to_sock_addr(addr)), Some(addr), "{text}");
+        }
+        // The kernel stores addresses in network byte order: first octet first in memory.
+        let v4 = to_sock_addr("10.0.0.1:80".parse().unwrap());
+        assert_eq!(v4.addr[0].to_ne_bytes(), [10, 0, 0, 1]);
+        let v6 = to_sock_addr("[2001:db8::1]:80".parse().unwrap());
+        assert_eq!(v6.addr[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(v6.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
 }

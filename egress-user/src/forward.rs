@@ -19,21 +19,18 @@ use tokio::net::TcpStream;
 
 use crate::{
     decision::Decision,
-    proxy_url::ProxyUrl,
     relay::{ByteCounts, PrefixedIo},
-    upstream::{self, Timeouts, UpstreamError},
+    upstream::{ProxyClient, UpstreamError},
 };
 
 /// Where and how one client connection's requests are forwarded.
 pub struct Forward {
-    pub proxy: ProxyUrl,
+    pub proxy: ProxyClient,
     /// Authority for the absolute-form URI: the client's host (port added when not 80), or the
     /// original IP:port when connecting by IP.
     pub authority: String,
     /// The host the policy approved; a kept-alive connection may not switch to another.
     pub approved_host: Option<String>,
-    pub mark: u32,
-    pub timeouts: Timeouts,
 }
 
 struct State {
@@ -49,6 +46,7 @@ struct State {
 pub async fn serve(client: TcpStream, sniffed: Bytes, forward: Forward, decision: &mut Decision) {
     let authorization = forward
         .proxy
+        .url
         .authorization()
         .and_then(|a| HeaderValue::from_str(&a).ok())
         .map(|mut v| {
@@ -142,15 +140,10 @@ impl State {
     }
 
     async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let f = &self.forward;
-        let stream = upstream::connect_proxy(&f.proxy, f.mark, f.timeouts.connect).await?;
-        let (sender, conn) = tokio::time::timeout(
-            f.timeouts.handshake,
-            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)),
-        )
-        .await
-        .map_err(|_| UpstreamError::HandshakeTimeout)?
-        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        let stream = self.forward.proxy.connect().await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
         Ok(sender)
     }

@@ -7,6 +7,7 @@ pub mod ebpf;
 pub mod forward;
 pub mod listener;
 pub mod policy;
+pub mod proxy_tls;
 pub mod proxy_url;
 pub mod relay;
 pub mod run;

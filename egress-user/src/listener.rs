@@ -25,25 +25,46 @@ use crate::{
     ebpf::Kernel,
     forward::{self, Forward},
     policy::{Protocol, Route as Verdict, Target},
-    proxy_url::ProxyUrl,
+    proxy_tls::ProxyTls,
+    proxy_url::{ProxyScheme, ProxyUrl},
     relay::{self, reset},
     sniff::{self, Sniff, Sniffed},
-    upstream,
+    upstream::{self, ProxyClient, Role, UpstreamStream},
 };
 
 pub struct Agent {
     pub kernel: Kernel,
     pub config: Config,
+    https_proxy: Option<ProxyClient>,
+    http_proxy: Option<ProxyClient>,
     next_id: AtomicU64,
 }
 
 impl Agent {
-    pub fn new(kernel: Kernel, config: Config) -> Self {
-        Self {
+    pub fn new(kernel: Kernel, config: Config) -> anyhow::Result<Self> {
+        let client = |url: &Option<ProxyUrl>| -> anyhow::Result<Option<ProxyClient>> {
+            let Some(url) = url else { return Ok(None) };
+            let tls = match url.scheme {
+                ProxyScheme::Https => Some(ProxyTls::new(
+                    config.proxy_ca_file.as_deref(),
+                    config.insecure_skip_proxy_tls_verify,
+                )?),
+                ProxyScheme::Http => None,
+            };
+            Ok(Some(ProxyClient::new(
+                url.clone(),
+                tls,
+                config.agent_mark,
+                config.timeouts,
+            )))
+        };
+        Ok(Self {
+            https_proxy: client(&config.https_proxy)?,
+            http_proxy: client(&config.http_proxy)?,
             kernel,
             config,
             next_id: AtomicU64::new(1),
-        }
+        })
     }
 }
 
@@ -70,11 +91,7 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<
 
 async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision: &mut Decision) {
     let config = &agent.config;
-    let original = match peer {
-        SocketAddr::V4(peer) => agent.kernel.take_original_dst(peer).map(SocketAddr::V4),
-        SocketAddr::V6(_) => None,
-    };
-    let Some(original) = original else {
+    let Some(original) = agent.kernel.take_original_dst(peer) else {
         decision.fail("connection was not redirected by egress (no original destination)");
         return reset(client);
     };
@@ -97,8 +114,8 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
     decision.name = name.clone();
 
     let proxy = match (protocol, config.default_route) {
-        (Protocol::Http, _) => config.http_proxy.as_ref(),
-        (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => config.https_proxy.as_ref(),
+        (Protocol::Http, _) => agent.http_proxy.as_ref(),
+        (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => agent.https_proxy.as_ref(),
         (Protocol::Unknown, DefaultRoute::Direct) => None,
         (Protocol::Unknown, DefaultRoute::Deny) => {
             decision.route = Route::Deny;
@@ -122,8 +139,17 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
         (Verdict::Direct, _) | (Verdict::Proxy, None) => {
             decision.route = Route::Direct;
             decision.target = Some(original.to_string());
-            match upstream::connect_marked(original, config.agent_mark, config.timeouts.connect).await {
-                Ok(stream) => relay::relay(client, stream, &first_bytes, &[], decision).await,
+            match upstream::connect_marked(
+                Role::Destination,
+                original,
+                config.agent_mark,
+                config.timeouts.connect,
+            )
+            .await
+            {
+                Ok(stream) => {
+                    relay::relay(client, UpstreamStream::Plain(stream), &first_bytes, &[], decision).await
+                }
                 Err(e) => {
                     decision.fail(e);
                     reset(client);
@@ -132,7 +158,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
         }
         (Verdict::Proxy, Some(proxy)) if protocol == Protocol::Http => {
             decision.route = Route::ProxyForward;
-            decision.upstream = Some(proxy.authority());
+            decision.upstream = Some(proxy.url.authority());
             let host = target.host.filter(|_| !config.connect_by_ip);
             let authority = forward::absolute_authority(
                 &host.map_or_else(|| original.ip().to_string(), str::to_owned),
@@ -143,31 +169,27 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
                 proxy: proxy.clone(),
                 authority,
                 approved_host: target.host.map(str::to_owned),
-                mark: config.agent_mark,
-                timeouts: config.timeouts,
             };
             forward::serve(client, first_bytes.freeze(), forward, decision).await;
         }
         (Verdict::Proxy, Some(proxy)) => {
             decision.route = Route::ProxyConnect;
-            decision.upstream = Some(proxy.authority());
+            decision.upstream = Some(proxy.url.authority());
             let connect_target = connect_target(&target, config.connect_by_ip);
             decision.target = Some(connect_target.clone());
-            tunnel(agent, proxy, &connect_target, client, &first_bytes, decision).await;
+            tunnel(proxy, &connect_target, client, &first_bytes, decision).await;
         }
     }
 }
 
 async fn tunnel(
-    agent: &Agent,
-    proxy: &ProxyUrl,
+    proxy: &ProxyClient,
     target: &str,
     client: TcpStream,
     first_bytes: &[u8],
     decision: &mut Decision,
 ) {
-    let config = &agent.config;
-    match upstream::open_tunnel(proxy, target, config.agent_mark, config.timeouts).await {
+    match proxy.open_tunnel(target).await {
         Ok(tunnel) => {
             decision.upstream_status = Some(200);
             relay::relay(client, tunnel.stream, first_bytes, &tunnel.early_data, decision).await;
@@ -183,6 +205,7 @@ async fn tunnel(
 /// `host:port` for CONNECT: the client's name (SNI) when known, else the IP (IPv6 bracketed).
 fn connect_target(target: &Target, by_ip: bool) -> String {
     match target.host {
+        Some(host) if !by_ip && host.contains(':') => format!("[{host}]:{}", target.port),
         Some(host) if !by_ip => format!("{host}:{}", target.port),
         _ => SocketAddr::new(target.ip, target.port).to_string(),
     }
@@ -239,5 +262,9 @@ mod tests {
         );
         assert_eq!(connect_target(&t(v4, None), false), "10.1.2.3:8448");
         assert_eq!(connect_target(&t(v6, None), false), "[2001:db8::1]:8448");
+        assert_eq!(
+            connect_target(&t(v6, Some("2001:db8::2")), false),
+            "[2001:db8::2]:8448"
+        );
     }
 }

@@ -29,6 +29,8 @@ pub enum ProxyUrlError {
     UnsupportedScheme(String),
     #[error("proxy URL has no host name")]
     MissingHost,
+    #[error("invalid proxy host '{0}': expected a host name or IP address")]
+    InvalidHost(String),
     #[error("invalid proxy port '{0}': expected a number from 1 to 65535")]
     InvalidPort(String),
     #[error("invalid IPv6 literal in proxy URL: missing ']'")]
@@ -57,6 +59,10 @@ impl ProxyUrl {
         let (host, port) = split_host_port(hostport)?;
         if host.is_empty() {
             return Err(ProxyUrlError::MissingHost);
+        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if !crate::sniff::valid_hostname(host) {
+            return Err(ProxyUrlError::InvalidHost(host.to_owned()));
         }
         let credentials = userinfo.and_then(|info| {
             let (user, pass) = info.split_once(':')?;
@@ -95,6 +101,9 @@ impl ProxyUrl {
 fn split_host_port(hostport: &str) -> Result<(&str, Option<u16>), ProxyUrlError> {
     let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
         let (host, after) = bracketed.split_once(']').ok_or(ProxyUrlError::UnclosedBracket)?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(ProxyUrlError::InvalidHost(host.to_owned()));
+        }
         let port = match after {
             "" => None,
             _ => Some(
@@ -268,6 +277,12 @@ mod tests {
             ("http://proxy:abc", ProxyUrlError::InvalidPort("abc".into())),
             ("http://[::1", ProxyUrlError::UnclosedBracket),
             ("http://[::1]x", ProxyUrlError::InvalidPort("x".into())),
+            ("http://a b:3128", ProxyUrlError::InvalidHost("a b".into())),
+            (
+                "https://u01>db8::1]:8443",
+                ProxyUrlError::InvalidHost("u01>db8::1]".into()),
+            ),
+            ("http://[not-v6]:1", ProxyUrlError::InvalidHost("not-v6".into())),
         ];
         for (input, expected) in cases {
             assert_eq!(ProxyUrl::parse(input).as_ref(), Err(expected), "{input}");

@@ -17,7 +17,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::decision::Decision;
+use crate::{decision::Decision, upstream::UpstreamStream};
 
 /// Closes with RST (SO_LINGER 0), so the client sees a reset rather than an orderly end of
 /// stream it could mistake for a complete answer.
@@ -26,12 +26,17 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+fn reset_upstream(stream: UpstreamStream) {
+    let _ = socket2::SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
 /// Relays until both directions are done. `to_upstream` (bytes already read from the client)
 /// and `to_client` (bytes already read from upstream) are sent first. Half-close is passed on;
 /// an error on either side resets both.
 pub async fn relay(
     mut client: TcpStream,
-    mut upstream: TcpStream,
+    mut upstream: UpstreamStream,
     to_upstream: &[u8],
     to_client: &[u8],
     decision: &mut Decision,
@@ -62,9 +67,9 @@ pub async fn relay(
     }
 }
 
-fn reset_both(client: TcpStream, upstream: TcpStream) {
+fn reset_both(client: TcpStream, upstream: UpstreamStream) {
     reset(client);
-    reset(upstream);
+    reset_upstream(upstream);
 }
 
 /// Byte counts shared with whoever owns a [`PrefixedIo`].

@@ -29,6 +29,17 @@ async fn run_async(config: Config) -> Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", config.listen_port))
         .await
         .with_context(|| format!("listening on 127.0.0.1:{}", config.listen_port))?;
+    // IPv6 connects are redirected to [::1]. Without IPv6 on loopback they simply fail (closed).
+    let listener6 = match TcpListener::bind(("::1", config.listen_port)).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                "not listening on [::1]:{}: {e}; IPv6 connects will be refused",
+                config.listen_port
+            );
+            None
+        }
+    };
     let settings = KernelSettings {
         pin_dir: config.pin_dir.clone(),
         listen_port: config.listen_port,
@@ -56,8 +67,11 @@ async fn run_async(config: Config) -> Result<()> {
         "egress ready"
     );
 
-    let agent = Arc::new(Agent::new(kernel, config));
+    let agent = Arc::new(Agent::new(kernel, config)?);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    if let Some(listener6) = listener6 {
+        tokio::spawn(listener::serve(listener6, agent.clone()));
+    }
     tokio::select! {
         result = listener::serve(listener, agent.clone()) => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),

@@ -1,19 +1,33 @@
-//! Tunnels through the upstream HTTP proxy: `CONNECT host:port` with `Proxy-Authorization`,
-//! spoken by hyper's HTTP/1 client, then the raw TCP stream handed back for relaying.
+//! The upstream proxy: TCP (and TLS for `https://` proxies) to it, and tunnels through it with
+//! `CONNECT host:port` + `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream
+//! is then handed back for relaying.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
+use tokio_rustls::client::TlsStream;
 
-use crate::proxy_url::{ProxyScheme, ProxyUrl};
+use crate::{
+    proxy_tls::ProxyTls,
+    proxy_url::{ProxyScheme, ProxyUrl},
+};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
-    /// TCP connect to the proxy.
+    /// TCP connect (and TLS handshake) to the proxy, or a direct connect.
     pub connect: Duration,
     /// From sending CONNECT to the end of the proxy's answer head.
     pub handshake: Duration,
@@ -22,14 +36,17 @@ pub struct Timeouts {
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("resolving proxy {host}: {source}")]
-    Resolve { host: String, source: std::io::Error },
-    #[error("connecting to proxy {addr}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("connecting to {role} {addr}: {source}")]
     Connect {
+        role: Role,
         addr: SocketAddr,
-        source: std::io::Error,
+        source: io::Error,
     },
-    #[error("connecting to proxy {0}: timed out")]
+    #[error("connecting to {0}: timed out")]
     ConnectTimeout(String),
+    #[error("TLS with proxy {host}: {source}")]
+    Tls { host: String, source: io::Error },
     #[error("proxy answered CONNECT with {0}")]
     Status(StatusCode),
     #[error("proxy did not answer CONNECT in time")]
@@ -48,127 +65,208 @@ impl UpstreamError {
     }
 }
 
-/// An established tunnel: the TCP stream to the proxy, and any bytes the proxy sent after its
+/// Whom a connection goes to, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Proxy,
+    Destination,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Proxy => "proxy",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// A connection to the proxy (or a direct one): plain TCP, or TLS for `https://` proxies.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Self::Tls(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An established tunnel: the stream to the proxy, and any bytes the proxy sent after its
 /// answer head (already belonging to the tunnelled stream).
 pub struct Tunnel {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     pub early_data: Bytes,
 }
 
 /// Opens a TCP connection marked with `mark`, so the kernel program lets it through unchanged.
+/// Mark 0 means "no mark" (unit tests); the agent always runs with a non-zero mark.
 pub async fn connect_marked(
+    role: Role,
     addr: SocketAddr,
     mark: u32,
     timeout: Duration,
 ) -> Result<TcpStream, UpstreamError> {
+    let error = |source| UpstreamError::Connect { role, addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
     }
-    .map_err(|source| UpstreamError::Connect { addr, source })?;
-    // Mark 0 means "no mark" (unit tests); the agent itself always runs with a non-zero mark.
+    .map_err(error)?;
     if mark != 0 {
-        socket2::SockRef::from(&socket)
-            .set_mark(mark)
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        socket2::SockRef::from(&socket).set_mark(mark).map_err(error)?;
     }
-    socket
-        .set_nodelay(true)
-        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    socket.set_nodelay(true).map_err(error)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-        Err(_) => Err(UpstreamError::ConnectTimeout(addr.to_string())),
+        Ok(Err(source)) => Err(error(source)),
+        Err(_) => Err(UpstreamError::ConnectTimeout(format!("{role} {addr}"))),
     }
 }
 
-/// Connects to the proxy, whichever of its resolved addresses answers first in order.
-pub async fn connect_proxy(
-    proxy: &ProxyUrl,
-    mark: u32,
-    timeout: Duration,
-) -> Result<TcpStream, UpstreamError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((proxy.host.as_str(), proxy.port))
-        .await
-        .map_err(|source| UpstreamError::Resolve {
-            host: proxy.host.clone(),
-            source,
-        })?
-        .collect();
-    let mut last_error = None;
-    for addr in addrs {
-        match connect_marked(addr, mark, timeout).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| UpstreamError::Resolve {
-        host: proxy.host.clone(),
-        source: std::io::Error::other("no addresses"),
-    }))
-}
-
-/// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through `proxy`.
-pub async fn open_tunnel(
-    proxy: &ProxyUrl,
-    target: &str,
+/// One upstream proxy and how to reach it.
+#[derive(Clone)]
+pub struct ProxyClient {
+    pub url: ProxyUrl,
+    /// Present exactly for `https://` proxies.
+    tls: Option<ProxyTls>,
     mark: u32,
     timeouts: Timeouts,
-) -> Result<Tunnel, UpstreamError> {
-    debug_assert_eq!(
-        proxy.scheme,
-        ProxyScheme::Http,
-        "https proxies are refused at start"
-    );
-    let stream = connect_proxy(proxy, mark, timeouts.connect).await?;
-    tokio::time::timeout(timeouts.handshake, connect_handshake(stream, proxy, target))
-        .await
-        .map_err(|_| UpstreamError::HandshakeTimeout)?
 }
 
-async fn connect_handshake(
-    stream: TcpStream,
-    proxy: &ProxyUrl,
-    target: &str,
-) -> Result<Tunnel, UpstreamError> {
-    let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(protocol)?;
-    // The connection future hands the socket over to the upgrade once the proxy says 2xx.
-    let conn = tokio::spawn(conn.with_upgrades());
-
-    let mut request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target)
-        .header(header::HOST, target);
-    if let Some(auth) = proxy.authorization() {
-        request = request.header(header::PROXY_AUTHORIZATION, auth);
-    }
-    let request = request
-        .body(Empty::new())
-        .map_err(|e| UpstreamError::Protocol(format!("building CONNECT {target}: {e}")))?;
-    let response = match sender.send_request(request).await {
-        Ok(r) => r,
-        Err(e) => {
-            conn.abort();
-            return Err(protocol(e));
+impl ProxyClient {
+    pub fn new(url: ProxyUrl, tls: Option<ProxyTls>, mark: u32, timeouts: Timeouts) -> Self {
+        debug_assert_eq!(tls.is_some(), url.scheme == ProxyScheme::Https);
+        Self {
+            url,
+            tls,
+            mark,
+            timeouts,
         }
-    };
-    if !response.status().is_success() {
-        conn.abort();
-        return Err(UpstreamError::Status(response.status()));
     }
-    let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| UpstreamError::Protocol("upgraded connection is not a TCP stream".into()))?;
-    Ok(Tunnel {
-        stream: parts.io.into_inner(),
-        early_data: parts.read_buf,
-    })
+
+    /// TCP to the proxy (the first of its addresses that answers), then TLS for https proxies.
+    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+        let host = self.url.host.as_str();
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, self.url.port))
+            .await
+            .map_err(|source| UpstreamError::Resolve {
+                host: host.to_owned(),
+                source,
+            })?
+            .collect();
+        let mut last_error = UpstreamError::Resolve {
+            host: host.to_owned(),
+            source: io::Error::other("no addresses"),
+        };
+        for addr in addrs {
+            match connect_marked(Role::Proxy, addr, self.mark, self.timeouts.connect).await {
+                Ok(tcp) => return self.secure(tcp).await,
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn secure(&self, tcp: TcpStream) -> Result<UpstreamStream, UpstreamError> {
+        let Some(tls) = &self.tls else {
+            return Ok(UpstreamStream::Plain(tcp));
+        };
+        let host = &self.url.host;
+        match tokio::time::timeout(self.timeouts.connect, tls.connect(host, tcp)).await {
+            Ok(Ok(stream)) => Ok(UpstreamStream::Tls(Box::new(stream))),
+            Ok(Err(source)) => Err(UpstreamError::Tls {
+                host: host.clone(),
+                source,
+            }),
+            Err(_) => Err(UpstreamError::ConnectTimeout(format!("TLS with proxy {host}"))),
+        }
+    }
+
+    /// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through the proxy.
+    pub async fn open_tunnel(&self, target: &str) -> Result<Tunnel, UpstreamError> {
+        let stream = self.connect().await?;
+        tokio::time::timeout(self.timeouts.handshake, self.connect_handshake(stream, target))
+            .await
+            .map_err(|_| UpstreamError::HandshakeTimeout)?
+    }
+
+    async fn connect_handshake(&self, stream: UpstreamStream, target: &str) -> Result<Tunnel, UpstreamError> {
+        let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(protocol)?;
+        // The connection future hands the socket over to the upgrade once the proxy says 2xx.
+        let conn = tokio::spawn(conn.with_upgrades());
+
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target)
+            .header(header::HOST, target);
+        if let Some(auth) = self.url.authorization() {
+            request = request.header(header::PROXY_AUTHORIZATION, auth);
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| UpstreamError::Protocol(format!("building CONNECT {target}: {e}")))?;
+        let response = match sender.send_request(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                conn.abort();
+                return Err(protocol(e));
+            }
+        };
+        if !response.status().is_success() {
+            conn.abort();
+            return Err(UpstreamError::Status(response.status()));
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
+        let parts = upgraded
+            .downcast::<TokioIo<UpstreamStream>>()
+            .map_err(|_| UpstreamError::Protocol("upgraded connection is not ours".into()))?;
+        Ok(Tunnel {
+            stream: parts.io.into_inner(),
+            early_data: parts.read_buf,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +306,17 @@ mod tests {
         });
         let url = ProxyUrl::parse(&format!("http://alice:s3cret@127.0.0.1:{port}")).unwrap();
         (url, task)
+    }
+
+    async fn open_tunnel(
+        proxy: &ProxyUrl,
+        target: &str,
+        mark: u32,
+        timeouts: Timeouts,
+    ) -> Result<Tunnel, UpstreamError> {
+        ProxyClient::new(proxy.clone(), None, mark, timeouts)
+            .open_tunnel(target)
+            .await
     }
 
     #[tokio::test]

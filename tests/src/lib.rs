@@ -33,9 +33,18 @@ use crate::{
 
 /// The test LAN. Private address space: in egress's default blacklist.
 pub const LAN: &str = "10.248.0.0/24";
+pub const LAN6: &str = "fd00:248::/64";
 pub const HS_IP: &str = "10.248.0.10";
 pub const PROXY_IP: &str = "10.248.0.20";
 pub const ORIGIN_IP: &str = "10.248.0.30";
+pub const HS_IP6: &str = "fd00:248::10";
+pub const PROXY_IP6: &str = "fd00:248::20";
+pub const ORIGIN_IP6: &str = "fd00:248::30";
+/// squid's TLS ports: a valid certificate for the proxy's addresses and proxy.test, an expired
+/// one, and one for another name.
+pub const SQUID_TLS_PORT: u16 = 3129;
+pub const SQUID_TLS_EXPIRED_PORT: u16 = 3130;
+pub const SQUID_TLS_WRONG_NAME_PORT: u16 = 3131;
 pub const ORIGIN_NAME: &str = "origin.test";
 pub const SQUID_PORT: u16 = 3128;
 pub const PROXY_USER: &str = "egress";
@@ -50,12 +59,18 @@ pub struct Testbed {
     pub dir: PathBuf,
     pub certs: Certs,
     pub pin_dir: PathBuf,
+    /// Where the agent runs: None = the test process's own cgroup (outside the attached ones),
+    /// Some(dir) = that cgroup directory.
+    pub agent_cgroup: Option<PathBuf>,
     // Drop order matters: processes first, then the cgroup, then the namespaces.
     agent: Option<Daemon>,
     agent_runs: u32,
     squid: Daemon,
     nginx: Daemon,
     pub cgroup: Cgroup,
+    /// A second intercepted cgroup (think: a bridge next to Synapse); attached only when a test
+    /// passes it to the agent.
+    pub cgroup_b: Cgroup,
     pub hs: Netns,
     pub proxy: Netns,
     pub origin: Netns,
@@ -93,12 +108,16 @@ impl Testbed {
         let proxy = Netns::create(format!("{name}-px"))?;
         let origin = Netns::create(format!("{name}-or"))?;
         netns::create_bridge(&switch)?;
-        netns::attach_host(&switch, &hs, "p-hs", HS_IP)?;
-        netns::attach_host(&switch, &proxy, "p-px", PROXY_IP)?;
-        netns::attach_host(&switch, &origin, "p-or", ORIGIN_IP)?;
-        peers::install_packet_counter(&origin, HS_IP)?;
+        netns::attach_host(&switch, &hs, "p-hs", HS_IP, HS_IP6)?;
+        netns::attach_host(&switch, &proxy, "p-px", PROXY_IP, PROXY_IP6)?;
+        netns::attach_host(&switch, &origin, "p-or", ORIGIN_IP, ORIGIN_IP6)?;
+        peers::install_packet_counter(&origin, HS_IP, HS_IP6)?;
 
-        let certs = peers::make_certs(&dir, "origin", &[ORIGIN_NAME], &[ORIGIN_IP])?;
+        let certs = peers::make_certs(&dir, "origin", &[ORIGIN_NAME], &[ORIGIN_IP, ORIGIN_IP6], 2)?;
+        let proxy_ips = [PROXY_IP, PROXY_IP6];
+        let proxy_good = peers::make_certs(&dir, "proxy", &["proxy.test"], &proxy_ips, 2)?;
+        let proxy_expired = peers::make_certs(&dir, "proxy-expired", &["proxy.test"], &proxy_ips, -1)?;
+        let proxy_wrong_name = peers::make_certs(&dir, "proxy-wrong-name", &["other.test"], &[], 2)?;
         let squid = peers::start_squid(
             &proxy,
             &dir,
@@ -107,12 +126,19 @@ impl Testbed {
                 user: PROXY_USER,
                 password: PROXY_PASSWORD,
                 http_port: SQUID_PORT,
+                https_ports: &[
+                    (SQUID_TLS_PORT, &proxy_good),
+                    (SQUID_TLS_EXPIRED_PORT, &proxy_expired),
+                    (SQUID_TLS_WRONG_NAME_PORT, &proxy_wrong_name),
+                ],
                 hosts: &format!("{ORIGIN_IP} {ORIGIN_NAME}\n"),
             },
         )?;
         let nginx = peers::start_nginx(&origin, &dir, &certs, &[443, 8448], 80)?;
         let cgroup = Cgroup::create(&format!("egress-test/{name}"))?;
+        let cgroup_b = Cgroup::create(&format!("egress-test/{name}-b"))?;
         let mut bed = Self {
+            agent_cgroup: None,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             name,
             dir,
@@ -122,12 +148,22 @@ impl Testbed {
             squid,
             nginx,
             cgroup,
+            cgroup_b,
             hs,
             proxy,
             origin,
             _switch: switch,
         };
-        bed.wait_for("squid", |b| b.proxy.is_listening(SQUID_PORT))?;
+        bed.wait_for("squid", |b| {
+            [
+                SQUID_PORT,
+                SQUID_TLS_PORT,
+                SQUID_TLS_EXPIRED_PORT,
+                SQUID_TLS_WRONG_NAME_PORT,
+            ]
+            .iter()
+            .all(|p| b.proxy.is_listening(*p))
+        })?;
         bed.wait_for("nginx", |b| {
             b.origin.is_listening(443) && b.origin.is_listening(8448)
         })?;
@@ -159,8 +195,12 @@ impl Testbed {
         self.stop_agent();
         self.agent_runs += 1;
         let log = self.agent_log_path(self.agent_runs);
-        let mut command = Command::new("nsenter");
+        let mut command = Command::new("sh");
         command
+            .arg("-c")
+            .arg(r#"[ -z "$0" ] || echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(self.agent_cgroup.as_deref().unwrap_or(Path::new("")))
+            .arg("nsenter")
             .arg(format!("--net={}", self.hs.path()))
             .arg(egress_bin())
             .arg("run")
@@ -198,6 +238,8 @@ impl Testbed {
             self.proxy_url(PROXY_PASSWORD),
             "--ip-range-whitelist".into(),
             LAN.into(),
+            "--ip-range-whitelist".into(),
+            LAN6.into(),
         ]
     }
 
@@ -241,10 +283,15 @@ impl Testbed {
 
     /// Runs `program args...` inside the intercepted cgroup, in the homeserver namespace.
     pub fn run_in_cgroup(&self, program: &str, args: &[&str]) -> Result<ClientResult> {
+        self.run_in(&self.cgroup.path, program, args)
+    }
+
+    /// Runs `program args...` inside cgroup `cgroup`, in the homeserver namespace.
+    pub fn run_in(&self, cgroup: &Path, program: &str, args: &[&str]) -> Result<ClientResult> {
         let output = Command::new("sh")
             .arg("-c")
             .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(&self.cgroup.path)
+            .arg(cgroup)
             .arg("nsenter")
             .arg(format!("--net={}", self.hs.path()))
             .arg(program)
@@ -263,7 +310,7 @@ impl Testbed {
     pub fn curl_many(&self, urls: &[&str]) -> Result<ClientResult> {
         let ca = self.certs.ca.to_string_lossy().into_owned();
         let mut args = vec!["-sS", "--noproxy", "*", "--max-time", "15", "--cacert", &ca];
-        let resolves: Vec<String> = [443, 8448, 80]
+        let resolves: Vec<String> = [443u16, 8448, 80]
             .iter()
             .map(|p| format!("{ORIGIN_NAME}:{p}:{ORIGIN_IP}"))
             .collect();

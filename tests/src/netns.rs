@@ -55,13 +55,23 @@ impl Drop for Netns {
     }
 }
 
-/// Plugs `host` into the bridge `br0` of `switch` with address `addr`/24 on its `eth0`.
-pub fn attach_host(switch: &Netns, host: &Netns, port_name: &str, addr: &str) -> Result<()> {
+/// Plugs `host` into the bridge `br0` of `switch` with `addr`/24 and `addr6`/64 on its `eth0`.
+pub fn attach_host(switch: &Netns, host: &Netns, port_name: &str, addr: &str, addr6: &str) -> Result<()> {
     switch.ip(&[
         "link", "add", port_name, "type", "veth", "peer", "name", "eth0", "netns", &host.name,
     ])?;
     switch.ip(&["link", "set", port_name, "master", "br0", "up"])?;
     host.ip(&["addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", "eth0"])?;
+    // nodad: usable at once instead of after duplicate address detection.
+    host.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{addr6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
     host.ip(&["link", "set", "eth0", "up"])?;
     Ok(())
 }

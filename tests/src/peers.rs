@@ -17,7 +17,8 @@ pub struct Certs {
     pub key: PathBuf,
 }
 
-pub fn make_certs(dir: &Path, name: &str, dns_names: &[&str], ips: &[&str]) -> Result<Certs> {
+/// `days` may be negative: the certificate then expired that many days ago.
+pub fn make_certs(dir: &Path, name: &str, dns_names: &[&str], ips: &[&str], days: i32) -> Result<Certs> {
     let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let ec = [
         "-newkey",
@@ -60,6 +61,7 @@ pub fn make_certs(dir: &Path, name: &str, dns_names: &[&str], ips: &[&str]) -> R
     let ext = p(&format!("{name}.ext"));
     fs::write(&ext, format!("subjectAltName={}\n", sans.join(",")))?;
     let (ca, ca_key) = (p("ca.pem"), p("ca.key"));
+    let days = days.to_string();
     run(
         "openssl",
         &[
@@ -75,7 +77,7 @@ pub fn make_certs(dir: &Path, name: &str, dns_names: &[&str], ips: &[&str]) -> R
             "-out",
             &cert,
             "-days",
-            "2",
+            &days,
             "-extfile",
             &ext,
         ],
@@ -137,6 +139,8 @@ pub struct SquidOptions<'a> {
     pub user: &'a str,
     pub password: &'a str,
     pub http_port: u16,
+    /// TLS ports (`https_port`) and the certificate each presents.
+    pub https_ports: &'a [(u16, &'a Certs)],
     /// name -> address lines for squid's hosts_file (no DNS inside the namespaces).
     pub hosts: &'a str,
 }
@@ -155,8 +159,20 @@ pub fn start_squid(ns: &Netns, dir: &Path, instance: &str, opts: &SquidOptions) 
     fs::write(&hosts, opts.hosts)?;
     run("chown", &["-R", "proxy:proxy", &sq.to_string_lossy()])?;
     let d = sq.display();
+    let https_ports: String = opts
+        .https_ports
+        .iter()
+        .map(|(port, certs)| {
+            format!(
+                "https_port {port} tls-cert={} tls-key={}\n",
+                certs.cert.display(),
+                certs.key.display()
+            )
+        })
+        .collect();
     let conf = format!(
         "http_port {port}
+{https_ports}
 auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}
 auth_param basic children 2 startup=1 idle=1
 auth_param basic realm egress-test
@@ -200,8 +216,10 @@ pub fn start_nginx(
     let d = ng.display();
     let listens: String = tls_ports
         .iter()
-        .map(|p| format!("    listen {p} ssl;\n"))
-        .chain(std::iter::once(format!("    listen {http_port};\n")))
+        .map(|p| format!("    listen {p} ssl;\n    listen [::]:{p} ssl;\n"))
+        .chain(std::iter::once(format!(
+            "    listen {http_port};\n    listen [::]:{http_port};\n"
+        )))
         .collect();
     let conf = format!(
         "daemon off;
@@ -237,13 +255,14 @@ http {{
     Daemon::spawn("nginx", command, &ng.join("stdout.log"))
 }
 
-/// Counts, with an nftables rule in `ns`, every packet arriving from `source`.
-pub fn install_packet_counter(ns: &Netns, source: &str) -> Result<()> {
+/// Counts, with nftables rules in `ns`, every packet arriving from `source4` or `source6`.
+pub fn install_packet_counter(ns: &Netns, source4: &str, source6: &str) -> Result<()> {
     let rules = format!(
         "table inet egress_test {{
   chain input {{
     type filter hook input priority 0; policy accept;
-    ip saddr {source} counter
+    ip saddr {source4} counter
+    ip6 saddr {source6} counter
   }}
 }}
 "
@@ -252,12 +271,17 @@ pub fn install_packet_counter(ns: &Netns, source: &str) -> Result<()> {
     Ok(())
 }
 
+/// The sum of the counters installed by [`install_packet_counter`].
 pub fn read_packet_counter(ns: &Netns) -> Result<u64> {
     let listing = ns.exec("nft", &["list", "chain", "inet", "egress_test", "input"])?;
-    let packets = listing
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .context("no counter in the nftables listing")?;
-    Ok(packets.parse()?)
+    let words: Vec<&str> = listing.split_whitespace().collect();
+    let counts: Vec<u64> = words
+        .windows(2)
+        .filter(|w| w[0] == "packets")
+        .map(|w| w[1].parse())
+        .collect::<Result<_, _>>()?;
+    if counts.len() != 2 {
+        anyhow::bail!("expected two counters in the nftables listing:\n{listing}");
+    }
+    Ok(counts.iter().sum())
 }
