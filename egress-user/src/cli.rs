@@ -34,10 +34,31 @@ pub enum LogFormat {
 pub enum Command {
     /// Attach to the cgroups and proxy their outbound connections until stopped.
     Run(Box<RunArgs>),
-    /// Remove the interception: detach the programs and delete everything pinned.
-    Detach(PinDir),
+    /// Add cgroups to the running instance, without restarting it or touching connections.
+    Attach(CgroupArgs),
+    /// Remove the interception: detach the programs and delete everything pinned; with
+    /// --cgroup, only from those cgroups (established connections are not disturbed).
+    Detach(DetachArgs),
     /// Show the attached cgroups and the kernel decision counters.
     Status(PinDir),
+}
+
+#[derive(Args, Debug)]
+pub struct CgroupArgs {
+    /// cgroup (v2) directory; repeatable.
+    #[arg(long = "cgroup", value_name = "PATH", required = true)]
+    pub cgroups: Vec<PathBuf>,
+    #[command(flatten)]
+    pub pin: PinDir,
+}
+
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// Detach only from this cgroup; repeatable. Without it, everything is removed.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<PathBuf>,
+    #[command(flatten)]
+    pub pin: PinDir,
 }
 
 #[derive(Args, Debug)]

@@ -62,14 +62,7 @@ pub struct Kernel {
 impl Kernel {
     /// Loads the programs (reusing maps pinned by an earlier agent) and writes the agent settings.
     pub fn load(settings: &KernelSettings) -> Result<Self> {
-        ensure_bpffs(&settings.pin_dir)?;
-        std::fs::create_dir_all(settings.pin_dir.join(LINKS_DIR))
-            .with_context(|| format!("creating {}", settings.pin_dir.display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&settings.pin_dir)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (are you root, with a BPF-enabled kernel?)")?;
-
+        let mut ebpf = load_object(&settings.pin_dir)?;
         let mut config: Array<_, AgentConfig> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)?;
         let flags = if settings.kernel_log {
             egress_common::FLAG_KERNEL_LOG
@@ -87,13 +80,6 @@ impl Kernel {
             },
             0,
         )?;
-
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
-            prog.load().with_context(|| format!("loading program {name}"))?;
-        }
-        let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?.try_into()?;
-        sock_ops.load().context("loading the sock_ops program")?;
 
         let orig_dst = HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?;
@@ -123,31 +109,89 @@ impl Kernel {
         }
     }
 
-    /// Attaches both programs to `cgroup`, replacing links left pinned by an earlier agent
+    /// Attaches the programs to `cgroup`, replacing links left pinned by an earlier agent
     /// without a moment in which the cgroup is not intercepted.
     pub fn attach(&mut self, cgroup: &Path, pin_dir: &Path) -> Result<()> {
-        let cgroup_id = cgroup_id(cgroup)?;
-        let cgroup_fd = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        let links = pin_dir.join(LINKS_DIR);
+        attach_programs(&mut self.ebpf, cgroup, pin_dir)
+    }
+}
 
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
-            let id = prog
-                .attach(&cgroup_fd, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
+/// Loads the object, reusing (or creating) the maps pinned under `pin_dir`, and its programs.
+fn load_object(pin_dir: &Path) -> Result<Ebpf> {
+    ensure_bpffs(pin_dir)?;
+    std::fs::create_dir_all(pin_dir.join(LINKS_DIR))
+        .with_context(|| format!("creating {}", pin_dir.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object (are you root, with a BPF-enabled kernel?)")?;
+    for name in SOCK_ADDR_PROGRAMS {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+        prog.load().with_context(|| format!("loading program {name}"))?;
+    }
+    let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?.try_into()?;
+    sock_ops.load().context("loading the sock_ops program")?;
+    Ok(ebpf)
+}
+
+/// `egress attach`: adds `cgroup` to the instance pinned at `pin_dir`, whose running agent
+/// serves it from then on; nothing that is already connected is touched.
+pub fn attach_to_running(pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    if !pin_dir.join(maps::CONFIG).exists() {
+        bail!(
+            "no egress instance at {}: start `egress run` first",
+            pin_dir.display()
+        );
+    }
+    let mut ebpf = load_object(pin_dir)?;
+    let config: Array<_, AgentConfig> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)?;
+    if config.get(&0, 0)?.ready == 0 {
+        bail!(
+            "the egress instance at {} was never configured by `egress run`",
+            pin_dir.display()
+        );
+    }
+    attach_programs(&mut ebpf, cgroup, pin_dir)
+}
+
+/// `egress detach --cgroup`: removes the links of one cgroup; returns how many were removed.
+pub fn detach_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<usize> {
+    let prefix = format!("{}-", cgroup_id(cgroup)?);
+    let mut removed = 0;
+    for entry in std::fs::read_dir(pin_dir.join(LINKS_DIR))? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
         }
+    }
+    Ok(removed)
+}
 
-        let sock_ops: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS)?.try_into()?;
-        let id = sock_ops
+fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<()> {
+    let cgroup_id = cgroup_id(cgroup)?;
+    let cgroup_fd = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let links = pin_dir.join(LINKS_DIR);
+
+    for name in SOCK_ADDR_PROGRAMS {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
+        let id = prog
             .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching sock_ops to {}", cgroup.display()))?;
-        let link: FdLink = sock_ops.take_link(id)?.try_into()?;
-        replace_pinned_link(link, &links.join(format!("{cgroup_id}-{}", programs::SOCK_OPS)))?;
-        Ok(())
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
     }
 
+    let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?.try_into()?;
+    let id = sock_ops
+        .attach(&cgroup_fd, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching sock_ops to {}", cgroup.display()))?;
+    let link: FdLink = sock_ops.take_link(id)?.try_into()?;
+    replace_pinned_link(link, &links.join(format!("{cgroup_id}-{}", programs::SOCK_OPS)))?;
+    Ok(())
+}
+
+impl Kernel {
     /// The destination the client asked for, for a connection accepted from `peer`.
     /// Each entry is read once and deleted.
     pub fn take_original_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {

@@ -9,13 +9,23 @@ fn main() -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
-        Command::Detach(args) => match ebpf::detach(&args.bpffs_dir) {
+        Command::Attach(args) => args.cgroups.iter().try_for_each(|cgroup| {
+            ebpf::attach_to_running(&args.pin.bpffs_dir, cgroup)?;
+            println!("attached {}", cgroup.display());
+            Ok(())
+        }),
+        Command::Detach(args) if !args.cgroups.is_empty() => args.cgroups.iter().try_for_each(|cgroup| {
+            let removed = ebpf::detach_cgroup(&args.pin.bpffs_dir, cgroup)?;
+            println!("detached {} ({removed} links removed)", cgroup.display());
+            Ok(())
+        }),
+        Command::Detach(args) => match ebpf::detach(&args.pin.bpffs_dir) {
             Ok(true) => {
-                println!("detached: removed {}", args.bpffs_dir.display());
+                println!("detached: removed {}", args.pin.bpffs_dir.display());
                 Ok(())
             }
             Ok(false) => {
-                println!("nothing to detach at {}", args.bpffs_dir.display());
+                println!("nothing to detach at {}", args.pin.bpffs_dir.display());
                 Ok(())
             }
             Err(e) => Err(e),

@@ -42,8 +42,15 @@ impl Drop for Cgroup {
     }
 }
 
-/// Kills every process in the cgroup and removes it.
+/// Kills every process in the cgroup and removes it, child cgroups first.
 pub fn remove(path: &Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove(&entry.path());
+            }
+        }
+    }
     let _ = std::fs::write(path.join("cgroup.kill"), "1");
     for _ in 0..50 {
         if std::fs::remove_dir(path).is_ok() || !path.exists() {

@@ -286,6 +286,24 @@ impl Testbed {
         self.run_in(&self.cgroup.path, program, args)
     }
 
+    /// Starts `program args...` inside `cgroup`, in the homeserver namespace, with stdin and
+    /// stdout piped, for clients that must stay connected while the test does other things.
+    /// The cgroup's removal on drop kills it if the test does not.
+    pub fn spawn_in(&self, cgroup: &Path, program: &str, args: &[&str]) -> Result<std::process::Child> {
+        Ok(Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(cgroup)
+            .arg("nsenter")
+            .arg(format!("--net={}", self.hs.path()))
+            .arg(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
     /// Runs `program args...` inside cgroup `cgroup`, in the homeserver namespace.
     pub fn run_in(&self, cgroup: &Path, program: &str, args: &[&str]) -> Result<ClientResult> {
         let output = Command::new("sh")
@@ -363,6 +381,21 @@ except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
 
     pub fn egress(&self, args: &[&str]) -> Result<ClientResult> {
         Ok(Command::new(egress_bin()).args(args).output()?.into())
+    }
+
+    /// A kernel decision counter, read with `egress status`.
+    pub fn counter(&self, name: &str) -> u64 {
+        let status = self
+            .egress(&["status", "--bpffs-dir", &self.pin_dir.to_string_lossy()])
+            .expect("egress status");
+        status
+            .stdout
+            .lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no counter {name} in {status:?}"))
     }
 }
 

@@ -28,20 +28,6 @@ fn agent_log_has(bed: &Testbed, needle: &str) -> String {
     bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| l.contains(needle))
 }
 
-fn counter(bed: &Testbed, name: &str) -> u64 {
-    let status = bed
-        .egress(&["status", "--bpffs-dir", &bed.pin_dir.to_string_lossy()])
-        .unwrap();
-    status
-        .stdout
-        .lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no counter {name} in {status:?}"))
-}
-
 #[test]
 fn tls_is_tunnelled_by_sni_name_on_443_and_8448() {
     let mut bed = testbed();
@@ -124,8 +110,8 @@ fn no_proxy_cidr_is_bypassed_in_the_kernel() {
         origin.starts_with(&format!("{HS_IP} 443 ")),
         "should have gone direct: {origin}"
     );
-    assert_eq!(counter(&bed, "pass_no_proxy"), 1);
-    assert_eq!(counter(&bed, "redirected"), 0);
+    assert_eq!(bed.counter("pass_no_proxy"), 1);
+    assert_eq!(bed.counter("redirected"), 0);
     assert!(
         !bed.agent_log().contains("decision"),
         "the agent should not have seen it"
@@ -167,8 +153,8 @@ fn blacklisted_ip_is_refused_with_eperm_and_nothing_leaves() {
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 443).unwrap(), "EPERM");
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_ne!(result.code, Some(0));
-    assert_eq!(counter(&bed, "deny_blacklist"), 2);
-    assert_eq!(counter(&bed, "redirected"), 0);
+    assert_eq!(bed.counter("deny_blacklist"), 2);
+    assert_eq!(bed.counter("redirected"), 0);
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
     assert_eq!(bed.origin_access_log(), "");
     assert_eq!(bed.squid_access_log(), "");

@@ -1,0 +1,325 @@
+//! TLS to https:// proxies, IPv6 end to end, transparency (getpeername) and loop safety, several
+//! cgroups coming and going. Real squid (https_port with test certificates), nginx, namespaces.
+//!
+//! Root only.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    time::Duration,
+};
+
+use egress_testbed::{
+    HS_IP, LAN, LAN6, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, PROXY_IP, PROXY_IP6, PROXY_PASSWORD, PROXY_USER,
+    SQUID_TLS_EXPIRED_PORT, SQUID_TLS_PORT, SQUID_TLS_WRONG_NAME_PORT, Testbed,
+};
+
+fn testbed() -> Testbed {
+    Testbed::new().expect("building the test topology")
+}
+
+fn tls_proxy(port: u16) -> String {
+    format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{port}")
+}
+
+fn wait_for(bed: &Testbed, read: fn(&Testbed) -> String, needle: &str) -> String {
+    bed.eventually(Duration::from_secs(5), read, |l| l.contains(needle))
+}
+
+/// Runs a Python snippet in the intercepted cgroup and returns its trimmed stdout.
+fn python(bed: &Testbed, code: &str) -> String {
+    let result = bed.run_in_cgroup("python3", &["-c", code]).unwrap();
+    assert_eq!(result.code, Some(0), "{result:?}");
+    result.stdout.trim().to_owned()
+}
+
+#[test]
+fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
+    let mut bed = testbed();
+    let ca = bed.certs.ca.to_string_lossy().into_owned();
+    let proxy = tls_proxy(SQUID_TLS_PORT);
+    bed.start_agent(&[
+        "--https-proxy",
+        &proxy,
+        "--http-proxy",
+        &proxy,
+        "--proxy-ca-file",
+        &ca,
+        "--ip-range-whitelist",
+        LAN,
+    ])
+    .unwrap();
+
+    let result = bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap();
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    let result = bed.curl(&format!("http://{ORIGIN_NAME}/plain")).unwrap();
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+
+    let squid = wait_for(&bed, Testbed::squid_access_log, "GET http://origin.test/plain");
+    assert!(
+        squid.contains(&format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}")),
+        "{squid}"
+    );
+    assert!(
+        squid.contains(&format!("GET http://{ORIGIN_NAME}/plain {PROXY_USER}")),
+        "{squid}"
+    );
+    let log = bed.agent_log();
+    assert!(
+        log.contains(&format!("upstream={PROXY_IP}:{SQUID_TLS_PORT}")),
+        "{log}"
+    );
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn failed_proxy_certificate_checks_reset_the_client_and_say_why() {
+    let mut bed = testbed();
+    let ca = bed.certs.ca.to_string_lossy().into_owned();
+    // (port, trust the test CA?, what the decision log must name)
+    let cases = [
+        (SQUID_TLS_PORT, false, "UnknownIssuer"),
+        (SQUID_TLS_EXPIRED_PORT, true, "Expired"),
+        (SQUID_TLS_WRONG_NAME_PORT, true, "certificate not valid for name"),
+    ];
+    for (port, trust_ca, reason) in cases {
+        let proxy = tls_proxy(port);
+        let mut args = vec!["--https-proxy", proxy.as_str(), "--ip-range-whitelist", LAN];
+        if trust_ca {
+            args.extend(["--proxy-ca-file", ca.as_str()]);
+        }
+        bed.start_agent(&args).unwrap();
+        let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
+        assert_ne!(result.code, Some(0), "port {port}: {result:?}");
+        assert!(
+            result.stderr.contains("reset"),
+            "port {port}: client should see a reset: {result:?}"
+        );
+        let log = wait_for(&bed, Testbed::agent_log, reason);
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("decision"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            line.contains("TLS with proxy") && line.contains(reason),
+            "port {port}: {line}"
+        );
+    }
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+    assert!(!bed.squid_access_log().contains("TCP_TUNNEL"));
+
+    // The testing-only switch accepts the wrong name, and says so loudly.
+    let proxy = tls_proxy(SQUID_TLS_WRONG_NAME_PORT);
+    bed.start_agent(&[
+        "--https-proxy",
+        &proxy,
+        "--insecure-skip-proxy-tls-verify",
+        "--ip-range-whitelist",
+        LAN,
+    ])
+    .unwrap();
+    let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
+    assert_eq!(result.code, Some(0), "{result:?}");
+    assert!(
+        bed.agent_log()
+            .contains("TLS VERIFICATION OF THE UPSTREAM PROXY IS DISABLED")
+    );
+}
+
+#[test]
+fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
+    let mut bed = testbed();
+    let proxy6 = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@[{PROXY_IP6}]:3128");
+    bed.start_agent(&[
+        "--https-proxy",
+        &proxy6,
+        "--ip-range-whitelist",
+        LAN6,
+        "--connect-by-ip",
+    ])
+    .unwrap();
+    let result = bed.curl(&format!("https://[{ORIGIN_IP6}]:8448/")).unwrap();
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    assert_eq!(result.stdout, "origin ok 8448\n");
+
+    let needle = format!("CONNECT [{ORIGIN_IP6}]:8448 {PROXY_USER}");
+    let squid = wait_for(&bed, Testbed::squid_access_log, &needle);
+    assert!(squid.contains(&needle), "{squid}");
+    let origin = wait_for(&bed, Testbed::origin_access_log, PROXY_IP6);
+    assert!(origin.starts_with(&format!("{PROXY_IP6} 8448 ")), "{origin}");
+    assert!(
+        bed.agent_log()
+            .contains(&format!("original_dst=[{ORIGIN_IP6}]:8448"))
+    );
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+
+    // The IPv4 LAN is not whitelisted here: IPv4 to it, also IPv4-mapped, is denied in the kernel.
+    assert_eq!(bed.tcp_connect(ORIGIN_IP, 443).unwrap(), "EPERM");
+    assert_eq!(
+        bed.tcp_connect(&format!("::ffff:{ORIGIN_IP}"), 443).unwrap(),
+        "EPERM"
+    );
+}
+
+#[test]
+fn ipv6_blacklist_is_enforced_in_the_kernel() {
+    let mut bed = testbed();
+    let url = bed.proxy_url(PROXY_PASSWORD);
+    // Only the IPv4 LAN is whitelisted; fd00::/8 stays blacklisted (fc00::/7).
+    bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", LAN])
+        .unwrap();
+    assert_eq!(bed.tcp_connect(ORIGIN_IP6, 443).unwrap(), "EPERM");
+    assert_eq!(bed.counter("deny_blacklist"), 1);
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn getpeername_shows_the_original_destination_for_v4_v6_and_mapped() {
+    let mut bed = testbed();
+    bed.start_agent_with(&["--peek-timeout", "0.2"]).unwrap();
+    let peer = |family: &str, addr: &str| {
+        python(
+            &bed,
+            &format!(
+                "import socket; s = socket.socket(socket.{family}); s.connect(('{addr}', 8448)); \
+                 print(s.getpeername()[:2])"
+            ),
+        )
+    };
+    assert_eq!(peer("AF_INET", ORIGIN_IP), format!("('{ORIGIN_IP}', 8448)"));
+    assert_eq!(peer("AF_INET6", ORIGIN_IP6), format!("('{ORIGIN_IP6}', 8448)"));
+    let mapped = format!("::ffff:{ORIGIN_IP}");
+    assert_eq!(peer("AF_INET6", &mapped), format!("('{mapped}', 8448)"));
+
+    // And all three really went through the agent and squid, by IP (no bytes sent).
+    let needle = format!("CONNECT [{ORIGIN_IP6}]:8448");
+    let squid = wait_for(&bed, Testbed::squid_access_log, &needle);
+    assert_eq!(
+        squid.matches(&format!("CONNECT {ORIGIN_IP}:8448")).count(),
+        2,
+        "{squid}"
+    );
+    assert!(squid.contains(&needle), "{squid}");
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn agent_inside_the_attached_cgroup_tree_never_redirects_itself() {
+    // Layout 1: the agent outside the attached cgroup: its sockets never meet the programs.
+    let mut bed = testbed();
+    bed.start_default_agent().unwrap();
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+    assert_eq!(bed.counter("pass_agent"), 0);
+    drop(bed);
+
+    // Layout 2: the attached cgroup is a parent of the agent's (as when attached at the root):
+    // the agent's upstream connects run the programs and pass because of the socket mark.
+    let mut bed = testbed();
+    let agent_cgroup = bed.cgroup.path.join("agent");
+    std::fs::create_dir(&agent_cgroup).unwrap();
+    bed.agent_cgroup = Some(agent_cgroup);
+    bed.start_default_agent().unwrap();
+    for port in [443, 8448] {
+        let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
+        assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    }
+    assert_eq!(bed.counter("pass_agent"), 2, "the agent's two upstream connects");
+    assert_eq!(bed.counter("redirected"), 2, "only the client's two connects");
+    let squid = wait_for(&bed, Testbed::squid_access_log, "CONNECT origin.test:8448");
+    assert_eq!(squid.matches("TCP_TUNNEL/200").count(), 2, "{squid}");
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}
+
+#[test]
+fn cgroups_come_and_go_without_disturbing_established_connections() {
+    let mut bed = testbed();
+    bed.start_default_agent().unwrap();
+    let pin_dir = bed.pin_dir.to_string_lossy().into_owned();
+    let cgroup_b = bed.cgroup_b.path.to_string_lossy().into_owned();
+
+    // A long-lived TLS connection from cgroup A, through the agent: one request now, one later.
+    let client_code = format!(
+        "import socket, ssl, sys\n\
+         ctx = ssl.create_default_context(cafile='{ca}')\n\
+         t = ctx.wrap_socket(socket.create_connection(('{ORIGIN_IP}', 443)), server_hostname='{ORIGIN_NAME}')\n\
+         def get():\n\
+         \x20   t.sendall(b'GET / HTTP/1.1\\r\\nHost: {ORIGIN_NAME}\\r\\n\\r\\n')\n\
+         \x20   data = b''\n\
+         \x20   while b'origin ok' not in data:\n\
+         \x20       chunk = t.recv(4096)\n\
+         \x20       if not chunk: raise SystemExit('closed')\n\
+         \x20       data += chunk\n\
+         \x20   print('ok', flush=True)\n\
+         get()\n\
+         sys.stdin.readline()\n\
+         get()\n",
+        ca = bed.certs.ca.display()
+    );
+    let mut client = bed
+        .spawn_in(&bed.cgroup.path, "python3", &["-c", &client_code])
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ok");
+
+    // Cgroup B, not attached yet: direct.
+    let b_curl = |bed: &Testbed| {
+        let ca = bed.certs.ca.to_string_lossy().into_owned();
+        let resolve = format!("{ORIGIN_NAME}:443:{ORIGIN_IP}");
+        let args = [
+            "-sS",
+            "--noproxy",
+            "*",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "https://origin.test/",
+        ];
+        bed.run_in(&bed.cgroup_b.path, "curl", &args).unwrap()
+    };
+    assert_eq!(b_curl(&bed).code, Some(0));
+    assert!(wait_for(&bed, Testbed::origin_access_log, HS_IP).contains(HS_IP));
+    let direct_before = bed.direct_packets_at_origin().unwrap();
+    assert!(direct_before > 0);
+
+    // Attach B to the running agent: B now goes through squid.
+    let attach = bed
+        .egress(&["attach", "--cgroup", &cgroup_b, "--bpffs-dir", &pin_dir])
+        .unwrap();
+    assert_eq!(attach.code, Some(0), "{attach:?}");
+    assert_eq!(b_curl(&bed).code, Some(0));
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        direct_before,
+        "B went direct after attach"
+    );
+
+    // Detach B again: direct once more; A is still intercepted.
+    let detach = bed
+        .egress(&["detach", "--cgroup", &cgroup_b, "--bpffs-dir", &pin_dir])
+        .unwrap();
+    assert_eq!(detach.code, Some(0), "{detach:?}");
+    assert_eq!(b_curl(&bed).code, Some(0));
+    assert!(bed.direct_packets_at_origin().unwrap() > direct_before);
+    let after_b = bed.direct_packets_at_origin().unwrap();
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        after_b,
+        "A must still be proxied"
+    );
+
+    // The connection A opened before all this is still alive and still works.
+    writeln!(client.stdin.as_mut().unwrap()).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "ok");
+    assert!(client.wait().unwrap().success());
+    let squid = bed.squid_access_log();
+    let _ = squid; // the tunnel's line appears only once it closes; the packet counters above suffice
+}
