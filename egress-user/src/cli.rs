@@ -34,13 +34,30 @@ pub enum LogFormat {
 pub enum Command {
     /// Attach to the cgroups and proxy their outbound connections until stopped.
     Run(Box<RunArgs>),
+    /// Validate the configuration (file, environment, flags) and print the effective one,
+    /// secrets redacted. Exits non-zero, naming the bad key and value, if it is invalid.
+    CheckConfig(Box<RunArgs>),
+    /// Show which rule matches DEST (e.g. matrix.org:8448 or 10.1.2.3:443) and what would
+    /// happen to a connection to it, without sending anything to it.
+    Explain(Box<ExplainArgs>),
     /// Add cgroups to the running instance, without restarting it or touching connections.
     Attach(CgroupArgs),
     /// Remove the interception: detach the programs and delete everything pinned; with
     /// --cgroup, only from those cgroups (established connections are not disturbed).
     Detach(DetachArgs),
-    /// Show the attached cgroups and the kernel decision counters.
-    Status(PinDir),
+    /// Show the attached cgroups, the kernel decision counters and the agent's health.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// HOST[:PORT], IP[:PORT] or [IPv6]:PORT (port 443 by default).
+    pub destination: String,
+    /// The address HOST resolves to (default: ask the system resolver).
+    #[arg(long, value_name = "IP")]
+    pub ip: Option<std::net::IpAddr>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +79,15 @@ pub struct DetachArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The running agent's admin address, asked for /health.
+    #[arg(long, value_name = "IP:PORT", default_value = crate::config::DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    pub pin: PinDir,
+}
+
+#[derive(Args, Debug)]
 pub struct PinDir {
     /// bpffs directory holding egress's pinned programs and maps.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
@@ -77,6 +103,14 @@ pub struct RunArgs {
     /// cgroup (v2) directory whose processes are intercepted; repeatable.
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
+    /// systemd unit whose cgroup is intercepted (e.g. matrix-synapse.service); repeatable.
+    /// Resolved on hybrid and pure cgroup v2 hosts; the unit must be running.
+    #[arg(long = "unit", value_name = "UNIT")]
+    pub units: Vec<String>,
+    /// Import http_proxy, https_proxy, no_proxy_hosts, ip_range_blacklist and
+    /// ip_range_whitelist from Synapse's homeserver.yaml (overridden by everything else).
+    #[arg(long, value_name = "PATH")]
+    pub homeserver_config: Option<PathBuf>,
     /// Proxy for TLS (and unrecognised) connections, `[http://][user:pass@]host[:port]`
     /// (port 1080 by default). Default: $https_proxy / $HTTPS_PROXY.
     #[arg(long, value_name = "URL")]
@@ -131,6 +165,13 @@ pub struct RunArgs {
     /// Emit the kernel programs' debug records (aya-log) into the agent's log.
     #[arg(long)]
     pub kernel_log: bool,
+    /// Address of the admin listener serving /health and /metrics [default: 127.0.0.1:9478].
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin_addr: Option<String>,
+    /// User to become once the programs are attached (keeping CAP_NET_ADMIN only)
+    /// [default: nobody].
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
     #[command(flatten)]
     pub pin: OptionalPinDir,
 }

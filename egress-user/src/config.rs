@@ -14,8 +14,10 @@ use serde::Deserialize;
 
 use crate::{
     cli::RunArgs,
+    homeserver::{self, SynapseSettings},
     policy::{self, NoProxy, Policy},
     proxy_url::{ProxyUrl, proxy_from_env},
+    unit,
     upstream::Timeouts,
 };
 
@@ -24,6 +26,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 /// "egrs": marks the agent's own sockets so the kernel program never redirects them.
 pub const DEFAULT_AGENT_MARK: u32 = 0x6567_7273;
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9478";
+/// The unprivileged user the agent becomes once attached.
+pub const DEFAULT_USER: &str = "nobody";
 
 /// What to do with a connection whose first bytes are neither a TLS ClientHello nor an HTTP/1
 /// request within the peek window (e.g. protocols where the server speaks first).
@@ -43,6 +48,10 @@ pub enum DefaultRoute {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub cgroups: Option<Vec<PathBuf>>,
+    /// systemd units whose cgroups are intercepted (e.g. matrix-synapse.service).
+    pub units: Option<Vec<String>>,
+    /// Synapse's homeserver.yaml, to import its proxy and IP range settings from.
+    pub homeserver_config: Option<PathBuf>,
     pub https_proxy: Option<String>,
     pub http_proxy: Option<String>,
     pub no_proxy: Option<Vec<String>>,
@@ -59,11 +68,15 @@ pub struct FileConfig {
     pub bpffs_dir: Option<PathBuf>,
     pub proxy_ca_file: Option<PathBuf>,
     pub insecure_skip_proxy_tls_verify: Option<bool>,
+    pub admin_addr: Option<String>,
+    pub user: Option<String>,
 }
 
 #[derive(Debug)]
 pub struct Config {
     pub cgroups: Vec<PathBuf>,
+    /// Units still to resolve to cgroups (done by [`Config::load`]).
+    pub units: Vec<String>,
     pub https_proxy: Option<ProxyUrl>,
     pub http_proxy: Option<ProxyUrl>,
     pub policy: Policy,
@@ -81,6 +94,10 @@ pub struct Config {
     pub proxy_ca_file: Option<PathBuf>,
     /// Testing only: accept any certificate from an https:// proxy.
     pub insecure_skip_proxy_tls_verify: bool,
+    /// Where /health and /metrics are served.
+    pub admin_addr: std::net::SocketAddr,
+    /// Who the agent becomes after attaching.
+    pub user: String,
 }
 
 impl Config {
@@ -91,21 +108,46 @@ impl Config {
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => read_file(Path::new(DEFAULT_CONFIG_PATH))?,
             None => FileConfig::default(),
         };
-        Self::merge(file, args, env)
+        let synapse = match args
+            .homeserver_config
+            .as_ref()
+            .or(file.homeserver_config.as_ref())
+        {
+            Some(path) => homeserver::read_homeserver_config(path)?,
+            None => SynapseSettings::default(),
+        };
+        let mut config = Self::merge(file, synapse, args, env)?;
+        for unit in std::mem::take(&mut config.units) {
+            let cgroup = unit::resolve_unit(&unit).with_context(|| format!("unit {unit}"))?;
+            config.cgroups.push(cgroup);
+        }
+        Ok(config)
     }
 
-    pub fn merge(file: FileConfig, args: &RunArgs, env: &[(String, String)]) -> Result<Self> {
+    /// Layers the sources; `synapse` (from homeserver.yaml) sits between the defaults and the file.
+    pub fn merge(
+        file: FileConfig,
+        synapse: SynapseSettings,
+        args: &RunArgs,
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let env_value = |name: &str| proxy_from_env(env.iter().cloned(), name);
+        let file_proxy = |key: &str, value: &Option<String>, imported: &Option<String>| match value {
+            Some(v) => Some((format!("config key {key}"), v.clone())),
+            None => imported
+                .clone()
+                .map(|v| (format!("homeserver.yaml key {key}"), v)),
+        };
 
         let https_proxy = layered_proxy(
             "https_proxy",
-            &file.https_proxy,
+            file_proxy("https_proxy", &file.https_proxy, &synapse.https_proxy),
             env_value("https_proxy"),
             &args.https_proxy,
         )?;
         let http_proxy = layered_proxy(
             "http_proxy",
-            &file.http_proxy,
+            file_proxy("http_proxy", &file.http_proxy, &synapse.http_proxy),
             env_value("http_proxy"),
             &args.http_proxy,
         )?;
@@ -121,29 +163,43 @@ impl Config {
         } else if let Some(list) = &file.no_proxy {
             NoProxy::parse_list(list.iter().map(String::as_str))
                 .map_err(|e| anyhow::anyhow!("config key no_proxy: {e}"))?
+        } else if let Some(list) = &synapse.no_proxy_hosts {
+            NoProxy::parse_list(list.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("homeserver.yaml key no_proxy_hosts: {e}"))?
         } else {
             NoProxy::default()
         };
 
-        let blacklist = match (&args.ip_range_blacklist[..], &file.ip_range_blacklist) {
-            ([], None) => policy::default_blacklist(),
-            ([], Some(list)) => ip_ranges("config key ip_range_blacklist", list)?,
-            (flags, _) => ip_ranges("--ip-range-blacklist", flags)?,
+        let blacklist = match (
+            &args.ip_range_blacklist[..],
+            &file.ip_range_blacklist,
+            &synapse.ip_range_blacklist,
+        ) {
+            ([], None, None) => policy::default_blacklist(),
+            ([], None, Some(list)) => ip_ranges("homeserver.yaml key ip_range_blacklist", list)?,
+            ([], Some(list), _) => ip_ranges("config key ip_range_blacklist", list)?,
+            (flags, _, _) => ip_ranges("--ip-range-blacklist", flags)?,
         };
-        let whitelist = match (&args.ip_range_whitelist[..], &file.ip_range_whitelist) {
-            ([], None) => Vec::new(),
-            ([], Some(list)) => ip_ranges("config key ip_range_whitelist", list)?,
-            (flags, _) => ip_ranges("--ip-range-whitelist", flags)?,
+        let whitelist = match (
+            &args.ip_range_whitelist[..],
+            &file.ip_range_whitelist,
+            &synapse.ip_range_whitelist,
+        ) {
+            ([], None, None) => Vec::new(),
+            ([], None, Some(list)) => ip_ranges("homeserver.yaml key ip_range_whitelist", list)?,
+            ([], Some(list), _) => ip_ranges("config key ip_range_whitelist", list)?,
+            (flags, _, _) => ip_ranges("--ip-range-whitelist", flags)?,
         };
 
-        let cgroups = if !args.cgroups.is_empty() {
-            args.cgroups.clone()
+        // Targets: flags replace the file's (cgroups and units together).
+        let (cgroups, units) = if !args.cgroups.is_empty() || !args.units.is_empty() {
+            (args.cgroups.clone(), args.units.clone())
         } else {
-            file.cgroups.clone().unwrap_or_default()
+            (
+                file.cgroups.clone().unwrap_or_default(),
+                file.units.clone().unwrap_or_default(),
+            )
         };
-        if cgroups.is_empty() {
-            bail!("no cgroup to attach to: pass --cgroup PATH or set `cgroups` in the config file");
-        }
 
         let agent_mark = args.agent_mark.or(file.agent_mark).unwrap_or(DEFAULT_AGENT_MARK);
         if agent_mark == 0 {
@@ -159,6 +215,7 @@ impl Config {
 
         Ok(Self {
             cgroups,
+            units,
             https_proxy,
             http_proxy,
             policy: Policy {
@@ -187,6 +244,18 @@ impl Config {
                 .or(file.default_route)
                 .unwrap_or(DefaultRoute::Proxy),
             kernel_log: args.kernel_log || file.kernel_log.unwrap_or(false),
+            admin_addr: {
+                let value = args.admin_addr.clone().or(file.admin_addr.clone());
+                let value = value.as_deref().unwrap_or(DEFAULT_ADMIN_ADDR);
+                value
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("admin_addr {value}: expected IP:PORT ({e})"))?
+            },
+            user: args
+                .user
+                .clone()
+                .or(file.user.clone())
+                .unwrap_or_else(|| DEFAULT_USER.to_owned()),
             proxy_ca_file: args.proxy_ca_file.clone().or(file.proxy_ca_file.clone()),
             insecure_skip_proxy_tls_verify: args.insecure_skip_proxy_tls_verify
                 || file.insecure_skip_proxy_tls_verify.unwrap_or(false),
@@ -206,10 +275,11 @@ fn read_file(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
 
-/// The proxy for one scheme: flag, else environment, else file; validated with its source named.
+/// The proxy for one scheme: flag, else environment, else file (or homeserver.yaml); validated
+/// with its source named.
 fn layered_proxy(
     key: &str,
-    file: &Option<String>,
+    file: Option<(String, String)>,
     env: Option<String>,
     flag: &Option<String>,
 ) -> Result<Option<ProxyUrl>> {
@@ -217,8 +287,8 @@ fn layered_proxy(
         (format!("--{}", key.replace('_', "-")), v.clone())
     } else if let Some(v) = env {
         (format!("environment variable {key}"), v)
-    } else if let Some(v) = file {
-        (format!("config key {key}"), v.clone())
+    } else if let Some(sourced) = file {
+        sourced
     } else {
         return Ok(None);
     };
@@ -267,12 +337,15 @@ mod tests {
     }
 
     fn error(file_config: FileConfig, args: &RunArgs, env: &[(String, String)]) -> String {
-        format!("{:#}", Config::merge(file_config, args, env).unwrap_err())
+        format!(
+            "{:#}",
+            Config::merge(file_config, SynapseSettings::default(), args, env).unwrap_err()
+        )
     }
 
     #[test]
     fn defaults() {
-        let c = Config::merge(FileConfig::default(), &args(), &[]).unwrap();
+        let c = Config::merge(FileConfig::default(), SynapseSettings::default(), &args(), &[]).unwrap();
         assert_eq!(c.https_proxy, None);
         assert_eq!(c.http_proxy, None);
         assert_eq!(c.policy, Policy::default());
@@ -287,12 +360,12 @@ mod tests {
     #[test]
     fn later_sources_win_file_then_env_then_flags() {
         let f = || file("https_proxy = \"file:1\"\nhttp_proxy = \"file:2\"\nno_proxy = [\"file.example\"]");
-        let c = Config::merge(f(), &args(), &[]).unwrap();
+        let c = Config::merge(f(), SynapseSettings::default(), &args(), &[]).unwrap();
         assert_eq!(c.https_proxy.unwrap().host, "file");
         assert_eq!(c.policy.no_proxy, NoProxy::parse_list(["file.example"]).unwrap());
 
         let e = env(&[("HTTPS_PROXY", "env:1"), ("no_proxy", "env.example,10.0.0.0/8")]);
-        let c = Config::merge(f(), &args(), &e).unwrap();
+        let c = Config::merge(f(), SynapseSettings::default(), &args(), &e).unwrap();
         assert_eq!(c.https_proxy.unwrap().host, "env");
         assert_eq!(c.http_proxy.unwrap().host, "file");
         assert_eq!(
@@ -305,7 +378,7 @@ mod tests {
             no_proxy: vec!["flag.example".into(), "a.example,b.example".into()],
             ..args()
         };
-        let c = Config::merge(f(), &a, &e).unwrap();
+        let c = Config::merge(f(), SynapseSettings::default(), &a, &e).unwrap();
         assert_eq!(c.https_proxy.unwrap().host, "flag");
         assert_eq!(
             c.policy.no_proxy,
@@ -318,14 +391,20 @@ mod tests {
         let f = file(
             "ip_range_blacklist = [\"10.0.0.0/8\"]\nip_range_whitelist = [\"10.1.0.0/16\", \"10.2.3.4\"]",
         );
-        let c = Config::merge(f, &args(), &[]).unwrap();
+        let c = Config::merge(f, SynapseSettings::default(), &args(), &[]).unwrap();
         assert_eq!(c.policy.blacklist, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
         assert_eq!(c.policy.whitelist.len(), 2);
         let a = RunArgs {
             ip_range_blacklist: vec!["192.168.0.0/16".into()],
             ..args()
         };
-        let c = Config::merge(file("ip_range_blacklist = [\"10.0.0.0/8\"]"), &a, &[]).unwrap();
+        let c = Config::merge(
+            file("ip_range_blacklist = [\"10.0.0.0/8\"]"),
+            SynapseSettings::default(),
+            &a,
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             c.policy.blacklist,
             vec!["192.168.0.0/16".parse::<IpNet>().unwrap()]
@@ -383,17 +462,14 @@ mod tests {
                 vec![],
                 &["no_proxy", "10.0.0.0/99"],
             ),
-            (
-                FileConfig::default(),
-                RunArgs {
-                    cgroups: vec![],
-                    ..RunArgs::default()
-                },
-                vec![],
-                &["cgroup"],
-            ),
             (file("agent_mark = 0"), args(), vec![], &["agent_mark 0"]),
             (file("listen_port = 0"), args(), vec![], &["listen_port 0"]),
+            (
+                file("admin_addr = \"localhost\""),
+                args(),
+                vec![],
+                &["admin_addr localhost"],
+            ),
             (file("peek_timeout = -1.0"), args(), vec![], &["peek_timeout -1"]),
             (
                 FileConfig::default(),
@@ -424,8 +500,58 @@ mod tests {
     }
 
     #[test]
+    fn homeserver_yaml_sits_between_defaults_and_the_file() {
+        let synapse = SynapseSettings {
+            https_proxy: Some("http://u:p@synapse-proxy:3128".into()),
+            http_proxy: Some("synapse-http:8080".into()),
+            no_proxy_hosts: Some(vec!["synapse.example".into(), "10.5.0.0/16".into()]),
+            ip_range_blacklist: Some(vec!["10.0.0.0/8".into()]),
+            ip_range_whitelist: Some(vec!["10.5.0.0/16".into()]),
+        };
+        let c = Config::merge(FileConfig::default(), synapse.clone(), &args(), &[]).unwrap();
+        assert_eq!(c.https_proxy.unwrap().host, "synapse-proxy");
+        assert_eq!(c.http_proxy.unwrap().port, 8080);
+        assert_eq!(
+            c.policy.no_proxy,
+            NoProxy::parse_list(["synapse.example", "10.5.0.0/16"]).unwrap()
+        );
+        assert_eq!(c.policy.blacklist, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.policy.whitelist, vec!["10.5.0.0/16".parse::<IpNet>().unwrap()]);
+
+        let f = file("https_proxy = \"file:1\"\nip_range_whitelist = []");
+        let c = Config::merge(f, synapse.clone(), &args(), &[]).unwrap();
+        assert_eq!(c.https_proxy.unwrap().host, "file");
+        assert!(c.policy.whitelist.is_empty());
+
+        let bad = SynapseSettings {
+            ip_range_blacklist: Some(vec!["not-a-range".into()]),
+            ..synapse
+        };
+        let message = error_with(FileConfig::default(), bad, &args(), &[]);
+        assert!(
+            message.contains("homeserver.yaml key ip_range_blacklist") && message.contains("not-a-range"),
+            "{message}"
+        );
+    }
+
+    fn error_with(
+        f: FileConfig,
+        synapse: SynapseSettings,
+        args: &RunArgs,
+        env: &[(String, String)],
+    ) -> String {
+        format!("{:#}", Config::merge(f, synapse, args, env).unwrap_err())
+    }
+
+    #[test]
     fn empty_proxy_value_means_none() {
-        let c = Config::merge(FileConfig::default(), &args(), &env(&[("https_proxy", " ")])).unwrap();
+        let c = Config::merge(
+            FileConfig::default(),
+            SynapseSettings::default(),
+            &args(),
+            &env(&[("https_proxy", " ")]),
+        )
+        .unwrap();
         assert!(c.https_proxy.is_none());
     }
 }

@@ -154,6 +154,18 @@ pub fn attach_to_running(pin_dir: &Path, cgroup: &Path) -> Result<()> {
     attach_programs(&mut ebpf, cgroup, pin_dir)
 }
 
+/// Whether `cgroup` still has egress's connect4 link pinned (and so attached).
+pub fn is_attached(pin_dir: &Path, cgroup: &Path) -> bool {
+    cgroup_id(cgroup)
+        .map(|id| {
+            pin_dir
+                .join(LINKS_DIR)
+                .join(format!("{id}-{}", programs::CONNECT4))
+                .exists()
+        })
+        .unwrap_or(false)
+}
+
 /// `egress detach --cgroup`: removes the links of one cgroup; returns how many were removed.
 pub fn detach_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<usize> {
     let prefix = format!("{}-", cgroup_id(cgroup)?);

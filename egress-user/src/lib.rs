@@ -1,15 +1,21 @@
 //! egress agent library: everything the `egress` binary does, one module per role.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod ebpf;
 pub mod forward;
+pub mod homeserver;
+pub mod inspect;
 pub mod listener;
+pub mod metrics;
 pub mod policy;
+pub mod privileges;
 pub mod proxy_tls;
 pub mod proxy_url;
 pub mod relay;
 pub mod run;
 pub mod sniff;
+pub mod unit;
 pub mod upstream;

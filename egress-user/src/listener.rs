@@ -20,10 +20,12 @@ use tokio::{
 };
 
 use crate::{
+    admin::HealthCache,
     config::{Config, DefaultRoute},
     decision::{Decision, Route},
     ebpf::Kernel,
     forward::{self, Forward},
+    metrics::Metrics,
     policy::{Protocol, Route as Verdict, Target},
     proxy_tls::ProxyTls,
     proxy_url::{ProxyScheme, ProxyUrl},
@@ -35,6 +37,8 @@ use crate::{
 pub struct Agent {
     pub kernel: Kernel,
     pub config: Config,
+    pub metrics: Metrics,
+    pub health: HealthCache,
     https_proxy: Option<ProxyClient>,
     http_proxy: Option<ProxyClient>,
     next_id: AtomicU64,
@@ -63,8 +67,15 @@ impl Agent {
             http_proxy: client(&config.http_proxy)?,
             kernel,
             config,
+            metrics: Metrics::new(),
+            health: HealthCache::default(),
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// The configured upstream proxies.
+    pub fn proxies(&self) -> impl Iterator<Item = &ProxyClient> {
+        self.https_proxy.iter().chain(self.http_proxy.iter())
     }
 }
 
@@ -83,8 +94,10 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<
         tokio::spawn(async move {
             let id = agent.next_id.fetch_add(1, Ordering::Relaxed);
             let mut decision = Decision::new(id, peer);
+            agent.metrics.connection_opened();
             handle(&agent, client, peer, &mut decision).await;
             decision.log();
+            agent.metrics.connection_closed(&decision);
         });
     }
 }
@@ -139,6 +152,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
         (Verdict::Direct, _) | (Verdict::Proxy, None) => {
             decision.route = Route::Direct;
             decision.target = Some(original.to_string());
+            let started = Instant::now();
             match upstream::connect_marked(
                 Role::Destination,
                 original,
@@ -148,6 +162,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
             .await
             {
                 Ok(stream) => {
+                    agent.metrics.upstream_latency(started.elapsed());
                     relay::relay(client, UpstreamStream::Plain(stream), &first_bytes, &[], decision).await
                 }
                 Err(e) => {
@@ -177,20 +192,23 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
             decision.upstream = Some(proxy.url.authority());
             let connect_target = connect_target(&target, config.connect_by_ip);
             decision.target = Some(connect_target.clone());
-            tunnel(proxy, &connect_target, client, &first_bytes, decision).await;
+            tunnel(agent, proxy, &connect_target, client, &first_bytes, decision).await;
         }
     }
 }
 
 async fn tunnel(
+    agent: &Agent,
     proxy: &ProxyClient,
     target: &str,
     client: TcpStream,
     first_bytes: &[u8],
     decision: &mut Decision,
 ) {
+    let started = Instant::now();
     match proxy.open_tunnel(target).await {
         Ok(tunnel) => {
+            agent.metrics.upstream_latency(started.elapsed());
             decision.upstream_status = Some(200);
             relay::relay(client, tunnel.stream, first_bytes, &tunnel.early_data, decision).await;
         }

@@ -1,7 +1,8 @@
 use clap::Parser;
 use egress_user::{
-    cli::{Cli, Command, LogFormat},
-    ebpf, run,
+    cli::{Cli, Command, ExplainArgs, LogFormat},
+    config::Config,
+    ebpf, inspect, run,
 };
 
 fn main() -> std::process::ExitCode {
@@ -30,7 +31,12 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => Err(e),
         },
-        Command::Status(args) => run::status(&args.bpffs_dir),
+        Command::Status(args) => run::status(&args.pin.bpffs_dir, args.admin_addr),
+        Command::CheckConfig(args) => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            Config::load(&args, &env).map(|config| print!("{}", inspect::render_config(&config)))
+        }
+        Command::Explain(args) => explain(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -39,6 +45,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = Config::load(&args.run, &env)?;
+    let (host, port) = inspect::parse_destination(&args.destination)?;
+    let ip = match (args.ip, host.parse::<std::net::IpAddr>()) {
+        (Some(ip), _) | (None, Ok(ip)) => ip,
+        (None, Err(_)) => std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .map_err(|e| anyhow::anyhow!("resolving {host}: {e} (give the address with --ip)"))?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{host} has no address (give one with --ip)"))?
+            .ip(),
+    };
+    print!("{}", inspect::explain(&config, &host, port, ip));
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,45 +1,43 @@
 //! `egress run` and `egress status`.
+//!
+//! Start-up happens in two phases. As root, single-threaded: bind the listeners, load and attach
+//! the kernel programs, read what only root may read (CA files). Then drop privileges, and only
+//! then start the async runtime that serves connections.
 
-use std::{path::Path, sync::Arc};
+use std::{net::TcpListener as StdListener, path::Path, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 
 use crate::{
+    admin,
     cli::RunArgs,
     config::Config,
     ebpf::{self, Kernel, KernelSettings},
     listener::{self, Agent},
+    privileges,
 };
+
+type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+struct Listeners {
+    v4: StdListener,
+    v6: Option<StdListener>,
+    admin: StdListener,
+}
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let config = Config::load(args, &env)?;
+    if config.cgroups.is_empty() {
+        anyhow::bail!("no cgroup to attach to: pass --cgroup PATH or set `cgroups` in the config file");
+    }
     for cgroup in &config.cgroups {
         ebpf::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run_async(config))
-}
 
-async fn run_async(config: Config) -> Result<()> {
     // Listen before attaching, so the first redirected connect already finds us.
-    let listener = TcpListener::bind(("127.0.0.1", config.listen_port))
-        .await
-        .with_context(|| format!("listening on 127.0.0.1:{}", config.listen_port))?;
-    // IPv6 connects are redirected to [::1]. Without IPv6 on loopback they simply fail (closed).
-    let listener6 = match TcpListener::bind(("::1", config.listen_port)).await {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!(
-                "not listening on [::1]:{}: {e}; IPv6 connects will be refused",
-                config.listen_port
-            );
-            None
-        }
-    };
+    let listeners = bind(&config)?;
     let settings = KernelSettings {
         pin_dir: config.pin_dir.clone(),
         listen_port: config.listen_port,
@@ -47,9 +45,7 @@ async fn run_async(config: Config) -> Result<()> {
         kernel_log: config.kernel_log,
     };
     let mut kernel = Kernel::load(&settings)?;
-    if let Some(logger) = kernel.take_logger() {
-        tokio::spawn(drive_kernel_log(logger));
-    }
+    let logger = kernel.take_logger();
     // Ranges before links: a newly attached cgroup is never without its deny set.
     kernel.set_ranges(
         &config.policy.kernel_deny_nets(),
@@ -59,21 +55,60 @@ async fn run_async(config: Config) -> Result<()> {
         kernel.attach(cgroup, &settings.pin_dir)?;
         tracing::info!(cgroup = %cgroup.display(), "attached");
     }
+    let user = config.user.clone();
+    let agent = Agent::new(kernel, config)?;
+    privileges::drop_to(&user)?;
+
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(Arc::new(agent), listeners, logger))
+}
+
+fn bind(config: &Config) -> Result<Listeners> {
+    let listen = |addr: std::net::SocketAddr| -> Result<StdListener> {
+        let listener = StdListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    let v4 = listen(([127, 0, 0, 1], config.listen_port).into())?;
+    // IPv6 connects are redirected to [::1]. Without IPv6 on loopback they simply fail (closed).
+    let v6 = match listen((std::net::Ipv6Addr::LOCALHOST, config.listen_port).into()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!("{e:#}; IPv6 connects will be refused");
+            None
+        }
+    };
+    let admin = listen(config.admin_addr).context("admin_addr")?;
+    Ok(Listeners { v4, v6, admin })
+}
+
+async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLogger>) -> Result<()> {
+    if let Some(logger) = logger {
+        tokio::spawn(drive_kernel_log(logger));
+    }
+    let v4 = TcpListener::from_std(listeners.v4)?;
+    if let Some(v6) = listeners.v6 {
+        tokio::spawn(listener::serve(TcpListener::from_std(v6)?, agent.clone()));
+    }
+    tokio::spawn(admin::serve(
+        TcpListener::from_std(listeners.admin)?,
+        agent.clone(),
+    ));
+    let config = &agent.config;
     tracing::info!(
         listen = %format!("127.0.0.1:{}", config.listen_port),
+        admin = %config.admin_addr,
         https_proxy = %display_proxy(&config.https_proxy),
         http_proxy = %display_proxy(&config.http_proxy),
-        pin_dir = %settings.pin_dir.display(),
+        pin_dir = %config.pin_dir.display(),
         "egress ready"
     );
 
-    let agent = Arc::new(Agent::new(kernel, config)?);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    if let Some(listener6) = listener6 {
-        tokio::spawn(listener::serve(listener6, agent.clone()));
-    }
     tokio::select! {
-        result = listener::serve(listener, agent.clone()) => result?,
+        result = listener::serve(v4, agent.clone()) => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = sigterm.recv() => tracing::info!("terminated"),
     }
@@ -90,7 +125,7 @@ fn display_proxy(proxy: &Option<crate::proxy_url::ProxyUrl>) -> String {
         .map_or_else(|| "none (direct)".to_owned(), ToString::to_string)
 }
 
-async fn drive_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+async fn drive_kernel_log(logger: KernelLogger) {
     // SAFETY: the logger owns its ring buffer fd, which stays open as long as the AsyncFd.
     let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
         return;
@@ -104,7 +139,8 @@ async fn drive_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-pub fn status(pin_dir: &Path) -> Result<()> {
+pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
+    println!("agent: {}", agent_health(admin_addr));
     if !pin_dir.exists() {
         println!("not attached (no {})", pin_dir.display());
         return Ok(());
@@ -117,4 +153,21 @@ pub fn status(pin_dir: &Path) -> Result<()> {
         println!("{name:>20} {value}");
     }
     Ok(())
+}
+
+/// The running agent's /health answer, or why there is none.
+fn agent_health(admin_addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let ask = || -> std::io::Result<String> {
+        let timeout = std::time::Duration::from_secs(5);
+        let mut stream = std::net::TcpStream::connect_timeout(&admin_addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map_or(response.clone(), |(_, body)| body.trim().to_owned()))
+    };
+    ask().unwrap_or_else(|e| format!("not reachable at {admin_addr} ({e})"))
 }

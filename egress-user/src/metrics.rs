@@ -1,0 +1,173 @@
+//! Prometheus metrics: what the kernel decided (its counters, read at scrape time), and per
+//! connection what the agent decided and how it went.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::decision::Decision;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    route: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KernelLabels {
+    decision: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<ConnectionLabels, Counter>,
+    active: Gauge,
+    bytes: Family<DirectionLabels, Counter>,
+    upstream_seconds: Histogram,
+    kernel: Family<KernelLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("egress");
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Connections handled by the agent, by route and outcome",
+            connections.clone(),
+        );
+        let active = Gauge::default();
+        registry.register(
+            "connections_active",
+            "Connections open in the agent now",
+            active.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Bytes relayed: up = client to destination, down = back",
+            bytes.clone(),
+        );
+        // 1 ms .. ~16 s
+        let upstream_seconds = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 16.0,
+        ]);
+        registry.register(
+            "upstream_connect_seconds",
+            "Time to reach the destination: proxy connect and CONNECT answer, or direct connect",
+            upstream_seconds.clone(),
+        );
+        let kernel = Family::<KernelLabels, Counter>::default();
+        registry.register(
+            "kernel_decisions",
+            "Decisions taken by the kernel programs (sum over CPUs since the maps were pinned)",
+            kernel.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            active,
+            bytes,
+            upstream_seconds,
+            kernel,
+        }
+    }
+
+    pub fn connection_opened(&self) {
+        self.active.inc();
+    }
+
+    /// Records a finished connection.
+    pub fn connection_closed(&self, decision: &Decision) {
+        self.active.dec();
+        let outcome = if decision.error.is_some() { "error" } else { "ok" };
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                route: decision.route.as_str(),
+                outcome,
+            })
+            .inc();
+        self.bytes
+            .get_or_create(&DirectionLabels { direction: "up" })
+            .inc_by(decision.bytes_up);
+        self.bytes
+            .get_or_create(&DirectionLabels { direction: "down" })
+            .inc_by(decision.bytes_down);
+    }
+
+    pub fn upstream_latency(&self, elapsed: Duration) {
+        self.upstream_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition (OpenMetrics), with the kernel counters as given.
+    pub fn encode(&self, kernel_counters: &[(&'static str, u64)]) -> String {
+        for (name, value) in kernel_counters {
+            let counter = self.kernel.get_or_create(&KernelLabels { decision: name });
+            counter
+                .inner()
+                .store(*value, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::Route;
+
+    #[test]
+    fn exposition_has_every_family_with_its_values() {
+        let metrics = Metrics::new();
+        let mut d = Decision::new(1, "127.0.0.1:5000".parse().unwrap());
+        d.route = Route::ProxyConnect;
+        d.bytes_up = 100;
+        d.bytes_down = 2000;
+        metrics.connection_opened();
+        metrics.connection_closed(&d);
+        let mut failed = Decision::new(2, "127.0.0.1:5001".parse().unwrap());
+        failed.route = Route::ProxyConnect;
+        failed.fail("407");
+        metrics.connection_opened();
+        metrics.connection_closed(&failed);
+        metrics.upstream_latency(Duration::from_millis(3));
+        let text = metrics.encode(&[("redirected", 7), ("deny_blacklist", 2)]);
+        for line in [
+            "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\"} 1",
+            "egress_connections_total{route=\"proxy-connect\",outcome=\"error\"} 1",
+            "egress_connections_active 0",
+            "egress_bytes_total{direction=\"up\"} 100",
+            "egress_bytes_total{direction=\"down\"} 2000",
+            "egress_upstream_connect_seconds_count 1",
+            "egress_upstream_connect_seconds_bucket{le=\"0.005\"} 1",
+            "egress_upstream_connect_seconds_bucket{le=\"0.0025\"} 0",
+            "egress_kernel_decisions_total{decision=\"redirected\"} 7",
+            "egress_kernel_decisions_total{decision=\"deny_blacklist\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+        // Kernel counters are absolute values, not increments.
+        let text = metrics.encode(&[("redirected", 9)]);
+        assert!(
+            text.contains("egress_kernel_decisions_total{decision=\"redirected\"} 9"),
+            "{text}"
+        );
+    }
+}
