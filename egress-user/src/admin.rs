@@ -106,10 +106,9 @@ async fn upstream_reachable(agent: &Agent) -> Result<(), String> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
+        && at.elapsed() < PROBE_CACHE
     {
-        if at.elapsed() < PROBE_CACHE {
-            return result;
-        }
+        return result;
     }
     let mut result = Ok(());
     for proxy in agent.proxies() {
