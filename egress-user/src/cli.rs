@@ -61,10 +61,15 @@ pub struct ExplainArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["cgroups", "units"])))]
 pub struct CgroupArgs {
     /// cgroup (v2) directory; repeatable.
-    #[arg(long = "cgroup", value_name = "PATH", required = true)]
+    #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
+    /// systemd unit (its cgroup); repeatable. In a unit's ExecStartPre= the cgroup exists
+    /// already, so interception is in place before the service's first connect.
+    #[arg(long = "unit", value_name = "UNIT")]
+    pub units: Vec<String>,
     #[command(flatten)]
     pub pin: PinDir,
 }

@@ -10,11 +10,18 @@ fn main() -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
-        Command::Attach(args) => args.cgroups.iter().try_for_each(|cgroup| {
-            ebpf::attach_to_running(&args.pin.bpffs_dir, cgroup)?;
-            println!("attached {}", cgroup.display());
-            Ok(())
-        }),
+        Command::Attach(args) => {
+            let units = args.units.iter().map(|u| egress_user::unit::resolve_unit(u));
+            units
+                .collect::<anyhow::Result<Vec<_>>>()
+                .and_then(|unit_cgroups| {
+                    args.cgroups.iter().chain(&unit_cgroups).try_for_each(|cgroup| {
+                        ebpf::attach_to_running(&args.pin.bpffs_dir, cgroup)?;
+                        println!("attached {}", cgroup.display());
+                        Ok(())
+                    })
+                })
+        }
         Command::Detach(args) if !args.cgroups.is_empty() => args.cgroups.iter().try_for_each(|cgroup| {
             let removed = ebpf::detach_cgroup(&args.pin.bpffs_dir, cgroup)?;
             println!("detached {} ({removed} links removed)", cgroup.display());

@@ -30,7 +30,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let config = Config::load(args, &env)?;
     if config.cgroups.is_empty() {
-        anyhow::bail!("no cgroup to attach to: pass --cgroup PATH or set `cgroups` in the config file");
+        tracing::warn!("no cgroup configured: nothing is intercepted until `egress attach --unit/--cgroup`");
     }
     for cgroup in &config.cgroups {
         ebpf::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;

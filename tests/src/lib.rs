@@ -255,6 +255,24 @@ impl Testbed {
         self.start_agent_with(&[])
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
+    /// GET `path` from the agent's admin listener (default address), from the homeserver host
+    /// but outside the intercepted cgroup. Returns (HTTP status, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        let url = format!("http://127.0.0.1:9478{path}");
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.hs.path()))
+            .args(["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", &url])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {

@@ -202,6 +202,9 @@ shutdown_lifetime 1 second
     Daemon::spawn("squid", command, &sq.join("stdout.log"))
 }
 
+/// Size of the origin's /big.bin.
+pub const BIG_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// nginx answering `origin ok PORT` over TLS on each of `tls_ports` and over plain HTTP on
 /// `http_port`; the access log (`dir/nginx/access.log`) records the peer address of each request.
 pub fn start_nginx(
@@ -240,12 +243,17 @@ http {{
 {listens}    ssl_certificate {cert};
     ssl_certificate_key {key};
     location / {{ return 200 \"origin ok $server_port\\n\"; }}
+    location = /big.bin {{ root {d}/www; }}
   }}
 }}
 ",
         cert = certs.cert.display(),
         key = certs.key.display(),
     );
+    // A large file for transfers that must still be running when something fails.
+    let www = ng.join("www");
+    fs::create_dir_all(&www)?;
+    fs::File::create(www.join("big.bin"))?.set_len(BIG_FILE_BYTES)?;
     let conf_path = ng.join("nginx.conf");
     fs::write(&conf_path, conf)?;
     let mut command = Command::new("ip");
