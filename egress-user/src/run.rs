@@ -147,7 +147,10 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
     }
     println!("pinned at {}", pin_dir.display());
     for id in ebpf::pinned_cgroups(pin_dir)? {
-        println!("attached cgroup id {id}");
+        match crate::unit::cgroup_path_by_id(id) {
+            Some(path) => println!("attached cgroup {} (id {id})", path.display()),
+            None => println!("attached cgroup id {id} (no longer exists)"),
+        }
     }
     for (name, value) in ebpf::pinned_counters(pin_dir)? {
         println!("{name:>20} {value}");

@@ -126,8 +126,30 @@ fn unit_name(unit: &str) -> Result<String> {
     Ok(name)
 }
 
-/// Depth-first search. Errors below the root are skipped: cgroups vanish as units stop.
+/// The cgroup directory with id `id` (its inode number) under the cgroup2 mount, for showing
+/// paths where the kernel gives ids.
+pub fn cgroup_path_by_id(id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let root = cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)?;
+    if std::fs::metadata(&root).ok()?.ino() == id {
+        return Some(root);
+    }
+    let mut found = Vec::new();
+    walk(
+        &root,
+        &|e| e.metadata().is_ok_and(|m| m.ino() == id),
+        1,
+        &mut found,
+    );
+    found.into_iter().next()
+}
+
 fn find(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
+    walk(dir, &|e| e.file_name() == name, depth, found);
+}
+
+/// Depth-first search. Errors below the root are skipped: cgroups vanish as units stop.
+fn walk(dir: &Path, matches: &dyn Fn(&std::fs::DirEntry) -> bool, depth: usize, found: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -137,11 +159,11 @@ fn find(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
             continue;
         }
         let path = entry.path();
-        if entry.file_name() == name {
+        if matches(&entry) {
             // Same-named cgroups below a unit's own belong to it (delegation), not to systemd.
             found.push(path);
         } else if depth < MAX_DEPTH {
-            find(&path, name, depth + 1, found);
+            walk(&path, matches, depth + 1, found);
         }
     }
 }

@@ -361,3 +361,40 @@ fn check_config_and_explain_work_on_the_shipped_example() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("nonexistent-egress"), "{}", out.stderr);
 }
+
+#[test]
+fn status_names_attached_cgroups_and_json_logs_parse() {
+    let mut bed = testbed();
+    bed.start_agent_with(&["--log-format", "json"]).unwrap();
+    let status = bed
+        .egress(&["status", "--bpffs-dir", &bed.pin_dir.to_string_lossy()])
+        .unwrap();
+    let cgroup_line = format!("attached cgroup {} (id ", bed.cgroup.path.display());
+    assert!(status.stdout.contains(&cgroup_line), "{status:?}");
+    assert!(
+        status.stdout.contains("agent: not reachable") || status.stdout.contains("agent: "),
+        "{status:?}"
+    );
+
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
+        l.contains("\"route\"")
+    });
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"route\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    for field in [
+        "\"route\":\"proxy-connect\"",
+        "\"name\":\"origin.test\"",
+        "\"original_dst\":\"10.248.0.30:443\"",
+        "\"outcome\":\"ok\"",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    assert!(!log.contains(PROXY_PASSWORD));
+}
