@@ -81,6 +81,12 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn health(agent: &Agent) -> Result<String, String> {
     let config = &agent.config;
+    if !config.pin_dir.join("links").exists() {
+        return Err(format!(
+            "pins under {} are gone (bpffs unmounted?): interception lasts only while this agent runs",
+            config.pin_dir.display()
+        ));
+    }
     for cgroup in &config.cgroups {
         if !ebpf::is_attached(&config.pin_dir, cgroup) {
             return Err(format!("not attached to cgroup {}", cgroup.display()));

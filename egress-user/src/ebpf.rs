@@ -56,6 +56,10 @@ pub struct Kernel {
     bypass4: LpmTrie<MapData, u32, u8>,
     deny6: LpmTrie<MapData, [u32; 4], u8>,
     bypass6: LpmTrie<MapData, [u32; 4], u8>,
+    /// File descriptors of every link pinned under pin_dir, by pin name: while the agent runs,
+    /// losing the pins (bpffs unmounted) must not detach anything.
+    held_links: Mutex<std::collections::BTreeMap<std::ffi::OsString, std::os::fd::OwnedFd>>,
+    pin_dir: PathBuf,
     ebpf: Ebpf,
 }
 
@@ -94,6 +98,8 @@ impl Kernel {
             bypass4,
             deny6,
             bypass6,
+            held_links: Mutex::default(),
+            pin_dir: settings.pin_dir.clone(),
             ebpf,
         })
     }
@@ -173,7 +179,7 @@ pub fn detach_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<usize> {
     for entry in std::fs::read_dir(pin_dir.join(LINKS_DIR))? {
         let entry = entry?;
         if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            std::fs::remove_file(entry.path())?;
+            detach_pinned(&entry.path())?;
             removed += 1;
         }
     }
@@ -204,6 +210,32 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<()>
 }
 
 impl Kernel {
+    /// Takes a file descriptor for every pinned link not held yet (also those `egress attach`
+    /// added), and lets go of those whose pin was removed deliberately (`egress detach`, which
+    /// detaches them). If the whole pin directory is gone (bpffs unmounted), keeps them all:
+    /// interception then lasts as long as this agent runs. Returns false in that case.
+    pub fn keep_links(&self) -> bool {
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        let Ok(entries) = std::fs::read_dir(&links_dir) else {
+            return false;
+        };
+        let pinned: std::collections::BTreeSet<std::ffi::OsString> = entries
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| !n.to_string_lossy().ends_with("_new"))
+            .collect();
+        let mut held = self.held_links.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|name, _| pinned.contains(name));
+        for name in pinned {
+            if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(name) {
+                if let Ok(fd) = obj_get(&links_dir.join(slot.key())) {
+                    slot.insert(fd);
+                }
+            }
+        }
+        true
+    }
+
     /// The destination the client asked for, for a connection accepted from `peer`.
     /// Each entry is read once and deleted.
     pub fn take_original_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
@@ -354,6 +386,8 @@ fn remove_pins(dir: &Path) -> Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             remove_pins(&path)?;
+        } else if path.parent().is_some_and(|p| p.ends_with(LINKS_DIR)) {
+            detach_pinned(&path)?;
         } else {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
@@ -373,9 +407,62 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<()> {
         .pin(&staging)
         .with_context(|| format!("pinning link at {}", staging.display()))?;
     std::fs::rename(&staging, path).with_context(|| format!("pinning link at {}", path.display()))?;
-    // The pin now holds the link; our fd may go.
+    // The pin holds the link; a running agent also holds it (see `Kernel::keep_links`).
     drop(pinned);
     Ok(())
+}
+
+/// Opens the BPF object pinned at `path` (BPF_OBJ_GET).
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr,
+            std::mem::size_of::<ObjGetAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the link pinned at `path` for good, whoever else holds a descriptor to it (a
+/// running agent does), then removes the pin. BPF_LINK_DETACH; aya 0.14 does not expose it.
+fn detach_pinned(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    if let Ok(fd) = obj_get(path) {
+        let link_fd = fd.as_raw_fd() as u32;
+        // SAFETY: bpf(BPF_LINK_DETACH, attr, size) reads link_detach.link_fd only.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, &link_fd, 4u32) };
+        // A link whose cgroup is gone is already defunct: nothing left to detach.
+        if rc < 0 {
+            tracing::debug!(
+                "detaching {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

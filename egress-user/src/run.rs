@@ -55,6 +55,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel.attach(cgroup, &settings.pin_dir)?;
         tracing::info!(cgroup = %cgroup.display(), "attached");
     }
+    // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
+    kernel.keep_links();
     let user = config.user.clone();
     let agent = Agent::new(kernel, config)?;
     privileges::drop_to(&user)?;
@@ -96,6 +98,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
         TcpListener::from_std(listeners.admin)?,
         agent.clone(),
     ));
+    tokio::spawn(keep_links(agent.clone()));
     let config = &agent.config;
     tracing::info!(
         listen = %format!("127.0.0.1:{}", config.listen_port),
@@ -117,6 +120,23 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
          next `egress run` (`egress detach` removes the interception)"
     );
     Ok(())
+}
+
+/// Holds the links while the agent runs (see `Kernel::keep_links`), checking every 2 s.
+async fn keep_links(agent: Arc<Agent>) {
+    let mut warned = false;
+    loop {
+        let pins_present = agent.kernel.keep_links();
+        if !pins_present && !warned {
+            tracing::error!(
+                "the pinned links under {} are gone (bpffs unmounted?): the programs stay attached \
+                 while this agent runs, but a restart would lose them; remount bpffs and restart egress",
+                agent.config.pin_dir.display()
+            );
+        }
+        warned = !pins_present;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }
 
 fn display_proxy(proxy: &Option<crate::proxy_url::ProxyUrl>) -> String {

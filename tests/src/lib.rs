@@ -62,6 +62,8 @@ pub struct Testbed {
     /// Where the agent runs: None = the test process's own cgroup (outside the attached ones),
     /// Some(dir) = that cgroup directory.
     pub agent_cgroup: Option<PathBuf>,
+    /// A bpffs mounted for this testbed alone (see [`Testbed::use_private_bpffs`]).
+    private_bpffs: Option<PathBuf>,
     // Drop order matters: processes first, then the cgroup, then the namespaces.
     agent: Option<Daemon>,
     agent_runs: u32,
@@ -139,6 +141,7 @@ impl Testbed {
         let cgroup_b = Cgroup::create(&format!("egress-test/{name}-b"))?;
         let mut bed = Self {
             agent_cgroup: None,
+            private_bpffs: None,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             name,
             dir,
@@ -253,6 +256,17 @@ impl Testbed {
 
     pub fn start_default_agent(&mut self) -> Result<()> {
         self.start_agent_with(&[])
+    }
+
+    /// Pins into a bpffs mounted for this testbed only, so a test may unmount it without
+    /// touching anyone else's pins. Call before starting the agent.
+    pub fn use_private_bpffs(&mut self) -> Result<PathBuf> {
+        let mount = self.dir.join("bpffs");
+        std::fs::create_dir_all(&mount)?;
+        cmd::run("mount", &["-t", "bpf", "bpf", &mount.to_string_lossy()])?;
+        self.pin_dir = mount.join("egress");
+        self.private_bpffs = Some(mount.clone());
+        Ok(mount)
     }
 
     /// The running agent's process id.
@@ -426,6 +440,9 @@ impl Drop for Testbed {
             &["detach", "--bpffs-dir", &self.pin_dir.to_string_lossy()],
         );
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Some(mount) = &self.private_bpffs {
+            cmd::quietly("umount", &["-l", &mount.to_string_lossy()]);
+        }
         if std::thread::panicking() {
             eprintln!("testbed {}: logs kept in {}", self.name, self.dir.display());
         } else {
