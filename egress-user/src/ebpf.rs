@@ -227,10 +227,10 @@ impl Kernel {
         let mut held = self.held_links.lock().unwrap_or_else(|e| e.into_inner());
         held.retain(|name, _| pinned.contains(name));
         for name in pinned {
-            if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(name) {
-                if let Ok(fd) = obj_get(&links_dir.join(slot.key())) {
-                    slot.insert(fd);
-                }
+            if let std::collections::btree_map::Entry::Vacant(slot) = held.entry(name)
+                && let Ok(fd) = obj_get(&links_dir.join(slot.key()))
+            {
+                slot.insert(fd);
             }
         }
         true
