@@ -17,13 +17,20 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::{ebpf, listener::Agent};
+use crate::{agent::Agent, ebpf};
 
 const PROBE_CACHE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct HealthCache {
     last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl HealthCache {
+    /// Drops the cached probe (the proxies changed).
+    pub fn forget(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
@@ -80,7 +87,8 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 async fn health(agent: &Agent) -> Result<String, String> {
-    let config = &agent.config;
+    let current = agent.current();
+    let config = &current.config;
     if !config.pin_dir.join("links").exists() {
         return Err(format!(
             "pins under {} are gone (bpffs unmounted?): interception lasts only while this agent runs",
@@ -93,7 +101,7 @@ async fn health(agent: &Agent) -> Result<String, String> {
         }
     }
     upstream_reachable(agent).await?;
-    let proxies: Vec<String> = agent.proxies().map(|p| p.url.to_string()).collect();
+    let proxies: Vec<String> = current.proxies().map(|p| p.url.to_string()).collect();
     Ok(format!(
         "attached to {} cgroup(s); upstream reachable: {}",
         config.cgroups.len(),
@@ -117,7 +125,7 @@ async fn upstream_reachable(agent: &Agent) -> Result<(), String> {
         return result;
     }
     let mut result = Ok(());
-    for proxy in agent.proxies() {
+    for proxy in agent.current().proxies() {
         if let Err(e) = proxy.connect().await {
             result = Err(format!("upstream proxy {} unreachable: {e}", proxy.url));
             break;

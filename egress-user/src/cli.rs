@@ -100,7 +100,7 @@ pub struct PinDir {
 }
 
 /// Flags of `egress run`. Each overrides the config file and the environment.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct RunArgs {
     /// TOML config file [default: /etc/egress/egress.toml, if it exists].
     #[arg(long, value_name = "FILE")]
@@ -181,7 +181,7 @@ pub struct RunArgs {
     pub pin: OptionalPinDir,
 }
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct OptionalPinDir {
     /// bpffs directory for the pinned programs and maps [default: /sys/fs/bpf/egress].
     #[arg(long, value_name = "DIR")]

@@ -48,14 +48,19 @@ pub struct KernelSettings {
     pub kernel_log: bool,
 }
 
-/// The loaded programs' maps, as the agent uses them while it runs.
-pub struct Kernel {
-    orig_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
-    counters: PerCpuArray<MapData, u64>,
+/// The deny and bypass tries, updated together.
+struct Ranges {
     deny4: LpmTrie<MapData, u32, u8>,
     bypass4: LpmTrie<MapData, u32, u8>,
     deny6: LpmTrie<MapData, [u32; 4], u8>,
     bypass6: LpmTrie<MapData, [u32; 4], u8>,
+}
+
+/// The loaded programs' maps, as the agent uses them while it runs.
+pub struct Kernel {
+    orig_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
+    counters: PerCpuArray<MapData, u64>,
+    ranges: Mutex<Ranges>,
     /// File descriptors of every link pinned under pin_dir, by pin name: while the agent runs,
     /// losing the pins (bpffs unmounted) must not detach anything.
     held_links: Mutex<std::collections::BTreeMap<std::ffi::OsString, std::os::fd::OwnedFd>>,
@@ -94,10 +99,12 @@ impl Kernel {
         Ok(Self {
             orig_dst: Mutex::new(orig_dst),
             counters,
-            deny4,
-            bypass4,
-            deny6,
-            bypass6,
+            ranges: Mutex::new(Ranges {
+                deny4,
+                bypass4,
+                deny6,
+                bypass6,
+            }),
             held_links: Mutex::default(),
             pin_dir: settings.pin_dir.clone(),
             ebpf,
@@ -251,13 +258,14 @@ impl Kernel {
     /// The tries are pinned and in use while this runs, so the order avoids any moment that is
     /// more permissive than either the old or the new policy: new denies go in before stale
     /// ones leave; stale bypasses leave before new ones go in.
-    pub fn set_ranges(&mut self, deny: &[IpNet], bypass: &[IpNet]) -> Result<()> {
+    pub fn set_ranges(&self, deny: &[IpNet], bypass: &[IpNet]) -> Result<()> {
         let (deny4, deny6) = trie_keys(deny)?;
         let (bypass4, bypass6) = trie_keys(bypass)?;
-        replace_keys(&mut self.deny4, &deny4, true).context("updating the kernel deny set")?;
-        replace_keys(&mut self.deny6, &deny6, true).context("updating the kernel deny set")?;
-        replace_keys(&mut self.bypass4, &bypass4, false).context("updating the kernel bypass set")?;
-        replace_keys(&mut self.bypass6, &bypass6, false).context("updating the kernel bypass set")?;
+        let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        replace_keys(&mut r.deny4, &deny4, true).context("updating the kernel deny set")?;
+        replace_keys(&mut r.deny6, &deny6, true).context("updating the kernel deny set")?;
+        replace_keys(&mut r.bypass4, &bypass4, false).context("updating the kernel bypass set")?;
+        replace_keys(&mut r.bypass6, &bypass6, false).context("updating the kernel bypass set")?;
         Ok(())
     }
 

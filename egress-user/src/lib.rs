@@ -1,6 +1,7 @@
 //! egress agent library: everything the `egress` binary does, one module per role.
 
 pub mod admin;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod decision;

@@ -5,10 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -20,64 +17,15 @@ use tokio::{
 };
 
 use crate::{
-    admin::HealthCache,
-    config::{Config, DefaultRoute},
+    agent::Agent,
+    config::DefaultRoute,
     decision::{Decision, Route},
-    ebpf::Kernel,
     forward::{self, Forward},
-    metrics::Metrics,
     policy::{Protocol, Route as Verdict, Target},
-    proxy_tls::ProxyTls,
-    proxy_url::{ProxyScheme, ProxyUrl},
     relay::{self, reset},
     sniff::{self, Sniff, Sniffed},
     upstream::{self, ProxyClient, Role, UpstreamStream},
 };
-
-pub struct Agent {
-    pub kernel: Kernel,
-    pub config: Config,
-    pub metrics: Metrics,
-    pub health: HealthCache,
-    https_proxy: Option<ProxyClient>,
-    http_proxy: Option<ProxyClient>,
-    next_id: AtomicU64,
-}
-
-impl Agent {
-    pub fn new(kernel: Kernel, config: Config) -> anyhow::Result<Self> {
-        let client = |url: &Option<ProxyUrl>| -> anyhow::Result<Option<ProxyClient>> {
-            let Some(url) = url else { return Ok(None) };
-            let tls = match url.scheme {
-                ProxyScheme::Https => Some(ProxyTls::new(
-                    config.proxy_ca_file.as_deref(),
-                    config.insecure_skip_proxy_tls_verify,
-                )?),
-                ProxyScheme::Http => None,
-            };
-            Ok(Some(ProxyClient::new(
-                url.clone(),
-                tls,
-                config.agent_mark,
-                config.timeouts,
-            )))
-        };
-        Ok(Self {
-            https_proxy: client(&config.https_proxy)?,
-            http_proxy: client(&config.http_proxy)?,
-            kernel,
-            config,
-            metrics: Metrics::new(),
-            health: HealthCache::default(),
-            next_id: AtomicU64::new(1),
-        })
-    }
-
-    /// The configured upstream proxies.
-    pub fn proxies(&self) -> impl Iterator<Item = &ProxyClient> {
-        self.https_proxy.iter().chain(self.http_proxy.iter())
-    }
-}
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<()> {
     loop {
@@ -103,7 +51,8 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<
 }
 
 async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision: &mut Decision) {
-    let config = &agent.config;
+    let current = agent.current();
+    let config = &current.config;
     let Some(original) = agent.kernel.take_original_dst(peer) else {
         decision.fail("connection was not redirected by egress (no original destination)");
         return reset(client);
@@ -127,8 +76,8 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
     decision.name = name.clone();
 
     let proxy = match (protocol, config.default_route) {
-        (Protocol::Http, _) => agent.http_proxy.as_ref(),
-        (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => agent.https_proxy.as_ref(),
+        (Protocol::Http, _) => current.http_proxy.as_ref(),
+        (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => current.https_proxy.as_ref(),
         (Protocol::Unknown, DefaultRoute::Direct) => None,
         (Protocol::Unknown, DefaultRoute::Deny) => {
             decision.route = Route::Deny;

@@ -11,11 +11,11 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 
 use crate::{
     admin,
+    agent::Agent,
     cli::RunArgs,
     config::Config,
     ebpf::{self, Kernel, KernelSettings},
-    listener::{self, Agent},
-    privileges,
+    listener, privileges,
 };
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -58,7 +58,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
     let user = config.user.clone();
-    let agent = Agent::new(kernel, config)?;
+    let agent = Agent::new(kernel, config, args.clone(), env)?;
     privileges::drop_to(&user)?;
 
     tokio::runtime::Builder::new_multi_thread()
@@ -99,7 +99,8 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
         agent.clone(),
     ));
     tokio::spawn(keep_links(agent.clone()));
-    let config = &agent.config;
+    let current = agent.current();
+    let config = &current.config;
     tracing::info!(
         listen = %format!("127.0.0.1:{}", config.listen_port),
         admin = %config.admin_addr,
@@ -109,6 +110,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
         "egress ready"
     );
 
+    tokio::spawn(reload_on_sighup(agent.clone()));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
         result = listener::serve(v4, agent.clone()) => result?,
@@ -122,6 +124,21 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     Ok(())
 }
 
+/// SIGHUP: load the configuration again; a bad one is logged and the old one stays in force.
+async fn reload_on_sighup(agent: Arc<Agent>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let reloading = agent.clone();
+        match tokio::task::spawn_blocking(move || reloading.reload()).await {
+            Ok(Ok(())) => tracing::info!("configuration reloaded"),
+            Ok(Err(e)) => tracing::error!("reload failed, the previous configuration stays in force: {e:#}"),
+            Err(e) => tracing::error!("reload failed: {e}"),
+        }
+    }
+}
+
 /// Holds the links while the agent runs (see `Kernel::keep_links`), checking every 2 s.
 async fn keep_links(agent: Arc<Agent>) {
     let mut warned = false;
@@ -131,7 +148,7 @@ async fn keep_links(agent: Arc<Agent>) {
             tracing::error!(
                 "the pinned links under {} are gone (bpffs unmounted?): the programs stay attached \
                  while this agent runs, but a restart would lose them; remount bpffs and restart egress",
-                agent.config.pin_dir.display()
+                agent.current().config.pin_dir.display()
             );
         }
         warned = !pins_present;
