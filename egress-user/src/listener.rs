@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
@@ -112,7 +112,14 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
             {
                 Ok(stream) => {
                     agent.metrics.upstream_latency(started.elapsed());
-                    relay::relay(client, UpstreamStream::Plain(stream), &first_bytes, &[], decision).await
+                    relay::relay(
+                        client,
+                        UpstreamStream::Plain(stream),
+                        first_bytes.freeze(),
+                        Bytes::new(),
+                        decision,
+                    )
+                    .await
                 }
                 Err(e) => {
                     decision.fail(e);
@@ -134,14 +141,22 @@ async fn handle(agent: &Agent, mut client: TcpStream, peer: SocketAddr, decision
                 authority,
                 approved_host: target.host.map(str::to_owned),
             };
-            forward::serve(client, first_bytes.freeze(), forward, decision).await;
+            Box::pin(forward::serve(client, first_bytes.freeze(), forward, decision)).await;
         }
         (Verdict::Proxy, Some(proxy)) => {
             decision.route = Route::ProxyConnect;
             decision.upstream = Some(proxy.url.authority());
             let connect_target = connect_target(&target, config.connect_by_ip);
             decision.target = Some(connect_target.clone());
-            tunnel(agent, proxy, &connect_target, client, &first_bytes, decision).await;
+            tunnel(
+                agent,
+                proxy,
+                &connect_target,
+                client,
+                first_bytes.freeze(),
+                decision,
+            )
+            .await;
         }
     }
 }
@@ -151,15 +166,17 @@ async fn tunnel(
     proxy: &ProxyClient,
     target: &str,
     client: TcpStream,
-    first_bytes: &[u8],
+    first_bytes: Bytes,
     decision: &mut Decision,
 ) {
     let started = Instant::now();
-    match proxy.open_tunnel(target).await {
+    // Boxed: the handshake's state is large and must not size the connection's future for its
+    // whole life (thousands of idle tunnels).
+    match Box::pin(proxy.open_tunnel(target)).await {
         Ok(tunnel) => {
             agent.metrics.upstream_latency(started.elapsed());
             decision.upstream_status = Some(200);
-            relay::relay(client, tunnel.stream, first_bytes, &tunnel.early_data, decision).await;
+            relay::relay(client, tunnel.stream, first_bytes, tunnel.early_data, decision).await;
         }
         Err(e) => {
             decision.upstream_status = e.status();

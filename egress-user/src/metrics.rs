@@ -110,6 +110,10 @@ impl Metrics {
             .inc_by(decision.bytes_down);
     }
 
+    pub fn active_connections(&self) -> u64 {
+        self.active.get().max(0) as u64
+    }
+
     pub fn upstream_latency(&self, elapsed: Duration) {
         self.upstream_seconds.observe(elapsed.as_secs_f64());
     }

@@ -32,30 +32,36 @@ fn reset_upstream(stream: UpstreamStream) {
 }
 
 /// Relays until both directions are done. `to_upstream` (bytes already read from the client)
-/// and `to_client` (bytes already read from upstream) are sent first. Half-close is passed on;
-/// an error on either side resets both.
+/// and `to_client` (bytes already read from upstream) are sent first, then let go. Half-close is
+/// passed on; an error on either side resets both.
 pub async fn relay(
     mut client: TcpStream,
     mut upstream: UpstreamStream,
-    to_upstream: &[u8],
-    to_client: &[u8],
+    to_upstream: Bytes,
+    to_client: Bytes,
     decision: &mut Decision,
 ) {
     if !to_client.is_empty() {
-        if let Err(e) = client.write_all(to_client).await {
+        if let Err(e) = client.write_all(&to_client).await {
             decision.fail(format!("writing to client: {e}"));
             return reset_both(client, upstream);
         }
         decision.bytes_down += to_client.len() as u64;
     }
     if !to_upstream.is_empty() {
-        if let Err(e) = upstream.write_all(to_upstream).await {
+        if let Err(e) = upstream.write_all(&to_upstream).await {
             decision.fail(format!("writing upstream: {e}"));
             return reset_both(client, upstream);
         }
         decision.bytes_up += to_upstream.len() as u64;
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    // Long-lived connections must not keep the sniffing and handshake buffers.
+    drop((to_upstream, to_client));
+    let copied = match &mut upstream {
+        UpstreamStream::Plain(tcp) => copy_lean(&client, tcp).await,
+        UpstreamStream::Tls(_) => tokio::io::copy_bidirectional(&mut client, &mut upstream).await,
+    };
+    match copied {
         Ok((up, down)) => {
             decision.bytes_up += up;
             decision.bytes_down += down;
@@ -65,6 +71,88 @@ pub async fn relay(
             reset_both(client, upstream);
         }
     }
+}
+
+/// Size of each worker thread's relay buffer.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+thread_local! {
+    static BUFFER: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; RELAY_BUFFER].into_boxed_slice());
+}
+
+/// One direction of a TCP relay: what was read but not yet written (only under backpressure),
+/// and whether the source has ended.
+#[derive(Default)]
+struct Direction {
+    pending: Vec<u8>,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+/// Copies both ways between two TCP sockets, like `copy_bidirectional`, but waits for readiness
+/// before touching memory: reads go through a per-thread buffer, so an idle connection holds no
+/// buffer at all, and a connection under backpressure holds at most one read's worth.
+async fn copy_lean(a: &TcpStream, b: &TcpStream) -> std::io::Result<(u64, u64)> {
+    let mut up = Direction::default(); // a -> b
+    let mut down = Direction::default(); // b -> a
+    while !(up.done && down.done) {
+        tokio::select! {
+            ready = a.readable(), if !up.done && up.pending.is_empty() && !up.eof => { ready?; step(&mut up, a, b)? }
+            ready = b.writable(), if !up.done && (!up.pending.is_empty() || up.eof) => { ready?; step(&mut up, a, b)? }
+            ready = b.readable(), if !down.done && down.pending.is_empty() && !down.eof => { ready?; step(&mut down, b, a)? }
+            ready = a.writable(), if !down.done && (!down.pending.is_empty() || down.eof) => { ready?; step(&mut down, b, a)? }
+        }
+    }
+    Ok((up.bytes, down.bytes))
+}
+
+/// Moves what it can from `src` to `dst` without waiting.
+fn step(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> std::io::Result<()> {
+    use std::io::ErrorKind::WouldBlock;
+    if !dir.pending.is_empty() {
+        match dst.try_write(&dir.pending) {
+            Ok(n) => {
+                dir.bytes += n as u64;
+                dir.pending.drain(..n);
+                if dir.pending.is_empty() {
+                    dir.pending = Vec::new(); // give the memory back
+                }
+            }
+            Err(e) if e.kind() == WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    } else if !dir.eof {
+        BUFFER.with(|buffer| -> std::io::Result<()> {
+            let mut buffer = buffer.borrow_mut();
+            let n = match src.try_read(&mut buffer) {
+                Ok(0) => {
+                    dir.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut written = 0;
+            while written < n {
+                match dst.try_write(&buffer[written..n]) {
+                    Ok(w) => written += w,
+                    Err(e) if e.kind() == WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            dir.bytes += written as u64;
+            dir.pending.extend_from_slice(&buffer[written..n]);
+            Ok(())
+        })?;
+    }
+    if dir.eof && dir.pending.is_empty() && !dir.done {
+        // Pass the half-close on.
+        let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+        dir.done = true;
+    }
+    Ok(())
 }
 
 fn reset_both(client: TcpStream, upstream: UpstreamStream) {
@@ -153,5 +241,66 @@ mod tests {
         io.write_all(b"answer").await.unwrap();
         assert_eq!(counts.read.load(Ordering::Relaxed), 16);
         assert_eq!(counts.written.load(Ordering::Relaxed), 6);
+    }
+}
+
+#[cfg(test)]
+mod lean_tests {
+    use super::*;
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    /// A connected pair of TCP sockets on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close_and_backpressure() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut upstream) = pair().await;
+        let relay = tokio::spawn(async move { copy_lean(&client_side, &upstream_side).await });
+
+        // 8 MiB up, written before anyone reads: exercises backpressure and pending bytes.
+        let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap(); // half-close: client is done sending
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            answer
+        });
+        let mut received = Vec::new();
+        // Read slowly at first.
+        let mut chunk = vec![0u8; 1024];
+        for _ in 0..16 {
+            let n = upstream.read(&mut chunk).await.unwrap();
+            received.extend_from_slice(&chunk[..n]);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        upstream.read_to_end(&mut received).await.unwrap(); // sees the half-close as EOF
+        assert_eq!(received.len(), data.len());
+        assert!(received == data);
+        upstream.write_all(b"answer after half-close").await.unwrap();
+        upstream.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"answer after half-close");
+        let (up, down) = relay.await.unwrap().unwrap();
+        assert_eq!((up, down), (data.len() as u64, 23));
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_is_an_error() {
+        let (client, client_side) = pair().await;
+        let (upstream_side, upstream) = pair().await;
+        let relay = tokio::spawn(async move { copy_lean(&client_side, &upstream_side).await });
+        socket2::SockRef::from(&upstream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(upstream);
+        assert!(relay.await.unwrap().is_err());
+        drop(client);
     }
 }

@@ -36,6 +36,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         ebpf::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
 
+    raise_fd_limit();
     // Listen before attaching, so the first redirected connect already finds us.
     let listeners = bind(&config)?;
     let settings = KernelSettings {
@@ -67,11 +68,58 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .block_on(serve(Arc::new(agent), listeners, logger))
 }
 
+/// Each relayed connection holds two descriptors; thousands of idle federation connections are
+/// normal for a homeserver. Raised while still root (the hard limit too, up to fs.nr_open).
+fn raise_fd_limit() {
+    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let limit = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: wanted,
+    };
+    // SAFETY: plain setrlimit/getrlimit on local structs.
+    let effective = unsafe {
+        let mut current = std::mem::zeroed::<libc::rlimit>();
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
+            current.rlim_cur = current.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &current);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
+        current.rlim_cur
+    };
+    let level = if effective < 65536 {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    };
+    let message = format!(
+        "file descriptor limit {effective}: room for about {} concurrent proxied connections",
+        effective.saturating_sub(64) / 2
+    );
+    if level == tracing::Level::WARN {
+        tracing::warn!("{message} (raise LimitNOFILE)");
+    } else {
+        tracing::info!("{message}");
+    }
+}
+
 fn bind(config: &Config) -> Result<Listeners> {
     let listen = |addr: std::net::SocketAddr| -> Result<StdListener> {
-        let listener = StdListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("listening on {addr}"))?;
+        // A deep backlog absorbs bursts of connects (capped by net.core.somaxconn).
+        socket
+            .listen(4096)
+            .with_context(|| format!("listening on {addr}"))?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
     };
     let v4 = listen(([127, 0, 0, 1], config.listen_port).into())?;
     // IPv6 connects are redirected to [::1]. Without IPv6 on loopback they simply fail (closed).
@@ -111,6 +159,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     );
 
     tokio::spawn(reload_on_sighup(agent.clone()));
+    tokio::spawn(trim_memory(agent.clone()));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
         result = listener::serve(v4, agent.clone()) => result?,
@@ -122,6 +171,21 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
          next `egress run` (`egress detach` removes the interception)"
     );
     Ok(())
+}
+
+/// glibc's malloc keeps memory freed by a burst of connections; hand it back once the number of
+/// open connections has fallen (checked every 5 s; a cheap call when there is nothing to give).
+async fn trim_memory(agent: Arc<Agent>) {
+    let mut previous = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let active = agent.metrics.active_connections();
+        if active + 256 < previous {
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
+        previous = active;
+    }
 }
 
 /// SIGHUP: load the configuration again; a bad one is logged and the old one stays in force.

@@ -188,6 +188,7 @@ cache deny all
 hosts_file {hosts}
 dns_nameservers 127.0.0.1
 shutdown_lifetime 1 second
+max_filedescriptors 65536
 ",
         port = opts.http_port,
         passwd = passwd.display(),
@@ -228,9 +229,10 @@ pub fn start_nginx(
         "daemon off;
 user root;
 worker_processes 1;
+worker_rlimit_nofile 65536;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 32768; }}
 http {{
   log_format egress '$remote_addr $server_port \"$request\" $status $ssl_server_name';
   access_log {d}/access.log egress;
