@@ -17,7 +17,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::{agent::Agent, ebpf};
+use crate::agent::Agent;
 
 const PROBE_CACHE: Duration = Duration::from_secs(5);
 
@@ -89,14 +89,14 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 async fn health(agent: &Agent) -> Result<String, String> {
     let current = agent.current();
     let config = &current.config;
-    if !config.pin_dir.join("links").exists() {
+    if !agent.kernel.pins_present() {
         return Err(format!(
             "pins under {} are gone (bpffs unmounted?): interception lasts only while this agent runs",
             config.pin_dir.display()
         ));
     }
     for cgroup in &config.cgroups {
-        if !ebpf::is_attached(&config.pin_dir, cgroup) {
+        if !agent.kernel.is_attached(cgroup) {
             return Err(format!("not attached to cgroup {}", cgroup.display()));
         }
     }

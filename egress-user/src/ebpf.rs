@@ -167,16 +167,22 @@ pub fn attach_to_running(pin_dir: &Path, cgroup: &Path) -> Result<()> {
     attach_programs(&mut ebpf, cgroup, pin_dir)
 }
 
-/// Whether `cgroup` still has egress's connect4 link pinned (and so attached).
-pub fn is_attached(pin_dir: &Path, cgroup: &Path) -> bool {
-    cgroup_id(cgroup)
-        .map(|id| {
-            pin_dir
-                .join(LINKS_DIR)
-                .join(format!("{id}-{}", programs::CONNECT4))
-                .exists()
-        })
-        .unwrap_or(false)
+/// Whether a bpf filesystem is mounted on `pin_dir` or one of its parents (from
+/// /proc/self/mountinfo, which needs no permission on the mount itself).
+fn pins_mounted(pin_dir: &Path) -> bool {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    mountinfo.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else {
+            return false;
+        };
+        right.split_whitespace().next() == Some("bpf")
+            && left
+                .split_whitespace()
+                .nth(4)
+                .is_some_and(|mount_point| pin_dir.starts_with(mount_point))
+    })
 }
 
 /// `egress detach --cgroup`: removes the links of one cgroup; returns how many were removed.
@@ -223,8 +229,11 @@ impl Kernel {
     /// interception then lasts as long as this agent runs. Returns false in that case.
     pub fn keep_links(&self) -> bool {
         let links_dir = self.pin_dir.join(LINKS_DIR);
-        let Ok(entries) = std::fs::read_dir(&links_dir) else {
-            return false;
+        let entries = match std::fs::read_dir(&links_dir) {
+            Ok(entries) => entries,
+            // bpffs mounted mode 700 (as systemd does): we cannot look, so keep what we hold.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return pins_mounted(&self.pin_dir),
+            Err(_) => return false,
         };
         let pinned: std::collections::BTreeSet<std::ffi::OsString> = entries
             .flatten()
@@ -241,6 +250,31 @@ impl Kernel {
             }
         }
         true
+    }
+
+    /// Whether `cgroup` has egress's connect4 link: by its pin, or, where the pins cannot be
+    /// looked at (bpffs mode 700 and the agent no longer root), by the links it holds.
+    pub fn is_attached(&self, cgroup: &Path) -> bool {
+        let Ok(id) = cgroup_id(cgroup) else { return false };
+        let name = format!("{id}-{}", programs::CONNECT4);
+        match std::fs::metadata(self.pin_dir.join(LINKS_DIR).join(&name)) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => self
+                .held_links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(std::ffi::OsStr::new(&name)),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether the pins are still there (false once bpffs was unmounted under us).
+    pub fn pins_present(&self) -> bool {
+        match std::fs::metadata(self.pin_dir.join(LINKS_DIR)) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => pins_mounted(&self.pin_dir),
+            Err(_) => false,
+        }
     }
 
     /// The destination the client asked for, for a connection accepted from `peer`.

@@ -37,8 +37,28 @@ pub enum ProxyUrlError {
     UnclosedBracket,
 }
 
+impl ProxyUrlError {
+    fn redacted(self) -> Self {
+        const HIDDEN: &str = "(not shown: the URL contains credentials)";
+        match self {
+            Self::InvalidPort(_) => Self::InvalidPort(HIDDEN.into()),
+            Self::InvalidHost(_) => Self::InvalidHost(HIDDEN.into()),
+            Self::UnsupportedScheme(_) => Self::UnsupportedScheme(HIDDEN.into()),
+            other => other,
+        }
+    }
+}
+
 impl ProxyUrl {
     pub fn parse(input: &str) -> Result<Self, ProxyUrlError> {
+        Self::parse_raw(input).map_err(|e| {
+            // A password with '/', '?' or '#' in it ends the authority early, and its pieces
+            // would show up as "host" or "port": never echo values from a URL with credentials.
+            if input.contains('@') { e.redacted() } else { e }
+        })
+    }
+
+    fn parse_raw(input: &str) -> Result<Self, ProxyUrlError> {
         let input = input.trim();
         let (scheme, rest) = match input.split_once("://") {
             Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
@@ -287,6 +307,28 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(ProxyUrl::parse(input).as_ref(), Err(expected), "{input}");
         }
+    }
+
+    #[test]
+    fn errors_never_echo_parts_of_credentials() {
+        for input in [
+            "http://user:pa/ss@proxy:3128",
+            "http://user:p#ss@proxy",
+            "http://u:p?x@proxy:99999",
+            "u:pw@[::1",
+        ] {
+            let error = ProxyUrl::parse(input).unwrap_err().to_string();
+            for fragment in ["pa", "ss", "p#", "x@", "pw"] {
+                assert!(
+                    !error.contains(fragment) || !input.contains(fragment),
+                    "{input}: {error}"
+                );
+            }
+        }
+        assert_eq!(
+            ProxyUrl::parse("http://user:pa/ss@proxy").unwrap_err(),
+            ProxyUrlError::InvalidPort("(not shown: the URL contains credentials)".into())
+        );
     }
 
     #[test]

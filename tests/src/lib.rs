@@ -261,9 +261,17 @@ impl Testbed {
     /// Pins into a bpffs mounted for this testbed only, so a test may unmount it without
     /// touching anyone else's pins. Call before starting the agent.
     pub fn use_private_bpffs(&mut self) -> Result<PathBuf> {
+        self.use_private_bpffs_with("mode=1777")
+    }
+
+    /// Like [`Self::use_private_bpffs`], with mount options (systemd mounts bpffs `mode=700`).
+    pub fn use_private_bpffs_with(&mut self, options: &str) -> Result<PathBuf> {
         let mount = self.dir.join("bpffs");
         std::fs::create_dir_all(&mount)?;
-        cmd::run("mount", &["-t", "bpf", "bpf", &mount.to_string_lossy()])?;
+        cmd::run(
+            "mount",
+            &["-t", "bpf", "-o", options, "bpf", &mount.to_string_lossy()],
+        )?;
         self.pin_dir = mount.join("egress");
         self.private_bpffs = Some(mount.clone());
         Ok(mount)

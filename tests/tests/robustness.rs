@@ -51,6 +51,32 @@ fn bpffs_unmounted_under_a_running_agent_keeps_interception() {
 }
 
 #[test]
+fn a_root_only_bpffs_as_systemd_mounts_it_is_handled_by_the_unprivileged_agent() {
+    let mut bed = testbed();
+    let mount = bed.use_private_bpffs_with("mode=700").unwrap();
+    bed.start_default_agent().unwrap();
+    // The agent runs as nobody and cannot look into the mount: still healthy, still working.
+    let (code, body) = bed.admin_get("/health").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
+        Some(0)
+    );
+    std::thread::sleep(Duration::from_millis(2500)); // a round of the link keeper
+    assert!(!bed.agent_log().contains("are gone"), "{}", bed.agent_log());
+
+    // And an unmount is still noticed, and survived.
+    cmd::run("umount", &[&mount.to_string_lossy()]).unwrap();
+    assert_eq!(
+        bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
+        Some(0)
+    );
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+    let (code, body) = bed.admin_get("/health").unwrap();
+    assert_eq!(code, 503, "{body}");
+}
+
+#[test]
 fn a_cgroup_removed_while_attached_is_reported_and_the_others_keep_working() {
     let mut bed = testbed();
     let cgroup_b = bed.cgroup_b.path.to_string_lossy().into_owned();
