@@ -229,44 +229,57 @@ impl ProxyClient {
     }
 
     async fn connect_handshake(&self, stream: UpstreamStream, target: &str) -> Result<Tunnel, UpstreamError> {
-        let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
-        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(protocol)?;
-        // The connection future hands the socket over to the upgrade once the proxy says 2xx.
-        let conn = tokio::spawn(conn.with_upgrades());
-
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target)
-            .header(header::HOST, target);
-        if let Some(auth) = self.url.authorization() {
-            request = request.header(header::PROXY_AUTHORIZATION, auth);
-        }
-        let request = request
-            .body(Empty::new())
-            .map_err(|e| UpstreamError::Protocol(format!("building CONNECT {target}: {e}")))?;
-        let response = match sender.send_request(request).await {
-            Ok(r) => r,
-            Err(e) => {
-                conn.abort();
-                return Err(protocol(e));
-            }
-        };
-        if !response.status().is_success() {
-            conn.abort();
-            return Err(UpstreamError::Status(response.status()));
-        }
-        let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
-        let parts = upgraded
-            .downcast::<TokioIo<UpstreamStream>>()
-            .map_err(|_| UpstreamError::Protocol("upgraded connection is not ours".into()))?;
-        Ok(Tunnel {
-            stream: parts.io.into_inner(),
-            early_data: parts.read_buf,
-        })
+        let authorization = self.url.authorization();
+        let (stream, early_data) = connect_exchange(stream, target, authorization.as_deref()).await?;
+        Ok(Tunnel { stream, early_data })
     }
+}
+
+/// The CONNECT exchange over any stream: sends `CONNECT target` (with `authorization` as
+/// Proxy-Authorization), and on a 2xx answer gives back the stream and the bytes the proxy sent
+/// after its answer head. Public for the fuzz target that feeds it arbitrary answers.
+pub async fn connect_exchange<IO>(
+    io: IO,
+    target: &str,
+    authorization: Option<&str>,
+) -> Result<(IO, Bytes), UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+        .await
+        .map_err(protocol)?;
+    // The connection future hands the socket over to the upgrade once the proxy says 2xx.
+    let conn = tokio::spawn(conn.with_upgrades());
+
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target)
+        .header(header::HOST, target);
+    if let Some(auth) = authorization {
+        request = request.header(header::PROXY_AUTHORIZATION, auth);
+    }
+    let request = request
+        .body(Empty::new())
+        .map_err(|e| UpstreamError::Protocol(format!("building CONNECT {target}: {e}")))?;
+    let response = match sender.send_request(request).await {
+        Ok(r) => r,
+        Err(e) => {
+            conn.abort();
+            return Err(protocol(e));
+        }
+    };
+    if !response.status().is_success() {
+        conn.abort();
+        return Err(UpstreamError::Status(response.status()));
+    }
+    let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
+    let parts = upgraded
+        .downcast::<TokioIo<IO>>()
+        .map_err(|_| UpstreamError::Protocol("upgraded connection is not ours".into()))?;
+    Ok((parts.io.into_inner(), parts.read_buf))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | run | test`.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::path::PathBuf;
@@ -30,11 +31,28 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run every test: unit tests and the root-only namespace tests.
+    /// Set up, build, and run every test: unit tests, the root-only namespace tests, and a
+    /// short run of each fuzz target.
     Test {
+        /// Skip the fuzz smoke run.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// The opt-in soak test: traffic through the agent for SECONDS, checking that its
+    /// descriptors and memory do not grow.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
+    /// Run each fuzz target (cargo-fuzz, nightly) for SECONDS, from the seed corpora.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
 }
 
@@ -58,7 +76,7 @@ fn main() -> Result<()> {
                 setup::sh(&egress_bin().to_string_lossy(), &refs, &[])
             }
         }
-        Task::Test { args } => {
+        Task::Test { no_fuzz, args } => {
             require_root()?;
             setup::setup(true)?;
             build()?;
@@ -66,7 +84,42 @@ fn main() -> Result<()> {
             let bin = egress_bin();
             let mut full = vec!["test", "--release", "--workspace"];
             full.extend(args.iter().map(String::as_str));
-            setup::sh("cargo", &full, &[("EGRESS_BIN", &bin.to_string_lossy())])
+            setup::sh("cargo", &full, &[("EGRESS_BIN", &bin.to_string_lossy())])?;
+            if no_fuzz || !args.is_empty() {
+                return Ok(());
+            }
+            fuzz::run(&workspace_root(), 5, &[])
+        }
+        Task::Soak { seconds } => {
+            require_root()?;
+            setup::setup(true)?;
+            build()?;
+            egress_testbed::sweep_leftovers();
+            let bin = egress_bin();
+            let args = [
+                "test",
+                "--release",
+                "-p",
+                "egress-testbed",
+                "--test",
+                "soak",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ];
+            let seconds = seconds.to_string();
+            setup::sh(
+                "cargo",
+                &args,
+                &[
+                    ("EGRESS_BIN", &bin.to_string_lossy()),
+                    ("EGRESS_SOAK_SECONDS", &seconds),
+                ],
+            )
+        }
+        Task::Fuzz { seconds, targets } => {
+            setup::setup(false)?;
+            fuzz::run(&workspace_root(), seconds, &targets)
         }
     }
 }

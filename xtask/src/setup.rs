@@ -160,6 +160,20 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, from crates.io, when it is not installed yet.
+pub fn cargo_fuzz() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz");
+    sh("cargo", &["+stable", "install", "cargo-fuzz", "--locked"], &[])
+}
+
 fn capture(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
