@@ -61,7 +61,7 @@ fn soak_without_descriptor_or_memory_growth() {
     while started.elapsed() < Duration::from_secs(seconds) {
         round(&bed);
         rounds += 1;
-        if rounds % 100 == 0 {
+        if rounds.is_multiple_of(100) {
             samples.push((started.elapsed().as_secs(), fds(pid), rss_kib(pid)));
         }
     }
