@@ -330,32 +330,32 @@ impl Testbed {
     /// stdout piped, for clients that must stay connected while the test does other things.
     /// The cgroup's removal on drop kills it if the test does not.
     pub fn spawn_in(&self, cgroup: &Path, program: &str, args: &[&str]) -> Result<std::process::Child> {
-        Ok(Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(cgroup)
-            .arg("nsenter")
-            .arg(format!("--net={}", self.hs.path()))
-            .arg(program)
-            .args(args)
+        Ok(self
+            .in_cgroup(cgroup, program, args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?)
     }
 
-    /// Runs `program args...` inside cgroup `cgroup`, in the homeserver namespace.
-    pub fn run_in(&self, cgroup: &Path, program: &str, args: &[&str]) -> Result<ClientResult> {
-        let output = Command::new("sh")
+    /// The command running `program args...` inside `cgroup`, in the homeserver namespace: join
+    /// the cgroup first, then enter only the network namespace (keeping /sys and its cgroupfs).
+    fn in_cgroup(&self, cgroup: &Path, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
             .arg(cgroup)
             .arg("nsenter")
             .arg(format!("--net={}", self.hs.path()))
             .arg(program)
-            .args(args)
-            .output()?;
-        Ok(output.into())
+            .args(args);
+        command
+    }
+
+    /// Runs `program args...` inside cgroup `cgroup`, in the homeserver namespace.
+    pub fn run_in(&self, cgroup: &Path, program: &str, args: &[&str]) -> Result<ClientResult> {
+        Ok(self.in_cgroup(cgroup, program, args).output()?.into())
     }
 
     /// curl from inside the cgroup with no proxy settings at all: `url` is fetched "directly",
@@ -366,17 +366,23 @@ impl Testbed {
 
     /// One curl fetching several URLs (reusing its connection where it can).
     pub fn curl_many(&self, urls: &[&str]) -> Result<ClientResult> {
+        self.curl_in(&self.cgroup.path, urls)
+    }
+
+    /// curl in `cgroup` with no proxy settings, origin.test resolving to the origin and the test
+    /// CA trusted; `args` (URLs and further options) come last.
+    pub fn curl_in(&self, cgroup: &Path, args: &[&str]) -> Result<ClientResult> {
         let ca = self.certs.ca.to_string_lossy().into_owned();
-        let mut args = vec!["-sS", "--noproxy", "*", "--max-time", "15", "--cacert", &ca];
         let resolves: Vec<String> = [443u16, 8448, 80]
             .iter()
             .map(|p| format!("{ORIGIN_NAME}:{p}:{ORIGIN_IP}"))
             .collect();
-        for r in &resolves {
-            args.extend_from_slice(&["--resolve", r]);
+        let mut all = vec!["-sS", "--noproxy", "*", "--max-time", "15", "--cacert", &ca];
+        for resolve in &resolves {
+            all.extend(["--resolve", resolve.as_str()]);
         }
-        args.extend_from_slice(urls);
-        self.run_in_cgroup("curl", &args)
+        all.extend_from_slice(args);
+        self.run_in(cgroup, "curl", &all)
     }
 
     /// A bare TCP connect from inside the cgroup. stdout is `connected`, or the error's

@@ -149,17 +149,8 @@ fn a_slow_reader_does_not_make_the_agent_buffer() {
     let baseline = rss_kib(pid);
     // Reads 256 MiB at 2 MiB/s for 3 s: the origin could send much faster, so everything not
     // yet read waits in socket buffers and squid, not in the agent.
-    let ca = bed.certs.ca.to_string_lossy().into_owned();
-    let resolve = format!("{ORIGIN_NAME}:443:{ORIGIN_IP}");
     let url = format!("https://{ORIGIN_NAME}/big.bin");
     let args = [
-        "-sS",
-        "--noproxy",
-        "*",
-        "--cacert",
-        &ca,
-        "--resolve",
-        &resolve,
         "--limit-rate",
         "2M",
         "--max-time",
@@ -170,7 +161,7 @@ fn a_slow_reader_does_not_make_the_agent_buffer() {
         "%{size_download}",
         &url,
     ];
-    let result = bed.run_in_cgroup("curl", &args).unwrap();
+    let result = bed.curl_in(&bed.cgroup.path, &args).unwrap();
     let got: u64 = result.stdout.trim().parse().unwrap_or(0);
     assert!(got > 0 && got < BIG_FILE_BYTES / 4, "{result:?}");
     let during = rss_kib(pid);

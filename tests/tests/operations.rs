@@ -192,19 +192,9 @@ fn units_are_resolved_to_their_cgroups() {
     let unit = format!("{}.service", bed.name);
     let unit_cgroup = Cgroup::create(&format!("egress-test/{unit}")).unwrap();
     bed.start_agent_with(&["--unit", &unit]).unwrap();
-    let ca = bed.certs.ca.to_string_lossy().into_owned();
-    let resolve = format!("{ORIGIN_NAME}:8448:{ORIGIN_IP}");
-    let args = [
-        "-sS",
-        "--noproxy",
-        "*",
-        "--cacert",
-        &ca,
-        "--resolve",
-        &resolve,
-        "https://origin.test:8448/",
-    ];
-    let result = bed.run_in(&unit_cgroup.path, "curl", &args).unwrap();
+    let result = bed
+        .curl_in(&unit_cgroup.path, &["https://origin.test:8448/"])
+        .unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
     let squid = bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
         l.contains(":8448")

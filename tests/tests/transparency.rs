@@ -267,19 +267,8 @@ fn cgroups_come_and_go_without_disturbing_established_connections() {
 
     // Cgroup B, not attached yet: direct.
     let b_curl = |bed: &Testbed| {
-        let ca = bed.certs.ca.to_string_lossy().into_owned();
-        let resolve = format!("{ORIGIN_NAME}:443:{ORIGIN_IP}");
-        let args = [
-            "-sS",
-            "--noproxy",
-            "*",
-            "--cacert",
-            &ca,
-            "--resolve",
-            &resolve,
-            "https://origin.test/",
-        ];
-        bed.run_in(&bed.cgroup_b.path, "curl", &args).unwrap()
+        bed.curl_in(&bed.cgroup_b.path, &["https://origin.test/"])
+            .unwrap()
     };
     assert_eq!(b_curl(&bed).code, Some(0));
     assert!(wait_for(&bed, Testbed::origin_access_log, HS_IP).contains(HS_IP));
