@@ -83,7 +83,14 @@ fn count(index: u32) {
 #[inline(always)]
 fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
     let w = words as *const u32;
-    unsafe { [read_volatile(w), read_volatile(w.add(1)), read_volatile(w.add(2)), read_volatile(w.add(3))] }
+    unsafe {
+        [
+            read_volatile(w),
+            read_volatile(w.add(1)),
+            read_volatile(w.add(2)),
+            read_volatile(w.add(3)),
+        ]
+    }
 }
 
 #[inline(always)]
@@ -256,7 +263,11 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
             if !remember(&ctx, &original) {
                 return DENY;
             }
-            let loopback = if mapped { [0, 0, MAPPED_PREFIX, LOOPBACK4] } else { LOOPBACK6 };
+            let loopback = if mapped {
+                [0, 0, MAPPED_PREFIX, LOOPBACK4]
+            } else {
+                LOOPBACK6
+            };
             write_ip6(&mut sa.user_ip6, loopback);
             sa.user_port = listen_port.to_be() as u32;
             ALLOW
@@ -317,7 +328,11 @@ fn record_original_dst(ctx: &SockOpsContext) {
     let local = if ctx.family() == AF_INET6 as u32 {
         let ip = read_ip6(unsafe { &(*ctx.ops).local_ip6 });
         // A dual-stack socket talking IPv4: the agent accepts it on its IPv4 listener.
-        if is_mapped(&ip) { SockAddr::v4(ip[3], port) } else { SockAddr::v6(ip, port) }
+        if is_mapped(&ip) {
+            SockAddr::v4(ip[3], port)
+        } else {
+            SockAddr::v6(ip, port)
+        }
     } else {
         SockAddr::v4(ctx.local_ip4(), port)
     };

@@ -80,15 +80,15 @@ fn main() -> Result<()> {
             require_root()?;
             setup::setup(true)?;
             build()?;
+            // The fuzz smoke first, so that the test runner's summary closes the output.
+            if !no_fuzz && args.is_empty() {
+                fuzz::run(&workspace_root(), 5, &[])?;
+            }
             egress_testbed::sweep_leftovers();
             let bin = egress_bin();
             let mut full = vec!["test", "--release", "--workspace"];
             full.extend(args.iter().map(String::as_str));
-            setup::sh("cargo", &full, &[("EGRESS_BIN", &bin.to_string_lossy())])?;
-            if no_fuzz || !args.is_empty() {
-                return Ok(());
-            }
-            fuzz::run(&workspace_root(), 5, &[])
+            setup::sh("cargo", &full, &[("EGRESS_BIN", &bin.to_string_lossy())])
         }
         Task::Soak { seconds } => {
             require_root()?;
