@@ -88,7 +88,7 @@ fn main() -> Result<()> {
             let bin = egress_bin();
             let mut full = vec!["test", "--release", "--workspace"];
             full.extend(args.iter().map(String::as_str));
-            setup::sh("cargo", &full, &[("EGRESS_BIN", &bin.to_string_lossy())])
+            setup::cargo_test(&full, &[("EGRESS_BIN", &bin.to_string_lossy())])
         }
         Task::Soak { seconds } => {
             require_root()?;

@@ -174,6 +174,48 @@ pub fn cargo_fuzz() -> Result<()> {
     sh("cargo", &["+stable", "install", "cargo-fuzz", "--locked"], &[])
 }
 
+/// Runs cargo's test command, passing its output through, and closes with the totals of its
+/// `test result:` lines as one plain `tests: N passed, M failed` line.
+pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut command = Command::new("cargo");
+    command
+        .args(args)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(std::process::Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                result
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(what)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
 fn capture(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
