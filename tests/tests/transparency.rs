@@ -309,6 +309,4 @@ fn cgroups_come_and_go_without_disturbing_established_connections() {
     writeln!(client.stdin.as_mut().unwrap()).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "ok");
     assert!(client.wait().unwrap().success());
-    let squid = bed.squid_access_log();
-    let _ = squid; // the tunnel's line appears only once it closes; the packet counters above suffice
 }
