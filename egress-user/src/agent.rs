@@ -26,7 +26,7 @@ pub struct Current {
 }
 
 impl Current {
-    fn new(config: Config) -> Result<Self> {
+    pub fn new(config: Config) -> Result<Self> {
         let client = |url: &Option<ProxyUrl>| -> Result<Option<ProxyClient>> {
             let Some(url) = url else { return Ok(None) };
             let tls = match url.scheme {

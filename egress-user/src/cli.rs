@@ -40,6 +40,10 @@ pub enum Command {
     /// Show which rule matches DEST (e.g. matrix.org:8448 or 10.1.2.3:443) and what would
     /// happen to a connection to it, without sending anything to it.
     Explain(Box<ExplainArgs>),
+    /// Perform Matrix federation discovery for a server name (.well-known, SRV, 8448) through
+    /// egress's policy and upstream proxy, and report each step: what was resolved, which rule
+    /// applied, the proxy's answer to CONNECT, the certificate, the federation version answer.
+    Doctor(Box<DoctorArgs>),
     /// Add cgroups to the running instance, without restarting it or touching connections.
     Attach(CgroupArgs),
     /// Remove the interception: detach the programs and delete everything pinned; with
@@ -56,6 +60,25 @@ pub struct ExplainArgs {
     /// The address HOST resolves to (default: ask the system resolver).
     #[arg(long, value_name = "IP")]
     pub ip: Option<std::net::IpAddr>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The Matrix server name to check, e.g. example.org (as in @user:example.org).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Extra CA certificates (PEM) to trust for the homeserver's peers, like Synapse's
+    /// federation_custom_ca_list; repeatable. The system roots (and SSL_CERT_FILE) count too.
+    #[arg(long = "ca-file", value_name = "PATH")]
+    pub ca_files: Vec<PathBuf>,
+    /// Seconds allowed for each connection, handshake and answer.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub timeout: f64,
     #[command(flatten)]
     pub run: RunArgs,
 }

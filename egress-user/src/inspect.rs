@@ -119,6 +119,32 @@ pub fn parse_destination(dest: &str) -> Result<(String, u16)> {
     Ok((host.to_ascii_lowercase(), port))
 }
 
+/// What the kernel program does with a connect() to `ip`: it sees only the address.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KernelDecision {
+    /// Loopback (127.0.0.0/8, ::1, v4-mapped loopback) is never intercepted: Redis, Postgres,
+    /// the agent itself.
+    Loopback,
+    /// connect() fails with EPERM; the rule that denied it.
+    Deny(String),
+    /// Not intercepted (a no_proxy address range): straight to the destination.
+    Bypass,
+    /// Redirected to the agent, which decides with the name.
+    Redirect,
+}
+
+pub fn kernel_decision(policy: &crate::policy::Policy, ip: IpAddr) -> KernelDecision {
+    if ip.to_canonical().is_loopback() {
+        KernelDecision::Loopback
+    } else if let Some(rule) = policy.denied(ip) {
+        KernelDecision::Deny(rule)
+    } else if policy.kernel_bypass_nets().iter().any(|net| net.contains(&ip)) {
+        KernelDecision::Bypass
+    } else {
+        KernelDecision::Redirect
+    }
+}
+
 /// What would happen to a connection to `host:port` at address `ip`, for each kind of traffic.
 pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr) -> String {
     let name = (host.parse::<IpAddr>().is_err()).then_some(host);
@@ -128,13 +154,13 @@ pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr) -> String {
         let _ = writeln!(out, "name: {name}");
     }
     let policy = &config.policy;
-    // The kernel sees only the address.
-    let kernel = if let Some(rule) = policy.denied(ip) {
-        format!("connect() fails with EPERM at once ({rule}); nothing leaves the host")
-    } else if policy.kernel_bypass_nets().iter().any(|net| net.contains(&ip)) {
-        "not intercepted: goes direct (no_proxy address range)".to_owned()
-    } else {
-        "redirected to the agent".to_owned()
+    let kernel = match kernel_decision(policy, ip) {
+        KernelDecision::Deny(rule) => {
+            format!("connect() fails with EPERM at once ({rule}); nothing leaves the host")
+        }
+        KernelDecision::Loopback => "not intercepted: loopback is always left alone".to_owned(),
+        KernelDecision::Bypass => "not intercepted: goes direct (no_proxy address range)".to_owned(),
+        KernelDecision::Redirect => "redirected to the agent".to_owned(),
     };
     let _ = writeln!(out, "kernel: {kernel}");
     if !kernel.starts_with("redirected") {
@@ -174,10 +200,7 @@ pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr) -> String {
                     )
                 }
                 (Route::Proxy, Some(proxy)) => {
-                    let connect = match named {
-                        Some(n) if !config.connect_by_ip => format!("{n}:{port}"),
-                        _ => SocketAddr::new(ip, port).to_string(),
-                    };
+                    let connect = crate::listener::connect_target(&target, config.connect_by_ip);
                     format!("CONNECT {connect} via {proxy}")
                 }
             };
@@ -259,6 +282,12 @@ mod tests {
 
         let text = explain(&c, "192.0.2.7", 443, "192.0.2.7".parse().unwrap());
         assert!(text.contains("not intercepted: goes direct"), "{text}");
+
+        for loopback in ["127.0.0.1", "::1", "::ffff:127.0.0.2"] {
+            let text = explain(&c, "localhost", 5432, loopback.parse().unwrap());
+            assert!(text.contains("kernel: not intercepted: loopback"), "{text}");
+            assert!(!text.contains("EPERM"), "{text}");
+        }
 
         let text = explain(&c, "db.internal.example", 5432, public);
         assert!(

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod decision;
+pub mod doctor;
 pub mod ebpf;
 pub mod forward;
 pub mod homeserver;

@@ -187,7 +187,7 @@ async fn tunnel(
 }
 
 /// `host:port` for CONNECT: the client's name (SNI) when known, else the IP (IPv6 bracketed).
-fn connect_target(target: &Target, by_ip: bool) -> String {
+pub fn connect_target(target: &Target, by_ip: bool) -> String {
     match target.host {
         Some(host) if !by_ip && host.contains(':') => format!("[{host}]:{}", target.port),
         Some(host) if !by_ip => format!("{host}:{}", target.port),

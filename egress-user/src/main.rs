@@ -1,8 +1,8 @@
 use clap::Parser;
 use egress_user::{
-    cli::{Cli, Command, ExplainArgs, LogFormat},
+    cli::{Cli, Command, DoctorArgs, ExplainArgs, LogFormat},
     config::Config,
-    ebpf, inspect, run,
+    doctor, ebpf, inspect, run,
 };
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +44,7 @@ fn main() -> std::process::ExitCode {
             Config::load(&args, &env).map(|config| print!("{}", inspect::render_config(&config)))
         }
         Command::Explain(args) => explain(&args),
+        Command::Doctor(args) => return run_doctor(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -68,6 +69,58 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     };
     print!("{}", inspect::explain(&config, &host, port, ip));
     Ok(())
+}
+
+/// Exit status 0 when the federation version endpoint answered through egress, 1 otherwise.
+fn run_doctor(args: &DoctorArgs) -> std::process::ExitCode {
+    let report = (|| -> anyhow::Result<doctor::report::Report> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let config = Config::load(&args.run, &env)?;
+        if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+            anyhow::bail!("--timeout {}: must be a positive number of seconds", args.timeout);
+        }
+        // The mark keeps the doctor's own connections out of interception should it run inside
+        // an intercepted cgroup; setting it needs CAP_NET_ADMIN, so only root uses it.
+        let mark = if nix::unistd::geteuid().is_root() {
+            config.agent_mark
+        } else {
+            0
+        };
+        let options = doctor::Options {
+            ca_files: args.ca_files.clone(),
+            timeout: std::time::Duration::from_secs_f64(args.timeout),
+            mark,
+        };
+        let current = egress_user::agent::Current::new(Config {
+            agent_mark: mark,
+            ..config
+        })?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(runtime.block_on(doctor::diagnose(&current, &args.server_name, &options)))
+    })();
+    match report {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                );
+            } else {
+                print!("{}", report.render_text());
+            }
+            if report.ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("egress: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -57,16 +57,7 @@ impl ProxyTls {
 fn roots(ca_file: Option<&Path>) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     match ca_file {
-        Some(path) => {
-            let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("proxy_ca_file {}", path.display()))?
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("proxy_ca_file {}: not PEM certificates", path.display()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                bail!("proxy_ca_file {}: no usable CA certificate in it", path.display());
-            }
-        }
+        Some(path) => add_pem_file(&mut roots, path, "proxy_ca_file")?,
         None => {
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(found.certs);
@@ -79,6 +70,19 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore> {
         }
     }
     Ok(roots)
+}
+
+/// Adds the CA certificates of a PEM file; `what` names the setting in errors.
+pub fn add_pem_file(roots: &mut RootCertStore, path: &Path, what: &str) -> Result<()> {
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("{what} {}", path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{what} {}: not PEM certificates", path.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        bail!("{what} {}: no usable CA certificate in it", path.display());
+    }
+    Ok(())
 }
 
 /// Accepts any certificate (signatures are still checked, so the handshake is well-formed).

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod cmd;
 pub mod netns;
 pub mod peers;
+pub mod synapse;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +46,15 @@ pub const ORIGIN_IP6: &str = "fd00:248::30";
 pub const SQUID_TLS_PORT: u16 = 3129;
 pub const SQUID_TLS_EXPIRED_PORT: u16 = 3130;
 pub const SQUID_TLS_WRONG_NAME_PORT: u16 = 3131;
+/// squid's plain port with the stock rule "CONNECT only to port 443".
+pub const SQUID_STRICT_PORT: u16 = 3132;
+/// A second address of the origin host, for tests that need a blacklisted destination.
+pub const ORIGIN_IP_2: &str = "10.248.0.31";
+/// Matrix server names whose TLS certificate the origin holds (see peers::MATRIX_DELEGATIONS
+/// for which delegate where).
+pub const MATRIX_NAMES: &[&str] = &["example.test", "fed.example.test", "plain.example.test"];
+/// A name squid resolves to the origin, but which the origin's certificate does not hold.
+pub const NAME_NOT_IN_CERT: &str = "wrongcert.test";
 pub const ORIGIN_NAME: &str = "origin.test";
 pub const SQUID_PORT: u16 = 3128;
 pub const PROXY_USER: &str = "egress";
@@ -67,6 +77,9 @@ pub struct Testbed {
     // Drop order matters: processes first, then the cgroup, then the namespaces.
     agent: Option<Daemon>,
     agent_runs: u32,
+    dns: Option<Daemon>,
+    /// /etc/netns/<hs>: the resolv.conf and hosts `ip netns exec` gives the homeserver host.
+    hs_etc: Option<PathBuf>,
     squid: Daemon,
     nginx: Daemon,
     pub cgroup: Cgroup,
@@ -113,9 +126,19 @@ impl Testbed {
         netns::attach_host(&switch, &hs, "p-hs", HS_IP, HS_IP6)?;
         netns::attach_host(&switch, &proxy, "p-px", PROXY_IP, PROXY_IP6)?;
         netns::attach_host(&switch, &origin, "p-or", ORIGIN_IP, ORIGIN_IP6)?;
+        origin.ip(&[
+            "addr",
+            "add",
+            &format!("{ORIGIN_IP_2}/{}", netns::PREFIX_LEN),
+            "dev",
+            "eth0",
+        ])?;
         peers::install_packet_counter(&origin, HS_IP, HS_IP6)?;
 
-        let certs = peers::make_certs(&dir, "origin", &[ORIGIN_NAME], &[ORIGIN_IP, ORIGIN_IP6], 2)?;
+        let origin_names: Vec<&str> = std::iter::once(ORIGIN_NAME)
+            .chain(MATRIX_NAMES.iter().copied())
+            .collect();
+        let certs = peers::make_certs(&dir, "origin", &origin_names, &[ORIGIN_IP, ORIGIN_IP6], 2)?;
         let proxy_ips = [PROXY_IP, PROXY_IP6];
         let proxy_good = peers::make_certs(&dir, "proxy", &["proxy.test"], &proxy_ips, 2)?;
         let proxy_expired = peers::make_certs(&dir, "proxy-expired", &["proxy.test"], &proxy_ips, -1)?;
@@ -133,7 +156,11 @@ impl Testbed {
                     (SQUID_TLS_EXPIRED_PORT, &proxy_expired),
                     (SQUID_TLS_WRONG_NAME_PORT, &proxy_wrong_name),
                 ],
-                hosts: &format!("{ORIGIN_IP} {ORIGIN_NAME}\n"),
+                hosts: &format!(
+                    "{ORIGIN_IP} {ORIGIN_NAME} {NAME_NOT_IN_CERT} {}\n",
+                    MATRIX_NAMES.join(" ")
+                ),
+                strict_port: SQUID_STRICT_PORT,
             },
         )?;
         let nginx = peers::start_nginx(&origin, &dir, &certs, &[443, 8448], 80)?;
@@ -148,6 +175,8 @@ impl Testbed {
             certs,
             agent: None,
             agent_runs: 0,
+            dns: None,
+            hs_etc: None,
             squid,
             nginx,
             cgroup,
@@ -163,6 +192,7 @@ impl Testbed {
                 SQUID_TLS_PORT,
                 SQUID_TLS_EXPIRED_PORT,
                 SQUID_TLS_WRONG_NAME_PORT,
+                SQUID_STRICT_PORT,
             ]
             .iter()
             .all(|p| b.proxy.is_listening(*p))
@@ -321,6 +351,51 @@ impl Testbed {
             .collect()
     }
 
+    /// Gives the homeserver host a DNS server (dnsmasq on its loopback) answering A records
+    /// from `hosts` (hosts-file lines) and the `srv` records, and makes it the resolver of
+    /// programs started with [`Self::run_in_hs`] / [`Self::hs_command`] (`ip netns exec` uses
+    /// /etc/netns/NAME/resolv.conf).
+    pub fn start_dns(&mut self, hosts: &str, srv: &[(&str, &str, u16)]) -> Result<()> {
+        let etc = PathBuf::from("/etc/netns").join(&self.hs.name);
+        std::fs::create_dir_all(&etc)?;
+        self.hs_etc = Some(etc.clone());
+        std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
+        std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+        self.dns = Some(peers::start_dnsmasq(&self.hs, &self.dir, hosts, srv)?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .hs
+            .exec("ss", &["-Hlun", "sport = :53"])
+            .is_ok_and(|o| !o.trim().is_empty())
+        {
+            if Instant::now() > deadline {
+                bail!("dnsmasq did not start; logs in {}", self.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `program args...` in the homeserver namespace through `ip netns exec` (so with the
+    /// resolver of [`Self::start_dns`]), in `cgroup` if given (joined first: `ip netns exec`
+    /// hides the cgroup filesystem).
+    pub fn hs_command(&self, cgroup: Option<&Path>, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"[ -z "$0" ] || echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(cgroup.unwrap_or(Path::new("")))
+            .args(["ip", "netns", "exec", &self.hs.name, program])
+            .args(args);
+        command
+    }
+
+    /// Runs `program args...` in the homeserver namespace, outside the intercepted cgroups,
+    /// with the resolver of [`Self::start_dns`].
+    pub fn run_in_hs(&self, program: &str, args: &[&str]) -> Result<ClientResult> {
+        Ok(self.hs_command(None, program, args).output()?.into())
+    }
+
     /// Runs `program args...` inside the intercepted cgroup, in the homeserver namespace.
     pub fn run_in_cgroup(&self, program: &str, args: &[&str]) -> Result<ClientResult> {
         self.run_in(&self.cgroup.path, program, args)
@@ -448,6 +523,10 @@ except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.kill_agent();
+        self.dns.take();
+        if let Some(etc) = self.hs_etc.take() {
+            let _ = std::fs::remove_dir_all(etc);
+        }
         // Removing the pins detaches the programs from the (soon removed) cgroup.
         cmd::quietly(
             &egress_bin().to_string_lossy(),
@@ -478,6 +557,13 @@ pub fn sweep_leftovers() {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(NAME_PREFIX) {
                 cmd::quietly("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(NAME_PREFIX) {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }

@@ -143,6 +143,9 @@ pub struct SquidOptions<'a> {
     pub https_ports: &'a [(u16, &'a Certs)],
     /// name -> address lines for squid's hosts_file (no DNS inside the namespaces).
     pub hosts: &'a str,
+    /// A second plain port with squid's stock CONNECT rule: CONNECT only to port 443
+    /// (`http_access deny CONNECT !SSL_ports`), as operators' squids usually have it.
+    pub strict_port: u16,
 }
 
 /// squid with basic auth (htpasswd + basic_ncsa_auth), CONNECT allowed to any port, access log
@@ -172,11 +175,16 @@ pub fn start_squid(ns: &Netns, dir: &Path, instance: &str, opts: &SquidOptions) 
         .collect();
     let conf = format!(
         "http_port {port}
+http_port {strict} name=strict
 {https_ports}
 auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}
 auth_param basic children 2 startup=1 idle=1
 auth_param basic realm egress-test
 acl authed proxy_auth REQUIRED
+acl strict_port myportname strict
+acl SSL_ports port 443
+acl CONNECT method CONNECT
+http_access deny strict_port CONNECT !SSL_ports
 http_access deny !authed
 http_access allow authed
 http_access deny all
@@ -191,6 +199,7 @@ shutdown_lifetime 1 second
 max_filedescriptors 65536
 ",
         port = opts.http_port,
+        strict = opts.strict_port,
         passwd = passwd.display(),
         hosts = hosts.display(),
     );
@@ -202,6 +211,13 @@ max_filedescriptors 65536
         .arg(&conf_path);
     Daemon::spawn("squid", command, &sq.join("stdout.log"))
 }
+
+/// `/.well-known/matrix/server` answers of the origin, by TLS server name: name -> m.server.
+pub const MATRIX_DELEGATIONS: &[(&str, &str)] = &[("example.test", "fed.example.test")];
+
+/// The origin's /preview.html: a page with Open Graph data, for URL previews.
+pub const PREVIEW_PAGE: &str = "<!doctype html><html><head><title>egress preview page</title>\
+<meta property=\"og:title\" content=\"Reached through egress\"></head><body>hello</body></html>\n";
 
 /// Size of the origin's /big.bin.
 pub const BIG_FILE_BYTES: u64 = 256 * 1024 * 1024;
@@ -241,21 +257,40 @@ http {{
   fastcgi_temp_path {d}/tmp-fastcgi;
   uwsgi_temp_path {d}/tmp-uwsgi;
   scgi_temp_path {d}/tmp-scgi;
+  # Matrix server discovery: which TLS names delegate, and where to (see MATRIX_DELEGATIONS).
+  map $ssl_server_name $matrix_delegation {{
+    default '';
+{delegations}  }}
   server {{
 {listens}    ssl_certificate {cert};
     ssl_certificate_key {key};
     location / {{ return 200 \"origin ok $server_port\\n\"; }}
     location = /big.bin {{ root {d}/www; }}
+    location = /preview.html {{ root {d}/www; }}
+    location = /.well-known/matrix/server {{
+      default_type application/json;
+      if ($matrix_delegation = '') {{ return 404; }}
+      return 200 $matrix_delegation;
+    }}
+    location = /_matrix/federation/v1/version {{
+      default_type application/json;
+      return 200 '{{\"server\": {{\"name\": \"egress-test-origin\", \"version\": \"$server_port\"}}}}';
+    }}
   }}
 }}
 ",
         cert = certs.cert.display(),
         key = certs.key.display(),
+        delegations = MATRIX_DELEGATIONS
+            .iter()
+            .map(|(name, to)| format!("    {name} '{{\"m.server\": \"{to}\"}}';\n"))
+            .collect::<String>(),
     );
     // A large file for transfers that must still be running when something fails.
     let www = ng.join("www");
     fs::create_dir_all(&www)?;
     fs::File::create(www.join("big.bin"))?.set_len(BIG_FILE_BYTES)?;
+    fs::write(www.join("preview.html"), PREVIEW_PAGE)?;
     let conf_path = ng.join("nginx.conf");
     fs::write(&conf_path, conf)?;
     let mut command = Command::new("ip");
@@ -294,4 +329,36 @@ pub fn read_packet_counter(ns: &Netns) -> Result<u64> {
         anyhow::bail!("expected two counters in the nftables listing:\n{listing}");
     }
     Ok(counts.iter().sum())
+}
+
+/// dnsmasq on 127.0.0.1:53 of `ns`, answering A/AAAA from `hosts` (hosts-file lines) and the
+/// `srv` records (name, target, port); nothing is forwarded anywhere.
+pub fn start_dnsmasq(ns: &Netns, dir: &Path, hosts: &str, srv: &[(&str, &str, u16)]) -> Result<Daemon> {
+    let dns = dir.join("dnsmasq");
+    fs::create_dir_all(&dns)?;
+    let hosts_file = dns.join("hosts");
+    fs::write(&hosts_file, hosts)?;
+    let mut command = Command::new("ip");
+    command
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+        ])
+        .args([
+            "--no-poll",
+            "--no-hosts",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+        ])
+        .args(["--user=root", "--log-queries", "--log-facility=-"])
+        .arg(format!("--pid-file={}", dns.join("dnsmasq.pid").display()))
+        .arg(format!("--addn-hosts={}", hosts_file.display()));
+    for (name, target, port) in srv {
+        command.arg(format!("--srv-host={name},{target},{port}"));
+    }
+    Daemon::spawn("dnsmasq", command, &dns.join("dnsmasq.log"))
 }

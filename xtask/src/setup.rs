@@ -18,6 +18,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "nftables",
     "openssl",
     "util-linux",
+    "redsocks",
+    "iptables",
+    // DNS (A and SRV records) inside test namespaces, and a virtualenv for Synapse from PyPI.
+    "dnsmasq-base",
+    "python3",
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,225 @@
+//! A real Synapse homeserver (matrix-synapse from PyPI, SQLite) in the homeserver namespace and
+//! the intercepted cgroup, with no proxy configuration of its own.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ClientResult, Testbed, peers::Daemon};
+
+/// The Synapse release the tests were written against (1.163 measured here).
+const SYNAPSE_REQUIREMENT: &str = "matrix-synapse>=1.136,<1.200";
+pub const SERVER_NAME: &str = "hs.test";
+pub const CLIENT_PORT: u16 = 8008;
+
+/// The virtualenv holding Synapse: $EGRESS_SYNAPSE_VENV, or ~/.cache/egress/synapse-venv.
+/// Installed on first use (about a minute, from PyPI); later calls only check a stamp file.
+/// Serialised with flock, since tests run in parallel.
+pub fn venv() -> Result<PathBuf> {
+    let venv = std::env::var_os("EGRESS_SYNAPSE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/egress/synapse-venv")
+        });
+    let stamp = venv.join("egress-installed");
+    if stamp.exists() {
+        return Ok(venv);
+    }
+    let parent = venv.parent().context("venv path has no parent")?;
+    std::fs::create_dir_all(parent)?;
+    let lock = parent.join("synapse-venv.lock");
+    // lxml: Synapse needs it for URL previews of HTML pages.
+    let script = r#"set -e
+[ -f "$1/egress-installed" ] && exit 0
+rm -rf "$1"
+python3 -m venv "$1"
+"$1/bin/pip" install --quiet --disable-pip-version-check "$2" lxml
+touch "$1/egress-installed""#;
+    let out = Command::new("flock")
+        .arg(&lock)
+        .args(["sh", "-c", script, "install-synapse"])
+        .arg(&venv)
+        .arg(SYNAPSE_REQUIREMENT)
+        .output()
+        .context("running flock/python3 to install Synapse")?;
+    if !out.status.success() {
+        bail!(
+            "installing Synapse into {} failed:\n{}{}",
+            venv.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(venv)
+}
+
+pub struct Synapse {
+    pub dir: PathBuf,
+    pub venv: PathBuf,
+    daemon: Daemon,
+}
+
+impl Synapse {
+    /// Generates a configuration in `bed.dir/synapse`, adds `extra_config` (YAML, top-level keys
+    /// override), and starts Synapse in the intercepted cgroup with the test CA trusted. Waits
+    /// for /health.
+    pub fn start(bed: &Testbed, extra_config: &str) -> Result<Self> {
+        let venv = venv()?;
+        let dir = bed.dir.join("synapse");
+        std::fs::create_dir_all(&dir)?;
+        let python = venv.join("bin/python");
+        let config = dir.join("homeserver.yaml");
+        let generated = Command::new(&python)
+            .current_dir(&dir)
+            .args(["-m", "synapse.app.homeserver", "--server-name", SERVER_NAME])
+            .arg("--config-path")
+            .arg(&config)
+            .args(["--generate-config", "--report-stats=no"])
+            .output()?;
+        if !generated.status.success() {
+            bail!(
+                "generating Synapse's config: {}",
+                String::from_utf8_lossy(&generated.stderr)
+            );
+        }
+        let d = dir.display();
+        let overrides = format!(
+            "listeners:
+  - port: {CLIENT_PORT}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    tls: false
+    x_forwarded: false
+    resources:
+      - names: [client]
+        compress: false
+database:
+  name: sqlite3
+  args:
+    database: {d}/homeserver.db
+media_store_path: {d}/media_store
+trusted_key_servers: []
+suppress_key_server_warning: true
+report_stats: false
+{extra_config}"
+        );
+        std::fs::write(dir.join("overrides.yaml"), overrides)?;
+        let python_s = python.to_string_lossy().into_owned();
+        let config_s = config.to_string_lossy().into_owned();
+        let overrides_s = dir.join("overrides.yaml").to_string_lossy().into_owned();
+        let args = [
+            "-m",
+            "synapse.app.homeserver",
+            "--config-path",
+            &config_s,
+            "--config-path",
+            &overrides_s,
+        ];
+        let mut command = bed.hs_command(Some(&bed.cgroup.path), &python_s, &args);
+        command.current_dir(&dir).env("SSL_CERT_FILE", &bed.certs.ca);
+        // Synapse must not learn of any proxy: egress is the only way out.
+        for var in [
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+        ] {
+            command.env_remove(var);
+        }
+        let mut daemon = Daemon::spawn("synapse", command, &dir.join("stdout.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok((200, body)) = client_get(bed, "/health", None)
+                && body.trim() == "OK"
+            {
+                break;
+            }
+            if daemon.exited() || Instant::now() > deadline {
+                bail!(
+                    "Synapse did not become healthy:\n{}",
+                    std::fs::read_to_string(dir.join("stdout.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(Self { dir, venv, daemon })
+    }
+
+    /// Registers `user` (shared-secret registration) and logs in; returns the access token.
+    pub fn register_and_login(&self, bed: &Testbed, user: &str, password: &str) -> Result<String> {
+        let register = self
+            .venv
+            .join("bin/register_new_matrix_user")
+            .to_string_lossy()
+            .into_owned();
+        let config = self.dir.join("homeserver.yaml").to_string_lossy().into_owned();
+        let url = format!("http://127.0.0.1:{CLIENT_PORT}");
+        let args = ["-c", &config, "-u", user, "-p", password, "--no-admin", &url];
+        let out = bed.run_in_hs(&register, &args)?;
+        if out.code != Some(0) {
+            bail!("register_new_matrix_user: {out:?}");
+        }
+        let body = format!(
+            r#"{{"type":"m.login.password","identifier":{{"type":"m.id.user","user":"{user}"}},"password":"{password}"}}"#
+        );
+        let url = format!("http://127.0.0.1:{CLIENT_PORT}/_matrix/client/v3/login");
+        let out = bed.run_in_hs("curl", &["-sS", "--max-time", "20", "-d", &body, &url])?;
+        json_string_field(&out.stdout, "access_token").with_context(|| format!("login answer: {out:?}"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("homeserver.log")).unwrap_or_default()
+            + &std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
+    }
+
+    /// Stops Synapse (SIGTERM), closing its pooled connections.
+    pub fn stop(mut self) {
+        self.daemon.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.daemon.exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// GET `path` from Synapse's client listener, from the homeserver host outside the intercepted
+/// cgroup (loopback is never intercepted anyway). Returns (status, body).
+pub fn client_get(bed: &Testbed, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    let url = format!("http://127.0.0.1:{CLIENT_PORT}{path}");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec!["-sS", "--max-time", "60", "-w", "\n%{http_code}"];
+    if let Some(auth) = &auth {
+        args.extend(["-H", auth.as_str()]);
+    }
+    args.push(&url);
+    let out: ClientResult = bed.run_in_hs("curl", &args)?;
+    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", &out.stdout));
+    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
+/// The string value of `"field":"..."` in a JSON text (enough for tokens, which need no escapes).
+fn json_string_field(json: &str, field: &str) -> Option<String> {
+    let start = json.find(&format!("\"{field}\""))? + field.len() + 2;
+    let rest = json[start..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+/// Percent-encodes a URL for a query parameter.
+pub fn query_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
