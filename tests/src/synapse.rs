@@ -12,12 +12,14 @@ use anyhow::{Context, Result, bail};
 use crate::{ClientResult, Testbed, peers::Daemon};
 
 /// The Synapse release the tests were written against (1.163 measured here).
-const SYNAPSE_REQUIREMENT: &str = "matrix-synapse>=1.136,<1.200";
+/// The url-preview extra: lxml and beautifulsoup4, which previews of HTML pages need.
+const SYNAPSE_REQUIREMENT: &str = "matrix-synapse[url-preview]>=1.136,<1.200";
 pub const SERVER_NAME: &str = "hs.test";
 pub const CLIENT_PORT: u16 = 8008;
 
 /// The virtualenv holding Synapse: $EGRESS_SYNAPSE_VENV, or ~/.cache/egress/synapse-venv.
-/// Installed on first use (about a minute, from PyPI); later calls only check a stamp file.
+/// Installed on first use (about a minute, from PyPI); later calls only check a stamp file
+/// that records what was installed.
 /// Serialised with flock, since tests run in parallel.
 pub fn venv() -> Result<PathBuf> {
     let venv = std::env::var_os("EGRESS_SYNAPSE_VENV")
@@ -26,19 +28,18 @@ pub fn venv() -> Result<PathBuf> {
             PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/egress/synapse-venv")
         });
     let stamp = venv.join("egress-installed");
-    if stamp.exists() {
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == SYNAPSE_REQUIREMENT) {
         return Ok(venv);
     }
     let parent = venv.parent().context("venv path has no parent")?;
     std::fs::create_dir_all(parent)?;
     let lock = parent.join("synapse-venv.lock");
-    // lxml: Synapse needs it for URL previews of HTML pages.
     let script = r#"set -e
-[ -f "$1/egress-installed" ] && exit 0
+[ "$(cat "$1/egress-installed" 2>/dev/null)" = "$2" ] && exit 0
 rm -rf "$1"
 python3 -m venv "$1"
-"$1/bin/pip" install --quiet --disable-pip-version-check "$2" lxml
-touch "$1/egress-installed""#;
+"$1/bin/pip" install --quiet --disable-pip-version-check "$2"
+echo "$2" > "$1/egress-installed""#;
     let out = Command::new("flock")
         .arg(&lock)
         .args(["sh", "-c", script, "install-synapse"])
