@@ -157,6 +157,10 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
         pin_dir = %config.pin_dir.display(),
         "egress ready"
     );
+    // Type=notify: units ordered after egress.service start once interception is in place.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("telling systemd we are ready: {e}");
+    }
 
     tokio::spawn(reload_on_sighup(agent.clone()));
     tokio::spawn(trim_memory(agent.clone()));
