@@ -310,3 +310,26 @@ fn cgroups_come_and_go_without_disturbing_established_connections() {
     assert_eq!(lines.next().unwrap().unwrap(), "ok");
     assert!(client.wait().unwrap().success());
 }
+
+#[test]
+fn multipath_tcp_sockets_do_not_go_direct() {
+    let mut bed = testbed();
+    let proxy = bed.proxy_url(PROXY_PASSWORD);
+    bed.start_agent_with(&["--http-proxy", &proxy]).unwrap();
+    // IPPROTO_MPTCP (262): the kernel runs connect4 on its first subflow, a TCP socket, so a
+    // check for TCP in the program does not let it slip past.
+    let code = format!(
+        "import socket\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)\n\
+s.settimeout(10)\n\
+s.connect(('{ORIGIN_IP}', 80))\n\
+s.sendall(b'GET /mptcp HTTP/1.1\\r\\nHost: {ORIGIN_NAME}\\r\\nConnection: close\\r\\n\\r\\n')\n\
+print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
+    );
+    let status_line = python(&bed, &code);
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0, "MPTCP went direct");
+    let log = wait_for(&bed, Testbed::squid_access_log, "/mptcp");
+    assert!(log.contains("GET http://origin.test/mptcp"), "{log}");
+    assert_eq!(bed.counter("redirected"), 1);
+}
