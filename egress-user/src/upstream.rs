@@ -47,7 +47,7 @@ pub enum UpstreamError {
     ConnectTimeout(String),
     #[error("TLS with proxy {host}: {source}")]
     Tls { host: String, source: io::Error },
-    #[error("proxy answered CONNECT with {0}")]
+    #[error("proxy answered {0}")]
     Status(StatusCode),
     #[error("proxy did not answer CONNECT in time")]
     HandshakeTimeout,

@@ -170,7 +170,7 @@ fn squid_refusing_port_8448_is_reported_with_the_fix() {
             &steps,
             "proxy",
             "fail",
-            "CONNECT fed.example.test:8448: proxy answered CONNECT with 403"
+            "CONNECT fed.example.test:8448: proxy answered 403"
         ) && has_step(&steps, "proxy", "fail", "acl SSL_ports port 8448"),
         "{steps:#?}"
     );
