@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build | run | test`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench`.
 
+mod bench;
 mod demo;
 mod fuzz;
 mod setup;
@@ -46,6 +47,13 @@ enum Task {
     Soak {
         #[arg(long, default_value_t = 600)]
         seconds: u64,
+    },
+    /// Set up, build, and measure egress against direct connections, application-level
+    /// proxying and redsocks on one testbed; report in bench/results/.
+    Bench {
+        /// A short run (under 2 minutes) that checks that the benchmark works.
+        #[arg(long)]
+        quick: bool,
     },
     /// Run each fuzz target (cargo-fuzz, nightly) for SECONDS, from the seed corpora.
     Fuzz {
@@ -116,6 +124,12 @@ fn main() -> Result<()> {
                     ("EGRESS_SOAK_SECONDS", &seconds),
                 ],
             )
+        }
+        Task::Bench { quick } => {
+            require_root()?;
+            setup::setup(true)?;
+            build()?;
+            bench::run(&workspace_root(), &egress_bin(), quick)
         }
         Task::Fuzz { seconds, targets } => {
             setup::setup(false)?;

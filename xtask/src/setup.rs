@@ -188,6 +188,8 @@ pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     command
         .args(args)
         .env_remove("RUSTUP_TOOLCHAIN")
+        // ring's build script tracks it: inherited from xtask, it rebuilds ring every time.
+        .env_remove("CARGO_MANIFEST_DIR")
         .stdout(std::process::Stdio::piped());
     for (k, v) in env {
         command.env(k, v);
@@ -243,8 +245,9 @@ pub fn sh(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     for (k, v) in env {
         command.env(k, v);
     }
-    // xtask itself runs under cargo: do not leak its toolchain choice into nested cargo calls.
-    command.env_remove("RUSTUP_TOOLCHAIN");
+    // xtask itself runs under cargo: do not leak its toolchain choice (or its manifest
+    // directory, which ring's build script tracks) into nested cargo calls.
+    command.env_remove("RUSTUP_TOOLCHAIN").env_remove("CARGO_MANIFEST_DIR");
     let status = command.status().with_context(|| format!("running {program}"))?;
     if !status.success() {
         bail!("`{program} {}` failed ({status})", args.join(" "));

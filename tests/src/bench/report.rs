@@ -1,0 +1,443 @@
+//! The report: `README.md` (targets, tables, how it was measured), `chart.svg`, and the raw
+//! figures as `results.json`.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::measure::Summary;
+
+#[derive(Serialize, Default, Debug)]
+pub struct Results {
+    pub mode: String,
+    pub date: String,
+    /// The commit the benchmark was built from.
+    pub source: String,
+    pub machine: Machine,
+    /// Wall time of the run, s.
+    pub seconds: f64,
+    pub paths: Vec<PathResult>,
+    pub connect: Option<ConnectResult>,
+    pub idle: Option<IdleResult>,
+    /// The agent's RSS after the squid phase's load, KiB.
+    pub agent_rss_after_load_kib: Option<u64>,
+    pub problems: Vec<String>,
+}
+
+#[derive(Serialize, Default, Debug)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+}
+
+/// One way from the client to the origin.
+#[derive(Serialize, Default, Debug)]
+pub struct PathResult {
+    /// `kind/upstream`, e.g. `egress/squid`: what targets look up.
+    pub key: String,
+    pub label: String,
+    /// Time to first response byte of a new HTTPS connection, µs.
+    pub latency_us: Option<Summary>,
+    pub conns_per_s: Option<f64>,
+    pub bulk1_mib_s: Option<f64>,
+    pub bulk16_mib_s: Option<f64>,
+    /// CPU time of the relaying process (the agent, redsocks) per GiB of bulk transfer.
+    pub cpu_s_per_gib: Option<f64>,
+    /// ... and per connection during the rate runs, µs.
+    pub cpu_us_per_conn: Option<f64>,
+    pub errors: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ConnectResult {
+    pub plain_ns: Summary,
+    pub bypass_ns: Summary,
+    pub deny_ns: Summary,
+}
+
+#[derive(Serialize, Debug)]
+pub struct IdleResult {
+    pub tunnels: usize,
+    pub opened: u64,
+    pub alive: u64,
+    /// `egress_connections_active` while they were open.
+    pub agent_active: Option<u64>,
+    pub rss_idle_kib: u64,
+    /// (tunnels open, RSS KiB) after each client opened its share.
+    pub rss_steps: Vec<(u64, u64)>,
+    pub rss_open_kib: u64,
+    pub rss_open_anon_kib: u64,
+    /// (RSS with all open − idle) ÷ tunnels.
+    pub per_tunnel_kib: f64,
+    /// RSS growth per tunnel between the first and the last step.
+    pub marginal_kib: f64,
+    /// RSS with all open plus the marginal cost of the tunnels missing to 10,000.
+    pub rss_10k_kib: f64,
+}
+
+/// One of the issue's targets, as a ratio (or value) from this run.
+pub struct Target {
+    pub what: String,
+    pub got: Option<f64>,
+    pub want: &'static str,
+    pub pass: Option<bool>,
+}
+
+const UPSTREAMS: [(&str, &str); 2] = [("squid", "squid"), ("fast", "fast proxy")];
+
+impl Results {
+    fn path(&self, key: &str) -> Option<&PathResult> {
+        self.paths.iter().find(|p| p.key == key)
+    }
+
+    /// `field(egress) / field(other)` for one upstream.
+    fn ratio(&self, upstream: &str, other: &str, field: impl Fn(&PathResult) -> Option<f64>) -> Option<f64> {
+        let egress = field(self.path(&format!("egress/{upstream}"))?)?;
+        let other = field(self.path(&format!("{other}/{upstream}"))?)?;
+        (other > 0.0).then(|| egress / other)
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        let at_most = |got: Option<f64>, limit: f64| got.map(|g| g <= limit);
+        let at_least = |got: Option<f64>, limit: f64| got.map(|g| g >= limit);
+        for (key, name) in UPSTREAMS {
+            let got = self.ratio(key, "app", |p| Some(p.latency_us?.p50));
+            targets.push(Target {
+                what: format!("TTFB p50, egress ÷ application-level ({name})"),
+                got,
+                want: "≤ 1.05",
+                pass: at_most(got, 1.05),
+            });
+            for (tunnels, field) in [
+                (
+                    "1 tunnel",
+                    (|p: &PathResult| p.bulk1_mib_s) as fn(&PathResult) -> Option<f64>,
+                ),
+                ("16 tunnels", |p: &PathResult| p.bulk16_mib_s),
+            ] {
+                let got = self.ratio(key, "app", field);
+                targets.push(Target {
+                    what: format!("throughput, {tunnels}, egress ÷ application-level ({name})"),
+                    got,
+                    want: "≥ 0.95",
+                    pass: at_least(got, 0.95),
+                });
+            }
+            let got = self.ratio(key, "redsocks", |p| p.conns_per_s);
+            targets.push(Target {
+                what: format!("connections/s at c64, egress ÷ redsocks ({name})"),
+                got,
+                want: "≥ 1.5",
+                pass: at_least(got, 1.5),
+            });
+        }
+        let got = self.connect.as_ref().map(|c| c.bypass_ns.p50 / c.plain_ns.p50);
+        targets.push(Target {
+            what: "connect() p50, in-kernel bypass ÷ no eBPF".into(),
+            got,
+            want: "≤ 1.02",
+            pass: at_most(got, 1.02),
+        });
+        let got = self.idle.as_ref().map(|i| i.rss_10k_kib / 1024.0);
+        targets.push(Target {
+            what: "agent RSS with 10,000 idle tunnels, MiB".into(),
+            got,
+            want: "≤ 64",
+            pass: at_most(got, 64.0),
+        });
+        targets
+    }
+}
+
+/// Writes `README.md`, `chart.svg` and `results.json` into `dir`.
+pub fn write(dir: &Path, results: &Results) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(results)?)?;
+    super::chart::write(&dir.join("chart.svg"), results)?;
+    std::fs::write(dir.join("README.md"), markdown(results))?;
+    Ok(())
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("–".into(), |v| format!("{v:.decimals$}"))
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(md, "# egress benchmark\n");
+    let _ = writeln!(
+        md,
+        "{} mode, {} · {} · {} CPUs ({}), Linux {} · took {:.0} s · made by `cargo xtask bench{}`\n",
+        r.mode,
+        r.date,
+        r.source,
+        m.cpus,
+        m.cpu_model,
+        m.kernel,
+        r.seconds,
+        if r.mode == "quick" { " --quick" } else { "" }
+    );
+    if r.mode == "quick" {
+        md.push_str(
+            "> Quick mode checks that the benchmark runs; its samples are too small for conclusions.\n\n",
+        );
+    }
+    if !r.problems.is_empty() {
+        md.push_str("**Problems during the run** (figures below may be off):\n\n");
+        for p in &r.problems {
+            let _ = writeln!(md, "- {p}");
+        }
+        md.push('\n');
+    }
+
+    md.push_str(
+        "## Targets (ratios within this run)\n\n| target | this run | wanted | |\n|---|---:|---:|---|\n",
+    );
+    for t in r.targets() {
+        let verdict = match t.pass {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(md, "| {} | {} | {} | {verdict} |", t.what, opt(t.got, 3), t.want);
+    }
+
+    md.push_str(
+        "\n## Peers\n\n\
+         | path | TTFB p50 (ms) | TTFB p99 (ms) | conns/s (c64) | 1 tunnel (MiB/s) | 16 tunnels (MiB/s) \
+         | relay CPU (s/GiB) | relay CPU (µs/conn) | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in &r.paths {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.label,
+            opt(p.latency_us.map(|s| s.p50 / 1000.0), 2),
+            opt(p.latency_us.map(|s| s.p99 / 1000.0), 2),
+            opt(p.conns_per_s, 0),
+            opt(p.bulk1_mib_s, 0),
+            opt(p.bulk16_mib_s, 0),
+            opt(p.cpu_s_per_gib, 2),
+            opt(p.cpu_us_per_conn, 0),
+            p.errors
+        );
+    }
+    if let Some(n) = r.paths.first().and_then(|p| p.latency_us).map(|s| s.n) {
+        let _ = writeln!(
+            md,
+            "\nTTFB over {n} new connections per path. \"relay CPU\" is the agent's for egress and \
+             redsocks' for redsocks (user + system time from /proc)."
+        );
+    }
+
+    if let Some(c) = &r.connect {
+        md.push_str(
+            "\n## In-kernel decisions: connect() latency\n\n\
+             | connect() | p10 (µs) | p50 (µs) | p90 (µs) | p99 (µs) | mean (µs) | p50 ÷ no eBPF |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for (what, s) in [
+            ("no eBPF (cgroup with nothing attached)", c.plain_ns),
+            ("bypassed in the kernel (`no_proxy` CIDR)", c.bypass_ns),
+            ("denied in the kernel (EPERM)", c.deny_ns),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {what} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} |",
+                s.p10 / 1000.0,
+                s.p50 / 1000.0,
+                s.p90 / 1000.0,
+                s.p99 / 1000.0,
+                s.mean / 1000.0,
+                s.p50 / c.plain_ns.p50
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n{} samples each: blocking connect() calls to port 80 of an address of the origin \
+             host, the three kinds taking turns call by call.",
+            c.plain_ns.n
+        );
+    }
+
+    if let Some(i) = &r.idle {
+        let mib = |kib: f64| kib / 1024.0;
+        md.push_str("\n## Agent memory\n\n| agent | RSS |\n|---|---:|\n");
+        let _ = writeln!(
+            md,
+            "| idle (after one connection) | {:.1} MiB |",
+            mib(i.rss_idle_kib as f64)
+        );
+        for (n, rss) in &i.rss_steps {
+            let _ = writeln!(md, "| with {n} idle tunnels | {:.1} MiB |", mib(*rss as f64));
+        }
+        let _ = writeln!(
+            md,
+            "| per tunnel: average over all / marginal between the last two sizes | {:.2} / {:.2} KiB |\n\
+             | **10,000 idle tunnels** (measured + marginal × the tunnels missing) | **{:.1} MiB** |",
+            i.per_tunnel_kib,
+            i.marginal_kib,
+            mib(i.rss_10k_kib),
+        );
+        if let Some(after) = r.agent_rss_after_load_kib {
+            let _ = writeln!(
+                md,
+                "| after the squid phase's load (an earlier agent run) | {:.1} MiB |",
+                mib(after as f64)
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n{} tunnels opened (to the byte source, through the fast proxy), {} still open when \
+             released; the agent counted {} active; {:.1} MiB of its RSS was anonymous memory then. \
+             The target is 10,000 tunnels, but every process on this machine is capped at 20,000 \
+             descriptors (root lacks CAP_SYS_RESOURCE, so the agent cannot raise its limit) and \
+             the agent holds two per tunnel: the full mode opens 9,900 and extrapolates the last 100.",
+            i.opened,
+            i.alive,
+            i.agent_active.map_or("?".into(), |a| a.to_string()),
+            mib(i.rss_open_anon_kib as f64),
+        );
+    }
+
+    md.push_str("\n![Chart of the figures above](chart.svg)\n");
+    md.push_str(METHOD);
+    md
+}
+
+const METHOD: &str = "
+## How it was measured
+
+- One testbed of network namespaces joined by a bridge (`egress-testbed`): a homeserver host, a
+  proxy host with squid 5 (basic auth) and the benchmark's own fast CONNECT proxy (tokio,
+  basic auth, 64 KiB copy buffers), an origin host with nginx (TLS on 443, an ECDSA P-256
+  certificate) and a plain TCP byte source. Every path is measured in the same run, in rounds
+  that alternate between paths; absolute figures drift on shared machines, ratios within one run
+  do not.
+- One load client (Rust, tokio, rustls) for every path; only where it runs differs:
+  *direct* and *application-level* (the client speaks CONNECT with `Proxy-Authorization:
+  Basic` itself, by name for TLS, as Synapse does) in a cgroup with nothing attached;
+  *egress* in the intercepted cgroup with no proxy settings; *redsocks* (Debian's,
+  `type = http-connect`) in a cgroup matched by an iptables `nat OUTPUT` REDIRECT rule
+  (`-m cgroup --path`), present for the whole run so conntrack costs every path alike.
+- TTFB: sequential new connections, each timed from connect() to the first byte of the answer
+  to `GET /` (full TLS handshake, no session resumption: first contact). Connections/s: 64
+  workers each opening new connections, for a fixed time. Throughput: the byte source sends
+  the requested amount (1 GiB in the full mode) through one tunnel, and through 16 in parallel
+  (1 GiB in total); bytes that are neither TLS nor HTTP, so egress tunnels them by IP after
+  sniffing.
+- connect() latency: one process creates sockets in a cgroup with nothing attached and in the
+  intercepted cgroup (a socket's cgroup programs are those of the cgroup it was created in),
+  then times blocking connect() calls on them in turn: to an address the agent bypasses in the
+  kernel (`--no-proxy ADDR/32`), and to one it denies there (in the default blacklist, outside
+  the whitelist); each socket is then closed with RST.
+- Memory: VmRSS of the agent after one connection, and with idle tunnels open through it to
+  the byte source (through the fast proxy), each having carried a byte back.
+- Two cores run everything (clients, proxies, origin, agent): a hop that costs CPU shows up in
+  every figure, as it would on a busy host.
+";
+
+/// The current UTC time, from date(1) (no date crate needed for one line).
+pub fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The workspace's commit, and whether the tree had changes on top of it.
+pub fn source() -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match (
+        git(&["rev-parse", "--short", "HEAD"]),
+        git(&["status", "--porcelain", "--", ".", ":!bench/results"]),
+    ) {
+        (Some(commit), Some(changes)) if !changes.is_empty() => {
+            format!("commit {commit} with uncommitted changes")
+        }
+        (Some(commit), _) => format!("commit {commit}"),
+        _ => "unknown commit".into(),
+    }
+}
+
+pub fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| Some(l.strip_prefix("model name")?.split_once(':')?.1.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(key: &str, p50: f64, rate: f64, bulk: f64) -> PathResult {
+        PathResult {
+            key: key.into(),
+            label: key.into(),
+            latency_us: Some(Summary {
+                n: 1,
+                p10: p50,
+                p50,
+                p90: p50,
+                p99: p50,
+                mean: p50,
+            }),
+            conns_per_s: Some(rate),
+            bulk1_mib_s: Some(bulk),
+            bulk16_mib_s: Some(bulk),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn targets_are_ratios_against_the_right_peer() {
+        let results = Results {
+            paths: vec![
+                path("app/squid", 1000.0, 100.0, 400.0),
+                path("egress/squid", 1040.0, 300.0, 360.0),
+                path("redsocks/squid", 1100.0, 100.0, 400.0),
+            ],
+            ..Default::default()
+        };
+        let targets = results.targets();
+        let find = |what: &str| targets.iter().find(|t| t.what.starts_with(what)).unwrap();
+        let latency = find("TTFB p50, egress ÷ application-level (squid)");
+        assert_eq!((latency.got, latency.pass), (Some(1.04), Some(true)));
+        let bulk = find("throughput, 1 tunnel, egress ÷ application-level (squid)");
+        assert_eq!((bulk.got, bulk.pass), (Some(0.9), Some(false)));
+        let rate = find("connections/s at c64, egress ÷ redsocks (squid)");
+        assert_eq!((rate.got, rate.pass), (Some(3.0), Some(true)));
+        // Not measured: no fast-proxy paths, no connect or memory figures.
+        assert_eq!(
+            find("TTFB p50, egress ÷ application-level (fast proxy)").pass,
+            None
+        );
+        assert!(markdown(&results).contains("| 1.040 | ≤ 1.05 | met |"));
+    }
+}

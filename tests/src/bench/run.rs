@@ -1,0 +1,691 @@
+//! The benchmark run: one testbed, every peer measured on it in the same run, in rounds that
+//! alternate between peers so that drift of the (shared, 2-core) machine spreads over all alike.
+//!
+//! Phases, each with one agent configuration:
+//! 1. squid upstream: first connect() latency for in-kernel bypass and denial against no eBPF
+//!    (while the machine is quiet), then direct, application-level proxying, egress and
+//!    redsocks;
+//! 2. a fast CONNECT proxy upstream (the agent's own overhead, not hidden behind squid):
+//!    application-level proxying, egress and redsocks again;
+//! 3. a fresh agent: RSS idle and with thousands of idle tunnels.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use egress_testbed::{
+    LAN, LAN6, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, SQUID_PORT, Testbed,
+    peers::Daemon,
+};
+
+use super::{
+    BYPASS_IP, DENY_IP, FAST_PROXY_PORT, SOURCE_PORT,
+    client::Report,
+    measure::{self, Summary},
+    peers::{self, ClientProc, Redsocks},
+    report::{self, ConnectResult, IdleResult, PathResult, Results},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// A short run that checks that everything works (for CI); its figures are rough.
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for the report (the quick mode writes into its `quick/` subdirectory).
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// Measure only these parts (for working on the benchmark itself); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Part>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum Part {
+    /// Latency, connection rate and throughput of every path, squid upstream.
+    Squid,
+    /// The same against the fast CONNECT proxy.
+    Fast,
+    /// connect() latency, in-kernel bypass and denial against no eBPF.
+    Connect,
+    /// Agent memory, idle and with idle tunnels.
+    Idle,
+}
+
+/// How much of everything. The full mode is bounded to a few minutes on 2 cores.
+struct Plan {
+    /// New HTTPS connections per peer for time to first byte, split over rounds.
+    latency_conns: usize,
+    latency_rounds: usize,
+    rate_seconds: f64,
+    rate_rounds: usize,
+    /// Bytes per bulk run (one tunnel, or split over 16), and runs per path and tunnel count.
+    bulk_bytes: u64,
+    bulk_rounds: usize,
+    idle_tunnels: usize,
+    /// connect() samples per kind (plain, bypassed, denied).
+    connect_samples: usize,
+}
+
+const FULL: Plan = Plan {
+    latency_conns: 2_000,
+    latency_rounds: 4,
+    rate_seconds: 3.0,
+    rate_rounds: 3,
+    bulk_bytes: 1 << 30,
+    bulk_rounds: 2,
+    // The target is 10,000, but every process here is capped at 20,000 descriptors (root
+    // without CAP_SYS_RESOURCE cannot raise it) and the agent holds two per tunnel.
+    idle_tunnels: 9_900,
+    connect_samples: 5_000,
+};
+
+const QUICK: Plan = Plan {
+    latency_conns: 200,
+    latency_rounds: 2,
+    rate_seconds: 1.0,
+    rate_rounds: 1,
+    bulk_bytes: 64 << 20,
+    bulk_rounds: 1,
+    idle_tunnels: 500,
+    connect_samples: 500,
+};
+
+/// Sockets per idle-tunnel client process (each must stay under the descriptor cap too).
+const IDLE_PER_CLIENT: usize = 5_000;
+const REDSOCKS_SQUID_PORT: u16 = 12345;
+const REDSOCKS_FAST_PORT: u16 = 12346;
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    /// No proxy at all: the physical limit.
+    Direct,
+    /// The client itself speaks CONNECT to the proxy (what Synapse does today).
+    App,
+    /// The client in the intercepted cgroup, no proxy settings, through the agent.
+    Egress,
+    /// redsocks with an iptables REDIRECT rule.
+    Redsocks,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Upstream {
+    Squid,
+    Fast,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    kind: Kind,
+    upstream: Upstream,
+}
+
+impl Peer {
+    fn label(self) -> String {
+        let upstream = match self.upstream {
+            Upstream::Squid => "squid",
+            Upstream::Fast => "fast proxy",
+        };
+        match self.kind {
+            Kind::Direct => "direct (no proxy)".into(),
+            Kind::App => format!("application-level → {upstream}"),
+            Kind::Egress => format!("egress → {upstream}"),
+            Kind::Redsocks => format!("redsocks → {upstream}"),
+        }
+    }
+}
+
+/// What the benchmark adds to the testbed. Fields drop in order: clients' cgroups and the
+/// servers before the testbed itself.
+struct Bench {
+    redsocks_squid: Redsocks,
+    redsocks_fast: Redsocks,
+    _source: Daemon,
+    _fast_proxy: Daemon,
+    bed: Testbed,
+    bin: PathBuf,
+    /// Things that failed while measuring: reported, and the run then exits non-zero.
+    problems: Vec<String>,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    super::catch_interrupts();
+    let started = Instant::now();
+    let plan = if args.quick { QUICK } else { FULL };
+    let mode = if args.quick { "quick" } else { "full" };
+    let out = if args.quick {
+        args.out.join("quick")
+    } else {
+        args.out.clone()
+    };
+    let date = report::now_utc();
+    let mut bench = Bench::new()?;
+    eprintln!("bench: testbed {} ready ({mode} mode)", bench.bed.name);
+    let mut results = Results {
+        mode: mode.into(),
+        date,
+        source: report::source(),
+        machine: report::machine(),
+        ..Default::default()
+    };
+    let parts = if args.only.is_empty() {
+        vec![Part::Squid, Part::Fast, Part::Connect, Part::Idle]
+    } else {
+        args.only.clone()
+    };
+    bench.measure(&plan, &parts, &mut results)?;
+    results.seconds = started.elapsed().as_secs_f64();
+    results.problems = bench.problems.clone();
+    drop(bench);
+    report::write(&out, &results)?;
+    eprintln!(
+        "bench: report in {} ({:.0} s)",
+        out.join("README.md").display(),
+        results.seconds
+    );
+    if !results.problems.is_empty() {
+        bail!(
+            "the benchmark did not run cleanly:\n{}",
+            results.problems.join("\n")
+        );
+    }
+    Ok(())
+}
+
+impl Bench {
+    fn new() -> Result<Self> {
+        let bin = peers::bench_bin()?;
+        let bed = Testbed::new()?;
+        // Tens of thousands of short connections leave TIME_WAIT behind; the same wider port
+        // range and reuse in the client-side namespaces for every peer.
+        for ns in [&bed.hs, &bed.proxy] {
+            ns.exec(
+                "sysctl",
+                &[
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_local_port_range=10000 65000",
+                    "-w",
+                    "net.ipv4.tcp_tw_reuse=1",
+                ],
+            )?;
+        }
+        bed.origin
+            .ip(&["addr", "add", &format!("{BYPASS_IP}/24"), "dev", "eth0"])?;
+        let source_addr = format!("{ORIGIN_IP}:{SOURCE_PORT}");
+        let mut source = peers::spawn_in_ns(
+            &bed,
+            &bed.origin,
+            "source",
+            &bin,
+            &["source", "--listen", &source_addr],
+        )?;
+        peers::wait_listening(&bed, &bed.origin, SOURCE_PORT, &mut source)?;
+        let fast_addr = format!("{PROXY_IP}:{FAST_PROXY_PORT}");
+        let auth = format!("{PROXY_USER}:{PROXY_PASSWORD}");
+        let host = format!("{ORIGIN_NAME}={ORIGIN_IP}");
+        let mut fast_proxy = peers::spawn_in_ns(
+            &bed,
+            &bed.proxy,
+            "fast-proxy",
+            &bin,
+            &[
+                "connect-proxy",
+                "--listen",
+                &fast_addr,
+                "--auth",
+                &auth,
+                "--host",
+                &host,
+            ],
+        )?;
+        peers::wait_listening(&bed, &bed.proxy, FAST_PROXY_PORT, &mut fast_proxy)?;
+        let redsocks_squid = peers::start_redsocks(
+            &bed,
+            "redsocks-squid",
+            REDSOCKS_SQUID_PORT,
+            format!("{PROXY_IP}:{SQUID_PORT}").parse()?,
+            PROXY_USER,
+            PROXY_PASSWORD,
+        )?;
+        let redsocks_fast = peers::start_redsocks(
+            &bed,
+            "redsocks-fast",
+            REDSOCKS_FAST_PORT,
+            fast_addr.parse()?,
+            PROXY_USER,
+            PROXY_PASSWORD,
+        )?;
+        Ok(Self {
+            redsocks_squid,
+            redsocks_fast,
+            _source: source,
+            _fast_proxy: fast_proxy,
+            bed,
+            bin,
+            problems: Vec::new(),
+        })
+    }
+
+    fn measure(&mut self, plan: &Plan, parts: &[Part], results: &mut Results) -> Result<()> {
+        let squid_peers = [Kind::Direct, Kind::App, Kind::Egress, Kind::Redsocks].map(|kind| Peer {
+            kind,
+            upstream: Upstream::Squid,
+        });
+        let fast_peers = [Kind::App, Kind::Egress, Kind::Redsocks].map(|kind| Peer {
+            kind,
+            upstream: Upstream::Fast,
+        });
+        // The squid configuration also serves the connect() measurement: the bypass set holds
+        // BYPASS_IP whatever the upstream.
+        let phase = Instant::now();
+        self.start_agent(Upstream::Squid)?;
+        // First, while the machine is quiet: the difference sought is about a microsecond.
+        if parts.contains(&Part::Connect) {
+            results.connect = Some(self.connect_latency(plan)?);
+        }
+        if parts.contains(&Part::Squid) {
+            results.paths.extend(self.measure_peers(plan, &squid_peers)?);
+            results.agent_rss_after_load_kib = Some(measure::rss_kib(self.agent_pid()?)?);
+        }
+        eprintln!("bench: squid phase done ({:.0} s)", phase.elapsed().as_secs_f64());
+
+        if parts.contains(&Part::Fast) {
+            let phase = Instant::now();
+            self.start_agent(Upstream::Fast)?;
+            results.paths.extend(self.measure_peers(plan, &fast_peers)?);
+            eprintln!(
+                "bench: fast-proxy phase done ({:.0} s)",
+                phase.elapsed().as_secs_f64()
+            );
+        }
+        if parts.contains(&Part::Idle) {
+            let phase = Instant::now();
+            self.start_agent(Upstream::Fast)?;
+            results.idle = Some(self.idle_tunnels(plan)?);
+            eprintln!(
+                "bench: idle tunnels done ({:.0} s)",
+                phase.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
+    /// (Re)starts the agent chaining to `upstream`; the origin's second address is bypassed
+    /// in the kernel, the rest of the test LAN whitelisted (it is private address space).
+    fn start_agent(&mut self, upstream: Upstream) -> Result<()> {
+        let proxy = match upstream {
+            Upstream::Squid => self.bed.proxy_url(PROXY_PASSWORD),
+            Upstream::Fast => format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{FAST_PROXY_PORT}"),
+        };
+        let bypass = format!("{BYPASS_IP}/32");
+        let args = [
+            "--https-proxy",
+            &proxy,
+            "--ip-range-whitelist",
+            LAN,
+            "--ip-range-whitelist",
+            LAN6,
+            "--no-proxy",
+            &bypass,
+        ];
+        self.bed.start_agent(&args)?;
+        let pid = self.agent_pid()?;
+        // The testbed starts it through sh and nsenter, both of which exec: the pid is the agent's.
+        let comm = measure::comm(pid)?;
+        if comm != "egress" {
+            bail!("process {pid} is {comm:?}, not the agent");
+        }
+        Ok(())
+    }
+
+    fn agent_pid(&self) -> Result<u32> {
+        self.bed.agent_pid().context("the agent is not running")
+    }
+
+    /// Where a peer's client runs and how it addresses the origin: `https` for nginx's TLS
+    /// port, else the byte source.
+    fn client_for(&self, peer: Peer, https: bool) -> (PathBuf, Vec<String>) {
+        let port = if https { 443 } else { SOURCE_PORT };
+        let target = format!("{ORIGIN_IP}:{port}");
+        let mut args = vec![
+            "client".to_owned(),
+            "--target".to_owned(),
+            target.clone(),
+            "--ca".to_owned(),
+            self.bed.certs.ca.to_string_lossy().into_owned(),
+        ];
+        let cgroup = match peer.kind {
+            Kind::Direct => self.bed.cgroup_b.path.clone(),
+            Kind::App => {
+                let proxy_port = match peer.upstream {
+                    Upstream::Squid => SQUID_PORT,
+                    Upstream::Fast => FAST_PROXY_PORT,
+                };
+                // Like Synapse: CONNECT by name for TLS; the byte source has no name.
+                let connect_to = if https {
+                    format!("{ORIGIN_NAME}:443")
+                } else {
+                    target
+                };
+                args.extend([
+                    "--proxy".to_owned(),
+                    format!("{PROXY_IP}:{proxy_port}"),
+                    "--proxy-auth".to_owned(),
+                    format!("{PROXY_USER}:{PROXY_PASSWORD}"),
+                    "--connect-to".to_owned(),
+                    connect_to,
+                ]);
+                self.bed.cgroup_b.path.clone()
+            }
+            Kind::Egress => self.bed.cgroup.path.clone(),
+            Kind::Redsocks => match peer.upstream {
+                Upstream::Squid => self.redsocks_squid.clients.path.clone(),
+                Upstream::Fast => self.redsocks_fast.clients.path.clone(),
+            },
+        };
+        (cgroup, args)
+    }
+
+    /// Runs one client for `peer` with `mode_args` and returns its report; failures of single
+    /// connections are recorded as problems, a client that cannot run is an error.
+    fn client(&mut self, peer: Peer, https: bool, mode_args: &[&str], within: Duration) -> Result<Report> {
+        let (cgroup, mut args) = self.client_for(peer, https);
+        args.extend(mode_args.iter().map(|s| s.to_string()));
+        args.extend(["--timeout".to_owned(), within.as_secs_f64().to_string()]);
+        let what = format!("{} {}", peer.label(), mode_args.join(" "));
+        let report: Report = peers::run_client(
+            &self.bed,
+            &cgroup,
+            &self.bin,
+            &args,
+            what.clone(),
+            within + Duration::from_secs(10),
+        )?;
+        if report.errors > 0 {
+            self.problems.push(format!(
+                "{what}: {} failed, first: {}",
+                report.errors,
+                report.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+        Ok(report)
+    }
+
+    /// Latency, connection rate and bulk throughput of each peer, interleaved in rounds.
+    fn measure_peers(&mut self, plan: &Plan, list: &[Peer]) -> Result<Vec<PathResult>> {
+        let mut results: Vec<PathResult> = list
+            .iter()
+            .map(|p| PathResult {
+                key: format!("{:?}/{:?}", p.kind, p.upstream).to_lowercase(),
+                label: p.label(),
+                ..Default::default()
+            })
+            .collect();
+        // Warm up: squid's credential cache, redsocks' auth negotiation, the agent.
+        for &peer in list {
+            let report = self.client(
+                peer,
+                true,
+                &["--mode", "latency", "--count", "10"],
+                Duration::from_secs(60),
+            )?;
+            if report.completed == 0 {
+                bail!("{}: no request succeeded: {:?}", peer.label(), report.first_error);
+            }
+        }
+
+        let mut samples: Vec<Vec<u32>> = vec![Vec::new(); list.len()];
+        let per_round = (plan.latency_conns / plan.latency_rounds).to_string();
+        for round in 0..plan.latency_rounds {
+            for i in rotation(list.len(), round) {
+                let report = self.client(
+                    list[i],
+                    true,
+                    &["--mode", "latency", "--count", &per_round],
+                    Duration::from_secs(300),
+                )?;
+                samples[i].extend(report.samples_us);
+                results[i].errors += report.errors;
+            }
+        }
+        for (result, samples) in results.iter_mut().zip(&samples) {
+            result.latency_us = Summary::of(samples);
+        }
+        eprintln!("bench: latency done");
+
+        let seconds = plan.rate_seconds.to_string();
+        let mut rate = vec![(0u64, 0f64); list.len()];
+        for round in 0..plan.rate_rounds {
+            for i in rotation(list.len(), round) {
+                let cpu = self.cpu_of(list[i])?;
+                let report = self.client(
+                    list[i],
+                    true,
+                    &["--mode", "rate", "--concurrency", "64", "--seconds", &seconds],
+                    Duration::from_secs_f64(plan.rate_seconds + 60.0),
+                )?;
+                if let (Some(before), Some(after)) = (cpu, self.cpu_of(list[i])?) {
+                    *results[i].cpu_us_per_conn.get_or_insert(0.0) += (after - before) * 1e6;
+                }
+                rate[i].0 += report.completed;
+                rate[i].1 += report.seconds;
+                results[i].errors += report.errors;
+            }
+        }
+        for (result, (completed, seconds)) in results.iter_mut().zip(&rate) {
+            result.conns_per_s = Some(*completed as f64 / seconds);
+            if let Some(cpu) = result.cpu_us_per_conn.as_mut() {
+                *cpu /= (*completed).max(1) as f64;
+            }
+        }
+        eprintln!("bench: connection rate done");
+
+        let bytes = plan.bulk_bytes.to_string();
+        // Per path: (bytes, seconds) through 1 and through 16 tunnels; relay CPU and bytes.
+        let mut bulk = vec![[(0u64, 0f64); 2]; list.len()];
+        let mut cpu = vec![(0f64, 0u64); list.len()];
+        for round in 0..plan.bulk_rounds {
+            for i in rotation(list.len(), round) {
+                let before = self.cpu_of(list[i])?;
+                for (t, tunnels) in ["1", "16"].into_iter().enumerate() {
+                    let report = self.client(
+                        list[i],
+                        false,
+                        &["--mode", "bulk", "--bytes", &bytes, "--tunnels", tunnels],
+                        Duration::from_secs(180),
+                    )?;
+                    results[i].errors += report.errors;
+                    bulk[i][t].0 += report.bytes;
+                    bulk[i][t].1 += report.seconds;
+                    cpu[i].1 += report.bytes;
+                }
+                if let (Some(before), Some(after)) = (before, self.cpu_of(list[i])?) {
+                    cpu[i].0 += after - before;
+                }
+            }
+        }
+        for (i, result) in results.iter_mut().enumerate() {
+            let mib_s = |(bytes, seconds): (u64, f64)| (seconds > 0.0).then(|| bytes as f64 / MIB / seconds);
+            result.bulk1_mib_s = mib_s(bulk[i][0]);
+            result.bulk16_mib_s = mib_s(bulk[i][1]);
+            if self.cpu_of(list[i])?.is_some() && cpu[i].1 > 0 {
+                result.cpu_s_per_gib = Some(cpu[i].0 / (cpu[i].1 as f64 / GIB));
+            }
+        }
+        eprintln!("bench: bulk throughput done");
+        Ok(results)
+    }
+
+    /// CPU seconds so far of the process in the middle of `peer`'s path, if it has one of ours.
+    fn cpu_of(&self, peer: Peer) -> Result<Option<f64>> {
+        let pid = match (peer.kind, peer.upstream) {
+            (Kind::Egress, _) => self.agent_pid()?,
+            (Kind::Redsocks, Upstream::Squid) => self.redsocks_squid.daemon.child.id(),
+            (Kind::Redsocks, Upstream::Fast) => self.redsocks_fast.daemon.child.id(),
+            _ => return Ok(None),
+        };
+        Ok(Some(measure::cpu_seconds(pid)?))
+    }
+
+    /// connect() latency: no eBPF (a cgroup with nothing attached) against the intercepted
+    /// cgroup for a destination bypassed in the kernel, and one denied there.
+    fn connect_latency(&mut self, plan: &Plan) -> Result<ConnectResult> {
+        let args = [
+            "client".to_owned(),
+            "--mode".to_owned(),
+            "connect".to_owned(),
+            "--target".to_owned(),
+            format!("{BYPASS_IP}:80"),
+            "--count".to_owned(),
+            plan.connect_samples.to_string(),
+            "--plain-cgroup".to_owned(),
+            self.bed.cgroup_b.path.to_string_lossy().into_owned(),
+            "--intercepted-cgroup".to_owned(),
+            self.bed.cgroup.path.to_string_lossy().into_owned(),
+            "--bypass".to_owned(),
+            format!("{BYPASS_IP}:80"),
+            "--deny".to_owned(),
+            format!("{DENY_IP}:80"),
+            "--timeout".to_owned(),
+            "120".to_owned(),
+        ];
+        let plain = self.bed.cgroup_b.path.clone();
+        let report: Report = peers::run_client(
+            &self.bed,
+            &plain,
+            &self.bin,
+            &args,
+            "connect latency".into(),
+            Duration::from_secs(130),
+        )?;
+        if report.errors > 0 {
+            self.problems.push(format!(
+                "connect latency: {} unexpected results, first: {}",
+                report.errors,
+                report.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+        eprintln!("bench: connect latency done");
+        Ok(ConnectResult {
+            plain_ns: Summary::of(&report.plain_ns).context("no plain connect samples")?,
+            bypass_ns: Summary::of(&report.bypass_ns).context("no bypassed connect samples")?,
+            deny_ns: Summary::of(&report.deny_ns).context("no denied connect samples")?,
+        })
+    }
+
+    /// Agent RSS idle, and with `plan.idle_tunnels` idle tunnels open through it, each of which
+    /// has carried a byte back from the origin (so it is set up end to end).
+    fn idle_tunnels(&mut self, plan: &Plan) -> Result<IdleResult> {
+        let pid = self.agent_pid()?;
+        let peer = Peer {
+            kind: Kind::Egress,
+            upstream: Upstream::Fast,
+        };
+        // One connection first: the runtime's threads and buffers exist in a working agent.
+        self.client(
+            peer,
+            false,
+            &["--mode", "bulk", "--bytes", "1048576"],
+            Duration::from_secs(30),
+        )?;
+        std::thread::sleep(Duration::from_secs(1));
+        let rss_idle_kib = measure::rss_kib(pid)?;
+
+        // At least two clients, opened one after the other, so that the memory a tunnel adds
+        // is measured between two sizes (the first tunnels also pay for one-off growth: the
+        // allocator keeps what the concurrent handshakes used).
+        let (cgroup, base_args) = self.client_for(peer, false);
+        let clients_needed = plan.idle_tunnels.div_ceil(IDLE_PER_CLIENT).max(2);
+        let mut clients = Vec::new();
+        let mut opened = 0;
+        let mut rss_steps = Vec::new();
+        for c in 0..clients_needed {
+            let n = plan.idle_tunnels / clients_needed + usize::from(c < plan.idle_tunnels % clients_needed);
+            let mut args = base_args.clone();
+            args.extend(["--mode", "idle", "--count", &n.to_string(), "--timeout", "600"].map(String::from));
+            let mut client = ClientProc::spawn(
+                &self.bed,
+                &cgroup,
+                &self.bin,
+                &args,
+                format!("idle tunnels ({n})"),
+            )?;
+            let report: Report = client.next(Duration::from_secs(300))?;
+            opened += report.completed;
+            if report.errors > 0 {
+                self.problems.push(format!(
+                    "idle tunnels: {} failed to open, first: {}",
+                    report.errors,
+                    report.first_error.as_deref().unwrap_or("?")
+                ));
+            }
+            clients.push(client);
+            // Let the agent finish its bookkeeping (decision state, allocator) before reading.
+            std::thread::sleep(Duration::from_secs(2));
+            rss_steps.push((opened, measure::rss_kib(pid)?));
+        }
+        let active = self.metric("egress_connections_active");
+        let (rss_anon_kib, _) = measure::rss_split_kib(pid)?;
+        let mut alive = 0;
+        for client in &mut clients {
+            client.send_line()?;
+        }
+        for mut client in clients {
+            let report: Report = client.next(Duration::from_secs(60))?;
+            alive += report.completed;
+            client.finish(Duration::from_secs(60))?;
+        }
+        if alive != opened {
+            self.problems.push(format!(
+                "idle tunnels: {} of {opened} closed while held",
+                opened - alive
+            ));
+        }
+        let (first_n, first_rss) = rss_steps[0];
+        let (last_n, rss_open_kib) = *rss_steps.last().expect("two steps");
+        let marginal_kib =
+            rss_open_kib.saturating_sub(first_rss) as f64 / last_n.saturating_sub(first_n).max(1) as f64;
+        Ok(IdleResult {
+            tunnels: plan.idle_tunnels,
+            opened,
+            alive,
+            agent_active: active,
+            rss_idle_kib,
+            rss_steps,
+            rss_open_kib,
+            rss_open_anon_kib: rss_anon_kib,
+            per_tunnel_kib: rss_open_kib.saturating_sub(rss_idle_kib) as f64 / opened.max(1) as f64,
+            marginal_kib,
+            // From the largest measured point on, each further tunnel at the marginal cost.
+            rss_10k_kib: rss_open_kib as f64 + marginal_kib * 10_000u64.saturating_sub(opened) as f64,
+        })
+    }
+
+    /// A value from the agent's /metrics, if it can be read.
+    fn metric(&self, series: &str) -> Option<u64> {
+        let text = self.bed.admin_get("/metrics").ok()?.1;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+/// Indexes 0..n starting at `round` (mod n): each peer goes first in turn.
+fn rotation(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (i + round) % n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotation;
+
+    #[test]
+    fn every_peer_goes_first_in_turn() {
+        assert_eq!(rotation(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(rotation(3, 1).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(rotation(3, 5).collect::<Vec<_>>(), [2, 0, 1]);
+    }
+}
