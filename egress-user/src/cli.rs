@@ -196,6 +196,10 @@ pub struct RunArgs {
     /// Address of the admin listener serving /health and /metrics [default: 127.0.0.1:9478].
     #[arg(long, value_name = "IP:PORT")]
     pub admin_addr: Option<String>,
+    /// Threads serving connections: 1 (one event loop: the lowest latency and memory; a core
+    /// relays well over 1 GiB/s), N, or 0 for one per CPU [default: 1].
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// User to become once the programs are attached (keeping CAP_NET_ADMIN only)
     /// [default: nobody].
     #[arg(long, value_name = "USER")]

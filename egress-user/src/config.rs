@@ -70,6 +70,7 @@ pub struct FileConfig {
     pub insecure_skip_proxy_tls_verify: Option<bool>,
     pub admin_addr: Option<String>,
     pub user: Option<String>,
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -98,6 +99,8 @@ pub struct Config {
     pub admin_addr: std::net::SocketAddr,
     /// Who the agent becomes after attaching.
     pub user: String,
+    /// Threads serving connections: 1 = one event loop, 0 = one per CPU.
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -244,6 +247,7 @@ impl Config {
                 .or(file.default_route)
                 .unwrap_or(DefaultRoute::Proxy),
             kernel_log: args.kernel_log || file.kernel_log.unwrap_or(false),
+            worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
             admin_addr: {
                 let value = args.admin_addr.clone().or(file.admin_addr.clone());
                 let value = value.as_deref().unwrap_or(DEFAULT_ADMIN_ADDR);
@@ -355,6 +359,16 @@ mod tests {
         assert_eq!(c.peek_timeout, Duration::from_millis(500));
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!c.connect_by_ip);
+        assert_eq!(c.worker_threads, 1);
+
+        let file: FileConfig = toml::from_str("worker_threads = 0").unwrap();
+        let c = Config::merge(file, SynapseSettings::default(), &args(), &[]).unwrap();
+        assert_eq!(c.worker_threads, 0, "from the file");
+        let mut flags = args();
+        flags.worker_threads = Some(4);
+        let file: FileConfig = toml::from_str("worker_threads = 0").unwrap();
+        let c = Config::merge(file, SynapseSettings::default(), &flags, &[]).unwrap();
+        assert_eq!(c.worker_threads, 4, "the flag wins");
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) -> std::io::Result<
                 continue;
             }
         };
+        // A relay must not add Nagle delays: the application already chose when to send.
+        let _ = client.set_nodelay(true);
         let agent = agent.clone();
         tokio::spawn(async move {
             let id = agent.next_id.fetch_add(1, Ordering::Relaxed);

@@ -59,13 +59,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
     let user = config.user.clone();
+    let worker_threads = config.worker_threads;
     let agent = Agent::new(kernel, config, args.clone(), env)?;
     privileges::drop_to(&user)?;
 
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(Arc::new(agent), listeners, logger))
+    runtime(worker_threads)?.block_on(serve(Arc::new(agent), listeners, logger))
+}
+
+/// One event loop by default: every relayed message then costs no cross-thread wakeup, which
+/// is most of the agent's latency on small hosts (measured by `cargo xtask bench`).
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
 }
 
 /// Each relayed connection holds two descriptors; thousands of idle federation connections are
