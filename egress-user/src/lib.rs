@@ -19,5 +19,6 @@ pub mod proxy_url;
 pub mod relay;
 pub mod run;
 pub mod sniff;
+pub mod splice;
 pub mod unit;
 pub mod upstream;

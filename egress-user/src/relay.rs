@@ -17,7 +17,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{decision::Decision, upstream::UpstreamStream};
+use crate::{decision::Decision, splice, upstream::UpstreamStream};
 
 /// Closes with RST (SO_LINGER 0), so the client sees a reset rather than an orderly end of
 /// stream it could mistake for a complete answer.
@@ -80,28 +80,37 @@ thread_local! {
     static BUFFER: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; RELAY_BUFFER].into_boxed_slice());
 }
 
-/// One direction of a TCP relay: what was read but not yet written (only under backpressure),
-/// and whether the source has ended.
+/// One direction of a TCP relay: what was read but not yet written (only under backpressure:
+/// in a pipe, or in memory when no pipe could be had), and whether the source has ended.
 #[derive(Default)]
 struct Direction {
+    /// A pipe holding this many bytes spliced from the source.
+    piped: Option<(splice::Pipe, usize)>,
     pending: Vec<u8>,
     eof: bool,
     done: bool,
     bytes: u64,
 }
 
+impl Direction {
+    fn has_pending(&self) -> bool {
+        self.piped.is_some() || !self.pending.is_empty()
+    }
+}
+
 /// Copies both ways between two TCP sockets, like `copy_bidirectional`, but waits for readiness
-/// before touching memory: reads go through a per-thread buffer, so an idle connection holds no
-/// buffer at all, and a connection under backpressure holds at most one read's worth.
+/// before taking any resource: bytes move by splice(2) through a pipe taken from a per-thread
+/// pool (or, when no pipe can be had, through a per-thread buffer), so an idle connection holds
+/// neither, and one under backpressure holds at most one read's worth.
 async fn copy_lean(a: &TcpStream, b: &TcpStream) -> std::io::Result<(u64, u64)> {
     let mut up = Direction::default(); // a -> b
     let mut down = Direction::default(); // b -> a
     while !(up.done && down.done) {
         tokio::select! {
-            ready = a.readable(), if !up.done && up.pending.is_empty() && !up.eof => { ready?; step(&mut up, a, b)? }
-            ready = b.writable(), if !up.done && (!up.pending.is_empty() || up.eof) => { ready?; step(&mut up, a, b)? }
-            ready = b.readable(), if !down.done && down.pending.is_empty() && !down.eof => { ready?; step(&mut down, b, a)? }
-            ready = a.writable(), if !down.done && (!down.pending.is_empty() || down.eof) => { ready?; step(&mut down, b, a)? }
+            ready = a.readable(), if !up.done && !up.has_pending() && !up.eof => { ready?; step(&mut up, a, b)? }
+            ready = b.writable(), if !up.done && (up.has_pending() || up.eof) => { ready?; step(&mut up, a, b)? }
+            ready = b.readable(), if !down.done && !down.has_pending() && !down.eof => { ready?; step(&mut down, b, a)? }
+            ready = a.writable(), if !down.done && (down.has_pending() || down.eof) => { ready?; step(&mut down, b, a)? }
         }
     }
     Ok((up.bytes, down.bytes))
@@ -110,7 +119,21 @@ async fn copy_lean(a: &TcpStream, b: &TcpStream) -> std::io::Result<(u64, u64)> 
 /// Moves what it can from `src` to `dst` without waiting.
 fn step(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> std::io::Result<()> {
     use std::io::ErrorKind::WouldBlock;
-    if !dir.pending.is_empty() {
+    if let Some((pipe, left)) = &mut dir.piped {
+        match splice::drain(pipe, dst, *left) {
+            Ok(n) => {
+                dir.bytes += n as u64;
+                *left -= n;
+            }
+            Err(e) if e.kind() == WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if *left == 0
+            && let Some((pipe, _)) = dir.piped.take()
+        {
+            splice::give_back(pipe);
+        }
+    } else if !dir.pending.is_empty() {
         match dst.try_write(&dir.pending) {
             Ok(n) => {
                 dir.bytes += n as u64;
@@ -120,6 +143,36 @@ fn step(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> std::io::Resul
                 }
             }
             Err(e) if e.kind() == WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    } else if !dir.eof
+        && let Some(pipe) = splice::take()
+    {
+        match splice::fill(&pipe, src) {
+            Ok(0) => {
+                dir.eof = true;
+                splice::give_back(pipe);
+            }
+            Ok(n) => {
+                let mut left = n;
+                while left > 0 {
+                    match splice::drain(&pipe, dst, left) {
+                        Ok(w) => {
+                            dir.bytes += w as u64;
+                            left -= w;
+                        }
+                        Err(e) if e.kind() == WouldBlock => break,
+                        // The pipe still holds bytes: it is dropped, not pooled.
+                        Err(e) => return Err(e),
+                    }
+                }
+                if left == 0 {
+                    splice::give_back(pipe);
+                } else {
+                    dir.piped = Some((pipe, left));
+                }
+            }
+            Err(e) if e.kind() == WouldBlock => splice::give_back(pipe),
             Err(e) => return Err(e),
         }
     } else if !dir.eof {
@@ -147,7 +200,7 @@ fn step(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> std::io::Resul
             Ok(())
         })?;
     }
-    if dir.eof && dir.pending.is_empty() && !dir.done {
+    if dir.eof && !dir.has_pending() && !dir.done {
         // Pass the half-close on.
         let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
         dir.done = true;
@@ -258,7 +311,19 @@ mod lean_tests {
     }
 
     #[tokio::test]
-    async fn copies_both_ways_with_half_close_and_backpressure() {
+    async fn copies_both_ways_with_half_close_and_backpressure_through_pipes() {
+        copies_both_ways_with_half_close_and_backpressure(true).await
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_through_memory_when_no_pipe_can_be_had() {
+        copies_both_ways_with_half_close_and_backpressure(false).await
+    }
+
+    /// The test runtime is single-threaded: the relay task runs on this thread, so the pipe
+    /// switch (thread-local) applies to it.
+    async fn copies_both_ways_with_half_close_and_backpressure(pipes: bool) {
+        splice::NO_PIPES.set(!pipes);
         let (mut client, client_side) = pair().await;
         let (upstream_side, mut upstream) = pair().await;
         let relay = tokio::spawn(async move { copy_lean(&client_side, &upstream_side).await });
