@@ -32,12 +32,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run every test: unit tests, the root-only namespace tests, and a
-    /// short run of each fuzz target.
+    /// Set up, build, and run every test: unit tests, the root-only namespace tests, a short
+    /// run of each fuzz target, and the benchmark's quick mode.
     Test {
         /// Skip the fuzz smoke run.
         #[arg(long)]
         no_fuzz: bool,
+        /// Skip the quick benchmark run (`cargo xtask bench --quick`).
+        #[arg(long)]
+        no_bench: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
@@ -84,13 +87,21 @@ fn main() -> Result<()> {
                 setup::sh(&egress_bin().to_string_lossy(), &refs, &[])
             }
         }
-        Task::Test { no_fuzz, args } => {
+        Task::Test {
+            no_fuzz,
+            no_bench,
+            args,
+        } => {
             require_root()?;
             setup::setup(true)?;
             build()?;
             // The fuzz smoke first, so that the test runner's summary closes the output.
             if !no_fuzz && args.is_empty() {
                 fuzz::run(&workspace_root(), 5, &[])?;
+            }
+            // That the benchmark still runs end to end (its figures are the full mode's job).
+            if !no_bench && args.is_empty() {
+                bench::run(&workspace_root(), &egress_bin(), true)?;
             }
             egress_testbed::sweep_leftovers();
             let bin = egress_bin();

@@ -247,7 +247,9 @@ pub fn sh(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     }
     // xtask itself runs under cargo: do not leak its toolchain choice (or its manifest
     // directory, which ring's build script tracks) into nested cargo calls.
-    command.env_remove("RUSTUP_TOOLCHAIN").env_remove("CARGO_MANIFEST_DIR");
+    command
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_MANIFEST_DIR");
     let status = command.status().with_context(|| format!("running {program}"))?;
     if !status.success() {
         bail!("`{program} {}` failed ({status})", args.join(" "));
