@@ -156,17 +156,19 @@ fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16
         Ok(cfg) => cfg,
         Err(verdict) => return (verdict, 0),
     };
+    // The agent keeps the two sets disjoint (bypass minus deny): the order of the lookups does
+    // not matter, and a bypassed connect costs one.
     let key = Key::new(32, dst_ip);
+    if BYPASS4.get(&key).is_some() {
+        count(counter::PASS_NO_PROXY);
+        return (Verdict::Allow, 0);
+    }
     if DENY4.get(&key).is_some() {
         count(counter::DENY_BLACKLIST);
         if cfg.flags & FLAG_KERNEL_LOG != 0 {
             debug!(ctx, "deny {:i}:{}", u32::from_be(dst_ip), dst_port);
         }
         return (Verdict::Deny, 0);
-    }
-    if BYPASS4.get(&key).is_some() {
-        count(counter::PASS_NO_PROXY);
-        return (Verdict::Allow, 0);
     }
     if cfg.flags & FLAG_KERNEL_LOG != 0 {
         debug!(ctx, "redirect {:i}:{}", u32::from_be(dst_ip), dst_port);
@@ -185,16 +187,16 @@ fn decide6(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: [u32; 4], dst_port
         Err(verdict) => return (verdict, 0),
     };
     let key = Key::new(128, dst_ip);
+    if BYPASS6.get(&key).is_some() {
+        count(counter::PASS_NO_PROXY);
+        return (Verdict::Allow, 0);
+    }
     if DENY6.get(&key).is_some() {
         count(counter::DENY_BLACKLIST);
         if cfg.flags & FLAG_KERNEL_LOG != 0 {
             debug!(ctx, "deny {:i}:{}", to_bytes(dst_ip), dst_port);
         }
         return (Verdict::Deny, 0);
-    }
-    if BYPASS6.get(&key).is_some() {
-        count(counter::PASS_NO_PROXY);
-        return (Verdict::Allow, 0);
     }
     if cfg.flags & FLAG_KERNEL_LOG != 0 {
         debug!(ctx, "redirect {:i}:{}", to_bytes(dst_ip), dst_port);
@@ -319,6 +321,17 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn record_original_dst(ctx: &SockOpsContext) {
+    // Redirected sockets connect to loopback; others (bypassed in the kernel, say) cannot have
+    // a parked destination, so they skip the cookie and the map lookup.
+    let to_loopback = if ctx.family() == AF_INET6 as u32 {
+        let ip = read_ip6(unsafe { &(*ctx.ops).remote_ip6 });
+        ip == LOOPBACK6 || (is_mapped(&ip) && ip[3] == LOOPBACK4)
+    } else {
+        ctx.remote_ip4() == LOOPBACK4
+    };
+    if !to_loopback {
+        return;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(original) = (unsafe { SOCKET_DST.get(cookie) }) else {
         return;

@@ -436,9 +436,19 @@ impl Policy {
         IpNet::aggregate(&nets)
     }
 
-    /// no_proxy's kernel_bypass_nets (the kernel checks deny first, so no subtraction needed).
+    /// no_proxy's address ranges minus the deny set, as disjoint CIDRs: with the two sets
+    /// disjoint, the kernel can look the bypass set up first, so a bypassed connect costs one
+    /// trie lookup (measured by `cargo xtask bench`), and the deny set still always wins.
     pub fn kernel_bypass_nets(&self) -> Vec<IpNet> {
-        self.no_proxy.kernel_bypass_nets()
+        let mut nets = IpNet::aggregate(&self.no_proxy.kernel_bypass_nets());
+        for hole in self.kernel_deny_nets() {
+            let mut rest = Vec::with_capacity(nets.len());
+            for net in nets {
+                subtract(net, hole, &mut rest);
+            }
+            nets = rest;
+        }
+        IpNet::aggregate(&nets)
     }
 }
 
@@ -1388,8 +1398,14 @@ mod tests {
                 assert!(!a.contains(b) && !b.contains(a), "{a} and {b} overlap");
             }
         }
+        let bypass = policy.kernel_bypass_nets();
+        let no_proxy_nets = policy.no_proxy.kernel_bypass_nets();
         for &addr in samples {
             let in_deny = deny.iter().any(|n| n.contains(&addr));
+            // The bypass set is no_proxy's ranges minus the deny set: disjoint from it.
+            let in_bypass = bypass.iter().any(|n| n.contains(&addr));
+            let in_no_proxy = no_proxy_nets.iter().any(|n| n.contains(&addr));
+            assert_eq!(in_bypass, in_no_proxy && !in_deny, "{addr}: bypass={in_bypass}");
             let in_black = policy.blacklist.iter().any(|n| n.contains(&addr));
             let in_white = policy.whitelist.iter().any(|n| n.contains(&addr));
             assert_eq!(
@@ -1471,15 +1487,21 @@ mod tests {
         for _ in 0..200 {
             let black_count = 1 + (rng.next() % 6) as usize;
             let white_count = (rng.next() % 6) as usize;
+            let no_proxy_count = (rng.next() % 4) as usize;
+            let bypass: Vec<String> = random_nets(&mut rng, no_proxy_count)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             let policy = Policy {
                 blacklist: random_nets(&mut rng, black_count),
                 whitelist: random_nets(&mut rng, white_count),
-                no_proxy: NoProxy::default(),
+                no_proxy: NoProxy::parse_list(bypass.iter().map(String::as_str)).unwrap(),
             };
             let ranges: Vec<IpNet> = policy
                 .blacklist
                 .iter()
                 .chain(&policy.whitelist)
+                .chain(&policy.no_proxy.kernel_bypass_nets())
                 .copied()
                 .collect();
             let mut points = samples(&ranges, &mut rng);
@@ -1513,10 +1535,21 @@ mod tests {
         );
         assert!(NoProxy::default().kernel_bypass_nets().is_empty());
 
+        // The policy's set leaves out what it denies: 10/8 but for the whitelisted 10.1/16,
+        // 172.16/12 and ::1 are in the default blacklist.
         let policy = Policy {
             no_proxy: list.clone(),
+            whitelist: nets(&["10.1.0.0/16"]),
             ..Policy::default()
         };
-        assert_eq!(policy.kernel_bypass_nets(), list.kernel_bypass_nets());
+        assert_eq!(policy.kernel_bypass_nets(), nets(&["10.1.0.0/16"]));
+        let open = Policy {
+            no_proxy: list,
+            blacklist: Vec::new(),
+            ..Policy::default()
+        };
+        let mut got = open.kernel_bypass_nets();
+        got.sort();
+        assert_eq!(got, nets(&["10.0.0.0/8", "172.16.0.0/12", "::1/128"]));
     }
 }

@@ -148,10 +148,10 @@ fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
     assert!(squid.contains(&needle), "{squid}");
     let origin = wait_for(&bed, Testbed::origin_access_log, PROXY_IP6);
     assert!(origin.starts_with(&format!("{PROXY_IP6} 8448 ")), "{origin}");
-    assert!(
-        bed.agent_log()
-            .contains(&format!("original_dst=[{ORIGIN_IP6}]:8448"))
-    );
+    // The decision line is written when the agent has closed both sides: poll for it.
+    let needle = format!("original_dst=[{ORIGIN_IP6}]:8448");
+    let log = wait_for(&bed, Testbed::agent_log, &needle);
+    assert!(log.contains(&needle), "{log}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 
     // The IPv4 LAN is not whitelisted here: IPv4 to it, also IPv4-mapped, is denied in the kernel.
