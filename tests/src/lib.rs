@@ -551,6 +551,19 @@ pub fn egress_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/egress"))
 }
 
+/// Whitelist flags for the proxy and the origin's first address only (and the IPv6 LAN): the
+/// origin's second address, [`ORIGIN_IP_2`], stays in the default blacklist (10.0.0.0/8).
+pub fn narrow_whitelist_args() -> Vec<String> {
+    [
+        format!("{PROXY_IP}/32"),
+        format!("{ORIGIN_IP}/32"),
+        LAN6.to_owned(),
+    ]
+    .into_iter()
+    .flat_map(|net| ["--ip-range-whitelist".to_owned(), net])
+    .collect()
+}
+
 /// Removes what crashed earlier runs may have left: namespaces, cgroups and pins named egt*.
 pub fn sweep_leftovers() {
     if let Ok(list) = cmd::run("ip", &["netns", "list"]) {

@@ -3,8 +3,8 @@
 //! (dnsmasq) answering A and SRV records in the homeserver namespace.
 
 use egress_testbed::{
-    ClientResult, LAN6, ORIGIN_IP, ORIGIN_IP_2, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER,
-    SQUID_PORT, SQUID_STRICT_PORT, Testbed, egress_bin,
+    ClientResult, ORIGIN_IP, ORIGIN_IP_2, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, SQUID_PORT,
+    SQUID_STRICT_PORT, Testbed, egress_bin, narrow_whitelist_args,
 };
 
 /// example.test delegates (.well-known) to fed.example.test, whose SRV record points at
@@ -29,24 +29,10 @@ fn testbed() -> Testbed {
 fn doctor(bed: &Testbed, server_name: &str, squid_port: u16, json: bool) -> ClientResult {
     let proxy = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{squid_port}");
     let ca = bed.certs.ca.to_string_lossy().into_owned();
-    let (proxy_net, origin_net) = (format!("{PROXY_IP}/32"), format!("{ORIGIN_IP}/32"));
-    let mut args = vec![
-        "doctor",
-        "--server-name",
-        server_name,
-        "--https-proxy",
-        &proxy,
-        "--ip-range-whitelist",
-        &proxy_net,
-        "--ip-range-whitelist",
-        &origin_net,
-        "--ip-range-whitelist",
-        LAN6,
-        "--ca-file",
-        &ca,
-        "--timeout",
-        "5",
-    ];
+    let whitelist = narrow_whitelist_args();
+    let mut args = vec!["doctor", "--server-name", server_name, "--https-proxy", &proxy];
+    args.extend(whitelist.iter().map(String::as_str));
+    args.extend(["--ca-file", &ca, "--timeout", "5"]);
     if json {
         args.push("--json");
     }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use egress_testbed::{
-    LAN6, ORIGIN_IP, ORIGIN_IP_2, ORIGIN_NAME, PROXY_IP, Testbed,
+    ORIGIN_IP, ORIGIN_IP_2, ORIGIN_NAME, Testbed, narrow_whitelist_args,
     peers::PREVIEW_PAGE,
     synapse::{Synapse, client_get, query_encode},
 };
@@ -24,20 +24,10 @@ fn synapse_previews_go_through_squid_and_blacklisted_addresses_never_see_a_packe
     // Only the proxy and the origin's first address are whitelisted; ORIGIN_IP_2 stays in the
     // default blacklist (10.0.0.0/8).
     let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
-    let (proxy_net, origin_net) = (format!("{PROXY_IP}/32"), format!("{ORIGIN_IP}/32"));
-    bed.start_agent(&[
-        "--https-proxy",
-        &proxy,
-        "--http-proxy",
-        &proxy,
-        "--ip-range-whitelist",
-        &proxy_net,
-        "--ip-range-whitelist",
-        &origin_net,
-        "--ip-range-whitelist",
-        LAN6,
-    ])
-    .expect("agent");
+    let mut args = vec!["--https-proxy", &proxy, "--http-proxy", &proxy];
+    let whitelist = narrow_whitelist_args();
+    args.extend(whitelist.iter().map(String::as_str));
+    bed.start_agent(&args).expect("agent");
 
     // Synapse's own preview blacklist opened up (it must be set for previews to work): egress
     // is what has to block.
