@@ -60,7 +60,18 @@ fn apt_packages() -> Result<()> {
     sh("apt-get", &["update", "-qq"], &[])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend_from_slice(&missing);
-    sh("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])
+    sh("apt-get", &args, &[("DEBIAN_FRONTEND", "noninteractive")])?;
+    // Debian starts redsocks' stock service on hosts with systemd; the benchmark runs its own
+    // inside a namespace, and nothing else should listen on the host.
+    if missing.contains(&"redsocks") {
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                "command -v systemctl >/dev/null && systemctl disable --now redsocks.service",
+            ])
+            .status();
+    }
+    Ok(())
 }
 
 fn dpkg_installed(package: &str) -> bool {
