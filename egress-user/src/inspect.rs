@@ -139,7 +139,13 @@ pub fn kernel_decision(policy: &crate::policy::Policy, ip: IpAddr) -> KernelDeci
         KernelDecision::Loopback
     } else if let Some(rule) = policy.denied(ip) {
         KernelDecision::Deny(rule)
-    } else if policy.kernel_bypass_nets().iter().any(|net| net.contains(&ip)) {
+    } else if policy
+        .no_proxy
+        .kernel_bypass_nets()
+        .iter()
+        .any(|net| net.contains(&ip))
+    {
+        // (Denied addresses were answered above: no need for the bypass set minus them.)
         KernelDecision::Bypass
     } else {
         KernelDecision::Redirect

@@ -102,7 +102,7 @@ impl Direction {
 /// before taking any resource: bytes move by splice(2) through a pipe taken from a per-thread
 /// pool (or, when no pipe can be had, through a per-thread buffer), so an idle connection holds
 /// neither, and one under backpressure holds at most one read's worth.
-async fn copy_lean(a: &TcpStream, b: &TcpStream) -> std::io::Result<(u64, u64)> {
+async fn copy_lean(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
     let mut up = Direction::default(); // a -> b
     let mut down = Direction::default(); // b -> a
     while !(up.done && down.done) {
@@ -117,95 +117,97 @@ async fn copy_lean(a: &TcpStream, b: &TcpStream) -> std::io::Result<(u64, u64)> 
 }
 
 /// Moves what it can from `src` to `dst` without waiting.
-fn step(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> std::io::Result<()> {
-    use std::io::ErrorKind::WouldBlock;
-    if let Some((pipe, left)) = &mut dir.piped {
-        match splice::drain(pipe, dst, *left) {
-            Ok(n) => {
-                dir.bytes += n as u64;
-                *left -= n;
-            }
-            Err(e) if e.kind() == WouldBlock => {}
-            Err(e) => return Err(e),
+fn step(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    if !dir.has_pending() && !dir.eof {
+        match splice::take() {
+            Some(pipe) => fill_pipe(dir, pipe, src)?,
+            None => copy_through_buffer(dir, src, dst)?,
         }
-        if *left == 0
-            && let Some((pipe, _)) = dir.piped.take()
-        {
-            splice::give_back(pipe);
-        }
-    } else if !dir.pending.is_empty() {
-        match dst.try_write(&dir.pending) {
-            Ok(n) => {
-                dir.bytes += n as u64;
-                dir.pending.drain(..n);
-                if dir.pending.is_empty() {
-                    dir.pending = Vec::new(); // give the memory back
-                }
-            }
-            Err(e) if e.kind() == WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    } else if !dir.eof
-        && let Some(pipe) = splice::take()
-    {
-        match splice::fill(&pipe, src) {
-            Ok(0) => {
-                dir.eof = true;
-                splice::give_back(pipe);
-            }
-            Ok(n) => {
-                let mut left = n;
-                while left > 0 {
-                    match splice::drain(&pipe, dst, left) {
-                        Ok(w) => {
-                            dir.bytes += w as u64;
-                            left -= w;
-                        }
-                        Err(e) if e.kind() == WouldBlock => break,
-                        // The pipe still holds bytes: it is dropped, not pooled.
-                        Err(e) => return Err(e),
-                    }
-                }
-                if left == 0 {
-                    splice::give_back(pipe);
-                } else {
-                    dir.piped = Some((pipe, left));
-                }
-            }
-            Err(e) if e.kind() == WouldBlock => splice::give_back(pipe),
-            Err(e) => return Err(e),
-        }
-    } else if !dir.eof {
-        BUFFER.with(|buffer| -> std::io::Result<()> {
-            let mut buffer = buffer.borrow_mut();
-            let n = match src.try_read(&mut buffer) {
-                Ok(0) => {
-                    dir.eof = true;
-                    return Ok(());
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let mut written = 0;
-            while written < n {
-                match dst.try_write(&buffer[written..n]) {
-                    Ok(w) => written += w,
-                    Err(e) if e.kind() == WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            dir.bytes += written as u64;
-            dir.pending.extend_from_slice(&buffer[written..n]);
-            Ok(())
-        })?;
     }
+    flush(dir, dst)?;
     if dir.eof && !dir.has_pending() && !dir.done {
         // Pass the half-close on.
         let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
         dir.done = true;
     }
     Ok(())
+}
+
+/// Splices what `src` has into the (empty) pipe; the pipe goes back to the pool unless it
+/// now holds bytes.
+fn fill_pipe(dir: &mut Direction, pipe: splice::Pipe, src: &TcpStream) -> io::Result<()> {
+    match splice::fill(&pipe, src) {
+        Ok(0) => {
+            dir.eof = true;
+            splice::give_back(pipe);
+        }
+        Ok(n) => dir.piped = Some((pipe, n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => splice::give_back(pipe),
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Without a pipe: reads into the per-thread buffer and writes from it; what `dst` does not take
+/// now is kept in `pending`.
+fn copy_through_buffer(dir: &mut Direction, src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        let n = match src.try_read(&mut buffer) {
+            Ok(0) => {
+                dir.eof = true;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let written = write_some(dst, &buffer[..n])?;
+        dir.bytes += written as u64;
+        dir.pending.extend_from_slice(&buffer[written..n]);
+        Ok(())
+    })
+}
+
+/// Writes out what the direction holds, until `dst` is full or nothing is left.
+fn flush(dir: &mut Direction, dst: &TcpStream) -> io::Result<()> {
+    if let Some((pipe, left)) = &mut dir.piped {
+        while *left > 0 {
+            match splice::drain(pipe, dst, *left) {
+                Ok(n) => {
+                    dir.bytes += n as u64;
+                    *left -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // A pipe still holding bytes is dropped with the direction, never pooled.
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((pipe, _)) = dir.piped.take() {
+            splice::give_back(pipe);
+        }
+    } else if !dir.pending.is_empty() {
+        let written = write_some(dst, &dir.pending)?;
+        dir.bytes += written as u64;
+        dir.pending.drain(..written);
+        if dir.pending.is_empty() {
+            dir.pending = Vec::new(); // give the memory back
+        }
+    }
+    Ok(())
+}
+
+/// Writes as much of `data` as `dst` takes without waiting.
+fn write_some(dst: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match dst.try_write(&data[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
 }
 
 fn reset_both(client: TcpStream, upstream: UpstreamStream) {

@@ -101,16 +101,11 @@ fn raise_fd_limit() {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
         current.rlim_cur
     };
-    let level = if effective < 65536 {
-        tracing::Level::WARN
-    } else {
-        tracing::Level::INFO
-    };
     let message = format!(
         "file descriptor limit {effective}: room for about {} concurrent proxied connections",
         effective.saturating_sub(64) / 2
     );
-    if level == tracing::Level::WARN {
+    if effective < 65536 {
         tracing::warn!("{message} (raise LimitNOFILE)");
     } else {
         tracing::info!("{message}");
