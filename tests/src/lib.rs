@@ -228,11 +228,8 @@ impl Testbed {
         self.stop_agent();
         self.agent_runs += 1;
         let log = self.agent_log_path(self.agent_runs);
-        let mut command = Command::new("sh");
+        let mut command = in_cgroup_then(self.agent_cgroup.as_deref());
         command
-            .arg("-c")
-            .arg(r#"[ -z "$0" ] || echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(self.agent_cgroup.as_deref().unwrap_or(Path::new("")))
             .arg("nsenter")
             .arg(format!("--net={}", self.hs.path()))
             .arg(egress_bin())
@@ -380,11 +377,8 @@ impl Testbed {
     /// resolver of [`Self::start_dns`]), in `cgroup` if given (joined first: `ip netns exec`
     /// hides the cgroup filesystem).
     pub fn hs_command(&self, cgroup: Option<&Path>, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("sh");
+        let mut command = in_cgroup_then(cgroup);
         command
-            .arg("-c")
-            .arg(r#"[ -z "$0" ] || echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(cgroup.unwrap_or(Path::new("")))
             .args(["ip", "netns", "exec", &self.hs.name, program])
             .args(args);
         command
@@ -416,11 +410,8 @@ impl Testbed {
     /// The command running `program args...` inside `cgroup`, in the homeserver namespace: join
     /// the cgroup first, then enter only the network namespace (keeping /sys and its cgroupfs).
     fn in_cgroup(&self, cgroup: &Path, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("sh");
+        let mut command = in_cgroup_then(Some(cgroup));
         command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(cgroup)
             .arg("nsenter")
             .arg(format!("--net={}", self.hs.path()))
             .arg(program)
@@ -549,6 +540,17 @@ pub fn egress_bin() -> PathBuf {
     std::env::var_os("EGRESS_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/egress"))
+}
+
+/// A shell that joins `cgroup` (if given) and then execs the program and arguments the caller
+/// appends: joining first, because entering a namespace may hide the cgroup filesystem.
+fn in_cgroup_then(cgroup: Option<&Path>) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"[ -z "$0" ] || echo $$ > "$0/cgroup.procs" && exec "$@""#)
+        .arg(cgroup.unwrap_or(Path::new("")));
+    command
 }
 
 /// Whitelist flags for the proxy and the origin's first address only (and the IPv6 LAN): the

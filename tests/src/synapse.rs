@@ -171,7 +171,10 @@ report_stats: false
         );
         let url = format!("http://127.0.0.1:{CLIENT_PORT}/_matrix/client/v3/login");
         let out = bed.run_in_hs("curl", &["-sS", "--max-time", "20", "-d", &body, &url])?;
-        json_string_field(&out.stdout, "access_token").with_context(|| format!("login answer: {out:?}"))
+        serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|answer| Some(answer.get("access_token")?.as_str()?.to_owned()))
+            .with_context(|| format!("no access_token in the login answer: {out:?}"))
     }
 
     pub fn log(&self) -> String {
@@ -202,17 +205,6 @@ pub fn client_get(bed: &Testbed, path: &str, token: Option<&str>) -> Result<(u16
     let out: ClientResult = bed.run_in_hs("curl", &args)?;
     let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", &out.stdout));
     Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
-}
-
-/// The string value of `"field":"..."` in a JSON text (enough for tokens, which need no escapes).
-fn json_string_field(json: &str, field: &str) -> Option<String> {
-    let start = json.find(&format!("\"{field}\""))? + field.len() + 2;
-    let rest = json[start..]
-        .trim_start()
-        .strip_prefix(':')?
-        .trim_start()
-        .strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_owned())
 }
 
 /// Percent-encodes a URL for a query parameter.
