@@ -6,7 +6,7 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -17,33 +17,37 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::agent::Agent;
+use crate::{agent::Agent, proxy::Current};
 
 const PROBE_CACHE: Duration = Duration::from_secs(5);
 
+/// The last upstream probe: when, for which configuration (a reload makes it stale), and what
+/// it found.
 #[derive(Default)]
-pub struct HealthCache {
-    last: Mutex<Option<(Instant, Result<(), String>)>>,
+struct HealthCache {
+    last: Mutex<Option<Probe>>,
 }
 
-impl HealthCache {
-    /// Drops the cached probe (the proxies changed).
-    pub fn forget(&self) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
+struct Probe {
+    at: Instant,
+    of: Weak<Current>,
+    result: Result<(), String>,
 }
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+    let health = Arc::new(HealthCache::default());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let agent = agent.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let agent = agent.clone();
-                async move { Ok::<_, Infallible>(route(&agent, request).await) }
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(route(&agent, &health, request).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -52,15 +56,16 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
     }
 }
 
-async fn route(agent: &Agent, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -> Response<Full<Bytes>> {
     match request.uri().path() {
-        "/health" => match health(agent).await {
+        "/health" => match health(agent, cache).await {
             Ok(summary) => text(StatusCode::OK, format!("ok: {summary}\n")),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}\n")),
         },
         "/metrics" => {
-            let kernel = agent.kernel.counters().unwrap_or_default();
-            let mut response = text(StatusCode::OK, agent.metrics.encode(&kernel));
+            let shared = &agent.shared;
+            let kernel = shared.kernel.counters().unwrap_or_default();
+            let mut response = text(StatusCode::OK, shared.metrics.encode(&kernel));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -86,22 +91,23 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-async fn health(agent: &Agent) -> Result<String, String> {
+async fn health(agent: &Agent, cache: &HealthCache) -> Result<String, String> {
     let current = agent.current();
     let config = &current.config;
-    if !agent.kernel.pins_present() {
+    let kernel = &agent.shared.kernel;
+    if !kernel.pins_present() {
         return Err(format!(
             "pins under {} are gone (bpffs unmounted?): interception lasts only while this agent runs",
             config.pin_dir.display()
         ));
     }
     for cgroup in &config.cgroups {
-        if !agent.kernel.is_attached(cgroup) {
+        if !kernel.is_attached(cgroup) {
             return Err(format!("not attached to cgroup {}", cgroup.display()));
         }
     }
-    upstream_reachable(agent).await?;
-    let proxies: Vec<String> = current.proxies().map(|p| p.url.to_string()).collect();
+    upstream_reachable(&current, cache).await?;
+    let proxies: Vec<String> = current.proxies().iter().map(|p| p.url.to_string()).collect();
     Ok(format!(
         "attached to {} cgroup(s); upstream reachable: {}",
         config.cgroups.len(),
@@ -113,24 +119,24 @@ async fn health(agent: &Agent) -> Result<String, String> {
     ))
 }
 
-async fn upstream_reachable(agent: &Agent) -> Result<(), String> {
-    if let Some((at, result)) = agent
-        .health
-        .last
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        && at.elapsed() < PROBE_CACHE
+async fn upstream_reachable(current: &Arc<Current>, cache: &HealthCache) -> Result<(), String> {
+    if let Some(probe) = &*cache.last.lock().unwrap_or_else(|e| e.into_inner())
+        && probe.at.elapsed() < PROBE_CACHE
+        && Weak::ptr_eq(&probe.of, &Arc::downgrade(current))
     {
-        return result;
+        return probe.result.clone();
     }
     let mut result = Ok(());
-    for proxy in agent.current().proxies() {
+    for proxy in current.proxies().iter() {
         if let Err(e) = proxy.connect().await {
             result = Err(format!("upstream proxy {} unreachable: {e}", proxy.url));
             break;
         }
     }
-    *agent.health.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), result.clone()));
+    *cache.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Probe {
+        at: Instant::now(),
+        of: Arc::downgrade(current),
+        result: result.clone(),
+    });
     result
 }

@@ -1,67 +1,19 @@
-//! The running agent's state: the kernel maps, metrics, and the current configuration with the
-//! proxy clients built from it. SIGHUP reloads the configuration from the same sources; a bad
-//! new configuration is logged and the old one stays in force.
+//! The running agent: the data path's shared state, and how its configuration is reloaded.
+//! SIGHUP loads the configuration again from the same sources; a bad new configuration is
+//! logged and the old one stays in force, in the agent and in the kernel alike.
 
-use std::sync::{Arc, RwLock, atomic::AtomicU64};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
 use crate::{
-    admin::HealthCache,
-    cli::RunArgs,
-    config::Config,
-    ebpf::Kernel,
-    metrics::Metrics,
-    proxy_tls::ProxyTls,
-    proxy_url::{ProxyScheme, ProxyUrl},
-    upstream::ProxyClient,
+    config::{Config, flags::RunArgs},
+    kernel::Kernel,
+    proxy::{Current, Shared},
 };
 
-/// One consistent configuration and the proxy clients built from it. Each connection takes a
-/// snapshot at accept and keeps it to its end, so a reload never changes a decision halfway.
-pub struct Current {
-    pub config: Config,
-    pub https_proxy: Option<ProxyClient>,
-    pub http_proxy: Option<ProxyClient>,
-}
-
-impl Current {
-    pub fn new(config: Config) -> Result<Self> {
-        let client = |url: &Option<ProxyUrl>| -> Result<Option<ProxyClient>> {
-            let Some(url) = url else { return Ok(None) };
-            let tls = match url.scheme {
-                ProxyScheme::Https => Some(ProxyTls::new(
-                    config.proxy_ca_file.as_deref(),
-                    config.insecure_skip_proxy_tls_verify,
-                )?),
-                ProxyScheme::Http => None,
-            };
-            Ok(Some(ProxyClient::new(
-                url.clone(),
-                tls,
-                config.agent_mark,
-                config.timeouts,
-            )))
-        };
-        Ok(Self {
-            https_proxy: client(&config.https_proxy)?,
-            http_proxy: client(&config.http_proxy)?,
-            config,
-        })
-    }
-
-    /// The configured upstream proxies.
-    pub fn proxies(&self) -> impl Iterator<Item = &ProxyClient> {
-        self.https_proxy.iter().chain(self.http_proxy.iter())
-    }
-}
-
 pub struct Agent {
-    pub kernel: Kernel,
-    pub metrics: Metrics,
-    pub health: HealthCache,
-    pub(crate) next_id: AtomicU64,
-    current: RwLock<Arc<Current>>,
+    pub shared: Arc<Shared>,
     /// What the configuration was loaded from, to load it again on SIGHUP.
     args: RunArgs,
     env: Vec<(String, String)>,
@@ -70,18 +22,14 @@ pub struct Agent {
 impl Agent {
     pub fn new(kernel: Kernel, config: Config, args: RunArgs, env: Vec<(String, String)>) -> Result<Self> {
         Ok(Self {
-            kernel,
-            metrics: Metrics::new(),
-            health: HealthCache::default(),
-            next_id: AtomicU64::new(1),
-            current: RwLock::new(Arc::new(Current::new(config)?)),
+            shared: Arc::new(Shared::new(kernel, Current::new(config)?)),
             args,
             env,
         })
     }
 
     pub fn current(&self) -> Arc<Current> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared.current()
     }
 
     /// Loads the configuration again and puts it in force: policy (also in the kernel), proxies,
@@ -94,10 +42,10 @@ impl Agent {
         }
         let current = Current::new(config)?;
         let policy = &current.config.policy;
-        self.kernel
+        self.shared
+            .kernel
             .set_ranges(&policy.kernel_deny_nets(), &policy.kernel_bypass_nets())?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(current);
-        self.health.forget();
+        self.shared.replace(current);
         Ok(())
     }
 }

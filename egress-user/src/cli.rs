@@ -1,10 +1,13 @@
-//! Command line: `egress run | detach | status`.
+//! The command line: its commands and flags, and which module carries out each.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{DEFAULT_PIN_DIR, DefaultRoute};
+use crate::{
+    config::{Config, DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR, flags::RunArgs},
+    daemon, diag, kernel, proxy,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -109,7 +112,7 @@ pub struct DetachArgs {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The running agent's admin address, asked for /health.
-    #[arg(long, value_name = "IP:PORT", default_value = crate::config::DEFAULT_ADMIN_ADDR)]
+    #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: std::net::SocketAddr,
     #[command(flatten)]
     pub pin: PinDir,
@@ -122,103 +125,134 @@ pub struct PinDir {
     pub bpffs_dir: PathBuf,
 }
 
-/// Flags of `egress run`. Each overrides the config file and the environment.
-#[derive(Args, Debug, Default, Clone)]
-pub struct RunArgs {
-    /// TOML config file [default: /etc/egress/egress.toml, if it exists].
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// cgroup (v2) directory whose processes are intercepted; repeatable.
-    #[arg(long = "cgroup", value_name = "PATH")]
-    pub cgroups: Vec<PathBuf>,
-    /// systemd unit whose cgroup is intercepted (e.g. matrix-synapse.service); repeatable.
-    /// Resolved on hybrid and pure cgroup v2 hosts; the unit must be running.
-    #[arg(long = "unit", value_name = "UNIT")]
-    pub units: Vec<String>,
-    /// Import http_proxy, https_proxy, no_proxy_hosts, ip_range_blacklist and
-    /// ip_range_whitelist from Synapse's homeserver.yaml (overridden by everything else).
-    #[arg(long, value_name = "PATH")]
-    pub homeserver_config: Option<PathBuf>,
-    /// Proxy for TLS (and unrecognised) connections, `[http://][user:pass@]host[:port]`
-    /// (port 1080 by default). Default: $https_proxy / $HTTPS_PROXY.
-    #[arg(long, value_name = "URL")]
-    pub https_proxy: Option<String>,
-    /// Proxy for plain HTTP requests, forwarded in absolute form. Default: $http_proxy.
-    /// Without one, plain HTTP goes direct (blacklist still applies), as in Synapse.
-    #[arg(long, value_name = "URL")]
-    pub http_proxy: Option<String>,
-    /// Destinations that bypass the proxy: `*`, host names (suffix match), IPs, CIDR ranges,
-    /// `host:port`; repeatable or comma-separated. Default: $no_proxy.
-    #[arg(long, value_name = "ENTRY")]
-    pub no_proxy: Vec<String>,
-    /// Destinations refused outright (connect fails with EPERM); repeatable. Replaces the
-    /// default list (Synapse's private and reserved ranges).
-    #[arg(long, value_name = "CIDR")]
-    pub ip_range_blacklist: Vec<String>,
-    /// Exceptions to the blacklist; repeatable.
-    #[arg(long, value_name = "CIDR")]
-    pub ip_range_whitelist: Vec<String>,
-    /// Port of the agent's listener on 127.0.0.1 [default: 15001].
-    #[arg(long, value_name = "PORT")]
-    pub listen_port: Option<u16>,
-    /// Socket mark on the agent's own connections, never intercepted; non-zero
-    /// [default: 0x65677273].
-    #[arg(long, value_name = "MARK", value_parser = parse_u32)]
-    pub agent_mark: Option<u32>,
-    /// Seconds allowed for the TCP connect to the upstream [default: 10].
-    #[arg(long, value_name = "SECS")]
-    pub connect_timeout: Option<f64>,
-    /// Seconds allowed for the proxy's answer to CONNECT [default: 15].
-    #[arg(long, value_name = "SECS")]
-    pub handshake_timeout: Option<f64>,
-    /// Seconds to wait for the client's first bytes (TLS ClientHello or HTTP request head)
-    /// [default: 0.5].
-    #[arg(long, value_name = "SECS")]
-    pub peek_timeout: Option<f64>,
-    /// CONNECT to the vetted IP address even when SNI/Host names the destination (DNS-rebinding
-    /// safety over proxy-side domain ACLs).
-    #[arg(long)]
-    pub connect_by_ip: bool,
-    /// Route for connections that send neither TLS nor HTTP within the peek window
-    /// [default: proxy].
-    #[arg(long, value_enum, value_name = "ROUTE")]
-    pub default_route: Option<DefaultRoute>,
-    /// CA certificates (PEM) to verify https:// proxies with, instead of the system roots.
-    #[arg(long, value_name = "PATH")]
-    pub proxy_ca_file: Option<PathBuf>,
-    /// TESTING ONLY: do not verify the certificate of an https:// proxy (like Synapse's
-    /// use_insecure_ssl_client_just_for_testing_do_not_use).
-    #[arg(long)]
-    pub insecure_skip_proxy_tls_verify: bool,
-    /// Emit the kernel programs' debug records (aya-log) into the agent's log.
-    #[arg(long)]
-    pub kernel_log: bool,
-    /// Address of the admin listener serving /health and /metrics [default: 127.0.0.1:9478].
-    #[arg(long, value_name = "IP:PORT")]
-    pub admin_addr: Option<String>,
-    /// Threads serving connections: 1 (one event loop: the lowest latency and memory; a core
-    /// relays well over 1 GiB/s), N, or 0 for one per CPU [default: 1].
-    #[arg(long, value_name = "N")]
-    pub worker_threads: Option<usize>,
-    /// User to become once the programs are attached (keeping CAP_NET_ADMIN only)
-    /// [default: nobody].
-    #[arg(long, value_name = "USER")]
-    pub user: Option<String>,
-    #[command(flatten)]
-    pub pin: OptionalPinDir,
-}
-
-#[derive(Args, Debug, Default, Clone)]
-pub struct OptionalPinDir {
-    /// bpffs directory for the pinned programs and maps [default: /sys/fs/bpf/egress].
-    #[arg(long, value_name = "DIR")]
-    pub bpffs_dir: Option<PathBuf>,
-}
-
-fn parse_u32(s: &str) -> Result<u32, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
+/// Runs the command given on the command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => daemon::run(&args),
+        Command::Attach(args) => {
+            let units = args.units.iter().map(|u| kernel::cgroups::resolve_unit(u));
+            units
+                .collect::<anyhow::Result<Vec<_>>>()
+                .and_then(|unit_cgroups| {
+                    args.cgroups.iter().chain(&unit_cgroups).try_for_each(|cgroup| {
+                        kernel::attach_to_running(&args.pin.bpffs_dir, cgroup)?;
+                        println!("attached {}", cgroup.display());
+                        Ok(())
+                    })
+                })
+        }
+        Command::Detach(args) if !args.cgroups.is_empty() => args.cgroups.iter().try_for_each(|cgroup| {
+            let removed = kernel::detach_cgroup(&args.pin.bpffs_dir, cgroup)?;
+            println!("detached {} ({removed} links removed)", cgroup.display());
+            Ok(())
+        }),
+        Command::Detach(args) => match kernel::detach(&args.pin.bpffs_dir) {
+            Ok(true) => {
+                println!("detached: removed {}", args.pin.bpffs_dir.display());
+                Ok(())
+            }
+            Ok(false) => {
+                println!("nothing to detach at {}", args.pin.bpffs_dir.display());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Command::Status(args) => diag::status::status(&args.pin.bpffs_dir, args.admin_addr),
+        Command::CheckConfig(args) => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            Config::load(&args, &env).map(|config| print!("{}", diag::check_config::render_config(&config)))
+        }
+        Command::Explain(args) => explain(&args),
+        Command::Doctor(args) => return run_doctor(&args),
     };
-    parsed.map_err(|e| format!("'{s}': {e}"))
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = Config::load(&args.run, &env)?;
+    let (host, port) = crate::hostport::parse_destination(&args.destination)?;
+    let ip = match (args.ip, host.parse::<std::net::IpAddr>()) {
+        (Some(ip), _) | (None, Ok(ip)) => ip,
+        (None, Err(_)) => std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .map_err(|e| anyhow::anyhow!("resolving {host}: {e} (give the address with --ip)"))?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{host} has no address (give one with --ip)"))?
+            .ip(),
+    };
+    print!("{}", diag::explain::explain(&config, &host, port, ip));
+    Ok(())
+}
+
+/// Exit status 0 when the federation version endpoint answered through egress, 1 otherwise.
+fn run_doctor(args: &DoctorArgs) -> ExitCode {
+    let report = (|| -> anyhow::Result<diag::doctor::report::Report> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let config = Config::load(&args.run, &env)?;
+        if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+            anyhow::bail!("--timeout {}: must be a positive number of seconds", args.timeout);
+        }
+        // The mark keeps the doctor's own connections out of interception should it run inside
+        // an intercepted cgroup; setting it needs CAP_NET_ADMIN, so only root uses it.
+        let mark = if nix::unistd::geteuid().is_root() {
+            config.agent_mark
+        } else {
+            0
+        };
+        let options = diag::doctor::Options {
+            ca_files: args.ca_files.clone(),
+            timeout: std::time::Duration::from_secs_f64(args.timeout),
+            mark,
+        };
+        let current = proxy::Current::new(Config {
+            agent_mark: mark,
+            ..config
+        })?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(runtime.block_on(diag::doctor::diagnose(&current, &args.server_name, &options)))
+    })();
+    match report {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                );
+            } else {
+                print!("{}", report.render_text());
+            }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("egress: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EGRESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }

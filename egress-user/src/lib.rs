@@ -1,24 +1,32 @@
-//! egress agent library: everything the `egress` binary does, one module per role.
+//! egress: a transparent egress proxy for Matrix homeserver hosts.
+//!
+//! The tree follows the data path. `kernel` loads and attaches the eBPF programs that redirect
+//! the homeserver's connects; `proxy` is what a redirected connection goes through (accept,
+//! sniff, upstream or forward, relay, decision log), asking `route` where it may go; `config`
+//! is where the rules come from. `agent`, `daemon`, `admin` and `metrics` run it all as a
+//! service; `diag` explains it to admins; `cli` ties commands to modules.
 
-pub mod admin;
-pub mod agent;
-pub mod cli;
-pub mod config;
-pub mod decision;
-pub mod doctor;
-pub mod ebpf;
-pub mod forward;
-pub mod homeserver;
-pub mod inspect;
-pub mod listener;
-pub mod metrics;
-pub mod policy;
-pub mod privileges;
-pub mod proxy_tls;
-pub mod proxy_url;
-pub mod relay;
-pub mod run;
-pub mod sniff;
-pub mod splice;
-pub mod unit;
-pub mod upstream;
+mod admin;
+mod agent;
+mod cli;
+mod config;
+mod daemon;
+mod diag;
+mod hostport;
+mod kernel;
+mod metrics;
+mod proxy;
+mod route;
+
+pub use cli::main;
+
+/// What the fuzz targets exercise: the parsers that take input from clients, proxies and
+/// admins. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::config::proxy_url::ProxyUrl;
+    pub use crate::hostport::valid_hostname;
+    pub use crate::proxy::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
+    pub use crate::proxy::upstream::{UpstreamError, connect_exchange};
+    pub use crate::route::{plan::Sniffed, policy::NoProxy};
+}

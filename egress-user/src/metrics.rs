@@ -9,12 +9,29 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::decision::Decision;
+/// A finished connection, as the metrics count it.
+pub struct Closed {
+    /// The plan's action (`deny`, `direct`, `proxy-connect`, `proxy-forward`), or `none`.
+    pub route: &'static str,
+    /// `ok`, `denied` or `error`.
+    pub outcome: &'static str,
+    pub rule_kind: &'static str,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Of the bytes relayed, those moved by splice(2).
+    pub bytes_spliced: u64,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     route: &'static str,
     outcome: &'static str,
+    rule_kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,6 +49,7 @@ pub struct Metrics {
     connections: Family<ConnectionLabels, Counter>,
     active: Gauge,
     bytes: Family<DirectionLabels, Counter>,
+    relay_bytes: Family<MethodLabels, Counter>,
     upstream_seconds: Histogram,
     kernel: Family<KernelLabels, Counter>,
 }
@@ -48,7 +66,7 @@ impl Metrics {
         let connections = Family::<ConnectionLabels, Counter>::default();
         registry.register(
             "connections",
-            "Connections handled by the agent, by route and outcome",
+            "Connections handled by the agent, by route, outcome and the kind of rule that decided",
             connections.clone(),
         );
         let active = Gauge::default();
@@ -62,6 +80,12 @@ impl Metrics {
             "bytes",
             "Bytes relayed: up = client to destination, down = back",
             bytes.clone(),
+        );
+        let relay_bytes = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "relay_bytes",
+            "Bytes relayed, by how they moved: splice(2) through a pipe, or copied through memory",
+            relay_bytes.clone(),
         );
         // 1 ms .. ~16 s
         let upstream_seconds = Histogram::new([
@@ -83,6 +107,7 @@ impl Metrics {
             connections,
             active,
             bytes,
+            relay_bytes,
             upstream_seconds,
             kernel,
         }
@@ -93,21 +118,28 @@ impl Metrics {
     }
 
     /// Records a finished connection.
-    pub fn connection_closed(&self, decision: &Decision) {
+    pub fn connection_closed(&self, closed: &Closed) {
         self.active.dec();
-        let outcome = if decision.error.is_some() { "error" } else { "ok" };
         self.connections
             .get_or_create(&ConnectionLabels {
-                route: decision.route.as_str(),
-                outcome,
+                route: closed.route,
+                outcome: closed.outcome,
+                rule_kind: closed.rule_kind,
             })
             .inc();
+        let relayed = closed.bytes_up + closed.bytes_down;
+        self.relay_bytes
+            .get_or_create(&MethodLabels { method: "splice" })
+            .inc_by(closed.bytes_spliced);
+        self.relay_bytes
+            .get_or_create(&MethodLabels { method: "copy" })
+            .inc_by(relayed.saturating_sub(closed.bytes_spliced));
         self.bytes
             .get_or_create(&DirectionLabels { direction: "up" })
-            .inc_by(decision.bytes_up);
+            .inc_by(closed.bytes_up);
         self.bytes
             .get_or_create(&DirectionLabels { direction: "down" })
-            .inc_by(decision.bytes_down);
+            .inc_by(closed.bytes_down);
     }
 
     pub fn active_connections(&self) -> u64 {
@@ -135,30 +167,39 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::Route;
 
     #[test]
     fn exposition_has_every_family_with_its_values() {
         let metrics = Metrics::new();
-        let mut d = Decision::new(1, "127.0.0.1:5000".parse().unwrap());
-        d.route = Route::ProxyConnect;
-        d.bytes_up = 100;
-        d.bytes_down = 2000;
+        let closed = |route, outcome, rule_kind, bytes_up, bytes_down, bytes_spliced| Closed {
+            route,
+            outcome,
+            rule_kind,
+            bytes_up,
+            bytes_down,
+            bytes_spliced,
+        };
+        for end in [
+            closed("proxy-connect", "ok", "proxy", 100, 2000, 1500),
+            closed("proxy-connect", "error", "proxy", 0, 0, 0),
+            closed("deny", "denied", "blacklist", 0, 0, 0),
+        ] {
+            metrics.connection_opened();
+            metrics.connection_closed(&end);
+        }
+        // Still open: counted as active.
         metrics.connection_opened();
-        metrics.connection_closed(&d);
-        let mut failed = Decision::new(2, "127.0.0.1:5001".parse().unwrap());
-        failed.route = Route::ProxyConnect;
-        failed.fail("407");
-        metrics.connection_opened();
-        metrics.connection_closed(&failed);
         metrics.upstream_latency(Duration::from_millis(3));
         let text = metrics.encode(&[("redirected", 7), ("deny_blacklist", 2)]);
         for line in [
-            "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\"} 1",
-            "egress_connections_total{route=\"proxy-connect\",outcome=\"error\"} 1",
-            "egress_connections_active 0",
+            "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\",rule_kind=\"proxy\"} 1",
+            "egress_connections_total{route=\"proxy-connect\",outcome=\"error\",rule_kind=\"proxy\"} 1",
+            "egress_connections_total{route=\"deny\",outcome=\"denied\",rule_kind=\"blacklist\"} 1",
+            "egress_connections_active 1",
             "egress_bytes_total{direction=\"up\"} 100",
             "egress_bytes_total{direction=\"down\"} 2000",
+            "egress_relay_bytes_total{method=\"splice\"} 1500",
+            "egress_relay_bytes_total{method=\"copy\"} 600",
             "egress_upstream_connect_seconds_count 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.005\"} 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.0025\"} 0",

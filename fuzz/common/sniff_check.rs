@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use egress_user::sniff::{MAX_SNIFF_BYTES, Sniff, Sniffed, sniff, valid_hostname};
+use egress_user::fuzzing::{MAX_SNIFF_BYTES, Sniff, Sniffed, sniff, valid_hostname};
 
 /// What holds for any input: names safe for a CONNECT line, NeedMore only below the limit, and
 /// an answer on a prefix never changed by more bytes.

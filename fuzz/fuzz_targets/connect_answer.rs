@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use egress_user::upstream::{connect_exchange, UpstreamError};
+use egress_user::fuzzing::{connect_exchange, UpstreamError};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use egress_user::policy::NoProxy;
+use egress_user::fuzzing::NoProxy;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,8 +5,8 @@
 
 #![no_main]
 
-use egress_user::proxy_url::ProxyUrl;
-use egress_user::sniff::valid_hostname;
+use egress_user::fuzzing::ProxyUrl;
+use egress_user::fuzzing::valid_hostname;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,7 @@
 #[path = "../common/sniff_check.rs"]
 mod sniff_check;
 
-use egress_user::sniff::{MAX_SNIFF_BYTES, sniff};
+use egress_user::fuzzing::{MAX_SNIFF_BYTES, sniff};
 use libfuzzer_sys::fuzz_target;
 
 use sniff_check::check;

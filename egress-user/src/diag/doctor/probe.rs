@@ -21,11 +21,12 @@ use tokio_rustls::TlsConnector;
 
 use super::report::{Report, Status};
 use crate::{
-    agent::Current,
-    inspect::{KernelDecision, kernel_decision},
-    listener::connect_target,
-    policy::{Protocol, Route, Target},
-    upstream::{self, Role, UpstreamError, UpstreamStream},
+    kernel::verdict::{KernelVerdict, kernel_verdict},
+    proxy::{
+        Current,
+        upstream::{self, Role, UpstreamError, UpstreamStream},
+    },
+    route::plan::{Action, Sniffed, plan},
 };
 
 /// Answers larger than this are not read further (.well-known and version answers are tiny).
@@ -139,8 +140,9 @@ impl Probe<'_> {
         let config = &self.current.config;
         let data =
             |route: &str, rule: &str| json!({"address": addr.to_string(), "route": route, "rule": rule});
-        match kernel_decision(&config.policy, addr.ip()) {
-            KernelDecision::Deny(rule) => {
+        match kernel_verdict(&config.policy, addr.ip()) {
+            KernelVerdict::Deny(rule) => {
+                let rule = rule.to_string();
                 report.add(
                     "route",
                     severity,
@@ -149,26 +151,22 @@ impl Probe<'_> {
                 );
                 return None;
             }
-            KernelDecision::Loopback | KernelDecision::Bypass => {
+            KernelVerdict::Loopback | KernelVerdict::Bypass => {
                 let rule = "loopback or no_proxy address range: not intercepted";
                 report.ok("route", format!("{addr}: direct [{rule}]"), data("direct", rule));
                 return self.direct(report, severity, addr).await;
             }
-            KernelDecision::Redirect => {}
+            KernelVerdict::Redirect => {}
         }
-        // A name in SNI is what the agent sees; IP literals are not sent as SNI.
-        let sni = tls_name.parse::<IpAddr>().is_err().then_some(tls_name);
-        let target = Target {
-            ip: addr.ip(),
-            port: addr.port(),
-            host: sni,
-            protocol: Protocol::Tls,
+        // What the agent sees: a ClientHello naming tls_name (IP literals are not sent as SNI).
+        let sniffed = Sniffed::Tls {
+            sni: tls_name.parse::<IpAddr>().is_err().then(|| tls_name.to_owned()),
         };
-        let proxy = self.current.https_proxy.as_ref();
-        let verdict = config.policy.decide(&target, proxy.is_some());
-        let rule = verdict.rule.as_str();
-        match (verdict.route, proxy) {
-            (Route::Deny, _) => {
+        let plan = plan(&config.rules(), self.current.proxies(), addr, &sniffed);
+        let rule = plan.rule.to_string();
+        let rule = rule.as_str();
+        match plan.action {
+            Action::Deny => {
                 report.add(
                     "route",
                     severity,
@@ -177,35 +175,31 @@ impl Probe<'_> {
                 );
                 None
             }
-            (Route::Direct, _) | (Route::Proxy, None) => {
+            Action::Direct { to } => {
                 report.ok(
                     "route",
                     format!("{addr} ({tls_name}): direct [{rule}]"),
                     data("direct", rule),
                 );
-                self.direct(report, severity, addr).await
+                self.direct(report, severity, to).await
             }
-            (Route::Proxy, Some(proxy)) => {
-                let connect = connect_target(&target, config.connect_by_ip);
+            Action::Connect { proxy, target } => {
                 report.ok(
                     "route",
-                    format!(
-                        "{addr} ({tls_name}): CONNECT {connect} via {} [{rule}]",
-                        proxy.url
-                    ),
+                    format!("{addr} ({tls_name}): CONNECT {target} via {} [{rule}]", proxy.url),
                     data("proxy", rule),
                 );
-                let data = json!({"proxy": proxy.url.to_string(), "connect": connect});
-                match proxy.open_tunnel(&connect).await {
+                let data = json!({"proxy": proxy.url.to_string(), "connect": target});
+                match proxy.open_tunnel(&target).await {
                     Ok(tunnel) if tunnel.early_data.is_empty() => {
-                        report.ok("proxy", format!("CONNECT {connect}: 200, tunnel open"), data);
+                        report.ok("proxy", format!("CONNECT {target}: 200, tunnel open"), data);
                         Some(tunnel.stream)
                     }
                     Ok(_) => {
                         report.add(
                             "proxy",
                             severity,
-                            format!("CONNECT {connect}: the proxy sent data before the TLS handshake"),
+                            format!("CONNECT {target}: the proxy sent data before the TLS handshake"),
                             data,
                         );
                         None
@@ -214,10 +208,20 @@ impl Probe<'_> {
                         let hint = proxy_hint(&e, addr.port());
                         let mut data = data;
                         data["status"] = json!(e.status());
-                        report.add("proxy", severity, format!("CONNECT {connect}: {e}{hint}"), data);
+                        report.add("proxy", severity, format!("CONNECT {target}: {e}{hint}"), data);
                         None
                     }
                 }
+            }
+            // TLS is never forwarded as plain HTTP; the plan cannot ask for it.
+            Action::Forward { .. } => {
+                report.add(
+                    "route",
+                    severity,
+                    format!("{addr} ({tls_name}): egress would forward TLS as plain HTTP [{rule}]"),
+                    data("forward", rule),
+                );
+                None
             }
         }
     }
@@ -300,7 +304,7 @@ pub fn origin_tls(ca_files: &[PathBuf]) -> Result<TlsConnector> {
     let mut roots = RootCertStore::empty();
     let (system, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     for path in ca_files {
-        crate::proxy_tls::add_pem_file(&mut roots, path, "--ca-file")?;
+        crate::proxy::tls::add_pem_file(&mut roots, path, "--ca-file")?;
     }
     if system == 0 && ca_files.is_empty() {
         bail!("no system CA certificates found (install ca-certificates, or give --ca-file)");

@@ -4,7 +4,7 @@
 //! [`Sniff::NeedMore`] (within its own time limit and at most [`MAX_SNIFF_BYTES`]).
 //!
 //! The name found goes into a `CONNECT host:port` line to the upstream proxy, so every name
-//! returned has passed [`valid_hostname`] and is lowercased: it holds only ASCII letters, digits,
+//! returned has passed [`valid_hostname`](crate::hostport::valid_hostname) and is lowercased: it holds only ASCII letters, digits,
 //! `-`, `_`, `.`, or is an IP literal (`:` and hex digits for IPv6), and never a space, CR, LF,
 //! `/` or `@`. The caller adds brackets around an IPv6 host.
 //!
@@ -34,26 +34,17 @@
 //! - Absolute-form targets (`GET http://host[:port]/ HTTP/1.1`, scheme `http` or `https`) give
 //!   the host when there is no Host header; when both are there, they must agree on host and
 //!   port, else there is no host. A userinfo (`user@`) in the target makes it invalid.
-//! - [`valid_hostname`] also refuses DNS names whose last label starts with a digit, such as
+//! - `valid_hostname` also refuses DNS names whose last label starts with a digit, such as
 //!   `1.2.3`, `127.1` or `0x7f.1`: resolvers read those as IPv4 addresses (`inet_aton`), and no
 //!   top-level domain starts with a digit. Dotted-quad IPv4 is accepted as an IP literal.
 
 use std::borrow::Cow;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use crate::{hostport::valid_hostname, route::plan::Sniffed};
+
 /// Upper bound on bytes the agent buffers while sniffing; past it, give up (Done with no name).
 pub const MAX_SNIFF_BYTES: usize = 16 * 1024;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Sniffed {
-    /// A TLS ClientHello; `sni` is the validated server_name (host_name type), lowercased, if present.
-    Tls { sni: Option<String> },
-    /// An HTTP/1.x request head; `host` is the validated Host header (hostname or IP, lowercased, IPv6
-    /// without brackets), `port` the port in it if any.
-    Http { host: Option<String>, port: Option<u16> },
-    /// Neither: some other protocol (or garbage).
-    Other,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sniff {
@@ -80,32 +71,6 @@ pub fn sniff(buf: &[u8]) -> Sniff {
         Sniff::NeedMore if buf.len() >= MAX_SNIFF_BYTES => Sniff::Done(give_up),
         sniffed => sniffed,
     }
-}
-
-/// Whether `name` is acceptable as a host in a CONNECT line / absolute URI: DNS name (letters, digits, '-',
-/// '_', '.', labels 1..=63, total <= 253, optional trailing dot stripped by callers) or an IP literal.
-///
-/// IP literals are dotted-quad IPv4 and IPv6 without brackets or zone. A DNS name whose last label
-/// starts with a digit is refused (see the module documentation).
-pub fn valid_hostname(name: &str) -> bool {
-    if name.parse::<Ipv4Addr>().is_ok() || name.parse::<Ipv6Addr>().is_ok() {
-        return true;
-    }
-    if name.is_empty() || name.len() > 253 {
-        return false;
-    }
-    let labels_ok = name.split('.').all(|label| {
-        (1..=63).contains(&label.len())
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
-    let last_label_numeric = name
-        .rsplit('.')
-        .next()
-        .and_then(|label| label.bytes().next())
-        .is_some_and(|b| b.is_ascii_digit());
-    labels_ok && !last_label_numeric
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1062,67 +1027,6 @@ mod tests {
         ];
         for (bytes, expected) in cases {
             assert_eq!(sniff(bytes), *expected, "{:?}", String::from_utf8_lossy(bytes));
-        }
-    }
-
-    #[test]
-    fn hostnames() {
-        let label63 = "a".repeat(63);
-        let name253 = format!("{label63}.{label63}.{label63}.{}", "b".repeat(61));
-        let name254 = format!("{name253}c");
-        let label64 = "a".repeat(64);
-        let cases: &[(&str, bool)] = &[
-            ("example.org", true),
-            ("EXAMPLE.org", true),
-            ("a", true),
-            ("localhost", true),
-            ("_matrix._tcp.example.org", true),
-            ("-x.example", true),
-            ("x-.example", true),
-            ("xn--bcher-kva.example", true),
-            ("1password.com", true),
-            ("a.b2", true),
-            ("123.example", true),
-            (&label63, true),
-            (&name253, true),
-            ("192.0.2.1", true),
-            ("0.0.0.0", true),
-            ("::1", true),
-            ("2001:db8::1", true),
-            ("::ffff:192.0.2.1", true),
-            ("", false),
-            (".", false),
-            ("example.org.", false),
-            (".example.org", false),
-            ("a..b", false),
-            (&label64, false),
-            (&name254, false),
-            ("a b", false),
-            ("a\tb", false),
-            ("a.com\r\nX: y", false),
-            ("a.com\n", false),
-            ("a.com\0", false),
-            ("a.com:443", false),
-            ("a.com/x", false),
-            ("user@a.com", false),
-            ("a*b.com", false),
-            ("a%20b", false),
-            ("b\u{fc}cher.example", false),
-            ("[::1]", false),
-            ("fe80::1%eth0", false),
-            ("::1:", false),
-            ("1.2.3", false),
-            ("127.1", false),
-            ("2130706433", false),
-            ("0x7f.1", false),
-            ("0x7f000001", false),
-            ("01.2.3.4", false),
-            ("256.1.1.1", false),
-            ("1.2.3.4.5", false),
-            ("a.1b", false),
-        ];
-        for (name, expected) in cases {
-            assert_eq!(valid_hostname(name), *expected, "{name:?}");
         }
     }
 }

@@ -81,7 +81,7 @@ impl ProxyUrl {
             return Err(ProxyUrlError::MissingHost);
         }
         let host = host.strip_suffix('.').unwrap_or(host);
-        if !crate::sniff::valid_hostname(host) {
+        if !crate::hostport::valid_hostname(host) {
             return Err(ProxyUrlError::InvalidHost(host.to_owned()));
         }
         let credentials = userinfo.and_then(|info| {

@@ -319,27 +319,9 @@ impl NoProxy {
     }
 }
 
-/// What the connection carries, as far as the agent could tell.
+/// How the policy disposes of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Tls,
-    Http,
-    Unknown,
-}
-
-/// An outbound connection to decide on.
-#[derive(Clone, Copy, Debug)]
-pub struct Target<'a> {
-    /// The original destination address.
-    pub ip: IpAddr,
-    pub port: u16,
-    /// The name asked for (TLS SNI, HTTP `Host` without port), if any.
-    pub host: Option<&'a str>,
-    pub protocol: Protocol,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Disposition {
     /// Refused before any contact with the destination.
     Deny,
     /// Straight to the destination, not through the upstream proxy.
@@ -348,13 +330,74 @@ pub enum Route {
     Proxy,
 }
 
-/// A decision and the rule that made it, for the decision log.
+/// Which kind of rule decided: the decision log's `rule_kind` and the metrics' label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RuleKind {
+    /// `ip_range_blacklist`: refused.
+    Blacklist,
+    /// A `no_proxy` entry: direct.
+    NoProxy,
+    /// The proxy configured for the protocol.
+    Proxy,
+    /// No proxy is configured for the protocol: direct.
+    NoProxyForProtocol,
+    /// `default_route`, for traffic that is neither TLS nor HTTP.
+    DefaultRoute,
+}
+
+impl RuleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Blacklist => "blacklist",
+            RuleKind::NoProxy => "no_proxy",
+            RuleKind::Proxy => "proxy",
+            RuleKind::NoProxyForProtocol => "no_proxy_for_protocol",
+            RuleKind::DefaultRoute => "default_route",
+        }
+    }
+}
+
+/// The rule that decided, shown in the admin's notation, e.g. `ip_range_blacklist 10.0.0.0/8`
+/// or `ip_range_whitelist 10.1.0.0/16, no_proxy a.com`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verdict {
-    pub route: Route,
-    /// `ip_range_blacklist 10.0.0.0/8`, `no_proxy a.com`, `proxy` or `no proxy for protocol`;
-    /// prefixed with `ip_range_whitelist 10.1.0.0/16, ` when the whitelist exempted a blacklisted IP.
-    pub rule: String,
+pub struct Rule {
+    pub kind: RuleKind,
+    /// The range, entry or setting that matched; empty for `Proxy` and `NoProxyForProtocol`.
+    pub detail: String,
+    /// The whitelist range that exempted a blacklisted address before this rule applied.
+    pub whitelisted: Option<IpNet>,
+}
+
+impl Rule {
+    pub fn new(kind: RuleKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            whitelisted: None,
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(white) = self.whitelisted {
+            write!(f, "ip_range_whitelist {white}, ")?;
+        }
+        match self.kind {
+            RuleKind::Blacklist => write!(f, "ip_range_blacklist {}", self.detail),
+            RuleKind::NoProxy => write!(f, "no_proxy {}", self.detail),
+            RuleKind::Proxy => f.write_str("proxy"),
+            RuleKind::NoProxyForProtocol => f.write_str("no proxy for protocol"),
+            RuleKind::DefaultRoute => write!(f, "default_route {} (neither TLS nor HTTP)", self.detail),
+        }
+    }
+}
+
+/// A disposition and the rule that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ruling {
+    pub disposition: Disposition,
+    pub rule: Rule,
 }
 
 /// The whole policy; see the module documentation for the order of the rules.
@@ -376,43 +419,47 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// `proxy_configured`: whether a proxy is set for target.protocol (the caller maps Tls/Unknown
-    /// -> https_proxy, Http -> http_proxy).
-    pub fn decide(&self, target: &Target, proxy_configured: bool) -> Verdict {
-        let ip = target.ip.to_canonical();
-        let mut rule = String::new();
+    /// The ruling for a connection to `ip:port` asking for `host` (TLS SNI, HTTP Host without
+    /// port, if any). `proxy_configured`: whether a proxy is set for the connection's protocol
+    /// (the routing plan chooses which).
+    pub fn decide(&self, ip: IpAddr, port: u16, host: Option<&str>, proxy_configured: bool) -> Ruling {
+        let ip = ip.to_canonical();
+        let mut whitelisted = None;
         if let Some(black) = most_specific(&self.blacklist, ip) {
             match most_specific(&self.whitelist, ip) {
-                Some(white) => rule = format!("ip_range_whitelist {white}, "),
+                Some(white) => whitelisted = Some(*white),
                 None => {
-                    return Verdict {
-                        route: Route::Deny,
-                        rule: format!("ip_range_blacklist {black}"),
+                    return Ruling {
+                        disposition: Disposition::Deny,
+                        rule: Rule::new(RuleKind::Blacklist, black.to_string()),
                     };
                 }
             }
         }
-        let route = if let Some(entry) = self.no_proxy.matches(ip, target.port, target.host) {
-            rule.push_str(&format!("no_proxy {entry}"));
-            Route::Direct
+        let (disposition, rule) = if let Some(entry) = self.no_proxy.matches(ip, port, host) {
+            (
+                Disposition::Direct,
+                Rule::new(RuleKind::NoProxy, entry.to_string()),
+            )
         } else if proxy_configured {
-            rule.push_str("proxy");
-            Route::Proxy
+            (Disposition::Proxy, Rule::new(RuleKind::Proxy, ""))
         } else {
-            rule.push_str("no proxy for protocol");
-            Route::Direct
+            (Disposition::Direct, Rule::new(RuleKind::NoProxyForProtocol, ""))
         };
-        Verdict { route, rule }
+        Ruling {
+            disposition,
+            rule: Rule { whitelisted, ..rule },
+        }
     }
 
-    /// Whether an IP alone is denied (blacklisted and not whitelisted), with the rule; used by the
-    /// agent for direct connects.
-    pub fn denied(&self, ip: IpAddr) -> Option<String> {
+    /// Whether an IP alone is denied (blacklisted and not whitelisted), with the rule: what the
+    /// kernel decides before any name is known.
+    pub fn denied(&self, ip: IpAddr) -> Option<Rule> {
         let ip = ip.to_canonical();
         let black = most_specific(&self.blacklist, ip)?;
         match most_specific(&self.whitelist, ip) {
             Some(_) => None,
-            None => Some(format!("ip_range_blacklist {black}")),
+            None => Some(Rule::new(RuleKind::Blacklist, black.to_string())),
         }
     }
 
@@ -577,15 +624,6 @@ mod tests {
         NoProxy::parse_list(items.iter().copied()).unwrap_or_else(|e| panic!("{items:?}: {e}"))
     }
 
-    fn target<'a>(ip_: &str, port: u16, host: Option<&'a str>) -> Target<'a> {
-        Target {
-            ip: ip(ip_),
-            port,
-            host,
-            protocol: Protocol::Tls,
-        }
-    }
-
     fn offset(addr: IpAddr, delta: i128) -> Option<IpAddr> {
         match addr {
             IpAddr::V4(a) => {
@@ -700,7 +738,7 @@ mod tests {
             let n = net(range);
             assert!(n.contains(&ip(inside)), "{inside} in {range}");
             assert_eq!(
-                policy.denied(ip(inside)),
+                policy.denied(ip(inside)).map(|r| r.to_string()),
                 Some(format!("ip_range_blacklist {range}")),
                 "{inside}"
             );
@@ -709,8 +747,8 @@ mod tests {
             for out in outside {
                 assert!(!n.contains(&ip(out)), "{out} outside {range}");
                 assert_eq!(policy.denied(ip(out)), None, "{out} just outside {range}");
-                let verdict = policy.decide(&target(out, 443, None), true);
-                assert_eq!(verdict.route, Route::Proxy, "{out}");
+                let verdict = policy.decide(ip(out), 443, None, true);
+                assert_eq!(verdict.disposition, Disposition::Proxy, "{out}");
             }
         }
     }
@@ -751,9 +789,9 @@ mod tests {
         let policy = Policy::default();
         for &(addr, range) in cases {
             let expected = range.map(|r| format!("ip_range_blacklist {r}"));
-            assert_eq!(policy.denied(ip(addr)), expected, "{addr}");
-            let route = policy.decide(&target(addr, 443, None), true).route;
-            assert_eq!(route == Route::Deny, range.is_some(), "{addr}");
+            assert_eq!(policy.denied(ip(addr)).map(|r| r.to_string()), expected, "{addr}");
+            let route = policy.decide(ip(addr), 443, None, true).disposition;
+            assert_eq!(route == Disposition::Deny, range.is_some(), "{addr}");
         }
     }
 
@@ -1173,7 +1211,7 @@ mod tests {
     // ---- decide / denied -----------------------------------------------------------------------
 
     /// Target IP, port, host, whether a proxy is configured; expected route and rule.
-    type DecideCase<'a> = (&'a str, u16, Option<&'a str>, bool, Route, &'a str);
+    type DecideCase<'a> = (&'a str, u16, Option<&'a str>, bool, Disposition, &'a str);
 
     #[test]
     fn decide() {
@@ -1189,7 +1227,7 @@ mod tests {
             ]),
             ..Policy::default()
         };
-        use Route::{Deny, Direct, Proxy};
+        use Disposition::{Deny, Direct, Proxy};
         #[rustfmt::skip]
         let cases: &[DecideCase] = &[
             // target ip        port  host              proxy  route    rule
@@ -1227,24 +1265,13 @@ mod tests {
             ("2606:4700::1111", 443,  None,             true,  Proxy,   "proxy"),
             ("::ffff:8.8.8.8",  443,  None,             false, Direct,  "no proxy for protocol"),
         ];
-        for &(addr, port, host, proxy, route, rule) in cases {
-            for protocol in [Protocol::Tls, Protocol::Http, Protocol::Unknown] {
-                let t = Target {
-                    ip: ip(addr),
-                    port,
-                    host,
-                    protocol,
-                };
-                let verdict = policy.decide(&t, proxy);
-                assert_eq!(
-                    verdict,
-                    Verdict {
-                        route,
-                        rule: rule.into()
-                    },
-                    "{t:?} proxy={proxy}"
-                );
-            }
+        for &(addr, port, host, proxy, disposition, rule) in cases {
+            let ruling = policy.decide(ip(addr), port, host, proxy);
+            assert_eq!(
+                (ruling.disposition, ruling.rule.to_string()),
+                (disposition, rule.to_owned()),
+                "{addr}:{port} {host:?} proxy={proxy}"
+            );
         }
     }
 
@@ -1255,16 +1282,16 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(
-            everything.decide(&target("8.8.8.8", 443, None), true).rule,
+            everything.decide(ip("8.8.8.8"), 443, None, true).rule.to_string(),
             "no_proxy *"
         );
         assert_eq!(
-            everything.decide(&target("8.8.8.8", 443, None), true).route,
-            Route::Direct
+            everything.decide(ip("8.8.8.8"), 443, None, true).disposition,
+            Disposition::Direct
         );
         assert_eq!(
-            everything.decide(&target("10.0.0.1", 443, None), true).route,
-            Route::Deny
+            everything.decide(ip("10.0.0.1"), 443, None, true).disposition,
+            Disposition::Deny
         );
 
         let open = Policy {
@@ -1272,8 +1299,8 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(
-            open.decide(&target("10.0.0.1", 443, None), true).route,
-            Route::Proxy
+            open.decide(ip("10.0.0.1"), 443, None, true).disposition,
+            Disposition::Proxy
         );
         assert_eq!(open.denied(ip("127.0.0.1")), None);
 
@@ -1284,7 +1311,7 @@ mod tests {
             no_proxy: NoProxy::default(),
         };
         assert_eq!(
-            nested.decide(&target("10.1.2.3", 443, None), true).rule,
+            nested.decide(ip("10.1.2.3"), 443, None, true).rule.to_string(),
             "ip_range_whitelist 10.1.0.0/16, proxy"
         );
         let narrow = Policy {
@@ -1292,7 +1319,7 @@ mod tests {
             ..nested.clone()
         };
         assert_eq!(
-            narrow.denied(ip("10.1.2.4")),
+            narrow.denied(ip("10.1.2.4")).map(|r| r.to_string()),
             Some("ip_range_blacklist 10.1.2.0/24".into())
         );
         assert_eq!(narrow.denied(ip("10.1.2.3")), None);
@@ -1317,7 +1344,7 @@ mod tests {
         ];
         for &(addr, range) in cases {
             assert_eq!(
-                policy.denied(ip(addr)),
+                policy.denied(ip(addr)).map(|r| r.to_string()),
                 range.map(|r| format!("ip_range_blacklist {r}")),
                 "{addr}"
             );

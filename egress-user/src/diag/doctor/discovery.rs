@@ -64,7 +64,7 @@ impl ServerName {
             };
             let host = match host.parse::<std::net::Ipv4Addr>() {
                 Ok(ip) => Host::Ip(IpAddr::V4(ip)),
-                Err(_) if crate::sniff::valid_hostname(host) => Host::Name(host.to_ascii_lowercase()),
+                Err(_) if crate::hostport::valid_hostname(host) => Host::Name(host.to_ascii_lowercase()),
                 Err(_) => return Err(bad("hostname has characters or labels DNS does not allow")),
             };
             (host, port)
@@ -104,7 +104,7 @@ pub fn parse_well_known(body: &[u8]) -> Result<ServerName, String> {
 
 /// The first step for a server name: what the spec says to do with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Plan {
+pub enum FirstStep {
     /// An IP literal or an explicit port: connect there, no well-known, no SRV. `resolve` is
     /// the host to look up (None for IP literals); `host_header` what requests carry.
     Fixed {
@@ -117,19 +117,19 @@ pub enum Plan {
 }
 
 /// Steps 1-2 of the algorithm for the original server name, and 3.1-3.2 for a delegated one.
-pub fn plan(server: &ServerName) -> Plan {
+pub fn first_step(server: &ServerName) -> FirstStep {
     match (&server.host, server.port) {
-        (Host::Ip(_), port) => Plan::Fixed {
+        (Host::Ip(_), port) => FirstStep::Fixed {
             host: server.host.clone(),
             port: port.unwrap_or(FEDERATION_PORT),
             host_header: server.to_string(),
         },
-        (Host::Name(_), Some(port)) => Plan::Fixed {
+        (Host::Name(_), Some(port)) => FirstStep::Fixed {
             host: server.host.clone(),
             port,
             host_header: server.to_string(),
         },
-        (Host::Name(name), None) => Plan::Lookup { name: name.clone() },
+        (Host::Name(name), None) => FirstStep::Lookup { name: name.clone() },
     }
 }
 
@@ -255,10 +255,10 @@ mod tests {
 
     #[test]
     fn plans_follow_the_spec_order() {
-        let plan_of = |s: &str| plan(&ServerName::parse(s).unwrap());
+        let plan_of = |s: &str| first_step(&ServerName::parse(s).unwrap());
         assert_eq!(
             plan_of("1.2.3.4"),
-            Plan::Fixed {
+            FirstStep::Fixed {
                 host: Host::Ip("1.2.3.4".parse().unwrap()),
                 port: 8448,
                 host_header: "1.2.3.4".into()
@@ -266,7 +266,7 @@ mod tests {
         );
         assert_eq!(
             plan_of("[2001:db8::1]:443"),
-            Plan::Fixed {
+            FirstStep::Fixed {
                 host: Host::Ip("2001:db8::1".parse().unwrap()),
                 port: 443,
                 host_header: "[2001:db8::1]:443".into()
@@ -274,7 +274,7 @@ mod tests {
         );
         assert_eq!(
             plan_of("example.org:8000"),
-            Plan::Fixed {
+            FirstStep::Fixed {
                 host: Host::Name("example.org".into()),
                 port: 8000,
                 host_header: "example.org:8000".into()
@@ -282,7 +282,7 @@ mod tests {
         );
         assert_eq!(
             plan_of("example.org"),
-            Plan::Lookup {
+            FirstStep::Lookup {
                 name: "example.org".into()
             }
         );

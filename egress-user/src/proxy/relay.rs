@@ -17,7 +17,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{decision::Decision, splice, upstream::UpstreamStream};
+use super::{decision::Decision, splice, upstream::UpstreamStream};
 
 /// Closes with RST (SO_LINGER 0), so the client sees a reset rather than an orderly end of
 /// stream it could mistake for a complete answer.
@@ -59,12 +59,15 @@ pub async fn relay(
     drop((to_upstream, to_client));
     let copied = match &mut upstream {
         UpstreamStream::Plain(tcp) => copy_lean(&client, tcp).await,
-        UpstreamStream::Tls(_) => tokio::io::copy_bidirectional(&mut client, &mut upstream).await,
+        UpstreamStream::Tls(_) => tokio::io::copy_bidirectional(&mut client, &mut upstream)
+            .await
+            .map(|(up, down)| Copied { up, down, spliced: 0 }),
     };
     match copied {
-        Ok((up, down)) => {
-            decision.bytes_up += up;
-            decision.bytes_down += down;
+        Ok(copied) => {
+            decision.bytes_up += copied.up;
+            decision.bytes_down += copied.down;
+            decision.bytes_spliced += copied.spliced;
         }
         Err(e) => {
             decision.fail(format!("relay: {e}"));
@@ -90,6 +93,8 @@ struct Direction {
     eof: bool,
     done: bool,
     bytes: u64,
+    /// Of `bytes`, those that went through a pipe.
+    spliced: u64,
 }
 
 impl Direction {
@@ -102,7 +107,7 @@ impl Direction {
 /// before taking any resource: bytes move by splice(2) through a pipe taken from a per-thread
 /// pool (or, when no pipe can be had, through a per-thread buffer), so an idle connection holds
 /// neither, and one under backpressure holds at most one read's worth.
-async fn copy_lean(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+async fn copy_lean(a: &TcpStream, b: &TcpStream) -> io::Result<Copied> {
     let mut up = Direction::default(); // a -> b
     let mut down = Direction::default(); // b -> a
     while !(up.done && down.done) {
@@ -113,7 +118,18 @@ async fn copy_lean(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
             ready = a.writable(), if !down.done && (down.has_pending() || down.eof) => { ready?; step(&mut down, b, a)? }
         }
     }
-    Ok((up.bytes, down.bytes))
+    Ok(Copied {
+        up: up.bytes,
+        down: down.bytes,
+        spliced: up.spliced + down.spliced,
+    })
+}
+
+/// Bytes relayed each way, and how many of them moved by splice(2).
+struct Copied {
+    up: u64,
+    down: u64,
+    spliced: u64,
 }
 
 /// Moves what it can from `src` to `dst` without waiting.
@@ -176,6 +192,7 @@ fn flush(dir: &mut Direction, dst: &TcpStream) -> io::Result<()> {
             match splice::drain(pipe, dst, *left) {
                 Ok(n) => {
                     dir.bytes += n as u64;
+                    dir.spliced += n as u64;
                     *left -= n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -354,8 +371,11 @@ mod lean_tests {
         upstream.write_all(b"answer after half-close").await.unwrap();
         upstream.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"answer after half-close");
-        let (up, down) = relay.await.unwrap().unwrap();
-        assert_eq!((up, down), (data.len() as u64, 23));
+        let copied = relay.await.unwrap().unwrap();
+        assert_eq!((copied.up, copied.down), (data.len() as u64, 23));
+        // Which path the bytes took: all through pipes, or none.
+        let expected_spliced = if pipes { copied.up + copied.down } else { 0 };
+        assert_eq!(copied.spliced, expected_spliced);
     }
 
     #[tokio::test]

@@ -6,6 +6,10 @@
 //! refused: no hole opens. A new agent reuses the pinned maps and swaps in its own links;
 //! only `egress detach` removes the directory and with it the interception.
 
+pub mod cgroups;
+pub mod privileges;
+pub mod verdict;
+
 use std::{
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},

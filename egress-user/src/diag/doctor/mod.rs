@@ -18,12 +18,12 @@ use std::{
 use serde_json::{Value, json};
 
 use self::{
-    discovery::{FEDERATION_PORT, Host, Plan, ServerName, parse_well_known, plan, srv_names},
+    discovery::{FEDERATION_PORT, FirstStep, Host, ServerName, first_step, parse_well_known, srv_names},
     dns::{Dns, Missing},
     probe::Probe,
     report::{Federation, Report, Status},
 };
-use crate::agent::Current;
+use crate::proxy::Current;
 
 /// At most this many addresses of one host are tried.
 const MAX_ADDRESSES: usize = 3;
@@ -65,8 +65,8 @@ pub async fn diagnose(current: &Current, server_name: &str, options: &Options) -
         timeout: options.timeout,
         mark: options.mark,
     };
-    let endpoint = match plan(&server) {
-        Plan::Fixed {
+    let endpoint = match first_step(&server) {
+        FirstStep::Fixed {
             host,
             port,
             host_header,
@@ -86,7 +86,7 @@ pub async fn diagnose(current: &Current, server_name: &str, options: &Options) -
                 host_header,
             }
         }
-        Plan::Lookup { name } => {
+        FirstStep::Lookup { name } => {
             report.ok(
                 "server name",
                 format!("{name}: no port, so .well-known first"),
@@ -182,8 +182,8 @@ async fn delegated_endpoint(
     delegated: &ServerName,
     report: &mut Report,
 ) -> Endpoint {
-    match plan(delegated) {
-        Plan::Fixed {
+    match first_step(delegated) {
+        FirstStep::Fixed {
             host,
             port,
             host_header,
@@ -193,7 +193,7 @@ async fn delegated_endpoint(
             tls_name: delegated.tls_name(),
             host_header,
         },
-        Plan::Lookup { name } => srv_endpoint(current, dns, &name, report).await,
+        FirstStep::Lookup { name } => srv_endpoint(current, dns, &name, report).await,
     }
 }
 
@@ -210,7 +210,7 @@ async fn srv_endpoint(current: &Current, dns: &Dns, name: &str, report: &mut Rep
                     format!("{srv_name} -> {}", all.join(", ")),
                     json!({"name": srv_name, "targets": all}),
                 );
-                if first.host != name && current.https_proxy.is_some() && !current.config.connect_by_ip {
+                if first.host != name && current.proxies().https.is_some() && !current.config.connect_by_ip {
                     report.add(
                         "srv",
                         Status::Warn,

@@ -20,18 +20,11 @@ use tokio::{
 };
 use tokio_rustls::client::TlsStream;
 
-use crate::{
-    proxy_tls::ProxyTls,
+use super::tls::ProxyTls;
+use crate::config::{
+    Timeouts,
     proxy_url::{ProxyScheme, ProxyUrl},
 };
-
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// TCP connect (and TLS handshake) to the proxy, or a direct connect.
-    pub connect: Duration,
-    /// From sending CONNECT to the end of the proxy's answer head.
-    pub handshake: Duration,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {

@@ -12,14 +12,20 @@ use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub mod flags;
+pub mod homeserver;
+pub mod proxy_url;
+
 use crate::{
-    cli::RunArgs,
-    homeserver::{self, SynapseSettings},
-    policy::{self, NoProxy, Policy},
-    proxy_url::{ProxyUrl, proxy_from_env},
-    unit,
-    upstream::Timeouts,
+    kernel::cgroups,
+    route::{
+        plan::{DefaultRoute, Proxies, Rules},
+        policy::{self, NoProxy, Policy},
+    },
 };
+use flags::RunArgs;
+use homeserver::SynapseSettings;
+use proxy_url::{ProxyUrl, proxy_from_env};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/egress/egress.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
@@ -30,17 +36,13 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9478";
 /// The unprivileged user the agent becomes once attached.
 pub const DEFAULT_USER: &str = "nobody";
 
-/// What to do with a connection whose first bytes are neither a TLS ClientHello nor an HTTP/1
-/// request within the peek window (e.g. protocols where the server speaks first).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DefaultRoute {
-    /// CONNECT through https_proxy (by IP), like TLS.
-    Proxy,
-    /// Connect directly (still blacklist-checked).
-    Direct,
-    /// Reset the connection.
-    Deny,
+/// Time limits on reaching the destination.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// TCP connect (and TLS handshake) to the proxy, or a direct connect.
+    pub connect: Duration,
+    /// From sending CONNECT to the end of the proxy's answer head.
+    pub handshake: Duration,
 }
 
 /// The TOML file: same names as the flags (and as Synapse's homeserver.yaml where they exist).
@@ -105,6 +107,23 @@ pub struct Config {
 
 impl Config {
     /// Resolves the configuration for `egress run` from all sources.
+    /// The settings the routing plan follows.
+    pub fn rules(&self) -> Rules<'_> {
+        Rules {
+            policy: &self.policy,
+            default_route: self.default_route,
+            connect_by_ip: self.connect_by_ip,
+        }
+    }
+
+    /// The configured proxy URLs, as a routing plan chooses from them.
+    pub fn proxies(&self) -> Proxies<'_, ProxyUrl> {
+        Proxies {
+            https: self.https_proxy.as_ref(),
+            http: self.http_proxy.as_ref(),
+        }
+    }
+
     pub fn load(args: &RunArgs, env: &[(String, String)]) -> Result<Self> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -121,7 +140,7 @@ impl Config {
         };
         let mut config = Self::merge(file, synapse, args, env)?;
         for unit in std::mem::take(&mut config.units) {
-            let cgroup = unit::resolve_unit(&unit).with_context(|| format!("unit {unit}"))?;
+            let cgroup = cgroups::resolve_unit(&unit).with_context(|| format!("unit {unit}"))?;
             config.cgroups.push(cgroup);
         }
         Ok(config)
@@ -316,6 +335,24 @@ fn seconds(key: &str, value: Option<f64>, default: f64) -> Result<Duration> {
         bail!("{key} {value}: must be a number of seconds above 0 and at most 3600");
     }
     Ok(Duration::from_secs_f64(value))
+}
+
+#[cfg(test)]
+impl Config {
+    /// A configuration from TOML text alone, for tests elsewhere (the cgroup need not exist).
+    pub fn from_toml(text: &str) -> Self {
+        let args = RunArgs {
+            cgroups: vec!["/nonexistent".into()],
+            ..RunArgs::default()
+        };
+        Config::merge(
+            toml::from_str::<FileConfig>(text).unwrap(),
+            Default::default(),
+            &args,
+            &[],
+        )
+        .unwrap()
+    }
 }
 
 #[cfg(test)]

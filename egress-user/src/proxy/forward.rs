@@ -17,7 +17,7 @@ use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_f
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::{
+use super::{
     decision::Decision,
     relay::{ByteCounts, PrefixedIo},
     upstream::{ProxyClient, UpstreamError},
@@ -171,31 +171,9 @@ fn request_host<B>(request: &Request<B>) -> Option<String> {
     )
 }
 
-/// The authority for the absolute-form URI: `host` with the original port unless it is 80.
-pub fn absolute_authority(host: &str, port: u16) -> String {
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    };
-    if port == 80 {
-        host
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn absolute_authority_adds_non_default_port_and_brackets() {
-        assert_eq!(absolute_authority("origin.test", 80), "origin.test");
-        assert_eq!(absolute_authority("origin.test", 8080), "origin.test:8080");
-        assert_eq!(absolute_authority("10.0.0.1", 80), "10.0.0.1");
-        assert_eq!(absolute_authority("2001:db8::1", 8080), "[2001:db8::1]:8080");
-    }
 
     #[test]
     fn request_host_is_lowercased_without_port() {

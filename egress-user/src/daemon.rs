@@ -1,10 +1,10 @@
-//! `egress run` and `egress status`.
+//! `egress run`: the daemon.
 //!
 //! Start-up happens in two phases. As root, single-threaded: bind the listeners, load and attach
 //! the kernel programs, read what only root may read (CA files). Then drop privileges, and only
 //! then start the async runtime that serves connections.
 
-use std::{net::TcpListener as StdListener, path::Path, sync::Arc};
+use std::{net::TcpListener as StdListener, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
@@ -12,10 +12,9 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 use crate::{
     admin,
     agent::Agent,
-    cli::RunArgs,
-    config::Config,
-    ebpf::{self, Kernel, KernelSettings},
-    listener, privileges,
+    config::{Config, flags::RunArgs},
+    kernel::{self, Kernel, KernelSettings, privileges},
+    proxy::accept,
 };
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -33,7 +32,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         tracing::warn!("no cgroup configured: nothing is intercepted until `egress attach --unit/--cgroup`");
     }
     for cgroup in &config.cgroups {
-        ebpf::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
+        kernel::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
 
     raise_fd_limit();
@@ -146,7 +145,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     }
     let v4 = TcpListener::from_std(listeners.v4)?;
     if let Some(v6) = listeners.v6 {
-        tokio::spawn(listener::serve(TcpListener::from_std(v6)?, agent.clone()));
+        tokio::spawn(accept::serve(TcpListener::from_std(v6)?, agent.shared.clone()));
     }
     tokio::spawn(admin::serve(
         TcpListener::from_std(listeners.admin)?,
@@ -172,7 +171,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     tokio::spawn(trim_memory(agent.clone()));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
-        result = listener::serve(v4, agent.clone()) => result?,
+        result = accept::serve(v4, agent.shared.clone()) => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = sigterm.recv() => tracing::info!("terminated"),
     }
@@ -189,7 +188,7 @@ async fn trim_memory(agent: Arc<Agent>) {
     let mut previous = 0;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        let active = agent.metrics.active_connections();
+        let active = agent.shared.metrics.active_connections();
         if active + 256 < previous {
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
@@ -217,7 +216,7 @@ async fn reload_on_sighup(agent: Arc<Agent>) {
 async fn keep_links(agent: Arc<Agent>) {
     let mut warned = false;
     loop {
-        let pins_present = agent.kernel.keep_links();
+        let pins_present = agent.shared.kernel.keep_links();
         if !pins_present && !warned {
             tracing::error!(
                 "the pinned links under {} are gone (bpffs unmounted?): the programs stay attached \
@@ -230,7 +229,7 @@ async fn keep_links(agent: Arc<Agent>) {
     }
 }
 
-fn display_proxy(proxy: &Option<crate::proxy_url::ProxyUrl>) -> String {
+fn display_proxy(proxy: &Option<crate::config::proxy_url::ProxyUrl>) -> String {
     proxy
         .as_ref()
         .map_or_else(|| "none (direct)".to_owned(), ToString::to_string)
@@ -248,40 +247,4 @@ async fn drive_kernel_log(logger: KernelLogger) {
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
-}
-
-pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
-    println!("agent: {}", agent_health(admin_addr));
-    if !pin_dir.exists() {
-        println!("not attached (no {})", pin_dir.display());
-        return Ok(());
-    }
-    println!("pinned at {}", pin_dir.display());
-    for id in ebpf::pinned_cgroups(pin_dir)? {
-        match crate::unit::cgroup_path_by_id(id) {
-            Some(path) => println!("attached cgroup {} (id {id})", path.display()),
-            None => println!("attached cgroup id {id} (no longer exists)"),
-        }
-    }
-    for (name, value) in ebpf::pinned_counters(pin_dir)? {
-        println!("{name:>20} {value}");
-    }
-    Ok(())
-}
-
-/// The running agent's /health answer, or why there is none.
-fn agent_health(admin_addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let ask = || -> std::io::Result<String> {
-        let timeout = std::time::Duration::from_secs(5);
-        let mut stream = std::net::TcpStream::connect_timeout(&admin_addr, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response
-            .split_once("\r\n\r\n")
-            .map_or(response.clone(), |(_, body)| body.trim().to_owned()))
-    };
-    ask().unwrap_or_else(|e| format!("not reachable at {admin_addr} ({e})"))
 }

@@ -1,0 +1,109 @@
+//! The command-line source of the configuration: the flags of `egress run` (shared by
+//! `check-config`, `explain` and `doctor`). Each overrides the config file and the environment.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::route::plan::DefaultRoute;
+
+/// Flags of `egress run`. Each overrides the config file and the environment.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// TOML config file [default: /etc/egress/egress.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// cgroup (v2) directory whose processes are intercepted; repeatable.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<PathBuf>,
+    /// systemd unit whose cgroup is intercepted (e.g. matrix-synapse.service); repeatable.
+    /// Resolved on hybrid and pure cgroup v2 hosts; the unit must be running.
+    #[arg(long = "unit", value_name = "UNIT")]
+    pub units: Vec<String>,
+    /// Import http_proxy, https_proxy, no_proxy_hosts, ip_range_blacklist and
+    /// ip_range_whitelist from Synapse's homeserver.yaml (overridden by everything else).
+    #[arg(long, value_name = "PATH")]
+    pub homeserver_config: Option<PathBuf>,
+    /// Proxy for TLS (and unrecognised) connections, `[http://][user:pass@]host[:port]`
+    /// (port 1080 by default). Default: $https_proxy / $HTTPS_PROXY.
+    #[arg(long, value_name = "URL")]
+    pub https_proxy: Option<String>,
+    /// Proxy for plain HTTP requests, forwarded in absolute form. Default: $http_proxy.
+    /// Without one, plain HTTP goes direct (blacklist still applies), as in Synapse.
+    #[arg(long, value_name = "URL")]
+    pub http_proxy: Option<String>,
+    /// Destinations that bypass the proxy: `*`, host names (suffix match), IPs, CIDR ranges,
+    /// `host:port`; repeatable or comma-separated. Default: $no_proxy.
+    #[arg(long, value_name = "ENTRY")]
+    pub no_proxy: Vec<String>,
+    /// Destinations refused outright (connect fails with EPERM); repeatable. Replaces the
+    /// default list (Synapse's private and reserved ranges).
+    #[arg(long, value_name = "CIDR")]
+    pub ip_range_blacklist: Vec<String>,
+    /// Exceptions to the blacklist; repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub ip_range_whitelist: Vec<String>,
+    /// Port of the agent's listener on 127.0.0.1 [default: 15001].
+    #[arg(long, value_name = "PORT")]
+    pub listen_port: Option<u16>,
+    /// Socket mark on the agent's own connections, never intercepted; non-zero
+    /// [default: 0x65677273].
+    #[arg(long, value_name = "MARK", value_parser = parse_u32)]
+    pub agent_mark: Option<u32>,
+    /// Seconds allowed for the TCP connect to the upstream [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<f64>,
+    /// Seconds allowed for the proxy's answer to CONNECT [default: 15].
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<f64>,
+    /// Seconds to wait for the client's first bytes (TLS ClientHello or HTTP request head)
+    /// [default: 0.5].
+    #[arg(long, value_name = "SECS")]
+    pub peek_timeout: Option<f64>,
+    /// CONNECT to the vetted IP address even when SNI/Host names the destination (DNS-rebinding
+    /// safety over proxy-side domain ACLs).
+    #[arg(long)]
+    pub connect_by_ip: bool,
+    /// Route for connections that send neither TLS nor HTTP within the peek window
+    /// [default: proxy].
+    #[arg(long, value_enum, value_name = "ROUTE")]
+    pub default_route: Option<DefaultRoute>,
+    /// CA certificates (PEM) to verify https:// proxies with, instead of the system roots.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_ca_file: Option<PathBuf>,
+    /// TESTING ONLY: do not verify the certificate of an https:// proxy (like Synapse's
+    /// use_insecure_ssl_client_just_for_testing_do_not_use).
+    #[arg(long)]
+    pub insecure_skip_proxy_tls_verify: bool,
+    /// Emit the kernel programs' debug records (aya-log) into the agent's log.
+    #[arg(long)]
+    pub kernel_log: bool,
+    /// Address of the admin listener serving /health and /metrics [default: 127.0.0.1:9478].
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin_addr: Option<String>,
+    /// Threads serving connections: 1 (one event loop: the lowest latency and memory; a core
+    /// relays well over 1 GiB/s), N, or 0 for one per CPU [default: 1].
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
+    /// User to become once the programs are attached (keeping CAP_NET_ADMIN only)
+    /// [default: nobody].
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    #[command(flatten)]
+    pub pin: OptionalPinDir,
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct OptionalPinDir {
+    /// bpffs directory for the pinned programs and maps [default: /sys/fs/bpf/egress].
+    #[arg(long, value_name = "DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("'{s}': {e}"))
+}

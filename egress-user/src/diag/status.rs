@@ -1,0 +1,44 @@
+//! `egress status`: the running agent's health (asked over its admin listener), the attached
+//! cgroups and the kernel's decision counters (read from the pinned maps).
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::kernel;
+
+pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
+    println!("agent: {}", agent_health(admin_addr));
+    if !pin_dir.exists() {
+        println!("not attached (no {})", pin_dir.display());
+        return Ok(());
+    }
+    println!("pinned at {}", pin_dir.display());
+    for id in kernel::pinned_cgroups(pin_dir)? {
+        match kernel::cgroups::cgroup_path_by_id(id) {
+            Some(path) => println!("attached cgroup {} (id {id})", path.display()),
+            None => println!("attached cgroup id {id} (no longer exists)"),
+        }
+    }
+    for (name, value) in kernel::pinned_counters(pin_dir)? {
+        println!("{name:>20} {value}");
+    }
+    Ok(())
+}
+
+/// The running agent's /health answer, or why there is none.
+fn agent_health(admin_addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let ask = || -> std::io::Result<String> {
+        let timeout = std::time::Duration::from_secs(5);
+        let mut stream = std::net::TcpStream::connect_timeout(&admin_addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map_or(response.clone(), |(_, body)| body.trim().to_owned()))
+    };
+    ask().unwrap_or_else(|e| format!("not reachable at {admin_addr} ({e})"))
+}

@@ -1,0 +1,158 @@
+//! Accepts the connections the kernel redirected, recovers where they were going, learns the
+//! name the client asked for from its first bytes, plans the route, and carries it out: deny,
+//! direct, CONNECT through https_proxy, or forward through http_proxy. Any failure resets the
+//! client: nothing goes direct unless the plan said direct.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
+
+use super::{
+    Shared,
+    decision::Decision,
+    forward::{self, Forward},
+    relay::{self, reset},
+    sniff::{self, Sniff},
+    upstream::{self, ProxyClient, Role, UpstreamStream},
+};
+use crate::route::plan::{Action, Sniffed, plan};
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; connections wait in the backlog.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // A relay must not add Nagle delays: the application already chose when to send.
+        let _ = client.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            // Logs and counts when dropped: also if this task panics or is cancelled.
+            let mut decision = Decision::open(shared.metrics.clone(), id, peer);
+            handle(&shared, client, peer, &mut decision).await;
+            decision.finish();
+        });
+    }
+}
+
+async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr, decision: &mut Decision) {
+    let current = shared.current();
+    let config = &current.config;
+    let Some(original) = shared.kernel.take_original_dst(peer) else {
+        decision.fail("connection was not redirected by egress (no original destination)");
+        return reset(client);
+    };
+    decision.original_dst = Some(original);
+
+    let (first_bytes, sniffed) = match read_first_bytes(&mut client, config.peek_timeout).await {
+        Ok(read) => read,
+        Err(e) => return decision.fail(format!("reading from client: {e}")),
+    };
+    decision.protocol = Some(sniffed.protocol());
+    decision.name = sniffed.name().map(str::to_owned);
+
+    let plan = plan(&config.rules(), current.proxies(), original, &sniffed);
+    decision.planned(&plan, |proxy| proxy.url.authority());
+    match plan.action {
+        Action::Deny => reset(client),
+        Action::Direct { to } => {
+            let started = Instant::now();
+            match upstream::connect_marked(Role::Destination, to, config.agent_mark, config.timeouts.connect)
+                .await
+            {
+                Ok(stream) => {
+                    shared.metrics.upstream_latency(started.elapsed());
+                    relay::relay(
+                        client,
+                        UpstreamStream::Plain(stream),
+                        first_bytes.freeze(),
+                        Bytes::new(),
+                        decision,
+                    )
+                    .await
+                }
+                Err(e) => {
+                    decision.fail(e);
+                    reset(client);
+                }
+            }
+        }
+        Action::Forward { proxy, authority } => {
+            let forward = Forward {
+                proxy: proxy.clone(),
+                authority,
+                approved_host: sniffed.name().map(str::to_owned),
+            };
+            Box::pin(forward::serve(client, first_bytes.freeze(), forward, decision)).await;
+        }
+        Action::Connect { proxy, target } => {
+            tunnel(shared, proxy, &target, client, first_bytes.freeze(), decision).await;
+        }
+    }
+}
+
+async fn tunnel(
+    shared: &Shared,
+    proxy: &ProxyClient,
+    target: &str,
+    client: TcpStream,
+    first_bytes: Bytes,
+    decision: &mut Decision,
+) {
+    let started = Instant::now();
+    // Boxed: the handshake's state is large and must not size the connection's future for its
+    // whole life (thousands of idle tunnels).
+    match Box::pin(proxy.open_tunnel(target)).await {
+        Ok(tunnel) => {
+            shared.metrics.upstream_latency(started.elapsed());
+            decision.upstream_status = Some(200);
+            relay::relay(client, tunnel.stream, first_bytes, tunnel.early_data, decision).await;
+        }
+        Err(e) => {
+            decision.upstream_status = e.status();
+            decision.fail(e);
+            reset(client);
+        }
+    }
+}
+
+/// Reads until the first bytes say what they are (ClientHello, request head), the peek window
+/// closes, the client stops sending, or the sniff limit is reached.
+async fn read_first_bytes(client: &mut TcpStream, window: Duration) -> std::io::Result<(BytesMut, Sniffed)> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let deadline = Instant::now() + window;
+    loop {
+        if let Sniff::Done(sniffed) = sniff::sniff(&buf) {
+            return Ok((buf, sniffed));
+        }
+        match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => {
+                // Silence or end of stream: a partial ClientHello is still TLS, anything else
+                // (including nothing at all: server-speaks-first) is unknown.
+                let sniffed = if buf.first() == Some(&0x16) {
+                    Sniffed::Tls { sni: None }
+                } else {
+                    Sniffed::Other
+                };
+                return Ok((buf, sniffed));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}

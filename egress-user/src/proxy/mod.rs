@@ -1,0 +1,102 @@
+//! The data path, in the order a connection takes it:
+//!
+//! 1. [`accept`]: take a connection the kernel redirected, look up where it was going;
+//! 2. [`sniff`]: learn the name it asks for from its first bytes (TLS SNI, HTTP Host);
+//! 3. [`crate::route::plan`]: decide (deny, direct, CONNECT, forward);
+//! 4. [`upstream`] (with [`tls`] for `https://` proxies): reach the destination directly or
+//!    through the proxy, or [`forward`] plain HTTP requests through it;
+//! 5. [`relay`] (with [`splice`]): move the bytes both ways until both sides are done;
+//! 6. [`decision`]: one log line and the metrics for the connection, however it ended.
+
+pub mod accept;
+pub mod decision;
+pub mod forward;
+pub mod relay;
+pub mod sniff;
+pub mod splice;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::{Arc, RwLock, atomic::AtomicU64};
+
+use anyhow::Result;
+
+use crate::{
+    config::{Config, proxy_url::ProxyScheme},
+    kernel::Kernel,
+    metrics::Metrics,
+    route::plan::Proxies,
+};
+use tls::ProxyTls;
+use upstream::ProxyClient;
+
+/// One consistent configuration and the proxy clients built from it. Each connection takes a
+/// snapshot at accept and keeps it to its end, so a reload never changes a decision halfway.
+pub struct Current {
+    pub config: Config,
+    https_proxy: Option<ProxyClient>,
+    http_proxy: Option<ProxyClient>,
+}
+
+impl Current {
+    pub fn new(config: Config) -> Result<Self> {
+        let client = |url: &Option<crate::config::proxy_url::ProxyUrl>| -> Result<Option<ProxyClient>> {
+            let Some(url) = url else { return Ok(None) };
+            let tls = match url.scheme {
+                ProxyScheme::Https => Some(ProxyTls::new(
+                    config.proxy_ca_file.as_deref(),
+                    config.insecure_skip_proxy_tls_verify,
+                )?),
+                ProxyScheme::Http => None,
+            };
+            Ok(Some(ProxyClient::new(
+                url.clone(),
+                tls,
+                config.agent_mark,
+                config.timeouts,
+            )))
+        };
+        Ok(Self {
+            https_proxy: client(&config.https_proxy)?,
+            http_proxy: client(&config.http_proxy)?,
+            config,
+        })
+    }
+
+    /// The proxy clients, as the routing plan chooses from them.
+    pub fn proxies(&self) -> Proxies<'_, ProxyClient> {
+        Proxies {
+            https: self.https_proxy.as_ref(),
+            http: self.http_proxy.as_ref(),
+        }
+    }
+}
+
+/// What the data path shares across connections: the kernel's maps, the metrics, and the
+/// configuration in force.
+pub struct Shared {
+    pub kernel: Kernel,
+    pub metrics: Arc<Metrics>,
+    pub(crate) next_id: AtomicU64,
+    current: RwLock<Arc<Current>>,
+}
+
+impl Shared {
+    pub fn new(kernel: Kernel, current: Current) -> Self {
+        Self {
+            kernel,
+            metrics: Arc::new(Metrics::new()),
+            next_id: AtomicU64::new(1),
+            current: RwLock::new(Arc::new(current)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Current> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `current` in force for connections accepted from now on.
+    pub fn replace(&self, current: Current) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(current);
+    }
+}

@@ -1,0 +1,327 @@
+//! The routing plan: what the agent does with a connection the kernel redirected to it, given
+//! where it was going and what its first bytes said. Deny, go direct, CONNECT through
+//! https_proxy, or forward plain HTTP through http_proxy, and the rule that decided.
+//!
+//! One pure function, used by the agent for every connection, by `egress explain` and by
+//! `egress doctor`, so that what admins are told is what the agent does.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::{
+    hostport,
+    route::policy::{Disposition, Policy, Rule, RuleKind},
+};
+
+/// What a connection's first bytes said (see `proxy::sniff`, which reads them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    /// A TLS ClientHello; `sni` is the validated server_name (host_name type), lowercased, if present.
+    Tls { sni: Option<String> },
+    /// An HTTP/1.x request head; `host` is the validated Host header (hostname or IP, lowercased, IPv6
+    /// without brackets), `port` the port in it if any.
+    Http { host: Option<String>, port: Option<u16> },
+    /// Neither: some other protocol (or garbage).
+    Other,
+}
+
+/// What to do with a connection whose first bytes are neither a TLS ClientHello nor an HTTP/1
+/// request within the peek window (e.g. protocols where the server speaks first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultRoute {
+    /// CONNECT through https_proxy (by IP), like TLS.
+    Proxy,
+    /// Connect directly (still blacklist-checked).
+    Direct,
+    /// Reset the connection.
+    Deny,
+}
+
+impl DefaultRoute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultRoute::Proxy => "proxy",
+            DefaultRoute::Direct => "direct",
+            DefaultRoute::Deny => "deny",
+        }
+    }
+}
+
+/// The settings a plan follows (a view of the configuration).
+#[derive(Clone, Copy, Debug)]
+pub struct Rules<'a> {
+    pub policy: &'a Policy,
+    pub default_route: DefaultRoute,
+    /// CONNECT (and forward) by the vetted address, never by the client's name.
+    pub connect_by_ip: bool,
+}
+
+/// What the connection carries, as far as its first bytes tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tls,
+    Http,
+    Unknown,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tls => "tls",
+            Protocol::Http => "http",
+            Protocol::Unknown => "unknown",
+        }
+    }
+}
+
+impl Sniffed {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Sniffed::Tls { .. } => Protocol::Tls,
+            Sniffed::Http { .. } => Protocol::Http,
+            Sniffed::Other => Protocol::Unknown,
+        }
+    }
+
+    /// The name the client asked for: TLS SNI or the HTTP Host (without port).
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Sniffed::Tls { sni } => sni.as_deref(),
+            Sniffed::Http { host, .. } => host.as_deref(),
+            Sniffed::Other => None,
+        }
+    }
+}
+
+/// The upstream proxies a plan chooses from: the agent's clients, or the configured URLs.
+#[derive(Debug)]
+pub struct Proxies<'a, P> {
+    /// For TLS and (by default) unrecognised traffic.
+    pub https: Option<&'a P>,
+    /// For plain HTTP.
+    pub http: Option<&'a P>,
+}
+
+impl<P> Clone for Proxies<'_, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P> Copy for Proxies<'_, P> {}
+
+impl<'a, P> Proxies<'a, P> {
+    /// Each configured proxy once.
+    pub fn iter(self) -> impl Iterator<Item = &'a P> {
+        self.https.into_iter().chain(self.http)
+    }
+}
+
+/// What to do with the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action<'a, P> {
+    /// Reset the client; nothing is sent anywhere.
+    Deny,
+    /// Connect to the original destination from the agent (a marked socket).
+    Direct { to: SocketAddr },
+    /// `CONNECT target` through the proxy, then relay.
+    Connect { proxy: &'a P, target: String },
+    /// Forward each HTTP request through the proxy in absolute form, `http://authority/...`.
+    Forward { proxy: &'a P, authority: String },
+}
+
+impl<'a, P> Action<'a, P> {
+    /// The `route` of the decision log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Deny => "deny",
+            Action::Direct { .. } => "direct",
+            Action::Connect { .. } => "proxy-connect",
+            Action::Forward { .. } => "proxy-forward",
+        }
+    }
+
+    /// The same action with the proxy seen through `f` (e.g. a client as its URL).
+    #[cfg(test)]
+    pub fn map_proxy<Q>(self, f: impl FnOnce(&'a P) -> &'a Q) -> Action<'a, Q> {
+        match self {
+            Action::Deny => Action::Deny,
+            Action::Direct { to } => Action::Direct { to },
+            Action::Connect { proxy, target } => Action::Connect {
+                proxy: f(proxy),
+                target,
+            },
+            Action::Forward { proxy, authority } => Action::Forward {
+                proxy: f(proxy),
+                authority,
+            },
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan<'a, P> {
+    pub action: Action<'a, P>,
+    pub rule: Rule,
+}
+
+/// The plan for a redirected connection to `dst` whose first bytes were `sniffed`.
+///
+/// Which proxy: TLS → https_proxy; plain HTTP → http_proxy; anything else → `default_route`
+/// (https_proxy, direct, or deny). The policy then decides with the address, port and name; a
+/// proxied connection is CONNECTed (or forwarded) by the client's name unless `connect_by_ip`.
+pub fn plan<'a, P>(
+    rules: &Rules,
+    proxies: Proxies<'a, P>,
+    dst: SocketAddr,
+    sniffed: &Sniffed,
+) -> Plan<'a, P> {
+    let protocol = sniffed.protocol();
+    let proxy = match (protocol, rules.default_route) {
+        (Protocol::Http, _) => proxies.http,
+        (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => proxies.https,
+        (Protocol::Unknown, DefaultRoute::Direct) => None,
+        (Protocol::Unknown, DefaultRoute::Deny) => {
+            return Plan {
+                action: Action::Deny,
+                rule: Rule::new(RuleKind::DefaultRoute, DefaultRoute::Deny.as_str()),
+            };
+        }
+    };
+    let name = sniffed.name();
+    let ruling = rules.policy.decide(dst.ip(), dst.port(), name, proxy.is_some());
+    let action = match (ruling.disposition, proxy) {
+        (Disposition::Deny, _) => Action::Deny,
+        (Disposition::Direct, _) | (Disposition::Proxy, None) => Action::Direct { to: dst },
+        (Disposition::Proxy, Some(proxy)) => {
+            let host = name.filter(|_| !rules.connect_by_ip);
+            match protocol {
+                Protocol::Http => Action::Forward {
+                    proxy,
+                    authority: hostport::absolute_authority(host, dst),
+                },
+                Protocol::Tls | Protocol::Unknown => Action::Connect {
+                    proxy,
+                    target: hostport::connect_target(host, dst),
+                },
+            }
+        }
+    };
+    Plan {
+        action,
+        rule: ruling.rule,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, proxy_url::ProxyUrl};
+
+    fn tls(sni: Option<&str>) -> Sniffed {
+        Sniffed::Tls {
+            sni: sni.map(str::to_owned),
+        }
+    }
+
+    fn http(host: Option<&str>) -> Sniffed {
+        Sniffed::Http {
+            host: host.map(str::to_owned),
+            port: None,
+        }
+    }
+
+    /// The plan in one line: `deny`, `direct ADDR`, `connect TARGET via PROXY`,
+    /// `forward AUTHORITY via PROXY`, then ` [rule]`.
+    fn describe(plan: &Plan<'_, ProxyUrl>) -> String {
+        let action = match &plan.action {
+            Action::Deny => "deny".to_owned(),
+            Action::Direct { to } => format!("direct {to}"),
+            Action::Connect { proxy, target } => format!("connect {target} via {}", proxy.authority()),
+            Action::Forward { proxy, authority } => format!("forward {authority} via {}", proxy.authority()),
+        };
+        format!("{action} [{}]", plan.rule)
+    }
+
+    /// (configuration, destination, first bytes, expected plan), in the manner of ztunnel's
+    /// `build_request` tests: every routing choice the agent makes, one row each.
+    #[test]
+    fn plans() {
+        let proxies = "https_proxy = \"http://u:p@tls-proxy:3128\"\nhttp_proxy = \"http://http-proxy:8080\"\n\
+                       no_proxy = [\"internal.example\", \"8.8.4.4:443\", \"2001:4860::/32\"]\n\
+                       ip_range_whitelist = [\"10.1.0.0/16\"]";
+        let by_ip = &format!("{proxies}\nconnect_by_ip = true");
+        let https_only = "https_proxy = \"http://tls-proxy:3128\"";
+        let direct_default = "https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"direct\"";
+        let deny_default = "https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"deny\"";
+        let no_proxy_all = "https_proxy = \"http://tls-proxy:3128\"\nno_proxy = [\"*\"]";
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, Sniffed, &str)] = &[
+            // TLS goes to https_proxy, CONNECTed by its SNI.
+            (proxies, "93.184.216.34:8448", tls(Some("matrix.org")),
+                "connect matrix.org:8448 via tls-proxy:3128 [proxy]"),
+            // Without a name: by address, IPv6 bracketed.
+            (proxies, "93.184.216.34:443", tls(None), "connect 93.184.216.34:443 via tls-proxy:3128 [proxy]"),
+            (proxies, "[2606:4700::1111]:443", tls(None),
+                "connect [2606:4700::1111]:443 via tls-proxy:3128 [proxy]"),
+            // connect_by_ip: the vetted address, whatever the name.
+            (by_ip, "93.184.216.34:8448", tls(Some("matrix.org")),
+                "connect 93.184.216.34:8448 via tls-proxy:3128 [proxy]"),
+            // Plain HTTP goes to http_proxy in absolute form (port 80 left out).
+            (proxies, "93.184.216.34:80", http(Some("origin.example")),
+                "forward origin.example via http-proxy:8080 [proxy]"),
+            (proxies, "93.184.216.34:8080", http(Some("origin.example")),
+                "forward origin.example:8080 via http-proxy:8080 [proxy]"),
+            (proxies, "93.184.216.34:80", http(None), "forward 93.184.216.34 via http-proxy:8080 [proxy]"),
+            (by_ip, "93.184.216.34:80", http(Some("origin.example")),
+                "forward 93.184.216.34 via http-proxy:8080 [proxy]"),
+            // No proxy for the protocol: direct, blacklist still applied.
+            (https_only, "93.184.216.34:80", http(Some("origin.example")),
+                "direct 93.184.216.34:80 [no proxy for protocol]"),
+            (https_only, "10.2.3.4:80", http(Some("origin.example")), "deny [ip_range_blacklist 10.0.0.0/8]"),
+            // Silent clients: default_route.
+            (proxies, "93.184.216.34:25", Sniffed::Other, "connect 93.184.216.34:25 via tls-proxy:3128 [proxy]"),
+            (direct_default, "93.184.216.34:25", Sniffed::Other,
+                "direct 93.184.216.34:25 [no proxy for protocol]"),
+            (deny_default, "93.184.216.34:25", Sniffed::Other,
+                "deny [default_route deny (neither TLS nor HTTP)]"),
+            // no_proxy by name (suffix), by address and port, by range.
+            (proxies, "93.184.216.34:5432", tls(Some("db.internal.example")),
+                "direct 93.184.216.34:5432 [no_proxy internal.example]"),
+            (proxies, "8.8.4.4:443", tls(None), "direct 8.8.4.4:443 [no_proxy 8.8.4.4:443]"),
+            (proxies, "8.8.4.4:80", http(None), "forward 8.8.4.4 via http-proxy:8080 [proxy]"),
+            (proxies, "[2001:4860::8888]:443", tls(Some("dns.example")),
+                "direct [2001:4860::8888]:443 [no_proxy 2001:4860::/32]"),
+            (no_proxy_all, "93.184.216.34:443", tls(Some("matrix.org")), "direct 93.184.216.34:443 [no_proxy *]"),
+            // The blacklist wins over no_proxy; the whitelist only exempts from the blacklist.
+            (no_proxy_all, "10.2.3.4:443", tls(Some("matrix.org")), "deny [ip_range_blacklist 10.0.0.0/8]"),
+            (proxies, "10.1.2.3:443", tls(Some("app.example")),
+                "connect app.example:443 via tls-proxy:3128 [ip_range_whitelist 10.1.0.0/16, proxy]"),
+            (proxies, "10.1.2.3:443", tls(Some("db.internal.example")),
+                "direct 10.1.2.3:443 [ip_range_whitelist 10.1.0.0/16, no_proxy internal.example]"),
+            (proxies, "[::ffff:10.2.3.4]:443", tls(None), "deny [ip_range_blacklist 10.0.0.0/8]"),
+        ];
+        for (text, dst, sniffed, expected) in cases {
+            let config = Config::from_toml(text);
+            let dst: SocketAddr = dst.parse().unwrap();
+            let plan = plan(&config.rules(), config.proxies(), dst, sniffed);
+            assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?} with\n{text}");
+        }
+    }
+
+    #[test]
+    fn rule_kinds_name_what_decided() {
+        let config = Config::from_toml("https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"deny\"");
+        let kind = |dst: &str, sniffed: Sniffed| {
+            plan(&config.rules(), config.proxies(), dst.parse().unwrap(), &sniffed)
+                .rule
+                .kind
+        };
+        assert_eq!(kind("10.0.0.1:443", tls(None)), RuleKind::Blacklist);
+        assert_eq!(kind("8.8.8.8:443", tls(None)), RuleKind::Proxy);
+        assert_eq!(kind("8.8.8.8:80", http(None)), RuleKind::NoProxyForProtocol);
+        assert_eq!(kind("8.8.8.8:25", Sniffed::Other), RuleKind::DefaultRoute);
+    }
+}
