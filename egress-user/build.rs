@@ -10,7 +10,17 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let ebpf_dir = root.join("egress-ebpf");
-    for watched in ["egress-ebpf/src", "egress-ebpf/Cargo.toml", "egress-common/src"] {
+    // Everything the kernel object is built from: its sources and the shared types, its manifest
+    // and lockfile, its cargo settings (target, build-std, linker flags) and toolchain file.
+    for watched in [
+        "egress-ebpf/src",
+        "egress-ebpf/Cargo.toml",
+        "egress-ebpf/Cargo.lock",
+        "egress-ebpf/.cargo/config.toml",
+        "egress-ebpf/rust-toolchain.toml",
+        "egress-common/src",
+        "egress-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=EGRESS_TOOLS_DIR");
@@ -19,15 +29,31 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env::var("HOME").unwrap_or_default()).join(".cache/egress/tools"))
         .join("bin");
-    let path = env::join_paths(
-        std::iter::once(tools_bin).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
-    )
-    .unwrap();
+    let search: Vec<PathBuf> = std::iter::once(tools_bin)
+        .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default()))
+        .collect();
+    // A new bpf-linker (setup rebuilds it when the nightly changes) links a different object.
+    if let Some(linker) = search
+        .iter()
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|p| p.is_file())
+    {
+        println!("cargo:rerun-if-changed={}", linker.display());
+    }
+    let path = env::join_paths(&search).unwrap();
 
     let target_dir = root.join("target/ebpf");
     let mut cargo = Command::new("rustup");
     cargo
-        .args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "--locked",
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .current_dir(&ebpf_dir)
         .env("PATH", path);

@@ -13,6 +13,7 @@ pub fn run(root: &Path, egress_bin: &Path, quick: bool) -> Result<()> {
         &[
             "build",
             "--release",
+            "--locked",
             "-p",
             "egress-testbed",
             "--bin",

@@ -12,6 +12,27 @@ pub fn run(root: &Path, seconds: u64, only: &[String]) -> Result<()> {
     let fuzz_dir = root.join("fuzz");
     let tools = setup::tools_dir().to_string_lossy().into_owned();
     let env = [("EGRESS_TOOLS_DIR", tools.as_str())];
+    // cargo-fuzz has no --locked: check that fuzz/Cargo.lock needs no change before it builds.
+    let locked = std::process::Command::new("cargo")
+        .args([
+            "+nightly",
+            "metadata",
+            "--locked",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
+        .arg(fuzz_dir.join("Cargo.toml"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running cargo metadata")?;
+    if !locked.success() {
+        anyhow::bail!(
+            "fuzz/Cargo.lock is out of date: run `cargo +nightly update --workspace \
+             --manifest-path fuzz/Cargo.toml` and commit it"
+        );
+    }
     let targets = std::fs::read_dir(fuzz_dir.join("fuzz_targets"))
         .context("reading fuzz/fuzz_targets")?
         .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(str::to_owned))

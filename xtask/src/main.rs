@@ -105,7 +105,7 @@ fn main() -> Result<()> {
             }
             egress_testbed::sweep_leftovers();
             let bin = egress_bin();
-            let mut full = vec!["test", "--release", "--workspace"];
+            let mut full = vec!["test", "--release", "--locked", "--workspace"];
             full.extend(args.iter().map(String::as_str));
             setup::cargo_test(&full, &[("EGRESS_BIN", &bin.to_string_lossy())])
         }
@@ -118,6 +118,7 @@ fn main() -> Result<()> {
             let args = [
                 "test",
                 "--release",
+                "--locked",
                 "-p",
                 "egress-testbed",
                 "--test",
@@ -167,6 +168,7 @@ fn build() -> Result<()> {
         &[
             "build",
             "--release",
+            "--locked",
             "--package",
             "egress-user",
             "--bin",
