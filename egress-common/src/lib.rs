@@ -8,9 +8,17 @@
 /// directory, so a restarted agent finds the same maps the attached programs use.
 pub mod maps {
     pub const CONFIG: &str = "EGRESS_CONFIG";
-    pub const COUNTERS: &str = "EGRESS_COUNTERS";
+    /// Per-CPU decision counters (see [`super::counter`]).
+    pub const COUNTERS: &str = "EGRESS_COUNTS";
     pub const SOCKET_DST: &str = "EGRESS_SOCKET_DST";
-    pub const ORIGINAL_DST: &str = "EGRESS_ORIG_DST";
+    /// [`super::ConnKey`] (network namespace + the client's local address) -> original
+    /// destination, for the agent's accept().
+    pub const ORIGINAL_DST: &str = "EGRESS_CONN_DST";
+    /// Network namespaces (by cookie) where an egress listener serves redirected connects.
+    pub const SERVED_NETNS: &str = "EGRESS_NETNS";
+    /// Maps earlier versions pinned under these names, with another layout; removed once this
+    /// version's programs are attached.
+    pub const OBSOLETE: [&str; 2] = ["EGRESS_COUNTERS", "EGRESS_ORIG_DST"];
     /// LPM trie of IPv4 destinations whose connect() fails with EPERM (blacklist minus whitelist).
     pub const DENY4: &str = "EGRESS_DENY4";
     /// LPM trie of IPv4 destinations passed direct without the agent (no_proxy IPs and CIDRs).
@@ -66,6 +74,21 @@ impl SockAddr {
     }
 }
 
+/// Key of the original-destination map: the client's local address is unique within its network
+/// namespace while the connection exists, and only there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The network namespace's cookie (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
+    pub netns: u64,
+    pub addr: SockAddr,
+    /// Explicit padding: hash keys are compared byte for byte.
+    pub _pad: u32,
+}
+
+/// Capacity of the served-namespaces map.
+pub const MAX_SERVED_NETNS: u32 = 4096;
+
 /// Settings the agent writes into the single-entry `EGRESS_CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -108,7 +131,14 @@ pub mod counter {
     pub const DENY_BLACKLIST: u32 = 8;
     /// Left alone: destination in the bypass trie (no_proxy IP or CIDR).
     pub const PASS_NO_PROXY: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Refused with EPERM: no egress listener in the caller's network namespace (egress is
+    /// down, or does not serve that namespace).
+    pub const DENY_NO_LISTENER: u32 = 10;
+    /// Refused with EPERM: the socket listening on egress's port is not egress's (a squatter).
+    pub const DENY_NOT_AGENT_LISTENER: u32 = 11;
+    /// Used slots; the map has [`SLOTS`] so that later versions can add counters.
+    pub const COUNT: u32 = 12;
+    pub const SLOTS: u32 = 32;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -122,6 +152,8 @@ pub mod counter {
         "deny_no_state",
         "deny_blacklist",
         "pass_no_proxy",
+        "deny_no_listener",
+        "deny_not_agent_listener",
     ];
 }
 
@@ -130,4 +162,5 @@ mod pod {
     // SAFETY: plain #[repr(C)] data without padding holes that matter; any bit pattern is valid.
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::AgentConfig {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }

@@ -4,11 +4,15 @@
 //! the attached cgroups. For TCP, loopback destinations and the agent's own (marked) sockets are
 //! left alone; IP-only policy is applied at once (deny trie: EPERM; bypass trie: untouched);
 //! everything else is rewritten to the agent's listener on loopback, and the original destination
-//! is remembered under the socket's cookie for the socket's lifetime.
+//! is remembered under the socket's cookie for the socket's lifetime. A redirect happens only when
+//! the caller's network namespace is one egress serves and the socket listening there on egress's
+//! port is egress's own (it carries the agent mark, which takes CAP_NET_ADMIN in that namespace to
+//! set); otherwise the connect fails with EPERM, so a squatter on the port never gets anything.
 //!
 //! `egress_sock_ops` runs when the kernel has chosen the local port (TCP_CONNECT_CB) and files the
-//! original destination under the connection's local address, which is exactly the peer address
-//! the agent sees on accept(). It also asks for state callbacks, to forget the socket on close.
+//! original destination under the network namespace and the connection's local address, which is
+//! exactly the peer address the agent sees on accept() in that namespace. It also asks for state
+//! callbacks, to forget both entries when the socket closes, accepted or not.
 //!
 //! `egress_getpeername4|6` keep the redirect invisible: the application's getpeername() returns
 //! the address it connected to, not the agent's.
@@ -20,20 +24,26 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        bpf_sock_addr,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
-use egress_common::{AF_INET, AF_INET6, AgentConfig, FLAG_KERNEL_LOG, MAX_RANGES, SockAddr, counter};
+use egress_common::{
+    AF_INET, AF_INET6, AgentConfig, ConnKey, FLAG_KERNEL_LOG, MAX_RANGES, MAX_SERVED_NETNS, SockAddr,
+    counter,
+};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const TCP_FIN_WAIT1: u32 = 4;
+const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSING: u32 = 11;
 const LOOPBACK4: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
 const LOOPBACK6: [u32; 4] = [0, 0, 0, 1u32.to_be()];
 const MAPPED_PREFIX: u32 = 0xffffu32.to_be();
@@ -45,18 +55,23 @@ const DENY: i32 = 0;
 #[map(name = "EGRESS_CONFIG")]
 static CONFIG: Array<AgentConfig> = Array::pinned(1, 0);
 
-#[map(name = "EGRESS_COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+#[map(name = "EGRESS_COUNTS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 
 /// Socket cookie -> original destination, from connect until the socket closes.
 #[map(name = "EGRESS_SOCKET_DST")]
 static SOCKET_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(262144, 0);
 
-/// Client-side local address of a redirected connection -> original destination.
-/// Unique while the connection exists, so concurrent connects and port reuse cannot mix up
-/// entries; the agent deletes each entry once read, LRU ages out the rest.
-#[map(name = "EGRESS_ORIG_DST")]
-static ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(65536, 0);
+/// Network namespace + client-side local address of a redirected connection -> original
+/// destination. Unique while the connection exists, so concurrent connects and port reuse cannot
+/// mix up entries, and another namespace cannot write or read this one's. The agent deletes each
+/// entry once read; the socket's close deletes it otherwise (LRU bounds the map regardless).
+#[map(name = "EGRESS_CONN_DST")]
+static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::pinned(65536, 0);
+
+/// Network namespaces (by cookie) in which egress listens; the agent fills it.
+#[map(name = "EGRESS_NETNS")]
+static SERVED_NETNS: HashMap<u64, u32> = HashMap::pinned(MAX_SERVED_NETNS, 0);
 
 /// Filled by the agent from its policy. Keys are addresses in network byte order.
 #[map(name = "EGRESS_DENY4")]
@@ -113,7 +128,9 @@ fn is_mapped(ip: &[u32; 4]) -> bool {
 enum Verdict {
     Allow,
     Deny,
-    Redirect(SockAddr),
+    /// To the agent's listener on `port`, which must carry `mark`. Plain values, not a
+    /// reference to the config: the verifier refuses pointers packed into an enum.
+    Redirect { original: SockAddr, port: u16, mark: u32 },
 }
 
 #[inline(always)]
@@ -126,87 +143,167 @@ fn is_tcp(sa: &bpf_sock_addr) -> bool {
     true
 }
 
-/// The agent settings, or None (deny: unconfigured programs never let anything through).
-#[inline(always)]
-fn config(sa: &bpf_sock_addr) -> Result<&'static AgentConfig, Verdict> {
-    let Some(cfg) = CONFIG.get(0) else {
-        count(counter::DENY_UNCONFIGURED);
-        return Err(Verdict::Deny);
-    };
-    if cfg.ready == 0 {
-        count(counter::DENY_UNCONFIGURED);
-        return Err(Verdict::Deny);
-    }
-    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == cfg.agent_mark {
-        count(counter::PASS_AGENT);
-        return Err(Verdict::Allow);
-    }
-    Ok(cfg)
+/// The agent settings, or returns at once from the calling function: Deny when no agent has
+/// configured the programs (they never let anything through unconfigured), Allow for the agent's
+/// own (marked) sockets. A macro, not a function returning `Result<&AgentConfig, Verdict>`: the
+/// compiler packs such a result into a register with shifts the verifier refuses on pointers.
+macro_rules! config_or_return {
+    ($sa:expr) => {{
+        let Some(cfg) = CONFIG.get(0) else {
+            count(counter::DENY_UNCONFIGURED);
+            return Verdict::Deny;
+        };
+        if cfg.ready == 0 {
+            count(counter::DENY_UNCONFIGURED);
+            return Verdict::Deny;
+        }
+        let mark = unsafe { (*$sa.__bindgen_anon_1.sk).mark };
+        if mark == cfg.agent_mark {
+            count(counter::PASS_AGENT);
+            return Verdict::Allow;
+        }
+        cfg
+    }};
 }
 
 /// Policy for an IPv4 destination (also IPv4-mapped ones from connect6).
 #[inline(always)]
-fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16) -> (Verdict, u16) {
+fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16) -> Verdict {
     if u32::from_be(dst_ip) >> 24 == 127 || dst_ip == 0 {
         count(counter::PASS_LOOPBACK);
-        return (Verdict::Allow, 0);
+        return Verdict::Allow;
     }
-    let cfg = match config(sa) {
-        Ok(cfg) => cfg,
-        Err(verdict) => return (verdict, 0),
-    };
+    let cfg = config_or_return!(sa);
     // The agent keeps the two sets disjoint (bypass minus deny): the order of the lookups does
     // not matter, and a bypassed connect costs one.
     let key = Key::new(32, dst_ip);
     if BYPASS4.get(&key).is_some() {
         count(counter::PASS_NO_PROXY);
-        return (Verdict::Allow, 0);
+        return Verdict::Allow;
     }
     if DENY4.get(&key).is_some() {
         count(counter::DENY_BLACKLIST);
         if cfg.flags & FLAG_KERNEL_LOG != 0 {
             debug!(ctx, "deny {:i}:{}", u32::from_be(dst_ip), dst_port);
         }
-        return (Verdict::Deny, 0);
+        return Verdict::Deny;
     }
     if cfg.flags & FLAG_KERNEL_LOG != 0 {
         debug!(ctx, "redirect {:i}:{}", u32::from_be(dst_ip), dst_port);
     }
-    (Verdict::Redirect(SockAddr::v4(dst_ip, dst_port)), cfg.listen_port)
+    Verdict::Redirect {
+        original: SockAddr::v4(dst_ip, dst_port),
+        port: cfg.listen_port,
+        mark: cfg.agent_mark,
+    }
 }
 
 #[inline(always)]
-fn decide6(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: [u32; 4], dst_port: u16) -> (Verdict, u16) {
+fn decide6(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: [u32; 4], dst_port: u16) -> Verdict {
     if dst_ip == LOOPBACK6 || dst_ip == [0; 4] {
         count(counter::PASS_LOOPBACK);
-        return (Verdict::Allow, 0);
+        return Verdict::Allow;
     }
-    let cfg = match config(sa) {
-        Ok(cfg) => cfg,
-        Err(verdict) => return (verdict, 0),
-    };
+    let cfg = config_or_return!(sa);
     let key = Key::new(128, dst_ip);
     if BYPASS6.get(&key).is_some() {
         count(counter::PASS_NO_PROXY);
-        return (Verdict::Allow, 0);
+        return Verdict::Allow;
     }
     if DENY6.get(&key).is_some() {
         count(counter::DENY_BLACKLIST);
         if cfg.flags & FLAG_KERNEL_LOG != 0 {
             debug!(ctx, "deny {:i}:{}", to_bytes(dst_ip), dst_port);
         }
-        return (Verdict::Deny, 0);
+        return Verdict::Deny;
     }
     if cfg.flags & FLAG_KERNEL_LOG != 0 {
         debug!(ctx, "redirect {:i}:{}", to_bytes(dst_ip), dst_port);
     }
-    (Verdict::Redirect(SockAddr::v6(dst_ip, dst_port)), cfg.listen_port)
+    Verdict::Redirect {
+        original: SockAddr::v6(dst_ip, dst_port),
+        port: cfg.listen_port,
+        mark: cfg.agent_mark,
+    }
 }
 
 #[inline(always)]
 fn to_bytes(words: [u32; 4]) -> [u8; 16] {
     unsafe { core::mem::transmute(words) }
+}
+
+/// `bpf_sock_tuple` for IPv4 and IPv6, as seen by an arriving packet: `daddr:dport` is the
+/// listener, `saddr:sport` the (unknown) client.
+#[repr(C)]
+struct Tuple4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+struct Tuple6 {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// Whether egress itself listens where the redirect would go: the caller's network namespace is
+/// one egress serves, and the socket listening on loopback at egress's port there carries the
+/// agent `mark`. `ipv6`: the [::1] listener, else 127.0.0.1.
+#[inline(always)]
+fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool) -> bool {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if unsafe { SERVED_NETNS.get(&netns) }.is_none() {
+        count(counter::DENY_NO_LISTENER);
+        return false;
+    }
+    let dport = port.to_be();
+    let sk: *mut bpf_sock = if ipv6 {
+        let mut tuple = Tuple6 {
+            saddr: [0; 4],
+            daddr: LOOPBACK6,
+            sport: 0,
+            dport,
+        };
+        unsafe {
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                &mut tuple as *mut Tuple6 as *mut bpf_sock_tuple,
+                core::mem::size_of::<Tuple6>() as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    } else {
+        let mut tuple = Tuple4 {
+            saddr: 0,
+            daddr: LOOPBACK4,
+            sport: 0,
+            dport,
+        };
+        unsafe {
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr(),
+                &mut tuple as *mut Tuple4 as *mut bpf_sock_tuple,
+                core::mem::size_of::<Tuple4>() as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    };
+    if sk.is_null() {
+        count(counter::DENY_NO_LISTENER);
+        return false;
+    }
+    let ours = unsafe { (*sk).state == BPF_TCP_LISTEN && (*sk).mark == mark };
+    unsafe { bpf_sk_release(sk as *mut core::ffi::c_void) };
+    if !ours {
+        count(counter::DENY_NOT_AGENT_LISTENER);
+    }
+    ours
 }
 
 /// Parks the original destination under the socket cookie; false if the map refused.
@@ -230,14 +327,14 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     }
     let dst_port = u16::from_be(sa.user_port as u16);
     match decide4(&ctx, sa, sa.user_ip4, dst_port) {
-        (Verdict::Allow, _) => ALLOW,
-        (Verdict::Deny, _) => DENY,
-        (Verdict::Redirect(original), listen_port) => {
-            if !remember(&ctx, &original) {
+        Verdict::Allow => ALLOW,
+        Verdict::Deny => DENY,
+        Verdict::Redirect { original, port, mark } => {
+            if !agent_listens(&ctx, port, mark, false) || !remember(&ctx, &original) {
                 return DENY;
             }
             sa.user_ip4 = LOOPBACK4;
-            sa.user_port = listen_port.to_be() as u32;
+            sa.user_port = port.to_be() as u32;
             ALLOW
         }
     }
@@ -259,10 +356,11 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
         decide6(&ctx, sa, dst_ip, dst_port)
     };
     match decision {
-        (Verdict::Allow, _) => ALLOW,
-        (Verdict::Deny, _) => DENY,
-        (Verdict::Redirect(original), listen_port) => {
-            if !remember(&ctx, &original) {
+        Verdict::Allow => ALLOW,
+        Verdict::Deny => DENY,
+        Verdict::Redirect { original, port, mark } => {
+            // A mapped destination goes to the IPv4 listener.
+            if !agent_listens(&ctx, port, mark, !mapped) || !remember(&ctx, &original) {
                 return DENY;
             }
             let loopback = if mapped {
@@ -271,7 +369,7 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
                 LOOPBACK6
             };
             write_ip6(&mut sa.user_ip6, loopback);
-            sa.user_port = listen_port.to_be() as u32;
+            sa.user_port = port.to_be() as u32;
             ALLOW
         }
     }
@@ -311,8 +409,17 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => record_original_dst(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            // Only redirected sockets ask for state callbacks.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SOCKET_DST.remove(cookie);
+            // A client that sent its bytes and closed in order (FIN) may still wait in the
+            // agent's accept queue, which takes the entry on accept (and a starting agent
+            // clears what a dead one left). Any other end (refused, reset, timed out) means
+            // the agent never gets this connection: its entry goes with it.
+            let old = ctx.arg(0);
+            if old != TCP_FIN_WAIT1 && old != TCP_FIN_WAIT2 && old != TCP_CLOSING {
+                let _ = ORIG_DST.remove(&conn_key(&ctx));
+            }
         }
         _ => {}
     }
@@ -337,8 +444,19 @@ fn record_original_dst(ctx: &SockOpsContext) {
         return;
     };
     let original = *original;
+    if ORIG_DST.insert(&conn_key(ctx), &original, BPF_ANY as u64).is_ok() {
+        count(counter::ORIGDST_RECORDED);
+    }
+    // Ask for state changes, to forget the socket when it closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// The socket's network namespace and local address: what the agent sees as the peer of the
+/// connection it accepts there.
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
     let port = ctx.local_port() as u16;
-    let local = if ctx.family() == AF_INET6 as u32 {
+    let addr = if ctx.family() == AF_INET6 as u32 {
         let ip = read_ip6(unsafe { &(*ctx.ops).local_ip6 });
         // A dual-stack socket talking IPv4: the agent accepts it on its IPv4 listener.
         if is_mapped(&ip) {
@@ -349,11 +467,11 @@ fn record_original_dst(ctx: &SockOpsContext) {
     } else {
         SockAddr::v4(ctx.local_ip4(), port)
     };
-    if ORIG_DST.insert(local, original, BPF_ANY as u64).is_ok() {
-        count(counter::ORIGDST_RECORDED);
+    ConnKey {
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        _pad: 0,
     }
-    // Ask for state changes, to forget the socket when it closes.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 #[cfg(not(test))]

@@ -19,6 +19,29 @@ use crate::{
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
+/// The listening sockets, bound (so that nobody else can take the port) but not yet listening.
+struct Bound {
+    v4: socket2::Socket,
+    v6: Option<socket2::Socket>,
+    admin: socket2::Socket,
+}
+
+impl Bound {
+    fn listen(self) -> Result<Listeners> {
+        let listen = |socket: socket2::Socket| -> std::io::Result<StdListener> {
+            // A deep backlog absorbs bursts of connects (capped by net.core.somaxconn).
+            socket.listen(4096)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        };
+        Ok(Listeners {
+            v4: listen(self.v4).context("listening on 127.0.0.1")?,
+            v6: self.v6.map(listen).transpose().context("listening on [::1]")?,
+            admin: listen(self.admin).context("listening on admin_addr")?,
+        })
+    }
+}
+
 struct Listeners {
     v4: StdListener,
     v6: Option<StdListener>,
@@ -36,15 +59,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 
     raise_fd_limit();
-    // Listen before attaching, so the first redirected connect already finds us.
-    let listeners = bind(&config)?;
+    let sockets = bind(&config)?;
     let settings = KernelSettings {
         pin_dir: config.pin_dir.clone(),
         listen_port: config.listen_port,
         agent_mark: config.agent_mark,
         kernel_log: config.kernel_log,
     };
-    let mut kernel = Kernel::load(&settings)?;
+    let netns = kernel::netns_cookie(&sockets.v4)?;
+    // Loading clears what a dead agent left in the kernel for this namespace; only then do the
+    // listeners take connections. They listen before anything is attached, so the first
+    // redirected connect already finds them.
+    let mut kernel = Kernel::load(&settings, netns)?;
+    let listeners = sockets.listen()?;
     let logger = kernel.take_logger();
     // Ranges before links: a newly attached cgroup is never without its deny set.
     kernel.set_ranges(
@@ -111,32 +138,47 @@ fn raise_fd_limit() {
     }
 }
 
-fn bind(config: &Config) -> Result<Listeners> {
-    let listen = |addr: std::net::SocketAddr| -> Result<StdListener> {
-        use socket2::{Domain, Socket, Type};
+/// The listeners. The kernel redirects only to a listener that carries the agent mark (setting
+/// it takes CAP_NET_ADMIN), so another user who binds the port gets nothing. Both loopback
+/// listeners or none: egress never runs half-listening.
+fn bind(config: &Config) -> Result<Bound> {
+    use socket2::{Domain, Socket, Type};
+    let listen = |addr: std::net::SocketAddr, mark: Option<u32>| -> std::io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
-        socket
-            .bind(&addr.into())
-            .with_context(|| format!("listening on {addr}"))?;
-        // A deep backlog absorbs bursts of connects (capped by net.core.somaxconn).
-        socket
-            .listen(4096)
-            .with_context(|| format!("listening on {addr}"))?;
-        socket.set_nonblocking(true)?;
-        Ok(socket.into())
+        if let Some(mark) = mark {
+            socket.set_mark(mark)?;
+        }
+        socket.bind(&addr.into())?;
+        Ok(socket)
     };
-    let v4 = listen(([127, 0, 0, 1], config.listen_port).into())?;
-    // IPv6 connects are redirected to [::1]. Without IPv6 on loopback they simply fail (closed).
-    let v6 = match listen((std::net::Ipv6Addr::LOCALHOST, config.listen_port).into()) {
+    let mark = Some(config.agent_mark);
+    let in_use = |addr| {
+        format!(
+            "listening on {addr}: the port is taken (another egress, or another program squatting \
+             on it: find it with `ss -ltnp 'sport = :{}'`); egress does not run half-listening",
+            config.listen_port
+        )
+    };
+    let v4_addr = std::net::SocketAddr::from(([127, 0, 0, 1], config.listen_port));
+    let v4 = listen(v4_addr, mark).with_context(|| in_use(v4_addr))?;
+    // IPv6 connects are redirected to [::1]. A host without IPv6 on loopback has no [::1] to
+    // bind, and the kernel then refuses those connects (no egress listener); a [::1] that
+    // someone else holds is an error.
+    let v6_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, config.listen_port));
+    let v6 = match listen(v6_addr, mark) {
         Ok(l) => Some(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(e).with_context(|| in_use(v6_addr));
+        }
         Err(e) => {
-            tracing::warn!("{e:#}; IPv6 connects will be refused");
+            tracing::warn!("listening on {v6_addr}: {e}; IPv6 connects will be refused");
             None
         }
     };
-    let admin = listen(config.admin_addr).context("admin_addr")?;
-    Ok(Listeners { v4, v6, admin })
+    let admin = listen(config.admin_addr, None)
+        .with_context(|| format!("listening on admin_addr {}", config.admin_addr))?;
+    Ok(Bound { v4, v6, admin })
 }
 
 async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLogger>) -> Result<()> {

@@ -28,7 +28,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use egress_common::{AF_INET, AF_INET6};
-use egress_common::{AgentConfig, SockAddr, counter, maps, programs};
+use egress_common::{AgentConfig, ConnKey, SockAddr, counter, maps, programs};
 use ipnet::IpNet;
 
 /// The kernel programs, built by build.rs and embedded in the binary.
@@ -62,7 +62,9 @@ struct Ranges {
 
 /// The loaded programs' maps, as the agent uses them while it runs.
 pub struct Kernel {
-    orig_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
+    orig_dst: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
+    /// The network namespace of the agent's listeners (its cookie).
+    netns: u64,
     counters: PerCpuArray<MapData, u64>,
     ranges: Mutex<Ranges>,
     /// File descriptors of every link pinned under pin_dir, by pin name: while the agent runs,
@@ -73,8 +75,9 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// Loads the programs (reusing maps pinned by an earlier agent) and writes the agent settings.
-    pub fn load(settings: &KernelSettings) -> Result<Self> {
+    /// Loads the programs (reusing maps pinned by an earlier agent), writes the agent settings,
+    /// and marks `netns` (the cookie of the namespace the agent listens in) as served.
+    pub fn load(settings: &KernelSettings, netns: u64) -> Result<Self> {
         let mut ebpf = load_object(&settings.pin_dir)?;
         let mut config: Array<_, AgentConfig> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)?;
         let flags = if settings.kernel_log {
@@ -94,14 +97,31 @@ impl Kernel {
             0,
         )?;
 
-        let orig_dst = HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
+        let mut served: HashMap<_, u64, u32> = HashMap::try_from(map_mut(&mut ebpf, maps::SERVED_NETNS)?)?;
+        served
+            .insert(netns, 1, 0)
+            .context("recording the agent's network namespace for the kernel programs")?;
+        let mut orig_dst: HashMap<_, ConnKey, SockAddr> =
+            HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
+        // Entries left by connections a dead agent never accepted: none of them can be taken
+        // by this agent's listeners, which do not listen yet.
+        let stale: Vec<ConnKey> = orig_dst
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns == netns)
+            .collect();
+        for key in stale {
+            let _ = orig_dst.remove(&key);
+        }
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?;
         let deny4 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY4)?)?;
         let bypass4 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS4)?)?;
         let deny6 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY6)?)?;
         let bypass6 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS6)?)?;
+        remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
             orig_dst: Mutex::new(orig_dst),
+            netns,
             counters,
             ranges: Mutex::new(Ranges {
                 deny4,
@@ -138,6 +158,7 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
     ensure_bpffs(pin_dir)?;
     std::fs::create_dir_all(pin_dir.join(LINKS_DIR))
         .with_context(|| format!("creating {}", pin_dir.display()))?;
+    check_pinned_layout(pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
@@ -149,6 +170,60 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?.try_into()?;
     sock_ops.load().context("loading the sock_ops program")?;
     Ok(ebpf)
+}
+
+/// Refuses to load over maps pinned by an egress whose map layout differs: the programs would
+/// not load against them, or would read them wrongly.
+fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded eBPF object")?;
+    for (name, map) in &object.maps {
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info =
+            aya::maps::MapInfo::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        let ours = (map.key_size(), map.value_size(), map.max_entries());
+        if pinned != ours {
+            bail!(
+                "{} was pinned by an egress version with another map layout (key, value, \
+                 entries: {pinned:?}, this version: {ours:?}); stop the intercepted services, \
+                 run `egress detach --bpffs-dir {}` and start egress again",
+                pin.display(),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Maps that earlier versions pinned and this one no longer uses.
+fn remove_obsolete_pins(pin_dir: &Path) {
+    for name in maps::OBSOLETE {
+        let _ = std::fs::remove_file(pin_dir.join(name));
+    }
+}
+
+/// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`, Linux 5.14).
+pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local u64 of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket.as_fd()),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14 or later)");
+    }
+    Ok(cookie)
 }
 
 /// `egress attach`: adds `cgroup` to the instance pinned at `pin_dir`, whose running agent
@@ -281,10 +356,16 @@ impl Kernel {
         }
     }
 
-    /// The destination the client asked for, for a connection accepted from `peer`.
-    /// Each entry is read once and deleted.
+    /// The destination the client asked for, for a connection accepted from `peer` in the
+    /// agent's network namespace. Each entry is read once and deleted; a connection the kernel
+    /// did not redirect there (a direct connect to the listener, or from another namespace) has
+    /// none.
     pub fn take_original_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = to_sock_addr(peer);
+        let key = ConnKey {
+            netns: self.netns,
+            addr: to_sock_addr(peer),
+            _pad: 0,
+        };
         let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
         let original = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);

@@ -191,6 +191,12 @@ pub fn plan<'a, P>(
         }
     };
     let name = sniffed.name();
+    if let Some(refused) = name.and_then(|name| refuse_name(rules.policy, name)) {
+        return Plan {
+            action: Action::Deny,
+            rule: refused,
+        };
+    }
     let ruling = rules.policy.decide(dst.ip(), dst.port(), name, proxy.is_some());
     let action = match (ruling.disposition, proxy) {
         (Disposition::Deny, _) => Action::Deny,
@@ -213,6 +219,32 @@ pub fn plan<'a, P>(
         action,
         rule: ruling.rule,
     }
+}
+
+/// Names the client sent (SNI, Host) are claims, and the proxy would act on them: a name for the
+/// local host (the proxy's own), or an address literal that the dialled address would not be
+/// allowed to be, is refused as if it had been dialled.
+fn refuse_name(policy: &Policy, name: &str) -> Option<Rule> {
+    let name = name.to_ascii_lowercase();
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() {
+            return Some(Rule::new(RuleKind::LocalName, name));
+        }
+        return policy.denied(ip).map(|rule| Rule {
+            detail: format!("{} for the name {name}", rule.detail),
+            ..rule
+        });
+    }
+    // RFC 6761 reserves localhost and its subdomains; the others are in Debian's /etc/hosts.
+    let local = [
+        "localhost",
+        "localhost.localdomain",
+        "ip6-localhost",
+        "ip6-loopback",
+    ];
+    (local.contains(&name.as_str()) || name.ends_with(".localhost"))
+        .then(|| Rule::new(RuleKind::LocalName, name))
 }
 
 #[cfg(test)]
@@ -302,6 +334,23 @@ mod tests {
             (proxies, "10.1.2.3:443", tls(Some("db.internal.example")),
                 "direct 10.1.2.3:443 [ip_range_whitelist 10.1.0.0/16, no_proxy internal.example]"),
             (proxies, "[::ffff:10.2.3.4]:443", tls(None), "deny [ip_range_blacklist 10.0.0.0/8]"),
+            // A name is a claim: an address in it is checked like a dialled one...
+            (proxies, "93.184.216.34:80", http(Some("10.99.0.4")),
+                "deny [ip_range_blacklist 10.0.0.0/8 for the name 10.99.0.4]"),
+            (proxies, "93.184.216.34:80", http(Some("::ffff:192.168.1.1")),
+                "deny [ip_range_blacklist 192.168.0.0/16 for the name ::ffff:192.168.1.1]"),
+            (proxies, "93.184.216.34:80", http(Some("10.1.2.3")),
+                "forward 10.1.2.3 via http-proxy:8080 [proxy]"),
+            (proxies, "93.184.216.34:443", tls(Some("8.8.8.8")), "connect 8.8.8.8:443 via tls-proxy:3128 [proxy]"),
+            // ...and the local host is never reachable by name, whatever the blacklist.
+            (no_proxy_all, "93.184.216.34:80", http(Some("127.0.0.1")), "deny [local name 127.0.0.1]"),
+            (proxies, "93.184.216.34:80", http(Some("::1")), "deny [local name ::1]"),
+            (proxies, "93.184.216.34:80", http(Some("0.0.0.0")), "deny [local name 0.0.0.0]"),
+            (proxies, "93.184.216.34:443", tls(Some("localhost")), "deny [local name localhost]"),
+            (proxies, "93.184.216.34:443", tls(Some("admin.localhost")), "deny [local name admin.localhost]"),
+            (proxies, "93.184.216.34:443", tls(Some("ip6-localhost")), "deny [local name ip6-localhost]"),
+            (proxies, "93.184.216.34:443", tls(Some("localhost.example")),
+                "connect localhost.example:443 via tls-proxy:3128 [proxy]"),
         ];
         for (text, dst, sniffed, expected) in cases {
             let config = Config::from_toml(text);

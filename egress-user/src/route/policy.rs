@@ -343,6 +343,9 @@ pub enum RuleKind {
     NoProxyForProtocol,
     /// `default_route`, for traffic that is neither TLS nor HTTP.
     DefaultRoute,
+    /// The client named this host itself (`localhost`, a loopback address): never reachable
+    /// through egress.
+    LocalName,
 }
 
 impl RuleKind {
@@ -353,6 +356,7 @@ impl RuleKind {
             RuleKind::Proxy => "proxy",
             RuleKind::NoProxyForProtocol => "no_proxy_for_protocol",
             RuleKind::DefaultRoute => "default_route",
+            RuleKind::LocalName => "local_name",
         }
     }
 }
@@ -389,6 +393,7 @@ impl fmt::Display for Rule {
             RuleKind::Proxy => f.write_str("proxy"),
             RuleKind::NoProxyForProtocol => f.write_str("no proxy for protocol"),
             RuleKind::DefaultRoute => write!(f, "default_route {} (neither TLS nor HTTP)", self.detail),
+            RuleKind::LocalName => write!(f, "local name {}", self.detail),
         }
     }
 }
