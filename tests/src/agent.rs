@@ -152,20 +152,23 @@ impl Agent {
         self.metrics()?.count(name, labels)
     }
 
-    /// Waits until [`Self::metric`] equals `want`; returns the last value read.
+    /// Waits until [`Self::metric`] equals `want`. A series that does not exist yet (the agent
+    /// counts a connection when it closes) is waited for too; still missing at the end is an
+    /// error, like a wrong value.
     pub fn wait_metric(
         &self,
         name: &str,
         labels: &[(&str, &str)],
         want: u64,
         within: Duration,
-    ) -> Result<u64> {
+    ) -> Result<()> {
         wait::until(
             &format!("{name} {labels:?} = {want}"),
             within,
-            || self.metric(name, labels),
-            |v| *v == want,
+            || Ok(self.metrics()?.count(name, labels).map_err(|e| e.to_string())),
+            |v| v.as_ref() == Ok(&want),
         )
+        .map(drop)
     }
 
     /// `egress status` for this run's pins, run in the agent's namespace (so it reaches the
