@@ -81,6 +81,11 @@ impl Agent {
         )
     }
 
+    /// Waits until this run's log contains `needle`; returns the log.
+    pub fn logged(&self, needle: &str) -> Result<String> {
+        self.wait_log(needle, |l| l.contains(needle))
+    }
+
     /// Waits until this run logged a decision line containing every one of `needles`, and
     /// returns that line. (Decision lines carry `route=` in text and `"route":` in JSON; their
     /// level depends on the outcome, so it is not looked at.)

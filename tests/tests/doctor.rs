@@ -118,11 +118,7 @@ fn delegation_through_well_known_and_srv_reaches_the_federation_endpoint_through
     assert!(!result.stdout.contains(PROXY_PASSWORD), "password in the report");
 
     // Everything went through squid, nothing direct.
-    let log = bed
-        .wait_squid_log("the federation tunnel", |l| {
-            l.contains("CONNECT fed.example.test:8448")
-        })
-        .unwrap();
+    let log = bed.squid_logged("CONNECT fed.example.test:8448").unwrap();
     assert!(
         log.contains("TCP_TUNNEL/200") && log.contains("CONNECT example.test:443"),
         "{log}"

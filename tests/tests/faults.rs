@@ -220,10 +220,7 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
     // A bad file: logged, and the old configuration stays in force (kernel and agent).
     write("https_proxy = \"socks5://nope:1080\"\n");
     hup();
-    let log = bed
-        .agent()
-        .wait_log("reload failed", |l| l.contains("reload failed"))
-        .unwrap();
+    let log = bed.agent().logged("reload failed").unwrap();
     assert!(log.contains("reload failed") && log.contains("socks5"), "{log}");
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
@@ -236,19 +233,13 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
         "https_proxy = \"{proxy}\"\nip_range_whitelist = [\"{LAN}\"]\nno_proxy = [\"{ORIGIN_NAME}:8448\"]\nlisten_port = 15099\n"
     ));
     hup();
-    let log = bed
-        .agent()
-        .wait_log("configuration reloaded", |l| l.contains("configuration reloaded"))
-        .unwrap();
+    let log = bed.agent().logged("configuration reloaded").unwrap();
     assert!(log.contains("listen_port changed; this takes a restart"), "{log}");
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
         Some(0)
     );
-    let log = bed
-        .agent()
-        .wait_log("a direct route", |l| l.contains("route=direct"))
-        .unwrap();
+    let log = bed.agent().logged("route=direct").unwrap();
     assert!(log.contains("no_proxy origin.test:8448"), "{log}");
 
     // Then the whitelist goes: the kernel's deny set follows at once.

@@ -178,7 +178,7 @@ fn units_are_resolved_to_their_cgroups() {
         .curl_in(&unit_cgroup.path, &["https://origin.test:8448/"])
         .unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    let squid = bed.wait_squid_log(":8448", |l| l.contains(":8448")).unwrap();
+    let squid = bed.squid_logged(":8448").unwrap();
     assert!(
         squid.contains(&format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}")),
         "{squid}"
@@ -221,13 +221,13 @@ fn settings_are_imported_from_synapse_homeserver_yaml() {
             Some(0)
         );
     }
-    let squid = bed.wait_squid_log(":443", |l| l.contains(":443")).unwrap();
+    let squid = bed.squid_logged(":443").unwrap();
     assert!(
         squid.contains(&format!("CONNECT {ORIGIN_NAME}:443 {PROXY_USER}")),
         "{squid}"
     );
     assert!(!squid.contains(":8448"), "{squid}");
-    let origin = bed.wait_origin_log(HS_IP, |l| l.contains(HS_IP)).unwrap();
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(
         origin.contains(&format!("{HS_IP} 8448 ")),
         "8448 is no_proxy: direct\n{origin}"

@@ -6,18 +6,6 @@
 
 use egress_testbed::{HS_IP, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_USER, Testbed};
 
-fn squid_has(bed: &Testbed, needle: &str) -> String {
-    bed.wait_squid_log(needle, |l| l.contains(needle)).unwrap()
-}
-
-fn origin_has(bed: &Testbed, needle: &str) -> String {
-    bed.wait_origin_log(needle, |l| l.contains(needle)).unwrap()
-}
-
-fn agent_log_has(bed: &Testbed, needle: &str) -> String {
-    bed.agent().wait_log(needle, |l| l.contains(needle)).unwrap()
-}
-
 #[test]
 fn tls_is_tunnelled_by_sni_name_on_443_and_8448() {
     let mut bed = Testbed::standard();
@@ -26,7 +14,7 @@ fn tls_is_tunnelled_by_sni_name_on_443_and_8448() {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
         assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
         let needle = format!("CONNECT {ORIGIN_NAME}:{port} {PROXY_USER} ");
-        let log = squid_has(&bed, &needle);
+        let log = bed.squid_logged(&needle).unwrap();
         assert!(log.contains(&needle), "squid should see the SNI name:\n{log}");
     }
     let log = bed.agent().log();
@@ -54,13 +42,13 @@ fn plain_http_is_forwarded_in_absolute_form_with_keep_alive() {
     assert_eq!(result.stdout, "origin ok 80\norigin ok 80\n");
     for path in ["a", "b"] {
         let needle = format!("GET http://{ORIGIN_NAME}/{path} {PROXY_USER} ");
-        let log = squid_has(&bed, &needle);
+        let log = bed.squid_logged(&needle).unwrap();
         assert!(
             log.contains(&needle),
             "squid should see an absolute-form GET:\n{log}"
         );
     }
-    let log = agent_log_has(&bed, "route=proxy-forward");
+    let log = bed.agent().logged("route=proxy-forward").unwrap();
     assert!(
         log.contains("route=proxy-forward") && log.contains("requests=2"),
         "{log}"
@@ -79,13 +67,13 @@ fn plain_http_without_http_proxy_goes_direct() {
     bed.start_default_agent().unwrap();
     let result = bed.curl(&format!("http://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    let log = agent_log_has(&bed, "route=direct");
+    let log = bed.agent().logged("route=direct").unwrap();
     assert!(
         log.contains("protocol=http") && log.contains("route=direct"),
         "{log}"
     );
     assert!(log.contains("no proxy"), "{log}");
-    let origin = origin_has(&bed, HS_IP);
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(origin.starts_with(&format!("{HS_IP} 80 ")), "{origin}");
 }
 
@@ -95,7 +83,7 @@ fn no_proxy_cidr_is_bypassed_in_the_kernel() {
     bed.start_agent_with(&["--no-proxy", "10.248.0.16/28"]).unwrap();
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    let origin = origin_has(&bed, HS_IP);
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(
         origin.starts_with(&format!("{HS_IP} 443 ")),
         "should have gone direct: {origin}"
@@ -120,7 +108,7 @@ fn no_proxy_hostname_and_host_port_entries_go_direct_through_the_agent() {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
         assert_eq!(result.code, Some(0), "{result:?}");
     }
-    let log = agent_log_has(&bed, "route=proxy-connect");
+    let log = bed.agent().logged("route=proxy-connect").unwrap();
     let direct = log
         .lines()
         .find(|l| l.contains("route=direct"))
@@ -132,7 +120,11 @@ fn no_proxy_hostname_and_host_port_entries_go_direct_through_the_agent() {
         .unwrap();
     assert!(origin.contains(&format!("{HS_IP} 8448 ")), "{origin}");
     assert!(origin.contains(&format!("{PROXY_IP} 443 ")), "{origin}");
-    assert!(squid_has(&bed, "CONNECT origin.test:443").contains("CONNECT origin.test:443"));
+    assert!(
+        bed.squid_logged("CONNECT origin.test:443")
+            .unwrap()
+            .contains("CONNECT origin.test:443")
+    );
 }
 
 #[test]
@@ -177,12 +169,12 @@ fn silent_clients_take_the_default_route() {
     bed.start_agent_with(&["--peek-timeout", "0.2"]).unwrap();
     // Connects and sends nothing: no name to learn, so CONNECT by IP through the proxy.
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 8448).unwrap(), "connected");
-    let log = squid_has(&bed, &format!("CONNECT {ORIGIN_IP}:8448"));
+    let log = bed.squid_logged(&format!("CONNECT {ORIGIN_IP}:8448")).unwrap();
     assert!(
         log.contains(&format!("CONNECT {ORIGIN_IP}:8448 {PROXY_USER}")),
         "{log}"
     );
-    let log = agent_log_has(&bed, "protocol=unknown");
+    let log = bed.agent().logged("protocol=unknown").unwrap();
     assert!(
         log.contains("protocol=unknown") && log.contains("route=proxy-connect"),
         "{log}"

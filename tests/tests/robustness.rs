@@ -29,19 +29,14 @@ fn bpffs_unmounted_under_a_running_agent_keeps_interception() {
         0,
         "traffic went direct after the unmount"
     );
-    let squid = bed
-        .wait_squid_log("a tunnel to 8448", |l| l.contains(":8448"))
-        .unwrap();
+    let squid = bed.squid_logged(":8448").unwrap();
     assert!(squid.contains("CONNECT origin.test:8448"), "{squid}");
 
     // And it says so.
     let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("bpffs unmounted"), "{body}");
-    let log = bed
-        .agent()
-        .wait_log("the pins are gone", |l| l.contains("are gone"))
-        .unwrap();
+    let log = bed.agent().logged("are gone").unwrap();
     assert!(log.contains("pinned links") && log.contains("are gone"), "{log}");
 }
 

@@ -23,18 +23,6 @@ fn tls_proxy(port: u16) -> String {
     format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{port}")
 }
 
-fn squid_has(bed: &Testbed, needle: &str) -> String {
-    bed.wait_squid_log(needle, |l| l.contains(needle)).unwrap()
-}
-
-fn wait_log_has(bed: &Testbed, needle: &str) -> String {
-    bed.agent().wait_log(needle, |l| l.contains(needle)).unwrap()
-}
-
-fn origin_has(bed: &Testbed, needle: &str) -> String {
-    bed.wait_origin_log(needle, |l| l.contains(needle)).unwrap()
-}
-
 /// Runs a Python snippet in the intercepted cgroup and returns its trimmed stdout.
 fn python(bed: &Testbed, code: &str) -> String {
     let result = bed.run_in_cgroup("python3", &["-c", code]).unwrap();
@@ -64,7 +52,7 @@ fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
     let result = bed.curl(&format!("http://{ORIGIN_NAME}/plain")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
 
-    let squid = squid_has(&bed, "GET http://origin.test/plain");
+    let squid = bed.squid_logged("GET http://origin.test/plain").unwrap();
     assert!(
         squid.contains(&format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}")),
         "{squid}"
@@ -150,13 +138,13 @@ fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
     assert_eq!(result.stdout, "origin ok 8448\n");
 
     let needle = format!("CONNECT [{ORIGIN_IP6}]:8448 {PROXY_USER}");
-    let squid = squid_has(&bed, &needle);
+    let squid = bed.squid_logged(&needle).unwrap();
     assert!(squid.contains(&needle), "{squid}");
-    let origin = origin_has(&bed, PROXY_IP6);
+    let origin = bed.origin_logged(PROXY_IP6).unwrap();
     assert!(origin.starts_with(&format!("{PROXY_IP6} 8448 ")), "{origin}");
     // The decision line is written when the agent has closed both sides: poll for it.
     let needle = format!("original_dst=[{ORIGIN_IP6}]:8448");
-    let log = wait_log_has(&bed, &needle);
+    let log = bed.agent().logged(&needle).unwrap();
     assert!(log.contains(&needle), "{log}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 
@@ -201,7 +189,7 @@ fn getpeername_shows_the_original_destination_for_v4_v6_and_mapped() {
 
     // And all three really went through the agent and squid, by IP (no bytes sent).
     let needle = format!("CONNECT [{ORIGIN_IP6}]:8448");
-    let squid = squid_has(&bed, &needle);
+    let squid = bed.squid_logged(&needle).unwrap();
     assert_eq!(
         squid.matches(&format!("CONNECT {ORIGIN_IP}:8448")).count(),
         2,
@@ -244,7 +232,7 @@ fn agent_inside_the_attached_cgroup_tree_never_redirects_itself() {
         2,
         "only the client's two connects"
     );
-    let squid = squid_has(&bed, "CONNECT origin.test:8448");
+    let squid = bed.squid_logged("CONNECT origin.test:8448").unwrap();
     assert_eq!(squid.matches("TCP_TUNNEL/200").count(), 2, "{squid}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
@@ -286,7 +274,7 @@ fn cgroups_come_and_go_without_disturbing_established_connections() {
             .unwrap()
     };
     assert_eq!(b_curl(&bed).code, Some(0));
-    assert!(origin_has(&bed, HS_IP).contains(HS_IP));
+    assert!(bed.origin_logged(HS_IP).unwrap().contains(HS_IP));
     let direct_before = bed.direct_packets_at_origin().unwrap();
     assert!(direct_before > 0);
 
@@ -344,7 +332,7 @@ print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
     let status_line = python(&bed, &code);
     assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0, "MPTCP went direct");
-    let log = squid_has(&bed, "/mptcp");
+    let log = bed.squid_logged("/mptcp").unwrap();
     assert!(log.contains("GET http://origin.test/mptcp"), "{log}");
     assert_eq!(bed.agent().counter("redirected").unwrap(), 1);
 }

@@ -26,7 +26,7 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
 
         // squid writes the CONNECT line when the tunnel closes.
         let needle = format!("CONNECT {ORIGIN_IP}:{port} {PROXY_USER} ");
-        let squid_log = bed.wait_squid_log(&needle, |l| l.contains(&needle)).unwrap();
+        let squid_log = bed.squid_logged(&needle).unwrap();
         assert!(
             squid_log.contains(&needle),
             "squid log lacks `{needle}`:\n{squid_log}"
@@ -97,10 +97,7 @@ fn wrong_proxy_credentials_reset_the_client_and_log_407() {
         result.stderr.contains("reset by peer") || result.stderr.contains("Connection reset"),
         "client should see a reset: {result:?}"
     );
-    let log = bed
-        .agent()
-        .wait_log("status=407", |l| l.contains("status=407"))
-        .unwrap();
+    let log = bed.agent().logged("status=407").unwrap();
     assert!(
         log.contains("status=407"),
         "decision log should name the 407:\n{log}"
@@ -127,10 +124,7 @@ fn unreachable_proxy_resets_the_client_promptly() {
         "reset took {:?}",
         started.elapsed()
     );
-    let log = bed
-        .agent()
-        .wait_log("connecting to proxy", |l| l.contains("connecting to proxy"))
-        .unwrap();
+    let log = bed.agent().logged("connecting to proxy").unwrap();
     assert!(
         log.contains("connecting to proxy") && log.contains("refused"),
         "{log}"
@@ -200,7 +194,7 @@ fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
-    let origin = bed.wait_origin_log(HS_IP, |l| l.contains(HS_IP)).unwrap();
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(origin.contains(&format!("{HS_IP} 443")), "{origin}");
     assert!(bed.direct_packets_at_origin().unwrap() > 0);
 }

@@ -502,6 +502,16 @@ except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
         )
     }
 
+    /// Waits until squid's access log contains `needle`; returns the log.
+    pub fn squid_logged(&self, needle: &str) -> Result<String> {
+        self.wait_squid_log(needle, |l| l.contains(needle))
+    }
+
+    /// Waits until nginx's access log contains `needle`; returns the log.
+    pub fn origin_logged(&self, needle: &str) -> Result<String> {
+        self.wait_origin_log(needle, |l| l.contains(needle))
+    }
+
     /// Packets that reached the origin host from the homeserver host's address, i.e. direct.
     pub fn direct_packets_at_origin(&self) -> Result<u64> {
         peers::read_packet_counter(&self.origin)
