@@ -128,19 +128,7 @@ impl Agent {
 
     /// GET `path` from the admin listener. Returns (HTTP status, body).
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        let url = format!("http://{ADMIN_ADDR}{path}");
-        let out = process::output(
-            self.in_netns("curl", &["-sS", "--max-time", "10", "-w", "\n%{http_code}", &url]),
-        )?;
-        let (body, code) = out
-            .stdout
-            .rsplit_once('\n')
-            .with_context(|| format!("curl {url}: {out:?}"))?;
-        let code = code
-            .trim()
-            .parse()
-            .with_context(|| format!("curl {url}: {out:?}"))?;
-        Ok((code, body.to_owned()))
+        process::http_get(&self.netns, &format!("http://{ADMIN_ADDR}{path}"), 10, &[])
     }
 
     /// The admin listener's /metrics, parsed.

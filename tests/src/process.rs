@@ -129,6 +129,26 @@ pub fn egress(args: &[&str]) -> Result<ClientResult> {
     output(launch(None, Enter::Net, None, egress_bin(), args))
 }
 
+/// GET `url` with curl in network namespace `netns` (outside the intercepted cgroups), giving
+/// up after `max_seconds`, with further curl arguments (headers) in `extra`. Returns the HTTP
+/// status (0 when there was no answer) and the body.
+pub fn http_get(netns: &str, url: &str, max_seconds: u32, extra: &[&str]) -> Result<(u16, String)> {
+    let max_time = max_seconds.to_string();
+    let mut args = vec!["-sS", "--max-time", &max_time, "-w", "\n%{http_code}"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = output(launch(Some(netns), Enter::Net, None, "curl", &args))?;
+    let (body, code) = out
+        .stdout
+        .rsplit_once('\n')
+        .with_context(|| format!("curl {url}: {out:?}"))?;
+    let code = code
+        .trim()
+        .parse()
+        .with_context(|| format!("curl {url}: {out:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
 /// A process started by a test, killed (with its process group) on drop.
 pub struct Daemon {
     pub name: &'static str,

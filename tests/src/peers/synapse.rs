@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    process::{ClientResult, Daemon},
+    process::{self, Daemon},
     topology::Testbed,
     wait,
 };
@@ -185,14 +185,8 @@ report_stats: false
 pub fn client_get(bed: &Testbed, path: &str, token: Option<&str>) -> Result<(u16, String)> {
     let url = format!("http://127.0.0.1:{CLIENT_PORT}{path}");
     let auth = token.map(|t| format!("Authorization: Bearer {t}"));
-    let mut args = vec!["-sS", "--max-time", "60", "-w", "\n%{http_code}"];
-    if let Some(auth) = &auth {
-        args.extend(["-H", auth.as_str()]);
-    }
-    args.push(&url);
-    let out: ClientResult = bed.run_in_hs("curl", &args)?;
-    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", &out.stdout));
-    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    let headers: Vec<&str> = auth.iter().flat_map(|a| ["-H", a.as_str()]).collect();
+    process::http_get(&bed.hs.name, &url, 60, &headers)
 }
 
 /// Percent-encodes a URL for a query parameter.
