@@ -11,27 +11,37 @@ use egress_testbed::{
 /// origin.test:8448; plain.example.test has neither; wrongcert.test is not in the origin's
 /// certificate; blocked.test is an address egress blacklists.
 fn testbed() -> Testbed {
-    let mut bed = Testbed::new().expect("testbed");
     let hosts = format!(
         "{ORIGIN_IP} {ORIGIN_NAME}\n{ORIGIN_IP} example.test\n{ORIGIN_IP} fed.example.test\n\
          {ORIGIN_IP} plain.example.test\n{ORIGIN_IP} wrongcert.test\n{ORIGIN_IP_2} blocked.test\n"
     );
-    bed.start_dns(
-        &hosts,
-        &[("_matrix-fed._tcp.fed.example.test", ORIGIN_NAME, 8448)],
-    )
-    .expect("dnsmasq");
-    bed
+    Testbed::builder()
+        .squid_strict()
+        .nginx()
+        .dns(
+            &hosts,
+            &[("_matrix-fed._tcp.fed.example.test", ORIGIN_NAME, 8448)],
+        )
+        .build()
+        .expect("testbed")
+}
+
+/// The policy the doctor is asked about (and the agent runs with, where a test starts one):
+/// squid on `squid_port`, only the proxy and the origin's first address whitelisted.
+fn policy_args(squid_port: u16) -> Vec<String> {
+    let proxy = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{squid_port}");
+    let mut args = vec!["--https-proxy".to_owned(), proxy];
+    args.extend(narrow_whitelist_args());
+    args
 }
 
 /// Runs the doctor in the homeserver namespace (its resolver is dnsmasq) with squid on `port`,
 /// only the proxy and the origin's first address whitelisted.
 fn doctor(bed: &Testbed, server_name: &str, squid_port: u16, json: bool) -> ClientResult {
-    let proxy = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{squid_port}");
     let ca = bed.certs.ca.to_string_lossy().into_owned();
-    let whitelist = narrow_whitelist_args();
-    let mut args = vec!["doctor", "--server-name", server_name, "--https-proxy", &proxy];
-    args.extend(whitelist.iter().map(String::as_str));
+    let policy = policy_args(squid_port);
+    let mut args = vec!["doctor", "--server-name", server_name];
+    args.extend(policy.iter().map(String::as_str));
     args.extend(["--ca-file", &ca, "--timeout", "5"]);
     if json {
         args.push("--json");
@@ -108,11 +118,7 @@ fn delegation_through_well_known_and_srv_reaches_the_federation_endpoint_through
     assert!(!result.stdout.contains(PROXY_PASSWORD), "password in the report");
 
     // Everything went through squid, nothing direct.
-    let log = bed.eventually(
-        std::time::Duration::from_secs(10),
-        Testbed::squid_access_log,
-        |l| l.contains("CONNECT fed.example.test:8448"),
-    );
+    let log = bed.squid_logged("CONNECT fed.example.test:8448").unwrap();
     assert!(
         log.contains("TCP_TUNNEL/200") && log.contains("CONNECT example.test:443"),
         "{log}"
@@ -186,27 +192,58 @@ fn a_certificate_without_the_server_name_fails_the_tls_step() {
 }
 
 #[test]
-fn a_blacklisted_destination_is_denied_without_a_packet_sent() {
-    let bed = testbed();
+fn a_blacklisted_destination_is_denied_in_the_kernel_as_the_doctor_says() {
+    let mut bed = testbed();
+    // The agent's kernel programs attached with the very policy the doctor is asked about, so
+    // that the doctor's verdict can be held against the kernel's.
+    let policy = policy_args(SQUID_PORT);
+    let policy: Vec<&str> = policy.iter().map(String::as_str).collect();
+    bed.start_agent(&policy).unwrap();
+    let denied_before = bed.agent().counter("deny_blacklist").unwrap();
+
     let result = doctor(&bed, "blocked.test", SQUID_PORT, true);
     assert_eq!(result.code, Some(1), "{result:?}");
     let steps = steps(&result);
+    let claim = "denied in the kernel [ip_range_blacklist 10.0.0.0/8]";
+    // Every address the doctor says the kernel denies (ADDR:PORT: reason).
+    let denied: Vec<&str> = steps
+        .iter()
+        .filter(|(step, status, message)| step == "route" && status == "fail" && message.contains(claim))
+        .filter_map(|(_, _, message)| Some(message.split_once(": ")?.0))
+        .collect();
     assert!(
-        has_step(
-            &steps,
-            "route",
-            "fail",
-            "10.248.0.31:8448: denied in the kernel [ip_range_blacklist 10.0.0.0/8]"
-        ),
-        "{steps:#?}"
+        denied.contains(&format!("{ORIGIN_IP_2}:8448").as_str()),
+        "no failed route step '{ORIGIN_IP_2}:8448: {claim}' in {steps:#?}"
     );
+    // The doctor itself sent nothing there: it runs outside the intercepted cgroup, so a
+    // packet would have reached the origin; and the kernel counted nothing for it.
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+    assert_eq!(bed.agent().counter("deny_blacklist").unwrap(), denied_before);
+
+    // The kernel agrees: a real connect from the intercepted cgroup to each of those addresses
+    // fails with EPERM, each counted once as a blacklist denial, and no packet leaves.
+    for addr in &denied {
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        assert_eq!(
+            bed.tcp_connect(ip, port.parse().unwrap()).unwrap(),
+            "EPERM",
+            "{addr}"
+        );
+    }
+    assert_eq!(
+        bed.agent().counter("deny_blacklist").unwrap(),
+        denied_before + denied.len() as u64
+    );
+    assert_eq!(bed.agent().counter("redirected").unwrap(), 0);
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
     assert!(!bed.squid_access_log().contains("blocked.test"));
 }
 
 #[test]
 fn a_bad_server_name_is_named() {
-    let bed = testbed();
+    // Refused before any lookup: no peers needed (but still in a namespace of its own, so a
+    // doctor that did look would not reach the machine's network).
+    let bed = Testbed::builder().build().unwrap();
     let result = doctor(&bed, "exa mple.test", SQUID_PORT, false);
     assert_eq!(result.code, Some(1), "{result:?}");
     assert!(

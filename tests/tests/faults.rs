@@ -4,12 +4,12 @@
 //!
 //! Root only.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use egress_testbed::{LAN, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, Testbed, peers::Daemon};
+use egress_testbed::{
+    LAN, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, Testbed,
+    process::{Daemon, Enter},
+};
 
 /// One port per misbehaviour. Every handler reads the CONNECT head first.
 const FAKE_PROXY: &str = r#"
@@ -75,20 +75,21 @@ except OSError as e:
 "#;
 
 fn start_fake_proxy(bed: &Testbed) -> Daemon {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &bed.proxy.name, "python3", "-c", FAKE_PROXY]);
-    let fake = Daemon::spawn("fake-proxy", command, &bed.dir.join("fake-proxy.log")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !bed.proxy.is_listening(4007) {
-        assert!(Instant::now() < deadline, "fake proxy did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    fake
+    bed.start_daemon(
+        &bed.proxy,
+        Enter::Net,
+        "fake-proxy",
+        "python3",
+        &["-c", FAKE_PROXY],
+        &[4001, 4002, 4003, 4004, 4005, 4006, 4007],
+    )
+    .expect("starting the fake proxy")
 }
 
 #[test]
 fn misbehaving_upstreams_reset_the_client_promptly_and_nothing_goes_direct() {
-    let mut bed = Testbed::new().unwrap();
+    // No squid, no nginx: the scripted proxy is the only upstream.
+    let mut bed = Testbed::builder().build().unwrap();
     let _fake = start_fake_proxy(&bed);
     // (proxy URL, what the client sees last, what the decision log must say)
     let cases = [
@@ -152,14 +153,13 @@ fn misbehaving_upstreams_reset_the_client_promptly_and_nothing_goes_direct() {
                 "bytes before the reset arrive: {out:?}"
             );
         }
-        let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-            l.lines()
-                .any(|line| line.contains("decision") && line.contains(logged))
-        });
-        assert!(
-            log.lines().any(|l| l.contains("decision") && l.contains(logged)),
-            "{proxy}: {log}"
-        );
+        // This run's one decision line (not an earlier run's) says what went wrong.
+        let line = bed
+            .agent()
+            .wait_decision(&[logged])
+            .unwrap_or_else(|e| panic!("{proxy}: {e}"));
+        assert!(line.contains("outcome=error"), "{proxy}: {line}");
+        assert_eq!(bed.agent().decisions(), [line], "{proxy}");
     }
     assert_eq!(
         bed.direct_packets_at_origin().unwrap(),
@@ -170,7 +170,7 @@ fn misbehaving_upstreams_reset_the_client_promptly_and_nothing_goes_direct() {
 
 #[test]
 fn a_slow_origin_is_waited_for() {
-    let mut bed = Testbed::new().unwrap();
+    let mut bed = Testbed::builder().squid().build().unwrap();
     // An origin that answers after 3 s, reached through squid by plain-HTTP forwarding.
     let slow = "import http.server, time\n\
                 class H(http.server.BaseHTTPRequestHandler):\n\
@@ -179,18 +179,22 @@ fn a_slow_origin_is_waited_for() {
                 \x20       self.send_response(200); self.send_header('Content-Length', str(len(body)))\n\
                 \x20       self.end_headers(); self.wfile.write(body)\n\
                 http.server.HTTPServer(('0.0.0.0', 9000), H).serve_forever()\n";
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", &bed.origin.name, "python3", "-c", slow]);
-    let _origin = Daemon::spawn("slow-origin", command, &bed.dir.join("slow.log")).unwrap();
-    while !bed.origin.is_listening(9000) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _origin = bed
+        .start_daemon(
+            &bed.origin,
+            Enter::Net,
+            "slow-origin",
+            "python3",
+            &["-c", slow],
+            &[9000],
+        )
+        .unwrap();
     let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
     bed.start_agent_with(&["--http-proxy", &proxy, "--handshake-timeout", "1"])
         .unwrap();
     let started = Instant::now();
     let result = bed.curl(&format!("http://{ORIGIN_IP}:9000/slow")).unwrap();
-    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
     assert_eq!(result.stdout, "slow but sure\n");
     assert!(started.elapsed() >= Duration::from_secs(3));
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
@@ -198,7 +202,7 @@ fn a_slow_origin_is_waited_for() {
 
 #[test]
 fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
-    let mut bed = Testbed::new().unwrap();
+    let mut bed = Testbed::standard();
     let config = bed.dir.join("egress.toml");
     let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
     let write = |text: &str| std::fs::write(&config, text).unwrap();
@@ -206,7 +210,7 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
         "https_proxy = \"{proxy}\"\nip_range_whitelist = [\"{LAN}\"]\n"
     ));
     bed.start_agent(&["--config", &config.to_string_lossy()]).unwrap();
-    let pid = bed.agent_pid().unwrap() as i32;
+    let pid = bed.agent().pid().unwrap() as i32;
     let hup = || unsafe { libc::kill(pid, libc::SIGHUP) };
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
@@ -216,9 +220,7 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
     // A bad file: logged, and the old configuration stays in force (kernel and agent).
     write("https_proxy = \"socks5://nope:1080\"\n");
     hup();
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("reload failed")
-    });
+    let log = bed.agent().logged("reload failed").unwrap();
     assert!(log.contains("reload failed") && log.contains("socks5"), "{log}");
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
@@ -231,24 +233,22 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
         "https_proxy = \"{proxy}\"\nip_range_whitelist = [\"{LAN}\"]\nno_proxy = [\"{ORIGIN_NAME}:8448\"]\nlisten_port = 15099\n"
     ));
     hup();
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("configuration reloaded")
-    });
+    let log = bed.agent().logged("configuration reloaded").unwrap();
     assert!(log.contains("listen_port changed; this takes a restart"), "{log}");
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
         Some(0)
     );
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("route=direct")
-    });
+    let log = bed.agent().logged("route=direct").unwrap();
     assert!(log.contains("no_proxy origin.test:8448"), "{log}");
 
     // Then the whitelist goes: the kernel's deny set follows at once.
     write(&format!("https_proxy = \"{proxy}\"\n"));
     hup();
-    bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.matches("configuration reloaded").count() == 2
-    });
+    bed.agent()
+        .wait_log("a second reload", |l| {
+            l.matches("configuration reloaded").count() == 2
+        })
+        .unwrap();
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 443).unwrap(), "EPERM");
 }

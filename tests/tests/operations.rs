@@ -7,12 +7,8 @@ use std::{path::Path, time::Duration};
 
 use egress_testbed::{
     HS_IP, LAN, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, Testbed, cgroup::Cgroup,
-    peers::BIG_FILE_BYTES,
+    egress, peers::BIG_FILE_BYTES, process::TempDir,
 };
-
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the test topology")
-}
 
 fn repo_file(relative: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -22,16 +18,11 @@ fn repo_file(relative: &str) -> String {
         .into_owned()
 }
 
-fn metric(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[test]
 fn health_and_metrics_report_what_happened() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(
         body.starts_with("ok: attached to 1 cgroup(s); upstream reachable"),
@@ -44,36 +35,26 @@ fn health_and_metrics_report_what_happened() {
         Some(0)
     );
     assert_eq!(bed.tcp_connect("192.0.2.1", 443).unwrap(), "EPERM"); // TEST-NET-1: blacklisted
-    let series = "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\"}";
-    let text = bed.eventually(
-        Duration::from_secs(5),
-        |b| b.admin_get("/metrics").unwrap().1,
-        |t| metric(t, series) == Some(1),
-    );
-    assert_eq!(metric(&text, series), Some(1), "{text}");
+    let agent = bed.agent();
+    let ok = [("route", "proxy-connect"), ("outcome", "ok")];
+    agent
+        .wait_metric("egress_connections_total", &ok, 1, Duration::from_secs(5))
+        .unwrap();
+    let metrics = agent.metrics().unwrap();
+    let count = |name: &str, labels: &[(&str, &str)]| metrics.count(name, labels).unwrap();
+    // One connection in all, and that one proxied.
+    assert_eq!(count("egress_connections_total", &[]), 1, "{metrics:#?}");
     assert_eq!(
-        metric(&text, "egress_kernel_decisions_total{decision=\"redirected\"}"),
-        Some(1),
-        "{text}"
-    );
-    assert_eq!(
-        metric(
-            &text,
-            "egress_kernel_decisions_total{decision=\"deny_blacklist\"}"
-        ),
-        Some(1),
-        "{text}"
+        count("egress_kernel_decisions_total", &[("decision", "redirected")]),
+        1
     );
     assert_eq!(
-        metric(&text, "egress_upstream_connect_seconds_count"),
-        Some(1),
-        "{text}"
+        count("egress_kernel_decisions_total", &[("decision", "deny_blacklist")]),
+        1
     );
-    assert!(
-        metric(&text, "egress_bytes_total{direction=\"down\"}").unwrap() > 500,
-        "{text}"
-    );
-    assert_eq!(metric(&text, "egress_connections_active"), Some(0), "{text}");
+    assert_eq!(count("egress_upstream_connect_seconds_count", &[]), 1);
+    assert!(count("egress_bytes_total", &[("direction", "down")]) > 500);
+    assert_eq!(count("egress_connections_active", &[]), 0);
 
     // Detached from its cgroup: unhealthy, and says why.
     let cgroup = bed.cgroup.path.to_string_lossy().into_owned();
@@ -84,27 +65,28 @@ fn health_and_metrics_report_what_happened() {
             .code,
         Some(0)
     );
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not attached to cgroup"), "{body}");
 }
 
 #[test]
 fn health_fails_when_the_upstream_is_unreachable() {
-    let mut bed = testbed();
+    // No peers: nothing listens on the proxy host.
+    let mut bed = Testbed::builder().build().unwrap();
     let url = format!("http://{PROXY_IP}:9");
     bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", LAN])
         .unwrap();
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("unreachable") && body.contains("refused"), "{body}");
 }
 
 #[test]
 fn the_running_agent_is_unprivileged_but_for_cap_net_admin() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.agent_pid().unwrap())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.agent().pid().unwrap())).unwrap();
     let field = |name: &str| -> String {
         let line = status
             .lines()
@@ -130,7 +112,7 @@ fn the_running_agent_is_unprivileged_but_for_cap_net_admin() {
 
 #[test]
 fn sigkill_mid_transfer_fails_closed_and_a_restart_resumes_service() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     let ca = bed.certs.ca.to_string_lossy().into_owned();
     let resolve = format!("{ORIGIN_NAME}:443:{ORIGIN_IP}");
@@ -187,7 +169,7 @@ fn sigkill_mid_transfer_fails_closed_and_a_restart_resumes_service() {
 
 #[test]
 fn units_are_resolved_to_their_cgroups() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     // A cgroup named like a systemd unit, as systemd would create it (here under egress-test/).
     let unit = format!("{}.service", bed.name);
     let unit_cgroup = Cgroup::create(&format!("egress-test/{unit}")).unwrap();
@@ -196,9 +178,7 @@ fn units_are_resolved_to_their_cgroups() {
         .curl_in(&unit_cgroup.path, &["https://origin.test:8448/"])
         .unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    let squid = bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
-        l.contains(":8448")
-    });
+    let squid = bed.squid_logged(":8448").unwrap();
     assert!(
         squid.contains(&format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}")),
         "{squid}"
@@ -219,7 +199,7 @@ fn units_are_resolved_to_their_cgroups() {
 
 #[test]
 fn settings_are_imported_from_synapse_homeserver_yaml() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let yaml = bed.dir.join("homeserver.yaml");
     std::fs::write(
         &yaml,
@@ -241,17 +221,13 @@ fn settings_are_imported_from_synapse_homeserver_yaml() {
             Some(0)
         );
     }
-    let squid = bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
-        l.contains(":443")
-    });
+    let squid = bed.squid_logged(":443").unwrap();
     assert!(
         squid.contains(&format!("CONNECT {ORIGIN_NAME}:443 {PROXY_USER}")),
         "{squid}"
     );
     assert!(!squid.contains(":8448"), "{squid}");
-    let origin = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
-        l.contains(HS_IP)
-    });
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(
         origin.contains(&format!("{HS_IP} 8448 ")),
         "8448 is no_proxy: direct\n{origin}"
@@ -260,9 +236,10 @@ fn settings_are_imported_from_synapse_homeserver_yaml() {
 
 #[test]
 fn check_config_and_explain_work_on_the_shipped_example() {
-    let bed = testbed();
+    // The CLI alone: no namespaces, no peers.
+    let dir = TempDir::new("check-config").unwrap();
     let example = repo_file("packaging/egress.toml");
-    let out = bed.egress(&["check-config", "--config", &example]).unwrap();
+    let out = egress(&["check-config", "--config", &example]).unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
         out.stdout
@@ -276,10 +253,8 @@ fn check_config_and_explain_work_on_the_shipped_example() {
         out.stdout
     );
 
-    let explain = |dest: &str| {
-        bed.egress(&["explain", "--config", &example, dest, "--ip", "93.184.216.34"])
-            .unwrap()
-    };
+    let explain =
+        |dest: &str| egress(&["explain", "--config", &example, dest, "--ip", "93.184.216.34"]).unwrap();
     let out = explain("matrix.org:8448");
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
@@ -288,25 +263,19 @@ fn check_config_and_explain_work_on_the_shipped_example() {
         "{}",
         out.stdout
     );
-    let out = bed
-        .egress(&["explain", "--config", &example, "10.1.2.3:443"])
-        .unwrap();
+    let out = egress(&["explain", "--config", &example, "10.1.2.3:443"]).unwrap();
     assert!(
         out.stdout.contains("EPERM") && out.stdout.contains("ip_range_blacklist 10.0.0.0/8"),
         "{}",
         out.stdout
     );
-    let out = bed
-        .egress(&["explain", "--config", &example, "10.20.5.5:443"])
-        .unwrap();
+    let out = egress(&["explain", "--config", &example, "10.20.5.5:443"]).unwrap();
     assert!(
         out.stdout.contains("EPERM"),
         "no_proxy does not override the blacklist:\n{}",
         out.stdout
     );
-    let out = bed
-        .egress(&["explain", "--config", &example, "10.20.30.40:443"])
-        .unwrap();
+    let out = egress(&["explain", "--config", &example, "10.20.30.40:443"]).unwrap();
     assert!(
         out.stdout.contains("not intercepted: goes direct"),
         "{}",
@@ -324,11 +293,9 @@ fn check_config_and_explain_work_on_the_shipped_example() {
         ("listen_port = 70000", &["listen_port"]),
         ("cgroups = [\"/nonexistent-cgroup\"]\n[extra]", &["extra"]),
     ] {
-        let path = bed.dir.join("bad.toml");
+        let path = dir.join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let out = bed
-            .egress(&["check-config", "--config", &path.to_string_lossy()])
-            .unwrap();
+        let out = egress(&["check-config", "--config", &path.to_string_lossy()]).unwrap();
         assert_eq!(out.code, Some(1), "{text}: {out:?}");
         for needle in needles {
             assert!(
@@ -339,30 +306,37 @@ fn check_config_and_explain_work_on_the_shipped_example() {
         }
     }
     // A cgroup that does not exist refuses `run`.
-    let out = bed
-        .egress(&[
-            "run",
-            "--cgroup",
-            "/sys/fs/cgroup/nonexistent-egress",
-            "--https-proxy",
-            "p:1",
-        ])
-        .unwrap();
+    let out = egress(&[
+        "run",
+        "--cgroup",
+        "/sys/fs/cgroup/nonexistent-egress",
+        "--https-proxy",
+        "p:1",
+    ])
+    .unwrap();
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("nonexistent-egress"), "{}", out.stderr);
 }
 
 #[test]
 fn status_names_attached_cgroups_and_json_logs_parse() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_agent_with(&["--log-format", "json"]).unwrap();
-    let status = bed
-        .egress(&["status", "--bpffs-dir", &bed.pin_dir.to_string_lossy()])
-        .unwrap();
+    // Run where the agent runs, `egress status` reaches its admin endpoint and shows its health.
+    let agent_line = |status: &egress_testbed::ClientResult| {
+        status
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("agent: "))
+            .unwrap_or_else(|| panic!("no agent line: {status:?}"))
+            .to_owned()
+    };
+    let status = bed.agent().status().unwrap();
+    assert_eq!(status.code, Some(0), "{status:?}");
     let cgroup_line = format!("attached cgroup {} (id ", bed.cgroup.path.display());
     assert!(status.stdout.contains(&cgroup_line), "{status:?}");
     assert!(
-        status.stdout.contains("agent: not reachable") || status.stdout.contains("agent: "),
+        agent_line(&status).starts_with("agent: ok: attached to 1 cgroup(s); upstream reachable"),
         "{status:?}"
     );
 
@@ -370,21 +344,34 @@ fn status_names_attached_cgroups_and_json_logs_parse() {
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("\"route\"")
-    });
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"route\""))
-        .unwrap_or_else(|| panic!("{log}"));
-    for field in [
-        "\"route\":\"proxy-connect\"",
-        "\"name\":\"origin.test\"",
-        "\"original_dst\":\"10.248.0.30:443\"",
-        "\"outcome\":\"ok\"",
+    let line = bed.agent().wait_decision(&["\"route\""]).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    // tracing's JSON puts an event's fields under "fields".
+    let fields = json.get("fields").unwrap_or(&json);
+    for (field, value) in [
+        ("route", "proxy-connect"),
+        ("name", "origin.test"),
+        ("original_dst", "10.248.0.30:443"),
+        ("outcome", "ok"),
     ] {
-        assert!(line.contains(field), "{field} missing in {line}");
+        assert_eq!(fields[field], value, "{field} in {line}");
     }
-    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    let log = bed.agent().log();
+    for line in log.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
     assert!(!log.contains(PROXY_PASSWORD));
+
+    // With the agent gone, status says so (and still shows the pins, which stay).
+    bed.stop_agent();
+    let status = bed.agent().status().unwrap();
+    assert!(
+        agent_line(&status).starts_with("agent: not reachable at 127.0.0.1:9478"),
+        "{status:?}"
+    );
+    assert!(status.stdout.contains(&cgroup_line), "{status:?}");
 }

@@ -4,42 +4,20 @@
 //!
 //! Root only.
 
-use std::time::Duration;
-
 use egress_testbed::{HS_IP, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_USER, Testbed};
-
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the test topology")
-}
-
-fn squid_has(bed: &Testbed, needle: &str) -> String {
-    bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
-        l.contains(needle)
-    })
-}
-
-fn origin_has(bed: &Testbed, needle: &str) -> String {
-    bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
-        l.contains(needle)
-    })
-}
-
-fn agent_log_has(bed: &Testbed, needle: &str) -> String {
-    bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| l.contains(needle))
-}
 
 #[test]
 fn tls_is_tunnelled_by_sni_name_on_443_and_8448() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     for port in [443, 8448] {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
-        assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+        assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
         let needle = format!("CONNECT {ORIGIN_NAME}:{port} {PROXY_USER} ");
-        let log = squid_has(&bed, &needle);
+        let log = bed.squid_logged(&needle).unwrap();
         assert!(log.contains(&needle), "squid should see the SNI name:\n{log}");
     }
-    let log = bed.agent_log();
+    let log = bed.agent().log();
     assert!(log.contains(&format!("protocol=tls name={ORIGIN_NAME}")), "{log}");
     assert!(
         log.contains("rule=\"ip_range_whitelist 10.248.0.0/24, proxy\""),
@@ -50,7 +28,7 @@ fn tls_is_tunnelled_by_sni_name_on_443_and_8448() {
 
 #[test]
 fn plain_http_is_forwarded_in_absolute_form_with_keep_alive() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let http_proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
     bed.start_agent_with(&["--http-proxy", &http_proxy]).unwrap();
     // Two requests on one client connection (curl reuses it).
@@ -60,24 +38,24 @@ fn plain_http_is_forwarded_in_absolute_form_with_keep_alive() {
             &format!("http://{ORIGIN_NAME}/b"),
         ])
         .unwrap();
-    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
     assert_eq!(result.stdout, "origin ok 80\norigin ok 80\n");
     for path in ["a", "b"] {
         let needle = format!("GET http://{ORIGIN_NAME}/{path} {PROXY_USER} ");
-        let log = squid_has(&bed, &needle);
+        let log = bed.squid_logged(&needle).unwrap();
         assert!(
             log.contains(&needle),
             "squid should see an absolute-form GET:\n{log}"
         );
     }
-    let log = agent_log_has(&bed, "route=proxy-forward");
+    let log = bed.agent().logged("route=proxy-forward").unwrap();
     assert!(
         log.contains("route=proxy-forward") && log.contains("requests=2"),
         "{log}"
     );
-    let origin = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
-        l.lines().count() == 2
-    });
+    let origin = bed
+        .wait_origin_log("two requests", |l| l.lines().count() == 2)
+        .unwrap();
     assert_eq!(origin.lines().count(), 2, "{origin}");
     assert!(origin.lines().all(|l| l.starts_with(PROXY_IP)), "{origin}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
@@ -85,35 +63,36 @@ fn plain_http_is_forwarded_in_absolute_form_with_keep_alive() {
 
 #[test]
 fn plain_http_without_http_proxy_goes_direct() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     let result = bed.curl(&format!("http://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    let log = agent_log_has(&bed, "route=direct");
+    let log = bed.agent().logged("route=direct").unwrap();
     assert!(
         log.contains("protocol=http") && log.contains("route=direct"),
         "{log}"
     );
     assert!(log.contains("no proxy"), "{log}");
-    let origin = origin_has(&bed, HS_IP);
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(origin.starts_with(&format!("{HS_IP} 80 ")), "{origin}");
 }
 
 #[test]
 fn no_proxy_cidr_is_bypassed_in_the_kernel() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_agent_with(&["--no-proxy", "10.248.0.16/28"]).unwrap();
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    let origin = origin_has(&bed, HS_IP);
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(
         origin.starts_with(&format!("{HS_IP} 443 ")),
         "should have gone direct: {origin}"
     );
-    assert_eq!(bed.counter("pass_no_proxy"), 1);
-    assert_eq!(bed.counter("redirected"), 0);
-    assert!(
-        !bed.agent_log().contains("decision"),
+    assert_eq!(bed.agent().counter("pass_no_proxy").unwrap(), 1);
+    assert_eq!(bed.agent().counter("redirected").unwrap(), 0);
+    assert_eq!(
+        bed.agent().decisions(),
+        Vec::<String>::new(),
         "the agent should not have seen it"
     );
     assert_eq!(bed.squid_access_log(), "");
@@ -121,7 +100,7 @@ fn no_proxy_cidr_is_bypassed_in_the_kernel() {
 
 #[test]
 fn no_proxy_hostname_and_host_port_entries_go_direct_through_the_agent() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_agent_with(&["--no-proxy", "example.org,.Origin.Test:8448"])
         .unwrap();
     // 8448 matches origin.test:8448 -> direct; 443 does not -> proxied.
@@ -129,32 +108,36 @@ fn no_proxy_hostname_and_host_port_entries_go_direct_through_the_agent() {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
         assert_eq!(result.code, Some(0), "{result:?}");
     }
-    let log = agent_log_has(&bed, "route=proxy-connect");
+    let log = bed.agent().logged("route=proxy-connect").unwrap();
     let direct = log
         .lines()
         .find(|l| l.contains("route=direct"))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(direct.contains("original_dst=10.248.0.30:8448"), "{direct}");
     assert!(direct.contains("no_proxy origin.test:8448\""), "{direct}");
-    let origin = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
-        l.lines().count() == 2
-    });
+    let origin = bed
+        .wait_origin_log("two requests", |l| l.lines().count() == 2)
+        .unwrap();
     assert!(origin.contains(&format!("{HS_IP} 8448 ")), "{origin}");
     assert!(origin.contains(&format!("{PROXY_IP} 443 ")), "{origin}");
-    assert!(squid_has(&bed, "CONNECT origin.test:443").contains("CONNECT origin.test:443"));
+    assert!(
+        bed.squid_logged("CONNECT origin.test:443")
+            .unwrap()
+            .contains("CONNECT origin.test:443")
+    );
 }
 
 #[test]
 fn blacklisted_ip_is_refused_with_eperm_and_nothing_leaves() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     // Default blacklist (10.0.0.0/8 among others), no whitelist.
     let url = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
     bed.start_agent(&["--https-proxy", &url]).unwrap();
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 443).unwrap(), "EPERM");
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_ne!(result.code, Some(0));
-    assert_eq!(bed.counter("deny_blacklist"), 2);
-    assert_eq!(bed.counter("redirected"), 0);
+    assert_eq!(bed.agent().counter("deny_blacklist").unwrap(), 2);
+    assert_eq!(bed.agent().counter("redirected").unwrap(), 0);
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
     assert_eq!(bed.origin_access_log(), "");
     assert_eq!(bed.squid_access_log(), "");
@@ -162,7 +145,7 @@ fn blacklisted_ip_is_refused_with_eperm_and_nothing_leaves() {
 
 #[test]
 fn whitelist_overrides_blacklist_for_its_range_only() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let url = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
     bed.start_agent(&[
         "--https-proxy",
@@ -182,16 +165,16 @@ fn whitelist_overrides_blacklist_for_its_range_only() {
 
 #[test]
 fn silent_clients_take_the_default_route() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_agent_with(&["--peek-timeout", "0.2"]).unwrap();
     // Connects and sends nothing: no name to learn, so CONNECT by IP through the proxy.
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 8448).unwrap(), "connected");
-    let log = squid_has(&bed, &format!("CONNECT {ORIGIN_IP}:8448"));
+    let log = bed.squid_logged(&format!("CONNECT {ORIGIN_IP}:8448")).unwrap();
     assert!(
         log.contains(&format!("CONNECT {ORIGIN_IP}:8448 {PROXY_USER}")),
         "{log}"
     );
-    let log = agent_log_has(&bed, "protocol=unknown");
+    let log = bed.agent().logged("protocol=unknown").unwrap();
     assert!(
         log.contains("protocol=unknown") && log.contains("route=proxy-connect"),
         "{log}"

@@ -5,15 +5,11 @@
 
 use std::time::Duration;
 
-use egress_testbed::{LAN, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, Testbed, cmd};
-
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the test topology")
-}
+use egress_testbed::{LAN, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, Testbed, process};
 
 #[test]
 fn bpffs_unmounted_under_a_running_agent_keeps_interception() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let mount = bed.use_private_bpffs().unwrap();
     bed.start_default_agent().unwrap();
     assert_eq!(
@@ -21,7 +17,7 @@ fn bpffs_unmounted_under_a_running_agent_keeps_interception() {
         Some(0)
     );
 
-    cmd::run("umount", &[&mount.to_string_lossy()]).unwrap();
+    process::run("umount", &[&mount.to_string_lossy()]).unwrap();
     assert!(!bed.pin_dir.exists());
     // The agent holds the links: still intercepted, still through the proxy, nothing direct.
     for port in [443, 8448] {
@@ -33,56 +29,52 @@ fn bpffs_unmounted_under_a_running_agent_keeps_interception() {
         0,
         "traffic went direct after the unmount"
     );
-    let squid = bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
-        l.contains(":8448")
-    });
+    let squid = bed.squid_logged(":8448").unwrap();
     assert!(squid.contains("CONNECT origin.test:8448"), "{squid}");
 
     // And it says so.
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("bpffs unmounted"), "{body}");
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("are gone")
-    });
+    let log = bed.agent().logged("are gone").unwrap();
     assert!(log.contains("pinned links") && log.contains("are gone"), "{log}");
 }
 
 #[test]
 fn a_root_only_bpffs_as_systemd_mounts_it_is_handled_by_the_unprivileged_agent() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let mount = bed.use_private_bpffs_with("mode=700").unwrap();
     bed.start_default_agent().unwrap();
     // The agent runs as nobody and cannot look into the mount: still healthy, still working.
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
     std::thread::sleep(Duration::from_millis(2500)); // a round of the link keeper
-    assert!(!bed.agent_log().contains("are gone"), "{}", bed.agent_log());
+    assert!(!bed.agent().log().contains("are gone"), "{}", bed.agent().log());
 
     // And an unmount is still noticed, and survived.
-    cmd::run("umount", &[&mount.to_string_lossy()]).unwrap();
+    process::run("umount", &[&mount.to_string_lossy()]).unwrap();
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
         Some(0)
     );
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
 }
 
 #[test]
 fn a_cgroup_removed_while_attached_is_reported_and_the_others_keep_working() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let cgroup_b = bed.cgroup_b.path.to_string_lossy().into_owned();
     bed.start_agent_with(&["--cgroup", &cgroup_b]).unwrap();
-    assert_eq!(bed.admin_get("/health").unwrap().0, 200);
+    assert_eq!(bed.agent().admin_get("/health").unwrap().0, 200);
 
     std::fs::remove_dir(&bed.cgroup_b.path).unwrap();
-    let (code, body) = bed.admin_get("/health").unwrap();
+    let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains(&format!("not attached to cgroup {cgroup_b}")),
@@ -105,7 +97,7 @@ fn a_cgroup_removed_while_attached_is_reported_and_the_others_keep_working() {
 #[test]
 fn credentials_never_appear_in_logs_or_outputs() {
     use base64::Engine as _;
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let proxy = bed.proxy_url(PROXY_PASSWORD);
     let wrong = bed.proxy_url("wr0ng-Secret-pass");
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{PROXY_USER}:{PROXY_PASSWORD}"));
@@ -133,8 +125,11 @@ fn credentials_never_appear_in_logs_or_outputs() {
         ] {
             assert_eq!(bed.curl(&url).unwrap().code, Some(0));
         }
-        outputs.push(bed.admin_get("/health").unwrap().1);
-        outputs.push(bed.admin_get("/metrics").unwrap().1);
+        outputs.push(bed.agent().admin_get("/health").unwrap().1);
+        outputs.push(bed.agent().admin_get("/metrics").unwrap().1);
+        // Each run has a log of its own: keep it once both decisions are written.
+        bed.agent().wait_decisions(2).unwrap();
+        outputs.push(bed.agent().log());
     }
     // Failures: wrong credentials (407) on both routes, and an unreachable proxy.
     bed.start_agent(&[
@@ -152,8 +147,14 @@ fn credentials_never_appear_in_logs_or_outputs() {
     ] {
         assert_ne!(bed.curl(&url).unwrap().code, Some(0));
     }
-    outputs.push(bed.admin_get("/health").unwrap().1);
+    outputs.push(bed.agent().admin_get("/health").unwrap().1);
+    let failures = bed.agent().wait_decisions(2).unwrap();
+    assert!(
+        failures.iter().all(|l| l.contains("status=407")),
+        "the failures did happen: {failures:#?}"
+    );
     bed.stop_agent();
+    outputs.push(bed.agent().log());
 
     // The commands that print configuration or decisions, and refusals of bad values.
     let env_proxy = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:99999");
@@ -176,8 +177,6 @@ fn credentials_never_appear_in_logs_or_outputs() {
     }
     let out = bed.egress(&["--help"]).unwrap();
     outputs.push(out.stdout);
-    outputs.push(bed.agent_log());
-    assert!(bed.agent_log().contains("status=407"), "the failures did happen");
 
     let everything = outputs.join("\n");
     for secret in [

@@ -6,16 +6,14 @@
 
 use std::time::{Duration, Instant};
 
-use egress_testbed::{ORIGIN_IP, ORIGIN_NAME, PROXY_PASSWORD, Testbed};
+use egress_testbed::{ORIGIN_IP, ORIGIN_NAME, PROXY_PASSWORD, Testbed, procfs};
 
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    procfs::fds(pid).unwrap()
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    procfs::rss_kib(pid).unwrap()
 }
 
 #[test]
@@ -25,11 +23,11 @@ fn soak_without_descriptor_or_memory_growth() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
-    let mut bed = Testbed::new().unwrap();
+    let mut bed = Testbed::standard();
     let proxy = bed.proxy_url(PROXY_PASSWORD);
     bed.start_agent_with(&["--http-proxy", &proxy, "--peek-timeout", "0.2"])
         .unwrap();
-    let pid = bed.agent_pid().unwrap();
+    let pid = bed.agent().pid().unwrap();
     let round = |bed: &Testbed| {
         for url in [
             format!("https://{ORIGIN_NAME}/"),

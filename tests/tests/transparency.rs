@@ -3,26 +3,24 @@
 //!
 //! Root only.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    time::Duration,
-};
+use std::io::{BufRead, BufReader, Write};
 
 use egress_testbed::{
     HS_IP, LAN, LAN6, ORIGIN_IP, ORIGIN_IP6, ORIGIN_NAME, PROXY_IP, PROXY_IP6, PROXY_PASSWORD, PROXY_USER,
     SQUID_TLS_EXPIRED_PORT, SQUID_TLS_PORT, SQUID_TLS_WRONG_NAME_PORT, Testbed,
 };
 
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the test topology")
+/// squid's TLS ports too, and nginx.
+fn tls_testbed() -> Testbed {
+    Testbed::builder()
+        .squid_tls()
+        .nginx()
+        .build()
+        .expect("building the test topology")
 }
 
 fn tls_proxy(port: u16) -> String {
     format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{port}")
-}
-
-fn wait_for(bed: &Testbed, read: fn(&Testbed) -> String, needle: &str) -> String {
-    bed.eventually(Duration::from_secs(5), read, |l| l.contains(needle))
 }
 
 /// Runs a Python snippet in the intercepted cgroup and returns its trimmed stdout.
@@ -34,7 +32,7 @@ fn python(bed: &Testbed, code: &str) -> String {
 
 #[test]
 fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
-    let mut bed = testbed();
+    let mut bed = tls_testbed();
     let ca = bed.certs.ca.to_string_lossy().into_owned();
     let proxy = tls_proxy(SQUID_TLS_PORT);
     bed.start_agent(&[
@@ -50,11 +48,11 @@ fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
     .unwrap();
 
     let result = bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap();
-    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
     let result = bed.curl(&format!("http://{ORIGIN_NAME}/plain")).unwrap();
-    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
 
-    let squid = wait_for(&bed, Testbed::squid_access_log, "GET http://origin.test/plain");
+    let squid = bed.squid_logged("GET http://origin.test/plain").unwrap();
     assert!(
         squid.contains(&format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}")),
         "{squid}"
@@ -63,7 +61,7 @@ fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
         squid.contains(&format!("GET http://{ORIGIN_NAME}/plain {PROXY_USER}")),
         "{squid}"
     );
-    let log = bed.agent_log();
+    let log = bed.agent().log();
     assert!(
         log.contains(&format!("upstream={PROXY_IP}:{SQUID_TLS_PORT}")),
         "{log}"
@@ -73,7 +71,7 @@ fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
 
 #[test]
 fn failed_proxy_certificate_checks_reset_the_client_and_say_why() {
-    let mut bed = testbed();
+    let mut bed = tls_testbed();
     let ca = bed.certs.ca.to_string_lossy().into_owned();
     // (port, trust the test CA?, what the decision log must name)
     let cases = [
@@ -94,17 +92,12 @@ fn failed_proxy_certificate_checks_reset_the_client_and_say_why() {
             result.stderr.contains("reset"),
             "port {port}: client should see a reset: {result:?}"
         );
-        let log = wait_for(&bed, Testbed::agent_log, reason);
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("decision"))
-            .unwrap_or_default()
-            .to_owned();
-        assert!(
-            line.contains("TLS with proxy") && line.contains(reason),
-            "port {port}: {line}"
-        );
+        // This run's decision line names the failed TLS check.
+        let line = bed
+            .agent()
+            .wait_decision(&["TLS with proxy", reason])
+            .unwrap_or_else(|e| panic!("port {port}: {e}"));
+        assert!(line.contains("outcome=error"), "port {port}: {line}");
     }
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
     assert!(!bed.squid_access_log().contains("TCP_TUNNEL"));
@@ -122,14 +115,15 @@ fn failed_proxy_certificate_checks_reset_the_client_and_say_why() {
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
     assert!(
-        bed.agent_log()
+        bed.agent()
+            .log()
             .contains("TLS VERIFICATION OF THE UPSTREAM PROXY IS DISABLED")
     );
 }
 
 #[test]
 fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let proxy6 = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@[{PROXY_IP6}]:3128");
     bed.start_agent(&[
         "--https-proxy",
@@ -140,17 +134,17 @@ fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
     ])
     .unwrap();
     let result = bed.curl(&format!("https://[{ORIGIN_IP6}]:8448/")).unwrap();
-    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+    assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
     assert_eq!(result.stdout, "origin ok 8448\n");
 
     let needle = format!("CONNECT [{ORIGIN_IP6}]:8448 {PROXY_USER}");
-    let squid = wait_for(&bed, Testbed::squid_access_log, &needle);
+    let squid = bed.squid_logged(&needle).unwrap();
     assert!(squid.contains(&needle), "{squid}");
-    let origin = wait_for(&bed, Testbed::origin_access_log, PROXY_IP6);
+    let origin = bed.origin_logged(PROXY_IP6).unwrap();
     assert!(origin.starts_with(&format!("{PROXY_IP6} 8448 ")), "{origin}");
     // The decision line is written when the agent has closed both sides: poll for it.
     let needle = format!("original_dst=[{ORIGIN_IP6}]:8448");
-    let log = wait_for(&bed, Testbed::agent_log, &needle);
+    let log = bed.agent().logged(&needle).unwrap();
     assert!(log.contains(&needle), "{log}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 
@@ -164,19 +158,20 @@ fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
 
 #[test]
 fn ipv6_blacklist_is_enforced_in_the_kernel() {
-    let mut bed = testbed();
+    // Denied in the kernel: no peer is needed to show that nothing leaves.
+    let mut bed = Testbed::builder().build().unwrap();
     let url = bed.proxy_url(PROXY_PASSWORD);
     // Only the IPv4 LAN is whitelisted; fd00::/8 stays blacklisted (fc00::/7).
     bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", LAN])
         .unwrap();
     assert_eq!(bed.tcp_connect(ORIGIN_IP6, 443).unwrap(), "EPERM");
-    assert_eq!(bed.counter("deny_blacklist"), 1);
+    assert_eq!(bed.agent().counter("deny_blacklist").unwrap(), 1);
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
 
 #[test]
 fn getpeername_shows_the_original_destination_for_v4_v6_and_mapped() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_agent_with(&["--peek-timeout", "0.2"]).unwrap();
     let peer = |family: &str, addr: &str| {
         python(
@@ -194,7 +189,7 @@ fn getpeername_shows_the_original_destination_for_v4_v6_and_mapped() {
 
     // And all three really went through the agent and squid, by IP (no bytes sent).
     let needle = format!("CONNECT [{ORIGIN_IP6}]:8448");
-    let squid = wait_for(&bed, Testbed::squid_access_log, &needle);
+    let squid = bed.squid_logged(&needle).unwrap();
     assert_eq!(
         squid.matches(&format!("CONNECT {ORIGIN_IP}:8448")).count(),
         2,
@@ -207,36 +202,44 @@ fn getpeername_shows_the_original_destination_for_v4_v6_and_mapped() {
 #[test]
 fn agent_inside_the_attached_cgroup_tree_never_redirects_itself() {
     // Layout 1: the agent outside the attached cgroup: its sockets never meet the programs.
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
-    assert_eq!(bed.counter("pass_agent"), 0);
+    assert_eq!(bed.agent().counter("pass_agent").unwrap(), 0);
     drop(bed);
 
     // Layout 2: the attached cgroup is a parent of the agent's (as when attached at the root):
     // the agent's upstream connects run the programs and pass because of the socket mark.
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let agent_cgroup = bed.cgroup.path.join("agent");
     std::fs::create_dir(&agent_cgroup).unwrap();
     bed.agent_cgroup = Some(agent_cgroup);
     bed.start_default_agent().unwrap();
     for port in [443, 8448] {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
-        assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent_log());
+        assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
     }
-    assert_eq!(bed.counter("pass_agent"), 2, "the agent's two upstream connects");
-    assert_eq!(bed.counter("redirected"), 2, "only the client's two connects");
-    let squid = wait_for(&bed, Testbed::squid_access_log, "CONNECT origin.test:8448");
+    assert_eq!(
+        bed.agent().counter("pass_agent").unwrap(),
+        2,
+        "the agent's two upstream connects"
+    );
+    assert_eq!(
+        bed.agent().counter("redirected").unwrap(),
+        2,
+        "only the client's two connects"
+    );
+    let squid = bed.squid_logged("CONNECT origin.test:8448").unwrap();
     assert_eq!(squid.matches("TCP_TUNNEL/200").count(), 2, "{squid}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
 
 #[test]
 fn cgroups_come_and_go_without_disturbing_established_connections() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     let pin_dir = bed.pin_dir.to_string_lossy().into_owned();
     let cgroup_b = bed.cgroup_b.path.to_string_lossy().into_owned();
@@ -271,7 +274,7 @@ fn cgroups_come_and_go_without_disturbing_established_connections() {
             .unwrap()
     };
     assert_eq!(b_curl(&bed).code, Some(0));
-    assert!(wait_for(&bed, Testbed::origin_access_log, HS_IP).contains(HS_IP));
+    assert!(bed.origin_logged(HS_IP).unwrap().contains(HS_IP));
     let direct_before = bed.direct_packets_at_origin().unwrap();
     assert!(direct_before > 0);
 
@@ -313,7 +316,7 @@ fn cgroups_come_and_go_without_disturbing_established_connections() {
 
 #[test]
 fn multipath_tcp_sockets_do_not_go_direct() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let proxy = bed.proxy_url(PROXY_PASSWORD);
     bed.start_agent_with(&["--http-proxy", &proxy]).unwrap();
     // IPPROTO_MPTCP (262): the kernel runs connect4 on its first subflow, a TCP socket, so a
@@ -329,7 +332,7 @@ print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
     let status_line = python(&bed, &code);
     assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0, "MPTCP went direct");
-    let log = wait_for(&bed, Testbed::squid_access_log, "/mptcp");
+    let log = bed.squid_logged("/mptcp").unwrap();
     assert!(log.contains("GET http://origin.test/mptcp"), "{log}");
-    assert_eq!(bed.counter("redirected"), 1);
+    assert_eq!(bed.agent().counter("redirected").unwrap(), 1);
 }

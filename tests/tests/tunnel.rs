@@ -7,13 +7,9 @@ use std::time::Duration;
 
 use egress_testbed::{HS_IP, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_USER, Testbed};
 
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the test topology")
-}
-
 #[test]
 fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_agent_with(&["--kernel-log", "--connect-by-ip"])
         .unwrap();
 
@@ -24,15 +20,13 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
             result.code,
             Some(0),
             "curl {url}: {result:?}\nagent log:\n{}",
-            bed.agent_log()
+            bed.agent().log()
         );
         assert_eq!(result.stdout, format!("origin ok {port}\n"));
 
         // squid writes the CONNECT line when the tunnel closes.
         let needle = format!("CONNECT {ORIGIN_IP}:{port} {PROXY_USER} ");
-        let squid_log = bed.eventually(Duration::from_secs(5), Testbed::squid_access_log, |l| {
-            l.contains(&needle)
-        });
+        let squid_log = bed.squid_logged(&needle).unwrap();
         assert!(
             squid_log.contains(&needle),
             "squid log lacks `{needle}`:\n{squid_log}"
@@ -40,9 +34,9 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
         assert!(squid_log.contains("TCP_TUNNEL/200"), "{squid_log}");
     }
 
-    let origin_log = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
-        l.lines().count() >= 2
-    });
+    let origin_log = bed
+        .wait_origin_log("two requests", |l| l.lines().count() >= 2)
+        .unwrap();
     let lines: Vec<&str> = origin_log.lines().collect();
     assert_eq!(lines.len(), 2, "origin log: {origin_log}");
     for line in lines {
@@ -57,7 +51,7 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
         "packets went direct to the origin"
     );
 
-    let log = bed.agent_log();
+    let log = bed.agent().log();
     assert!(log.contains(&format!("original_dst={ORIGIN_IP}:443")), "{log}");
     assert!(
         log.contains("route=proxy-connect") && log.contains("status=200"),
@@ -67,7 +61,7 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
 
 #[test]
 fn many_concurrent_connections_each_reach_their_own_destination() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     // 40 parallel fetches alternating ports: a mixed-up original destination would answer
     // with the other port's body.
@@ -92,7 +86,7 @@ fn many_concurrent_connections_each_reach_their_own_destination() {
 
 #[test]
 fn wrong_proxy_credentials_reset_the_client_and_log_407() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     let url = bed.proxy_url("wrong-password");
     bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", egress_testbed::LAN])
         .unwrap();
@@ -103,9 +97,7 @@ fn wrong_proxy_credentials_reset_the_client_and_log_407() {
         result.stderr.contains("reset by peer") || result.stderr.contains("Connection reset"),
         "client should see a reset: {result:?}"
     );
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("status=407")
-    });
+    let log = bed.agent().logged("status=407").unwrap();
     assert!(
         log.contains("status=407"),
         "decision log should name the 407:\n{log}"
@@ -118,7 +110,8 @@ fn wrong_proxy_credentials_reset_the_client_and_log_407() {
 
 #[test]
 fn unreachable_proxy_resets_the_client_promptly() {
-    let mut bed = testbed();
+    // No peers: nothing listens on the proxy host, and nothing may reach the origin host.
+    let mut bed = Testbed::builder().build().unwrap();
     // Nothing listens on port 9 of the proxy host: connection refused.
     let url = format!("http://{PROXY_IP}:9");
     bed.start_agent(&["--https-proxy", &url, "--ip-range-whitelist", egress_testbed::LAN])
@@ -131,9 +124,7 @@ fn unreachable_proxy_resets_the_client_promptly() {
         "reset took {:?}",
         started.elapsed()
     );
-    let log = bed.eventually(Duration::from_secs(5), Testbed::agent_log, |l| {
-        l.contains("connecting to proxy")
-    });
+    let log = bed.agent().logged("connecting to proxy").unwrap();
     assert!(
         log.contains("connecting to proxy") && log.contains("refused"),
         "{log}"
@@ -143,7 +134,7 @@ fn unreachable_proxy_resets_the_client_promptly() {
 
 #[test]
 fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
@@ -167,7 +158,7 @@ fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0),
         "{}",
-        bed.agent_log()
+        bed.agent().log()
     );
 
     bed.kill_agent();
@@ -182,7 +173,7 @@ fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
         bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
         Some(0),
         "{}",
-        bed.agent_log()
+        bed.agent().log()
     );
 
     // Only the proxy ever talked to the origin.
@@ -204,16 +195,14 @@ fn stopped_or_killed_agent_fails_closed_and_a_new_one_takes_over() {
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
-    let origin = bed.eventually(Duration::from_secs(5), Testbed::origin_access_log, |l| {
-        l.contains(HS_IP)
-    });
+    let origin = bed.origin_logged(HS_IP).unwrap();
     assert!(origin.contains(&format!("{HS_IP} 443")), "{origin}");
     assert!(bed.direct_packets_at_origin().unwrap() > 0);
 }
 
 #[test]
 fn loopback_connections_are_never_intercepted() {
-    let mut bed = testbed();
+    let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
     // A server on the homeserver host's loopback (think Redis, Postgres, workers), reached from
     // the cgroup: must connect directly, not via the agent.
@@ -222,7 +211,7 @@ fn loopback_connections_are_never_intercepted() {
                   curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:18080/; kill %1";
     let result = bed.run_in_cgroup("sh", &["-c", script]).unwrap();
     assert_eq!(result.stdout, "200", "{result:?}");
-    let loopback = bed.counter("pass_loopback");
+    let loopback = bed.agent().counter("pass_loopback").unwrap();
     assert!(loopback >= 2, "{loopback}");
-    assert_eq!(bed.counter("redirected"), 0);
+    assert_eq!(bed.agent().counter("redirected").unwrap(), 0);
 }

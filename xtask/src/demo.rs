@@ -26,7 +26,7 @@ pub fn run(egress_bin: &Path, once: bool) -> Result<()> {
 
     egress_testbed::sweep_leftovers();
     println!("demo: building the topology (namespaces, squid with basic auth, TLS origin)...");
-    let mut bed = Testbed::new()?;
+    let mut bed = Testbed::builder().squid().nginx().build()?;
     bed.start_default_agent()?;
     println!(
         "demo: egress attached to cgroup {}\n      upstream squid at {}; client runs curl with NO proxy settings\n",
@@ -52,11 +52,11 @@ pub fn run(egress_bin: &Path, once: bool) -> Result<()> {
             println!("client  GET {url:<28} -> {outcome}");
         }
         std::thread::sleep(Duration::from_millis(300));
-        let log = bed.agent_log();
-        for line in log.lines().skip(seen_log).filter(|l| l.contains("decision")) {
+        let decisions = bed.agent().decisions();
+        for line in decisions.iter().skip(seen_log) {
             println!("egress  {}", line.trim());
         }
-        seen_log = log.lines().count();
+        seen_log = decisions.len();
         let squid = bed.squid_access_log();
         for line in squid.lines().skip(seen_squid) {
             println!("squid   {}", line.trim());

@@ -216,6 +216,7 @@ mod tests {
                 plain_ns: summary(30_000.0),
                 bypass_ns: summary(30_500.0),
                 deny_ns: summary(2_000.0),
+                kernel: None,
             }),
             ..Default::default()
         };

@@ -125,6 +125,12 @@ pub struct Report {
     pub bypass_ns: Vec<u32>,
     #[serde(default)]
     pub deny_ns: Vec<u32>,
+    /// Connect: every connect() of a kind, also the unrecorded warm-up batch's and failed
+    /// ones: what the kernel's decision counters must have counted.
+    #[serde(default)]
+    pub bypass_calls: u64,
+    #[serde(default)]
+    pub deny_calls: u64,
 }
 
 impl Report {
@@ -449,6 +455,11 @@ fn connect_mode(args: &ClientArgs) -> Result<Report> {
             // Which kind goes first rotates too.
             for kind in (0..3).map(|k| (k + sample) % 3) {
                 let socket = trio[kind];
+                match kind {
+                    1 => report.bypass_calls += 1,
+                    2 => report.deny_calls += 1,
+                    _ => {}
+                }
                 let start = Instant::now();
                 let result = socket.connect(&targets[kind]);
                 let took = start.elapsed().as_nanos() as u32;

@@ -1,11 +1,13 @@
 //! The benchmark (issue 6): egress against what users would pick instead, measured in one run
-//! on one testbed. One module per role:
-//! - `run`: the orchestration (topology, agent configurations, which peer when);
+//! on one testbed (egress-testbed's topology, peers and agent handle). One module per role:
+//! - `run`: the orchestration (agent configurations, which peer when), and the checks that the
+//!   figures measure what they claim (the kernel's counters against the connect() samples);
 //! - `client`: the load generator, run inside the namespaces and cgroups;
 //! - `servers`: a fast CONNECT proxy and a byte source added to the testbed;
-//! - `peers`: starting those, redsocks with its iptables rules, and the clients;
-//! - `measure`: percentiles, and RSS and CPU time from /proc;
-//! - `report` and `chart`: the markdown table and the SVG chart.
+//! - `peers`: redsocks with its iptables rules, and the load clients;
+//! - `measure`: percentiles (RSS and CPU time come from egress_testbed::procfs);
+//! - `report` and `chart`: the markdown report and the SVG chart, written from `results.json`,
+//!   also again from a recorded run (`render`), and the before/after table of two (`compare`).
 
 pub mod chart;
 pub mod client;

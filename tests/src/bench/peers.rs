@@ -1,52 +1,25 @@
-//! Processes the benchmark adds to the testbed (byte source, fast CONNECT proxy, redsocks with
-//! its iptables rules) and the load clients it runs. Everything started here is killed on drop.
+//! What the benchmark adds to the testbed besides its own servers: redsocks with its iptables
+//! rules, and the load clients it runs. Everything started here is killed on drop.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Child,
     sync::mpsc::{self, Receiver},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use egress_testbed::{ORIGIN_IP, Testbed, cgroup::Cgroup, netns::Netns, peers::Daemon};
+use egress_testbed::{
+    ORIGIN_IP, Testbed,
+    cgroup::Cgroup,
+    process::{Daemon, Enter},
+    procfs, wait,
+};
 use serde::de::DeserializeOwned;
 
 use super::{SOURCE_PORT, interrupted};
-
-/// Runs `bin ARGS` in `ns`'s network namespace as a daemon logging to `bed.dir/NAME.log`.
-pub fn spawn_in_ns(
-    bed: &Testbed,
-    ns: &Netns,
-    name: &'static str,
-    program: &Path,
-    args: &[&str],
-) -> Result<Daemon> {
-    let mut command = Command::new("nsenter");
-    command
-        .arg(format!("--net={}", ns.path()))
-        .arg(program)
-        .args(args);
-    Daemon::spawn(name, command, &bed.dir.join(format!("{name}.log")))
-}
-
-/// Waits until something listens on `port` in `ns`, or the daemon that should has died.
-pub fn wait_listening(bed: &Testbed, ns: &Netns, port: u16, daemon: &mut Daemon) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if ns.is_listening(port) {
-            return Ok(());
-        }
-        if daemon.exited() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let log = std::fs::read_to_string(bed.dir.join(format!("{}.log", daemon.name))).unwrap_or_default();
-    bail!("{} is not listening on port {port}:\n{log}", daemon.name)
-}
 
 /// redsocks (Debian's) in the homeserver namespace, relaying to an HTTP CONNECT proxy, fed by
 /// iptables REDIRECT rules that match only the processes of its own client cgroup (so other
@@ -94,10 +67,16 @@ redsocks {{
         ),
     )?;
     let conf = conf.to_string_lossy().into_owned();
-    let mut daemon = spawn_in_ns(bed, &bed.hs, name, Path::new("redsocks"), &["-c", &conf])?;
-    wait_listening(bed, &bed.hs, local_port, &mut daemon)?;
-    // nsenter execs: the pid is redsocks' own, whose CPU time the report shows.
-    let comm = super::measure::comm(daemon.child.id())?;
+    let daemon = bed.start_daemon(
+        &bed.hs,
+        Enter::Net,
+        name,
+        "redsocks",
+        &["-c", &conf],
+        &[local_port],
+    )?;
+    // sh and nsenter exec: the pid is redsocks' own, whose CPU time the report shows.
+    let comm = procfs::comm(daemon.child.id())?;
     if comm != "redsocks" {
         bail!("process {} is {comm:?}, not redsocks", daemon.child.id());
     }
@@ -150,7 +129,7 @@ impl ClientProc {
     pub fn spawn(bed: &Testbed, cgroup: &Path, bin: &Path, args: &[String], what: String) -> Result<Self> {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = bed
-            .spawn_in(cgroup, &bin.to_string_lossy(), &refs)
+            .spawn_in(cgroup, bin, &refs)
             .with_context(|| format!("starting client for {what}"))?;
         let stdout = child.stdout.take().context("client stdout")?;
         let mut stderr = child.stderr.take().context("client stderr")?;
@@ -209,19 +188,19 @@ impl ClientProc {
 
     /// Waits for a clean exit.
     pub fn finish(mut self, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            interrupted()?;
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("{}: the client exited with {status}", self.what);
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{}: the client did not exit within {within:?}", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let what = format!("{}: the client to exit", self.what);
+        let status = wait::until(
+            &what,
+            within,
+            || {
+                interrupted()?;
+                Ok(self.child.try_wait()?)
+            },
+            Option::is_some,
+        )?;
+        match status {
+            Some(status) if !status.success() => bail!("{}: the client exited with {status}", self.what),
+            _ => Ok(()),
         }
     }
 }

@@ -4,11 +4,14 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::measure::Summary;
 
-#[derive(Serialize, Default, Debug)]
+/// Everything one run measured. Read back from `results.json` to re-render a recorded run's
+/// report or compare two recorded runs; fields added since a record was made read as absent.
+#[derive(Serialize, Deserialize, Default, Debug)]
+#[serde(default)]
 pub struct Results {
     pub mode: String,
     pub date: String,
@@ -25,15 +28,22 @@ pub struct Results {
     pub problems: Vec<String>,
 }
 
-#[derive(Serialize, Default, Debug)]
+/// Facts read off the machine the run was made on (none written in by hand).
+#[derive(Serialize, Deserialize, Default, Debug)]
+#[serde(default)]
 pub struct Machine {
+    /// CPUs this process may run on (everything of the run shares them).
     pub cpus: usize,
     pub cpu_model: String,
     pub kernel: String,
+    /// The hard limit on open descriptors of the benchmark's processes (getrlimit): what caps
+    /// the idle tunnels an agent can hold, as nothing here may raise it.
+    pub nofile_hard: Option<u64>,
 }
 
 /// One way from the client to the origin.
-#[derive(Serialize, Default, Debug)]
+#[derive(Serialize, Deserialize, Default, Debug)]
+#[serde(default)]
 pub struct PathResult {
     /// `kind/upstream`, e.g. `egress/squid`: what targets look up.
     pub key: String,
@@ -50,20 +60,57 @@ pub struct PathResult {
     pub errors: u64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct ConnectResult {
     pub plain_ns: Summary,
     pub bypass_ns: Summary,
     pub deny_ns: Summary,
+    /// What the kernel counted meanwhile (absent in records made before it was checked).
+    #[serde(default)]
+    pub kernel: Option<KernelCounts>,
 }
 
-#[derive(Serialize, Debug)]
+/// The agent's kernel decision counters over the connect() measurement, against the calls the
+/// client made: proof that every bypass sample was a bypass and every denial a denial.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct KernelCounts {
+    /// connect() calls to the bypassed address from the intercepted cgroup (samples and the
+    /// unrecorded warm-up batch), and the growth of `pass_no_proxy` meanwhile.
+    pub bypass_calls: u64,
+    pub pass_no_proxy: u64,
+    /// The same for the denied address and `deny_blacklist`.
+    pub deny_calls: u64,
+    pub deny_blacklist: u64,
+    /// Growth of `redirected`: must stay 0 (nothing of this measurement reached the agent).
+    pub redirected: u64,
+}
+
+impl KernelCounts {
+    /// Why the counters do not match the calls, if they do not.
+    pub fn mismatch(&self) -> Option<String> {
+        let ok = self.pass_no_proxy == self.bypass_calls
+            && self.deny_blacklist == self.deny_calls
+            && self.redirected == 0;
+        (!ok).then(|| {
+            format!(
+                "kernel counters disagree with the connect() calls: pass_no_proxy +{} for {} \
+                 bypassed calls, deny_blacklist +{} for {} denied calls, redirected +{} (want 0)",
+                self.pass_no_proxy, self.bypass_calls, self.deny_blacklist, self.deny_calls, self.redirected
+            )
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, Default, Debug)]
+#[serde(default)]
 pub struct IdleResult {
+    /// The agent's hard descriptor limit, from /proc/PID/limits: what bounded `tunnels`.
+    pub agent_nofile_limit: Option<u64>,
     pub tunnels: usize,
     pub opened: u64,
     pub alive: u64,
     /// `egress_connections_active` while they were open.
-    pub agent_active: Option<u64>,
+    pub agent_active: u64,
     pub rss_idle_kib: u64,
     /// (tunnels open, RSS KiB) after each client opened its share.
     pub rss_steps: Vec<(u64, u64)>,
@@ -152,6 +199,105 @@ impl Results {
     }
 }
 
+#[derive(clap::Args, Debug)]
+pub struct RenderArgs {
+    /// A recorded run's `results.json`.
+    pub results: std::path::PathBuf,
+    /// Where to write README.md and chart.svg [default: the directory of `results`].
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// The earlier run's `results.json`.
+    pub before: std::path::PathBuf,
+    /// The later run's `results.json`.
+    pub after: std::path::PathBuf,
+}
+
+pub fn read(path: &Path) -> Result<Results> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `egress-bench render`: a recorded run's README.md and chart.svg, again from its results.json.
+pub fn render_main(args: RenderArgs) -> Result<()> {
+    let results = read(&args.results)?;
+    let dir = match args.out {
+        Some(dir) => dir,
+        None => args.results.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    std::fs::create_dir_all(&dir)?;
+    super::chart::write(&dir.join("chart.svg"), &results)?;
+    std::fs::write(dir.join("README.md"), markdown(&results))?;
+    Ok(())
+}
+
+/// `egress-bench compare`: prints the before/after table of two recorded runs.
+pub fn compare_main(args: CompareArgs) -> Result<()> {
+    let before = read(&args.before)?;
+    let after = read(&args.after)?;
+    print!("{}", compare(&before, &after));
+    Ok(())
+}
+
+/// The figures the tuning went after, in two recorded runs, as a markdown table.
+pub fn compare(before: &Results, after: &Results) -> String {
+    type Figure = fn(&Results) -> Option<String>;
+    let figures: [(&str, Figure); 7] = [
+        ("agent CPU per GiB, fast proxy (s)", |r| {
+            Some(format!("{:.2}", r.path("egress/fast")?.cpu_s_per_gib?))
+        }),
+        (
+            "throughput ÷ application-level, 1 / 16 tunnels, fast proxy",
+            |r| {
+                Some(format!(
+                    "{:.2} / {:.2}",
+                    r.ratio("fast", "app", |p| p.bulk1_mib_s)?,
+                    r.ratio("fast", "app", |p| p.bulk16_mib_s)?
+                ))
+            },
+        ),
+        ("agent CPU per connection, fast proxy / squid (µs)", |r| {
+            Some(format!(
+                "{:.0} / {:.0}",
+                r.path("egress/fast")?.cpu_us_per_conn?,
+                r.path("egress/squid")?.cpu_us_per_conn?
+            ))
+        }),
+        ("TTFB p50 ÷ application-level, fast proxy", |r| {
+            Some(format!(
+                "{:.2}",
+                r.ratio("fast", "app", |p| Some(p.latency_us?.p50))?
+            ))
+        }),
+        ("connections/s ÷ redsocks, fast proxy / squid", |r| {
+            Some(format!(
+                "{:.2} / {:.2}",
+                r.ratio("fast", "redsocks", |p| p.conns_per_s)?,
+                r.ratio("squid", "redsocks", |p| p.conns_per_s)?
+            ))
+        }),
+        ("connect() p50, bypassed in the kernel ÷ no eBPF", |r| {
+            let c = r.connect.as_ref()?;
+            Some(format!("{:.3}", c.bypass_ns.p50 / c.plain_ns.p50))
+        }),
+        ("agent RSS, 10,000 idle tunnels (MiB)", |r| {
+            Some(format!("{:.1}", r.idle.as_ref()?.rss_10k_kib / 1024.0))
+        }),
+    ];
+    let mut md = format!(
+        "| figure | before: {}, {} | after: {}, {} |\n|---|---:|---:|\n",
+        before.source, before.date, after.source, after.date
+    );
+    for (what, figure) in figures {
+        let cell = |r: &Results| figure(r).unwrap_or_else(|| "–".into());
+        let _ = writeln!(md, "| {what} | {} | {} |", cell(before), cell(after));
+    }
+    md
+}
+
 /// Writes `README.md`, `chart.svg` and `results.json` into `dir`.
 pub fn write(dir: &Path, results: &Results) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -171,15 +317,23 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(md, "# egress benchmark\n");
     let _ = writeln!(
         md,
-        "{} mode, {} · {} · {} CPUs ({}), Linux {} · took {:.0} s · made by `cargo xtask bench{}`\n",
+        "{} mode, {} · {} · {} CPUs ({}), Linux {}, descriptor cap {} · took {:.0} s · made by \
+         `cargo xtask bench{}`\n",
         r.mode,
         r.date,
         r.source,
         m.cpus,
         m.cpu_model,
         m.kernel,
+        m.nofile_hard.map_or("not recorded".into(), |n| n.to_string()),
         r.seconds,
         if r.mode == "quick" { " --quick" } else { "" }
+    );
+    let _ = writeln!(
+        md,
+        "> A record of one run, measured at {} on {}: every figure below is read from its \
+         `results.json`. Run `cargo xtask bench` for figures of the current code.\n",
+        r.source, r.date
     );
     if r.mode == "quick" {
         md.push_str(
@@ -263,6 +417,20 @@ pub fn markdown(r: &Results) -> String {
              host, the three kinds taking turns call by call.",
             c.plain_ns.n
         );
+        match &c.kernel {
+            Some(k) => {
+                let _ = writeln!(
+                    md,
+                    "The agent's kernel counters over the measurement: `pass_no_proxy` +{} for {} \
+                     bypassed calls, `deny_blacklist` +{} for {} denied calls (samples and a \
+                     warm-up batch), `redirected` +{}: every bypass sample was a bypass in the \
+                     kernel, every denial a denial.",
+                    k.pass_no_proxy, k.bypass_calls, k.deny_blacklist, k.deny_calls, k.redirected
+                );
+            }
+            None => md
+                .push_str("(This record predates the check of the kernel's counters against the samples.)\n"),
+        }
     }
 
     if let Some(i) = &r.idle {
@@ -294,19 +462,39 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             md,
             "\n{} tunnels opened (to the byte source, through the fast proxy), {} still open when \
-             released; the agent counted {} active; {:.1} MiB of its RSS was anonymous memory then. \
-             The target is 10,000 tunnels, but every process on this machine is capped at 20,000 \
-             descriptors (root lacks CAP_SYS_RESOURCE, so the agent cannot raise its limit) and \
-             the agent holds two per tunnel: the full mode opens 9,900 and extrapolates the last 100.",
+             released; the agent counted {} active; {:.1} MiB of its RSS was anonymous memory then.",
             i.opened,
             i.alive,
-            i.agent_active.map_or("?".into(), |a| a.to_string()),
+            i.agent_active,
             mib(i.rss_open_anon_kib as f64),
         );
+        if i.tunnels < TUNNEL_TARGET {
+            let why = match i.agent_nofile_limit {
+                Some(limit) if tunnels_that_fit(limit) <= i.tunnels => format!(
+                    "the agent's descriptor limit was {limit} and it holds two per tunnel (plus \
+                     {AGENT_FD_HEADROOM} for everything else)"
+                ),
+                Some(_) => format!("the {} mode opens fewer", r.mode),
+                None => "this record does not say why".into(),
+            };
+            let _ = writeln!(
+                md,
+                "The target is {TUNNEL_TARGET} tunnels, but {why}: this run opened {} and \
+                 extrapolates the last {}.",
+                i.tunnels,
+                TUNNEL_TARGET - i.tunnels
+            );
+        }
     }
 
     md.push_str("\n![Chart of the figures above](chart.svg)\n");
     md.push_str(METHOD);
+    let _ = writeln!(
+        md,
+        "- {} CPUs run everything (clients, proxies, origin, agent): a hop that costs CPU shows up \
+         in every figure, as it would on a busy host.",
+        m.cpus
+    );
     md
 }
 
@@ -338,9 +526,17 @@ const METHOD: &str = "
   the whitelist); each socket is then closed with RST.
 - Memory: VmRSS of the agent after one connection, and with idle tunnels open through it to
   the byte source (through the fast proxy), each having carried a byte back.
-- Two cores run everything (clients, proxies, origin, agent): a hop that costs CPU shows up in
-  every figure, as it would on a busy host.
 ";
+
+/// The idle-tunnel count the targets speak of.
+pub const TUNNEL_TARGET: usize = 10_000;
+/// Descriptors the agent needs besides two per tunnel: listeners, maps, logs, runtime.
+pub const AGENT_FD_HEADROOM: u64 = 200;
+
+/// How many idle tunnels an agent with descriptor limit `limit` can hold.
+pub fn tunnels_that_fit(limit: u64) -> usize {
+    (limit.saturating_sub(AGENT_FD_HEADROOM) / 2) as usize
+}
 
 /// The current UTC time, from date(1) (no date crate needed for one line).
 pub fn now_utc() -> String {
@@ -383,6 +579,7 @@ pub fn machine() -> Machine {
         .find_map(|l| Some(l.strip_prefix("model name")?.split_once(':')?.1.trim().to_owned()))
         .unwrap_or_else(|| "unknown CPU".into());
     Machine {
+        nofile_hard: egress_testbed::procfs::nofile_hard_limit(std::process::id()).ok(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model,
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -439,5 +636,63 @@ mod tests {
             None
         );
         assert!(markdown(&results).contains("| 1.040 | ≤ 1.05 | met |"));
+    }
+
+    #[test]
+    fn the_kernel_must_have_counted_every_call() {
+        let good = KernelCounts {
+            bypass_calls: 600,
+            pass_no_proxy: 600,
+            deny_calls: 600,
+            deny_blacklist: 600,
+            redirected: 0,
+        };
+        assert_eq!(good.mismatch(), None);
+        for bad in [
+            KernelCounts {
+                pass_no_proxy: 599,
+                ..good
+            },
+            KernelCounts {
+                deny_blacklist: 0,
+                ..good
+            },
+            KernelCounts {
+                redirected: 1,
+                ..good
+            },
+        ] {
+            assert!(bad.mismatch().is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn recorded_runs_read_back_and_compare() {
+        // The records the README's table is generated from still parse, and every figure of the
+        // table is in both (full runs).
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+        let before = read(&dir.join("first-run.json")).unwrap();
+        let after = read(&dir.join("results.json")).unwrap();
+        let table = compare(&before, &after);
+        assert_eq!(table.lines().count(), 2 + 7, "{table}");
+        assert!(!table.contains('–'), "a figure is missing:\n{table}");
+        assert!(table.contains(&after.source), "{table}");
+        assert!(markdown(&after).contains(&format!("A record of one run, measured at {}", after.source)));
+    }
+
+    #[test]
+    fn fields_a_record_lacks_read_as_absent() {
+        let old = r#"{"mode": "full", "machine": {"cpus": 2},
+            "connect": {"plain_ns": {"n": 1, "p10": 1, "p50": 1, "p90": 1, "p99": 1, "mean": 1},
+                        "bypass_ns": {"n": 1, "p10": 1, "p50": 1, "p90": 1, "p99": 1, "mean": 1},
+                        "deny_ns": {"n": 1, "p10": 1, "p50": 1, "p90": 1, "p99": 1, "mean": 1}},
+            "idle": {"tunnels": 9900, "opened": 9900}}"#;
+        let r: Results = serde_json::from_str(old).unwrap();
+        assert_eq!(r.machine.nofile_hard, None);
+        assert_eq!(r.idle.as_ref().unwrap().agent_nofile_limit, None);
+        let md = markdown(&r);
+        assert!(md.contains("descriptor cap not recorded"), "{md}");
+        assert!(md.contains("predates the check of the kernel's counters"), "{md}");
+        assert!(md.contains("this record does not say why"), "{md}");
     }
 }

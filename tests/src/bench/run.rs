@@ -17,15 +17,16 @@ use std::{
 use anyhow::{Context, Result, bail};
 use egress_testbed::{
     LAN, LAN6, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, SQUID_PORT, Testbed,
-    peers::Daemon,
+    process::{Daemon, Enter},
+    procfs,
 };
 
 use super::{
     BYPASS_IP, DENY_IP, FAST_PROXY_PORT, SOURCE_PORT,
     client::Report,
-    measure::{self, Summary},
+    measure::Summary,
     peers::{self, ClientProc, Redsocks},
-    report::{self, ConnectResult, IdleResult, PathResult, Results},
+    report::{self, ConnectResult, IdleResult, KernelCounts, PathResult, Results},
 };
 
 #[derive(clap::Args, Debug)]
@@ -75,9 +76,8 @@ const FULL: Plan = Plan {
     rate_rounds: 3,
     bulk_bytes: 1 << 30,
     bulk_rounds: 2,
-    // The target is 10,000, but every process here is capped at 20,000 descriptors (root
-    // without CAP_SYS_RESOURCE cannot raise it) and the agent holds two per tunnel.
-    idle_tunnels: 9_900,
+    // At most: the agent's descriptor limit may allow fewer (see `Bench::idle_tunnels`).
+    idle_tunnels: report::TUNNEL_TARGET,
     connect_samples: 5_000,
 };
 
@@ -198,7 +198,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 impl Bench {
     fn new() -> Result<Self> {
         let bin = peers::bench_bin()?;
-        let bed = Testbed::new()?;
+        let bed = Testbed::builder().squid().nginx().build()?;
         // Tens of thousands of short connections leave TIME_WAIT behind; the same wider port
         // range and reuse in the client-side namespaces for every peer.
         for ns in [&bed.hs, &bed.proxy] {
@@ -213,23 +213,22 @@ impl Bench {
                 ],
             )?;
         }
-        bed.origin
-            .ip(&["addr", "add", &format!("{BYPASS_IP}/24"), "dev", "eth0"])?;
+        bed.origin.add_address(BYPASS_IP)?;
         let source_addr = format!("{ORIGIN_IP}:{SOURCE_PORT}");
-        let mut source = peers::spawn_in_ns(
-            &bed,
+        let source = bed.start_daemon(
             &bed.origin,
+            Enter::Net,
             "source",
             &bin,
             &["source", "--listen", &source_addr],
+            &[SOURCE_PORT],
         )?;
-        peers::wait_listening(&bed, &bed.origin, SOURCE_PORT, &mut source)?;
         let fast_addr = format!("{PROXY_IP}:{FAST_PROXY_PORT}");
         let auth = format!("{PROXY_USER}:{PROXY_PASSWORD}");
         let host = format!("{ORIGIN_NAME}={ORIGIN_IP}");
-        let mut fast_proxy = peers::spawn_in_ns(
-            &bed,
+        let fast_proxy = bed.start_daemon(
             &bed.proxy,
+            Enter::Net,
             "fast-proxy",
             &bin,
             &[
@@ -241,8 +240,8 @@ impl Bench {
                 "--host",
                 &host,
             ],
+            &[FAST_PROXY_PORT],
         )?;
-        peers::wait_listening(&bed, &bed.proxy, FAST_PROXY_PORT, &mut fast_proxy)?;
         let redsocks_squid = peers::start_redsocks(
             &bed,
             "redsocks-squid",
@@ -289,7 +288,7 @@ impl Bench {
         }
         if parts.contains(&Part::Squid) {
             results.paths.extend(self.measure_peers(plan, &squid_peers)?);
-            results.agent_rss_after_load_kib = Some(measure::rss_kib(self.agent_pid()?)?);
+            results.agent_rss_after_load_kib = Some(procfs::rss_kib(self.agent_pid()?)?);
         }
         eprintln!("bench: squid phase done ({:.0} s)", phase.elapsed().as_secs_f64());
 
@@ -335,15 +334,21 @@ impl Bench {
         self.bed.start_agent(&args)?;
         let pid = self.agent_pid()?;
         // The testbed starts it through sh and nsenter, both of which exec: the pid is the agent's.
-        let comm = measure::comm(pid)?;
-        if comm != "egress" {
-            bail!("process {pid} is {comm:?}, not the agent");
+        let comm = procfs::comm(pid)?;
+        let bin = egress_testbed::egress_bin();
+        let name = bin
+            .file_name()
+            .context("EGRESS_BIN has no file name")?
+            .to_string_lossy();
+        // The kernel keeps the first 15 bytes of a command name.
+        if !name.as_bytes().starts_with(comm.as_bytes()) || comm.is_empty() {
+            bail!("process {pid} is {comm:?}, not the agent ({name})");
         }
         Ok(())
     }
 
     fn agent_pid(&self) -> Result<u32> {
-        self.bed.agent_pid().context("the agent is not running")
+        self.bed.agent().pid().context("the agent is not running")
     }
 
     /// Where a peer's client runs and how it addresses the origin: `https` for nginx's TLS
@@ -528,7 +533,7 @@ impl Bench {
             (Kind::Redsocks, Upstream::Fast) => self.redsocks_fast.daemon.child.id(),
             _ => return Ok(None),
         };
-        Ok(Some(measure::cpu_seconds(pid)?))
+        Ok(Some(procfs::cpu_seconds(pid)?))
     }
 
     /// connect() latency: no eBPF (a cgroup with nothing attached) against the intercepted
@@ -554,6 +559,15 @@ impl Bench {
             "120".to_owned(),
         ];
         let plain = self.bed.cgroup_b.path.clone();
+        let counters = |bench: &Self| -> Result<[u64; 3]> {
+            let agent = bench.bed.agent();
+            Ok([
+                agent.counter("pass_no_proxy")?,
+                agent.counter("deny_blacklist")?,
+                agent.counter("redirected")?,
+            ])
+        };
+        let before = counters(self)?;
         let report: Report = peers::run_client(
             &self.bed,
             &plain,
@@ -569,11 +583,33 @@ impl Bench {
                 report.first_error.as_deref().unwrap_or("?")
             ));
         }
-        eprintln!("bench: connect latency done");
+        let after = counters(self)?;
+        let kernel = KernelCounts {
+            bypass_calls: report.bypass_calls,
+            pass_no_proxy: after[0] - before[0],
+            deny_calls: report.deny_calls,
+            deny_blacklist: after[1] - before[1],
+            redirected: after[2] - before[2],
+        };
+        // Every bypass sample must have been a bypass in the kernel (and every denial a denial):
+        // otherwise the figures measure something else, and the benchmark fails.
+        if let Some(mismatch) = kernel.mismatch() {
+            bail!("connect latency: {mismatch}");
+        }
+        if report.bypass_ns.len() as u64 > kernel.pass_no_proxy
+            || report.deny_ns.len() as u64 > kernel.deny_blacklist
+        {
+            bail!("connect latency: more samples than kernel decisions: {kernel:?}");
+        }
+        eprintln!(
+            "bench: connect latency done (pass_no_proxy +{} for {} bypassed calls)",
+            kernel.pass_no_proxy, kernel.bypass_calls
+        );
         Ok(ConnectResult {
             plain_ns: Summary::of(&report.plain_ns).context("no plain connect samples")?,
             bypass_ns: Summary::of(&report.bypass_ns).context("no bypassed connect samples")?,
             deny_ns: Summary::of(&report.deny_ns).context("no denied connect samples")?,
+            kernel: Some(kernel),
         })
     }
 
@@ -581,6 +617,10 @@ impl Bench {
     /// has carried a byte back from the origin (so it is set up end to end).
     fn idle_tunnels(&mut self, plan: &Plan) -> Result<IdleResult> {
         let pid = self.agent_pid()?;
+        // Two descriptors per tunnel in the agent, whose limit nothing here can raise (root
+        // without CAP_SYS_RESOURCE): as many tunnels as fit, up to the plan's number.
+        let limit = procfs::nofile_hard_limit(pid)?;
+        let tunnels = plan.idle_tunnels.min(report::tunnels_that_fit(limit));
         let peer = Peer {
             kind: Kind::Egress,
             upstream: Upstream::Fast,
@@ -593,18 +633,18 @@ impl Bench {
             Duration::from_secs(30),
         )?;
         std::thread::sleep(Duration::from_secs(1));
-        let rss_idle_kib = measure::rss_kib(pid)?;
+        let rss_idle_kib = procfs::rss_kib(pid)?;
 
         // At least two clients, opened one after the other, so that the memory a tunnel adds
         // is measured between two sizes (the first tunnels also pay for one-off growth: the
         // allocator keeps what the concurrent handshakes used).
         let (cgroup, base_args) = self.client_for(peer, false);
-        let clients_needed = plan.idle_tunnels.div_ceil(IDLE_PER_CLIENT).max(2);
+        let clients_needed = tunnels.div_ceil(IDLE_PER_CLIENT).max(2);
         let mut clients = Vec::new();
         let mut opened = 0;
         let mut rss_steps = Vec::new();
         for c in 0..clients_needed {
-            let n = plan.idle_tunnels / clients_needed + usize::from(c < plan.idle_tunnels % clients_needed);
+            let n = tunnels / clients_needed + usize::from(c < tunnels % clients_needed);
             let mut args = base_args.clone();
             args.extend(["--mode", "idle", "--count", &n.to_string(), "--timeout", "600"].map(String::from));
             let mut client = ClientProc::spawn(
@@ -626,10 +666,10 @@ impl Bench {
             clients.push(client);
             // Let the agent finish its bookkeeping (decision state, allocator) before reading.
             std::thread::sleep(Duration::from_secs(2));
-            rss_steps.push((opened, measure::rss_kib(pid)?));
+            rss_steps.push((opened, procfs::rss_kib(pid)?));
         }
-        let active = self.metric("egress_connections_active");
-        let (rss_anon_kib, _) = measure::rss_split_kib(pid)?;
+        let active = self.bed.agent().metric("egress_connections_active", &[])?;
+        let (rss_anon_kib, _) = procfs::rss_split_kib(pid)?;
         let mut alive = 0;
         for client in &mut clients {
             client.send_line()?;
@@ -650,7 +690,8 @@ impl Bench {
         let marginal_kib =
             rss_open_kib.saturating_sub(first_rss) as f64 / last_n.saturating_sub(first_n).max(1) as f64;
         Ok(IdleResult {
-            tunnels: plan.idle_tunnels,
+            agent_nofile_limit: Some(limit),
+            tunnels,
             opened,
             alive,
             agent_active: active,
@@ -661,15 +702,9 @@ impl Bench {
             per_tunnel_kib: rss_open_kib.saturating_sub(rss_idle_kib) as f64 / opened.max(1) as f64,
             marginal_kib,
             // From the largest measured point on, each further tunnel at the marginal cost.
-            rss_10k_kib: rss_open_kib as f64 + marginal_kib * 10_000u64.saturating_sub(opened) as f64,
+            rss_10k_kib: rss_open_kib as f64
+                + marginal_kib * (report::TUNNEL_TARGET as u64).saturating_sub(opened) as f64,
         })
-    }
-
-    /// A value from the agent's /metrics, if it can be read.
-    fn metric(&self, series: &str) -> Option<u64> {
-        let text = self.bed.admin_get("/metrics").ok()?.1;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
     }
 }
 

@@ -1,15 +1,15 @@
 //! A real Synapse homeserver (matrix-synapse from PyPI, SQLite) in the homeserver namespace and
 //! the intercepted cgroup, with no proxy configuration of its own.
 
-use std::{
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ClientResult, Testbed, peers::Daemon};
+use crate::{
+    process::{self, Daemon},
+    topology::Testbed,
+    wait,
+};
 
 /// The Synapse release the tests were written against (1.163 measured here).
 /// The url-preview extra: lxml and beautifulsoup4, which previews of HTML pages need.
@@ -134,21 +134,10 @@ report_stats: false
             command.env_remove(var);
         }
         let mut daemon = Daemon::spawn("synapse", command, &dir.join("stdout.log"))?;
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Ok((200, body)) = client_get(bed, "/health", None)
-                && body.trim() == "OK"
-            {
-                break;
-            }
-            if daemon.exited() || Instant::now() > deadline {
-                bail!(
-                    "Synapse did not become healthy:\n{}",
-                    std::fs::read_to_string(dir.join("stdout.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait::ready("Synapse's /health to answer OK", Duration::from_secs(90), || {
+            daemon.check_alive()?;
+            Ok(client_get(bed, "/health", None).is_ok_and(|(code, body)| code == 200 && body.trim() == "OK"))
+        })?;
         Ok(Self { dir, venv, daemon })
     }
 
@@ -183,12 +172,11 @@ report_stats: false
     }
 
     /// Stops Synapse (SIGTERM), closing its pooled connections.
-    pub fn stop(mut self) {
+    pub fn stop(mut self) -> Result<()> {
         self.daemon.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self.daemon.exited() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait::ready("Synapse to exit", Duration::from_secs(15), || {
+            Ok(self.daemon.exited())
+        })
     }
 }
 
@@ -197,14 +185,8 @@ report_stats: false
 pub fn client_get(bed: &Testbed, path: &str, token: Option<&str>) -> Result<(u16, String)> {
     let url = format!("http://127.0.0.1:{CLIENT_PORT}{path}");
     let auth = token.map(|t| format!("Authorization: Bearer {t}"));
-    let mut args = vec!["-sS", "--max-time", "60", "-w", "\n%{http_code}"];
-    if let Some(auth) = &auth {
-        args.extend(["-H", auth.as_str()]);
-    }
-    args.push(&url);
-    let out: ClientResult = bed.run_in_hs("curl", &args)?;
-    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", &out.stdout));
-    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    let headers: Vec<&str> = auth.iter().flat_map(|a| ["-H", a.as_str()]).collect();
+    process::http_get(&bed.hs.name, &url, 60, &headers)
 }
 
 /// Percent-encodes a URL for a query parameter.

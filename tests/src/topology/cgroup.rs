@@ -52,10 +52,10 @@ pub fn remove(path: &Path) {
         }
     }
     let _ = std::fs::write(path.join("cgroup.kill"), "1");
-    for _ in 0..50 {
-        if std::fs::remove_dir(path).is_ok() || !path.exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // Killed processes leave the cgroup a moment later; best effort (a cleanup path).
+    let _ = crate::wait::ready(
+        &format!("cgroup {} to be removed", path.display()),
+        std::time::Duration::from_secs(1),
+        || Ok(std::fs::remove_dir(path).is_ok() || !path.exists()),
+    );
 }

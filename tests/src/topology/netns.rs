@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::cmd::{quietly, run};
+use crate::process::{quietly, run};
 
 pub const PREFIX_LEN: u8 = 24;
 
@@ -43,9 +43,23 @@ impl Netns {
 
     /// Whether something listens on TCP `port` in this namespace.
     pub fn is_listening(&self, port: u16) -> bool {
-        self.exec("ss", &["-Hltn", &format!("sport = :{port}")])
-            .map(|out| !out.trim().is_empty())
-            .unwrap_or(false)
+        self.ss("-Hltn", port)
+    }
+
+    /// Whether something is bound to UDP `port` in this namespace.
+    pub fn is_listening_udp(&self, port: u16) -> bool {
+        self.ss("-Hlun", port)
+    }
+
+    fn ss(&self, flags: &str, port: u16) -> bool {
+        self.exec("ss", &[flags, &format!("sport = :{port}")])
+            .is_ok_and(|out| !out.trim().is_empty())
+    }
+
+    /// Adds a further IPv4 address to `eth0`, in the LAN's prefix.
+    pub fn add_address(&self, addr: &str) -> Result<()> {
+        self.ip(&["addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", "eth0"])?;
+        Ok(())
     }
 }
 

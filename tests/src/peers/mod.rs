@@ -1,14 +1,20 @@
-//! Real third-party peers: a test CA (openssl), squid with basic auth, nginx serving TLS.
+//! Real third-party peers the tests talk to: a test CA (openssl), squid with basic auth, nginx
+//! serving TLS, dnsmasq, and the origin's packet counter (nftables) that tells whether anything
+//! went direct. Synapse is in [`synapse`].
+
+pub mod synapse;
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::{cmd::run, netns::Netns};
+use crate::{
+    process::{Daemon, Enter, launch, run},
+    topology::netns::Netns,
+};
 
 /// A CA and one server certificate signed by it, made with the openssl CLI.
 pub struct Certs {
@@ -89,52 +95,6 @@ pub fn make_certs(dir: &Path, name: &str, dns_names: &[&str], ips: &[&str], days
     })
 }
 
-/// A process started by the testbed, killed on drop.
-pub struct Daemon {
-    pub name: &'static str,
-    pub child: Child,
-}
-
-impl Daemon {
-    /// Starts `command` in a process group of its own, so that its children (nginx workers,
-    /// squid helpers) go with it.
-    pub fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Self> {
-        use std::os::unix::process::CommandExt;
-        let log = fs::File::create(log)?;
-        let child = command
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name, child })
-    }
-
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Daemon {
-    /// Sends `signal` to the whole process group.
-    pub fn signal(&self, signal: i32) {
-        // SAFETY: plain kill(2) on the group we created.
-        unsafe { libc::kill(-(self.child.id() as i32), signal) };
-    }
-
-    pub fn kill(&mut self) {
-        self.signal(libc::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 pub struct SquidOptions<'a> {
     pub user: &'a str,
     pub password: &'a str,
@@ -145,7 +105,7 @@ pub struct SquidOptions<'a> {
     pub hosts: &'a str,
     /// A second plain port with squid's stock CONNECT rule: CONNECT only to port 443
     /// (`http_access deny CONNECT !SSL_ports`), as operators' squids usually have it.
-    pub strict_port: u16,
+    pub strict_port: Option<u16>,
 }
 
 /// squid with basic auth (htpasswd + basic_ncsa_auth), CONNECT allowed to any port, access log
@@ -173,10 +133,13 @@ pub fn start_squid(ns: &Netns, dir: &Path, instance: &str, opts: &SquidOptions) 
             )
         })
         .collect();
+    let strict = opts
+        .strict_port
+        .map(|p| format!("http_port {p} name=strict\n"))
+        .unwrap_or_default();
     let conf = format!(
         "http_port {port}
-http_port {strict} name=strict
-{https_ports}
+{strict}{https_ports}
 auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}
 auth_param basic children 2 startup=1 idle=1
 auth_param basic realm egress-test
@@ -199,16 +162,19 @@ shutdown_lifetime 1 second
 max_filedescriptors 65536
 ",
         port = opts.http_port,
-        strict = opts.strict_port,
         passwd = passwd.display(),
         hosts = hosts.display(),
     );
     let conf_path = sq.join("squid.conf");
     fs::write(&conf_path, conf)?;
-    let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", &ns.name, "squid", "-N", "-n", instance, "-f"])
-        .arg(&conf_path);
+    let conf_path = conf_path.to_string_lossy();
+    let command = launch(
+        Some(&ns.name),
+        Enter::NetAndEtc,
+        None,
+        "squid",
+        &["-N", "-n", instance, "-f", &conf_path],
+    );
     Daemon::spawn("squid", command, &sq.join("stdout.log"))
 }
 
@@ -216,8 +182,16 @@ max_filedescriptors 65536
 pub const MATRIX_DELEGATIONS: &[(&str, &str)] = &[("example.test", "fed.example.test")];
 
 /// The origin's /preview.html: a page with Open Graph data, for URL previews.
-pub const PREVIEW_PAGE: &str = "<!doctype html><html><head><title>egress preview page</title>\
-<meta property=\"og:title\" content=\"Reached through egress\"></head><body>hello</body></html>\n";
+/// Its Open Graph title is [`PREVIEW_TITLE`], which a preview of it must carry.
+fn preview_page() -> String {
+    format!(
+        "<!doctype html><html><head><title>egress preview page</title>\
+         <meta property=\"og:title\" content=\"{PREVIEW_TITLE}\"></head><body>hello</body></html>\n"
+    )
+}
+
+/// The `og:title` of the origin's /preview.html.
+pub const PREVIEW_TITLE: &str = "Reached through egress";
 
 /// Size of the origin's /big.bin.
 pub const BIG_FILE_BYTES: u64 = 256 * 1024 * 1024;
@@ -290,13 +264,17 @@ http {{
     let www = ng.join("www");
     fs::create_dir_all(&www)?;
     fs::File::create(www.join("big.bin"))?.set_len(BIG_FILE_BYTES)?;
-    fs::write(www.join("preview.html"), PREVIEW_PAGE)?;
+    fs::write(www.join("preview.html"), preview_page())?;
     let conf_path = ng.join("nginx.conf");
     fs::write(&conf_path, conf)?;
-    let mut command = Command::new("ip");
-    command
-        .args(["netns", "exec", &ns.name, "nginx", "-c"])
-        .arg(&conf_path);
+    let conf_path = conf_path.to_string_lossy();
+    let command = launch(
+        Some(&ns.name),
+        Enter::NetAndEtc,
+        None,
+        "nginx",
+        &["-c", &conf_path],
+    );
     Daemon::spawn("nginx", command, &ng.join("stdout.log"))
 }
 
@@ -312,7 +290,7 @@ pub fn install_packet_counter(ns: &Netns, source4: &str, source6: &str) -> Resul
 }}
 "
     );
-    crate::cmd::run_with_input("ip", &["netns", "exec", &ns.name, "nft", "-f", "-"], &rules)?;
+    crate::process::run_with_input("ip", &["netns", "exec", &ns.name, "nft", "-f", "-"], Some(&rules))?;
     Ok(())
 }
 
@@ -333,32 +311,36 @@ pub fn read_packet_counter(ns: &Netns) -> Result<u64> {
 
 /// dnsmasq on 127.0.0.1:53 of `ns`, answering A/AAAA from `hosts` (hosts-file lines) and the
 /// `srv` records (name, target, port); nothing is forwarded anywhere.
-pub fn start_dnsmasq(ns: &Netns, dir: &Path, hosts: &str, srv: &[(&str, &str, u16)]) -> Result<Daemon> {
+pub fn start_dnsmasq(
+    ns: &Netns,
+    dir: &Path,
+    hosts: &str,
+    srv: &[crate::topology::SrvRecord],
+) -> Result<Daemon> {
     let dns = dir.join("dnsmasq");
     fs::create_dir_all(&dns)?;
     let hosts_file = dns.join("hosts");
     fs::write(&hosts_file, hosts)?;
-    let mut command = Command::new("ip");
-    command
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-        ])
-        .args([
-            "--no-poll",
-            "--no-hosts",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-        ])
-        .args(["--user=root", "--log-queries", "--log-facility=-"])
-        .arg(format!("--pid-file={}", dns.join("dnsmasq.pid").display()))
-        .arg(format!("--addn-hosts={}", hosts_file.display()));
-    for (name, target, port) in srv {
-        command.arg(format!("--srv-host={name},{target},{port}"));
-    }
+    let pid_file = format!("--pid-file={}", dns.join("dnsmasq.pid").display());
+    let hosts_arg = format!("--addn-hosts={}", hosts_file.display());
+    let srv_args: Vec<String> = srv
+        .iter()
+        .map(|(name, target, port)| format!("--srv-host={name},{target},{port}"))
+        .collect();
+    let mut args = vec![
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-poll",
+        "--no-hosts",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--user=root",
+        "--log-queries",
+        "--log-facility=-",
+        &pid_file,
+        &hosts_arg,
+    ];
+    args.extend(srv_args.iter().map(String::as_str));
+    let command = launch(Some(&ns.name), Enter::NetAndEtc, None, "dnsmasq", &args);
     Daemon::spawn("dnsmasq", command, &dns.join("dnsmasq.log"))
 }
