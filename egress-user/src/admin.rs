@@ -20,6 +20,11 @@ use tokio::net::TcpListener;
 use crate::{agent::Agent, proxy::Current};
 
 const PROBE_CACHE: Duration = Duration::from_secs(5);
+/// Admin connections served at once; more wait in the listen backlog. Each must send its request
+/// head within [`HEADER_TIMEOUT`], and may stay idle no longer: a local user cannot hold the
+/// agent's descriptors with idle connections.
+const MAX_CONNECTIONS: usize = 32;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The last upstream probe: when, for which configuration (a reload makes it stale), and what
 /// it found.
@@ -36,7 +41,13 @@ struct Probe {
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
     let health = Arc::new(HealthCache::default());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -50,8 +61,11 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
                 async move { Ok::<_, Infallible>(route(&agent, &health, request).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

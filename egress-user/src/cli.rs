@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    config::{Config, DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR, flags::RunArgs},
+    config::{Config, DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR, flags::RunArgs, redact::redact_credentials},
     daemon, diag, kernel, proxy,
 };
 
@@ -127,7 +127,19 @@ pub struct PinDir {
 
 /// Runs the command given on the command line.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap quotes what it could not parse: a misplaced proxy URL would show its password.
+            let text = e.render().to_string();
+            if e.use_stderr() {
+                eprint!("{}", redact_credentials(&text));
+            } else {
+                print!("{text}");
+            }
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => daemon::run(&args),
@@ -170,7 +182,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("egress: error: {e:#}");
+            eprintln!("egress: error: {}", redact_credentials(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -238,7 +250,7 @@ fn run_doctor(args: &DoctorArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("egress: error: {e:#}");
+            eprintln!("egress: error: {}", redact_credentials(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -88,6 +88,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let worker_threads = config.worker_threads;
     let agent = Agent::new(kernel, config, args.clone(), env)?;
     privileges::drop_to(&user)?;
+    agent.shared.kernel.check_access().with_context(|| {
+        format!(
+            "after dropping privileges to user {user:?} the agent cannot use its BPF maps: this \
+             kernel or its security policy denies bpf() to processes without CAP_BPF \
+             (kernel.unprivileged_bpf_disabled on Linux before 5.19, or an LSM); run with \
+             user = \"root\""
+        )
+    })?;
 
     runtime(worker_threads)?.block_on(serve(Arc::new(agent), listeners, logger))
 }
@@ -248,7 +256,10 @@ async fn reload_on_sighup(agent: Arc<Agent>) {
         let reloading = agent.clone();
         match tokio::task::spawn_blocking(move || reloading.reload()).await {
             Ok(Ok(())) => tracing::info!("configuration reloaded"),
-            Ok(Err(e)) => tracing::error!("reload failed, the previous configuration stays in force: {e:#}"),
+            Ok(Err(e)) => tracing::error!(
+                "reload failed, the previous configuration stays in force: {}",
+                crate::config::redact::redact_credentials(&format!("{e:#}"))
+            ),
             Err(e) => tracing::error!("reload failed: {e}"),
         }
     }

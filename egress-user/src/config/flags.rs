@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Seconds allowed for the proxy's answer to CONNECT [default: 15].
     #[arg(long, value_name = "SECS")]
     pub handshake_timeout: Option<f64>,
+    /// Seconds a forwarded plain-HTTP client may take to send a request head, and may keep its
+    /// connection idle between requests [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub request_header_timeout: Option<f64>,
     /// Seconds to wait for the client's first bytes (TLS ClientHello or HTTP request head)
     /// [default: 0.5].
     #[arg(long, value_name = "SECS")]

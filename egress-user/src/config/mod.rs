@@ -15,6 +15,7 @@ use serde::Deserialize;
 pub mod flags;
 pub mod homeserver;
 pub mod proxy_url;
+pub mod redact;
 
 use crate::{
     kernel::cgroups,
@@ -43,6 +44,9 @@ pub struct Timeouts {
     pub connect: Duration,
     /// From sending CONNECT to the end of the proxy's answer head.
     pub handshake: Duration,
+    /// A forwarded plain-HTTP client's request head must arrive within this, and a kept-alive
+    /// client connection may stay idle no longer.
+    pub request_header: Duration,
 }
 
 /// The TOML file: same names as the flags (and as Synapse's homeserver.yaml where they exist).
@@ -63,6 +67,7 @@ pub struct FileConfig {
     pub agent_mark: Option<u32>,
     pub connect_timeout: Option<f64>,
     pub handshake_timeout: Option<f64>,
+    pub request_header_timeout: Option<f64>,
     pub peek_timeout: Option<f64>,
     pub connect_by_ip: Option<bool>,
     pub default_route: Option<DefaultRoute>,
@@ -258,6 +263,11 @@ impl Config {
                     args.handshake_timeout.or(file.handshake_timeout),
                     15.0,
                 )?,
+                request_header: seconds(
+                    "request_header_timeout",
+                    args.request_header_timeout.or(file.request_header_timeout),
+                    60.0,
+                )?,
             },
             peek_timeout: seconds("peek_timeout", args.peek_timeout.or(file.peek_timeout), 0.5)?,
             connect_by_ip: args.connect_by_ip || file.connect_by_ip.unwrap_or(false),
@@ -295,7 +305,23 @@ impl Config {
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))
+}
+
+/// A TOML error by position and message, without the quoted source line that toml's own text
+/// carries (an unquoted proxy URL there would show its password).
+fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error {
+    let at = error.span().map_or_else(String::new, |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(", line {line}, column {column}")
+    });
+    anyhow::anyhow!(
+        "config file {}{at}: {}",
+        path.display(),
+        redact::redact_credentials(error.message().trim_end())
+    )
 }
 
 /// The proxy for one scheme: flag, else environment, else file (or homeserver.yaml); validated

@@ -53,6 +53,11 @@ pub fn render_config(config: &Config) -> String {
         "handshake_timeout = {}",
         config.timeouts.handshake.as_secs_f64()
     );
+    let _ = writeln!(
+        out,
+        "request_header_timeout = {}",
+        config.timeouts.request_header.as_secs_f64()
+    );
     let _ = writeln!(out, "peek_timeout = {}", config.peek_timeout.as_secs_f64());
     let _ = writeln!(out, "connect_by_ip = {}", config.connect_by_ip);
     let _ = writeln!(out, "default_route = {}", quote(config.default_route.as_str()));

@@ -65,6 +65,10 @@ pub struct Kernel {
     orig_dst: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
     /// The network namespace of the agent's listeners (its cookie).
     netns: u64,
+    served: Mutex<HashMap<MapData, u64, u32>>,
+    /// The deny and bypass sets this agent last put in force, to go back to if a change fails
+    /// halfway (before the first, a failure stops the start anyway).
+    applied: Mutex<Option<(Vec<IpNet>, Vec<IpNet>)>>,
     counters: PerCpuArray<MapData, u64>,
     ranges: Mutex<Ranges>,
     /// File descriptors of every link pinned under pin_dir, by pin name: while the agent runs,
@@ -97,7 +101,7 @@ impl Kernel {
             0,
         )?;
 
-        let mut served: HashMap<_, u64, u32> = HashMap::try_from(map_mut(&mut ebpf, maps::SERVED_NETNS)?)?;
+        let mut served: HashMap<_, u64, u32> = HashMap::try_from(take_map(&mut ebpf, maps::SERVED_NETNS)?)?;
         served
             .insert(netns, 1, 0)
             .context("recording the agent's network namespace for the kernel programs")?;
@@ -122,6 +126,8 @@ impl Kernel {
         Ok(Self {
             orig_dst: Mutex::new(orig_dst),
             netns,
+            served: Mutex::new(served),
+            applied: Mutex::default(),
             counters,
             ranges: Mutex::new(Ranges {
                 deny4,
@@ -372,25 +378,66 @@ impl Kernel {
         from_sock_addr(&original)
     }
 
-    /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass`.
-    ///
-    /// The tries are pinned and in use while this runs, so the order avoids any moment that is
-    /// more permissive than either the old or the new policy: new denies go in before stale
-    /// ones leave; stale bypasses leave before new ones go in.
+    /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass`. If that fails
+    /// halfway, the sets last put in force are restored, so that the kernel never runs a policy
+    /// the agent does not.
     pub fn set_ranges(&self, deny: &[IpNet], bypass: &[IpNet]) -> Result<()> {
-        let (deny4, deny6) = trie_keys(deny)?;
-        let (bypass4, bypass6) = trie_keys(bypass)?;
         let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
-        replace_keys(&mut r.deny4, &deny4, true).context("updating the kernel deny set")?;
-        replace_keys(&mut r.deny6, &deny6, true).context("updating the kernel deny set")?;
-        replace_keys(&mut r.bypass4, &bypass4, false).context("updating the kernel bypass set")?;
-        replace_keys(&mut r.bypass6, &bypass6, false).context("updating the kernel bypass set")?;
-        Ok(())
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        match write_ranges(&mut r, deny, bypass) {
+            Ok(()) => {
+                *applied = Some((deny.to_vec(), bypass.to_vec()));
+                Ok(())
+            }
+            Err(e) => {
+                if let Some((deny, bypass)) = &*applied
+                    && let Err(restore) = write_ranges(&mut r, deny, bypass)
+                {
+                    tracing::error!("restoring the previous kernel address sets failed too: {restore:#}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Uses each kind of map access the running agent needs (read, write, delete), as the
+    /// agent is now: after the privilege drop, on kernels or security policies that deny bpf()
+    /// to unprivileged processes, every connection would fail.
+    pub fn check_access(&self) -> Result<()> {
+        self.counters().context("reading the decision counters")?;
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.netns, 1, 0)
+            .context("writing the served-namespaces map")?;
+        let probe = ConnKey::default();
+        match self
+            .orig_dst
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&probe)
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("deleting from the original-destination map"),
+        }
     }
 
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
         read_counters(&self.counters)
     }
+}
+
+/// The tries are pinned and in use while this runs, so the order avoids any moment that is more
+/// permissive than either the old or the new policy: new denies go in before stale ones leave;
+/// stale bypasses leave before new ones go in.
+fn write_ranges(r: &mut Ranges, deny: &[IpNet], bypass: &[IpNet]) -> Result<()> {
+    let (deny4, deny6) = trie_keys(deny)?;
+    let (bypass4, bypass6) = trie_keys(bypass)?;
+    replace_keys(&mut r.deny4, &deny4, true).context("updating the kernel deny set")?;
+    replace_keys(&mut r.deny6, &deny6, true).context("updating the kernel deny set")?;
+    replace_keys(&mut r.bypass4, &bypass4, false).context("updating the kernel bypass set")?;
+    replace_keys(&mut r.bypass6, &bypass6, false).context("updating the kernel bypass set")?;
+    Ok(())
 }
 
 type TrieKeys = (Vec<Key<u32>>, Vec<Key<[u32; 4]>>);

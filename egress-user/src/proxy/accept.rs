@@ -98,7 +98,15 @@ async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr, decisi
                 authority,
                 approved_host: sniffed.name().map(str::to_owned),
             };
-            Box::pin(forward::serve(client, first_bytes.freeze(), forward, decision)).await;
+            let header_timeout = config.timeouts.request_header;
+            Box::pin(forward::serve(
+                client,
+                first_bytes.freeze(),
+                forward,
+                header_timeout,
+                decision,
+            ))
+            .await;
         }
         Action::Connect { proxy, target } => {
             tunnel(shared, proxy, &target, client, first_bytes.freeze(), decision).await;

@@ -12,7 +12,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{Either, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -43,7 +44,13 @@ struct State {
     client_fd: RawFd,
 }
 
-pub async fn serve(client: TcpStream, sniffed: Bytes, forward: Forward, decision: &mut Decision) {
+pub async fn serve(
+    client: TcpStream,
+    sniffed: Bytes,
+    forward: Forward,
+    header_timeout: Duration,
+    decision: &mut Decision,
+) {
     let authorization = forward
         .proxy
         .url
@@ -69,8 +76,12 @@ pub async fn serve(client: TcpStream, sniffed: Bytes, forward: Forward, decision
         let state = service_state.clone();
         async move { state.forward_one(request).await }
     });
+    // Without a timer hyper has no header timeout: an idle client would hold its connection
+    // (and two descriptors) for ever.
     let served = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(io, service)
         .await;
 
@@ -86,10 +97,41 @@ pub async fn serve(client: TcpStream, sniffed: Bytes, forward: Forward, decision
     }
 }
 
+/// What the client gets back: the proxy's answer, or egress's own refusal.
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// Methods egress never forwards, answered 405 without contacting the proxy: a proxy that
+/// echoes TRACE (or TRACK) would hand back the `Proxy-Authorization` egress added, and CONNECT
+/// inside a forwarded connection would open a tunnel past the plan made for this one.
+fn refuse_method(method: &Method) -> Option<Response<Body>> {
+    if !(method == Method::TRACE || method == Method::CONNECT || method.as_str() == "TRACK") {
+        return None;
+    }
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "egress does not forward {method} requests\n"
+    )))));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Some(response)
+}
+
 impl State {
-    async fn forward_one(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn forward_one(&self, request: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let result = self.try_forward(request).await;
+        if let Some(refused) = refuse_method(request.method()) {
+            self.last_status
+                .store(refused.status().as_u16(), Ordering::Relaxed);
+            return Ok(refused);
+        }
+        let result = self.try_forward(request).await.map(|r| r.map(Either::Left));
         if let Err(e) = &result {
             self.abort_client(e.to_string());
         }
@@ -174,6 +216,22 @@ fn request_host<B>(request: &Request<B>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_track_and_connect_are_refused_and_the_rest_forwarded() {
+        for method in ["TRACE", "TRACK", "CONNECT"] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let refused = refuse_method(&method).unwrap_or_else(|| panic!("{method} forwarded"));
+            assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert!(refused.headers().contains_key(header::ALLOW));
+        }
+        for method in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND",
+        ] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert!(refuse_method(&method).is_none(), "{method} refused");
+        }
+    }
 
     #[test]
     fn request_host_is_lowercased_without_port() {

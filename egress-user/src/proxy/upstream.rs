@@ -284,6 +284,7 @@ mod tests {
     const TIMEOUTS: Timeouts = Timeouts {
         connect: Duration::from_secs(2),
         handshake: Duration::from_millis(500),
+        request_header: Duration::from_secs(60),
     };
 
     /// A one-connection fake proxy on loopback: returns the request head it read, after
