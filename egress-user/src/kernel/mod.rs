@@ -417,7 +417,11 @@ impl Kernel {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&probe)
         {
+            // No entry has this key: the deletion must fail with ENOENT, not EPERM.
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(e).context("deleting from the original-destination map"),
         }
     }
