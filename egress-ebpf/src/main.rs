@@ -144,17 +144,25 @@ fn is_tcp(sa: &bpf_sock_addr) -> bool {
 }
 
 /// The agent settings, or returns at once from the calling function: Deny when no agent has
-/// configured the programs (they never let anything through unconfigured), Allow for the agent's
-/// own (marked) sockets. A macro, not a function returning `Result<&AgentConfig, Verdict>`: the
-/// compiler packs such a result into a register with shifts the verifier refuses on pointers.
+/// configured the programs (they never let anything through unconfigured) or the caller's
+/// network namespace is not one egress serves, Allow for the agent's own (marked) sockets. The
+/// namespace comes first: in a namespace of its own (`unshare -rn`, a container with
+/// CAP_NET_RAW) a process may set any mark. A macro, not a function returning
+/// `Result<&AgentConfig, Verdict>`: the compiler packs such a result into a register with shifts
+/// the verifier refuses on pointers.
 macro_rules! config_or_return {
-    ($sa:expr) => {{
+    ($ctx:expr, $sa:expr) => {{
         let Some(cfg) = CONFIG.get(0) else {
             count(counter::DENY_UNCONFIGURED);
             return Verdict::Deny;
         };
         if cfg.ready == 0 {
             count(counter::DENY_UNCONFIGURED);
+            return Verdict::Deny;
+        }
+        let netns = unsafe { bpf_get_netns_cookie($ctx.as_ptr()) };
+        if unsafe { SERVED_NETNS.get(&netns) }.is_none() {
+            count(counter::DENY_NO_LISTENER);
             return Verdict::Deny;
         }
         let mark = unsafe { (*$sa.__bindgen_anon_1.sk).mark };
@@ -173,7 +181,7 @@ fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16
         count(counter::PASS_LOOPBACK);
         return Verdict::Allow;
     }
-    let cfg = config_or_return!(sa);
+    let cfg = config_or_return!(ctx, sa);
     // The agent keeps the two sets disjoint (bypass minus deny): the order of the lookups does
     // not matter, and a bypassed connect costs one.
     let key = Key::new(32, dst_ip);
@@ -204,7 +212,7 @@ fn decide6(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: [u32; 4], dst_port
         count(counter::PASS_LOOPBACK);
         return Verdict::Allow;
     }
-    let cfg = config_or_return!(sa);
+    let cfg = config_or_return!(ctx, sa);
     let key = Key::new(128, dst_ip);
     if BYPASS6.get(&key).is_some() {
         count(counter::PASS_NO_PROXY);
@@ -250,16 +258,11 @@ struct Tuple6 {
     dport: u16,
 }
 
-/// Whether egress itself listens where the redirect would go: the caller's network namespace is
-/// one egress serves, and the socket listening on loopback at egress's port there carries the
-/// agent `mark`. `ipv6`: the [::1] listener, else 127.0.0.1.
+/// Whether egress itself listens where the redirect would go (in the caller's network
+/// namespace, which `config_or_return!` found served): the socket listening on loopback at
+/// egress's port carries the agent `mark`. `ipv6`: the [::1] listener, else 127.0.0.1.
 #[inline(always)]
 fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool) -> bool {
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if unsafe { SERVED_NETNS.get(&netns) }.is_none() {
-        count(counter::DENY_NO_LISTENER);
-        return false;
-    }
     let dport = port.to_be();
     let sk: *mut bpf_sock = if ipv6 {
         let mut tuple = Tuple6 {

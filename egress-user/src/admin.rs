@@ -20,9 +20,10 @@ use tokio::net::TcpListener;
 use crate::{agent::Agent, proxy::Current};
 
 const PROBE_CACHE: Duration = Duration::from_secs(5);
-/// Admin connections served at once; more wait in the listen backlog. Each must send its request
-/// head within [`HEADER_TIMEOUT`], and may stay idle no longer: a local user cannot hold the
-/// agent's descriptors with idle connections.
+/// Admin connections served at once; one more is closed at once (nothing queues behind idle
+/// connections). Each must send its request head within [`HEADER_TIMEOUT`], and may stay idle
+/// no longer: a local user cannot hold the agent's descriptors with idle connections, and the
+/// endpoint answers again seconds after a flood stops.
 const MAX_CONNECTIONS: usize = 32;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -43,13 +44,12 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
     let health = Arc::new(HealthCache::default());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         let agent = agent.clone();

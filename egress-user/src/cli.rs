@@ -5,8 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    config::{Config, DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR, flags::RunArgs, redact::redact_credentials},
+    config::{Config, DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR, flags::RunArgs},
     daemon, diag, kernel, proxy,
+    redact::redact_credentials,
 };
 
 #[derive(Parser, Debug)]

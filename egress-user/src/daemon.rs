@@ -19,29 +19,6 @@ use crate::{
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// The listening sockets, bound (so that nobody else can take the port) but not yet listening.
-struct Bound {
-    v4: socket2::Socket,
-    v6: Option<socket2::Socket>,
-    admin: socket2::Socket,
-}
-
-impl Bound {
-    fn listen(self) -> Result<Listeners> {
-        let listen = |socket: socket2::Socket| -> std::io::Result<StdListener> {
-            // A deep backlog absorbs bursts of connects (capped by net.core.somaxconn).
-            socket.listen(4096)?;
-            socket.set_nonblocking(true)?;
-            Ok(socket.into())
-        };
-        Ok(Listeners {
-            v4: listen(self.v4).context("listening on 127.0.0.1")?,
-            v6: self.v6.map(listen).transpose().context("listening on [::1]")?,
-            admin: listen(self.admin).context("listening on admin_addr")?,
-        })
-    }
-}
-
 struct Listeners {
     v4: StdListener,
     v6: Option<StdListener>,
@@ -59,19 +36,23 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 
     raise_fd_limit();
-    let sockets = bind(&config)?;
+    warn_if_unprivileged_port(config.listen_port);
     let settings = KernelSettings {
         pin_dir: config.pin_dir.clone(),
         listen_port: config.listen_port,
         agent_mark: config.agent_mark,
         kernel_log: config.kernel_log,
     };
-    let netns = kernel::netns_cookie(&sockets.v4)?;
+    let netns = kernel::netns_cookie(&socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        None,
+    )?)?;
     // Loading clears what a dead agent left in the kernel for this namespace; only then do the
     // listeners take connections. They listen before anything is attached, so the first
     // redirected connect already finds them.
     let mut kernel = Kernel::load(&settings, netns)?;
-    let listeners = sockets.listen()?;
+    let listeners = bind(&config)?;
     let logger = kernel.take_logger();
     // Ranges before links: a newly attached cgroup is never without its deny set.
     kernel.set_ranges(
@@ -113,6 +94,23 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// The kernel redirects only to a listener with the agent mark, so a squatter on the port gets no
+/// new connection; but a SYN already sent (and retransmitted) while egress restarts goes to
+/// whoever listens by then. Below `ip_unprivileged_port_start` only privileged processes can.
+fn warn_if_unprivileged_port(port: u16) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1024);
+    if u32::from(port) >= start {
+        tracing::warn!(
+            "listen_port {port} is one any local user may bind (net.ipv4.ip_unprivileged_port_start \
+             = {start}): while egress restarts, connections already on their way could reach such a \
+             listener; use a port below {start}"
+        );
+    }
+}
+
 /// Each relayed connection holds two descriptors; thousands of idle federation connections are
 /// normal for a homeserver. Raised while still root (the hard limit too, up to fs.nr_open).
 fn raise_fd_limit() {
@@ -149,16 +147,19 @@ fn raise_fd_limit() {
 /// The listeners. The kernel redirects only to a listener that carries the agent mark (setting
 /// it takes CAP_NET_ADMIN), so another user who binds the port gets nothing. Both loopback
 /// listeners or none: egress never runs half-listening.
-fn bind(config: &Config) -> Result<Bound> {
+fn bind(config: &Config) -> Result<Listeners> {
     use socket2::{Domain, Socket, Type};
-    let listen = |addr: std::net::SocketAddr, mark: Option<u32>| -> std::io::Result<Socket> {
+    let listen = |addr: std::net::SocketAddr, mark: Option<u32>| -> std::io::Result<StdListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
         if let Some(mark) = mark {
             socket.set_mark(mark)?;
         }
         socket.bind(&addr.into())?;
-        Ok(socket)
+        // A deep backlog absorbs bursts of connects (capped by net.core.somaxconn).
+        socket.listen(4096)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
     };
     let mark = Some(config.agent_mark);
     let in_use = |addr| {
@@ -186,7 +187,7 @@ fn bind(config: &Config) -> Result<Bound> {
     };
     let admin = listen(config.admin_addr, None)
         .with_context(|| format!("listening on admin_addr {}", config.admin_addr))?;
-    Ok(Bound { v4, v6, admin })
+    Ok(Listeners { v4, v6, admin })
 }
 
 async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLogger>) -> Result<()> {
@@ -258,7 +259,7 @@ async fn reload_on_sighup(agent: Arc<Agent>) {
             Ok(Ok(())) => tracing::info!("configuration reloaded"),
             Ok(Err(e)) => tracing::error!(
                 "reload failed, the previous configuration stays in force: {}",
-                crate::config::redact::redact_credentials(&format!("{e:#}"))
+                crate::redact::redact_credentials(&format!("{e:#}"))
             ),
             Err(e) => tracing::error!("reload failed: {e}"),
         }

@@ -37,6 +37,12 @@ pub fn valid_hostname(name: &str) -> bool {
 /// A destination as an admin writes it: `host:port`, `[v6]:port`, `ip:port`, or a bare host or
 /// address (port 443). Names come back lower case.
 pub fn parse_destination(dest: &str) -> Result<(String, u16)> {
+    if dest.contains('@') {
+        bail!(
+            "{}: a destination has no user information; expected HOST[:PORT], IP[:PORT] or [IPv6]:PORT",
+            crate::redact::redact_credentials(dest)
+        );
+    }
     if let Ok(addr) = dest.parse::<SocketAddr>() {
         return Ok((addr.ip().to_string(), addr.port()));
     }

@@ -16,6 +16,7 @@ mod hostport;
 mod kernel;
 mod metrics;
 mod proxy;
+mod redact;
 mod route;
 
 pub use cli::main;

@@ -13,14 +13,17 @@ use egress_testbed::{
     procfs, wait,
 };
 
-/// Listens on the given loopback addresses at PORT as `nobody`, prints `listening`, then one
-/// `accepted` line per connection until killed.
+/// Listens on port argv[1] of the loopback addresses argv[2..], prints `listening` (or the
+/// errno's name if it cannot), then one `accepted` line per connection until killed.
 const SQUATTER: &str = r#"
-import socket, sys, threading
+import errno, socket, sys, threading
 socks = []
-for host in sys.argv[1:]:
-    s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
-    s.bind((host, 15001)); s.listen(16); socks.append(s)
+try:
+    for host in sys.argv[2:]:
+        s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+        s.bind((host, int(sys.argv[1]))); s.listen(16); socks.append(s)
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)), flush=True); sys.exit(1)
 print('listening', flush=True)
 def serve(s):
     while True:
@@ -30,11 +33,13 @@ for s in socks[1:]:
 serve(socks[0])
 "#;
 
-/// Connects to argv[1]:argv[2] from local port argv[3] (bound on 0.0.0.0) and prints `connected`
-/// or the errno's name.
+/// Connects to argv[1]:argv[2] from local port argv[3] (bound on 0.0.0.0), with socket mark
+/// argv[4] if given, and prints `connected` or the errno's name.
 const CONNECT_FROM_PORT: &str = r#"
 import errno, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if len(sys.argv) > 4:
+    s.setsockopt(socket.SOL_SOCKET, 36, int(sys.argv[4], 0))  # SO_MARK
 s.bind(('0.0.0.0', int(sys.argv[3]))); s.settimeout(5)
 try:
     s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')
@@ -42,17 +47,17 @@ except OSError as e:
     print(errno.errorcode.get(e.errno, str(e)))
 "#;
 
-/// From 127.0.0.1:argv[1], connects to egress's listener directly, sends an HTTP request for
+/// From 127.0.0.1:argv[1], connects to egress's listener (the default port) directly, sends an HTTP request for
 /// origin.test and prints what came back (`reset`, `eof` or the first bytes).
 const FORGE_FROM_PORT: &str = r#"
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('127.0.0.1', int(sys.argv[1]))); s.settimeout(10)
-s.connect(('127.0.0.1', 15001))
-s.sendall(b'GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n')
 try:
+    s.connect(('127.0.0.1', 1001))
+    s.sendall(b'GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n')
     data = s.recv(100); print('eof' if not data else repr(data))
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     print('reset')
 "#;
 
@@ -69,24 +74,45 @@ fn python_as_nobody<'a>(args: &[&'a str]) -> Vec<&'a str> {
     all
 }
 
+/// Reads the squatter's first line.
+fn first_line(child: &mut std::process::Child) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while child.stdout.as_mut().unwrap().read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
 #[test]
 fn a_squatter_on_the_listener_port_gets_nothing_and_egress_refuses_to_share_it() {
     let mut bed = Testbed::standard();
-    bed.start_default_agent().unwrap();
+
+    // The default port is below 1024: an unprivileged user cannot even bind it.
+    let args = python_as_nobody(&["-c", SQUATTER, "1001", "127.0.0.1"]);
+    let output = bed.hs_command(None, args[0], &args[1..]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "EACCES");
+
+    // On a port anyone may bind (as an admin may configure), the kernel still redirects only to
+    // egress's own listener.
+    bed.start_agent_with(&["--listen-port", "15001"]).unwrap();
+    assert!(
+        bed.agent().log().contains("is one any local user may bind"),
+        "{}",
+        bed.agent().log()
+    );
     bed.stop_agent(); // the programs stay attached
     let before = bed.agent().counter("deny_not_agent_listener").unwrap();
 
     // While egress is down, an unprivileged local user takes both loopback ports.
-    let args = python_as_nobody(&["-c", SQUATTER, "127.0.0.1", "::1"]);
+    let args = python_as_nobody(&["-c", SQUATTER, "15001", "127.0.0.1", "::1"]);
     let mut squatter = bed
         .hs_command(None, args[0], &args[1..])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = [0u8; 10];
-    squatter.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
-    assert_eq!(&first, b"listening\n");
+    assert_eq!(first_line(&mut squatter), "listening");
 
     // Connects from the cgroup are refused in the kernel; the squatter gets nothing.
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 443).unwrap(), "EPERM");
@@ -99,7 +125,7 @@ fn a_squatter_on_the_listener_port_gets_nothing_and_egress_refuses_to_share_it()
 
     // egress will not start beside the squatter, nor on half its ports.
     let refused = bed
-        .start_default_agent()
+        .start_agent_with(&["--listen-port", "15001"])
         .err()
         .expect("egress started on a taken port");
     let refused = format!("{refused:#}");
@@ -115,21 +141,23 @@ fn a_squatter_on_the_listener_port_gets_nothing_and_egress_refuses_to_share_it()
         "the squatter got a connection: {seen}"
     );
 
-    let args = python_as_nobody(&["-c", SQUATTER, "::1"]);
+    let args = python_as_nobody(&["-c", SQUATTER, "15001", "::1"]);
     let mut v6_only = bed
         .hs_command(None, args[0], &args[1..])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = [0u8; 10];
-    v6_only.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
-    let refused = bed.start_default_agent().err().expect("egress ran without [::1]");
+    assert_eq!(first_line(&mut v6_only), "listening");
+    let refused = bed
+        .start_agent_with(&["--listen-port", "15001"])
+        .err()
+        .expect("egress ran without [::1]");
     assert!(format!("{refused:#}").contains("[::1]:15001"), "{refused:#}");
     let _ = v6_only.kill();
     let _ = v6_only.wait();
 
     // With the port free again egress starts, and traffic flows through squid only.
-    bed.start_default_agent().unwrap();
+    bed.start_agent_with(&["--listen-port", "15001"]).unwrap();
     let fetched = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(fetched.code, Some(0), "{fetched:?}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
@@ -164,6 +192,13 @@ fn forged_original_destinations_are_reset_with_the_reason() {
         .unwrap();
     assert_eq!(connect.stdout.trim(), "EPERM", "{connect:?}");
     assert_eq!(bed.agent().counter("deny_no_listener").unwrap(), before + 1);
+    // There it may set any mark, egress's included: still refused, not passed as egress's own.
+    let script = format!("ip link set lo up && exec python3 -c \"$0\" {ORIGIN_IP} 443 40103 0x65677273");
+    let marked = bed
+        .run_in_cgroup("unshare", &["-n", "sh", "-c", &script, CONNECT_FROM_PORT])
+        .unwrap();
+    assert_eq!(marked.stdout.trim(), "EPERM", "{marked:?}");
+    assert_eq!(bed.agent().counter("deny_no_listener").unwrap(), before + 2);
 
     // A process outside the cgroup claims both local addresses.
     for port in [stale_port, own_ns_port] {
@@ -277,6 +312,25 @@ print(s.recv(100).split(b'\r\n')[0].decode())
 ";
     let connect = bed.run_in_cgroup("python3", &["-c", raw]).unwrap();
     assert!(connect.stdout.starts_with("HTTP/1.1 405"), "{connect:?}");
+    // Proxies are lenient about case (squid takes `trace` for TRACE): a lower-case method on a
+    // kept-alive connection is refused too.
+    let lower = r"
+import socket
+s = socket.create_connection(('10.248.0.30', 80), 10)
+s.sendall(b'GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n')
+first = b''
+while b'origin ok' not in first:
+    first += s.recv(65536)
+s.sendall(b'trace / HTTP/1.1\r\nHost: origin.test\r\nMax-Forwards: 0\r\n\r\n')
+second = s.recv(65536)
+print(first.split(b'\r\n')[0].decode(), '|', second.split(b'\r\n')[0].decode())
+";
+    let lower = bed.run_in_cgroup("python3", &["-c", lower]).unwrap();
+    assert_eq!(
+        lower.stdout.trim(),
+        "HTTP/1.1 200 OK | HTTP/1.1 405 Method Not Allowed",
+        "{lower:?}"
+    );
 
     // The client's own credentials never reach squid: with them squid would answer 407.
     let result = bed
@@ -309,7 +363,7 @@ print(s.recv(100).split(b'\r\n')[0].decode())
         line.contains(&format!(" {PROXY_USER} ")) && line.contains("/200 "),
         "{line}"
     );
-    for method in ["TRACE", "TRACK", "CONNECT"] {
+    for method in ["TRACE", "TRACK", "CONNECT", "trace"] {
         assert!(!log.contains(method), "squid saw {method}: {log}");
     }
 }
@@ -345,13 +399,26 @@ fn no_error_output_shows_a_proxy_password() {
         ("unknown key", format!("proxy = \"{url}\"\n")),
         (
             "broken quoting",
-            format!("https_proxy = \"http://alice:S3c\"retPW@proxy:3128\"\n"),
+            "https_proxy = \"http://alice:S3c\"retPW@proxy:3128\"\n".to_owned(),
         ),
         ("URL in no_proxy", format!("no_proxy = [\"{url}\"]\n")),
         ("URL as a range", format!("ip_range_blacklist = [\"{url}\"]\n")),
         (
             "password with @",
             "https_proxy = http://alice:S3cret@PW@proxy:3128\n".to_owned(),
+        ),
+        // Quoted back by the TOML parser as a string value: punctuation and spaces inside.
+        (
+            "string for a list, `;`",
+            "no_proxy = \"http://alice:S3c;retPW@proxy:3128\"\n".to_owned(),
+        ),
+        (
+            "string for a list, `,`",
+            "no_proxy = \"http://alice:S3c,retPW@proxy:3128\"\n".to_owned(),
+        ),
+        (
+            "string for a number, space",
+            "listen_port = \"http://alice:S3c retPW@proxy\"\n".to_owned(),
         ),
     ];
     let mut runs: Vec<(String, egress_testbed::ClientResult)> = Vec::new();
@@ -394,6 +461,8 @@ fn no_error_output_shows_a_proxy_password() {
         ],
         vec!["check-config", "--no-proxy", "http://alice:S3cretPW@proxy:3128"],
         vec!["check-config", "http://alice:S3cretPW@proxy:3128"],
+        vec!["check-config", "--agent-mark", "http://alice:S3c,retPW@proxy"],
+        vec!["explain", "alice:S3cretPW@proxy"],
     ] {
         runs.push((
             format!("flags {flags:?}").replace(PASSWORD, "***"),
@@ -406,6 +475,12 @@ fn no_error_output_shows_a_proxy_password() {
         .output()
         .unwrap();
     runs.push(("environment".into(), env.into()));
+    let env = std::process::Command::new(egress_testbed::egress_bin())
+        .arg("check-config")
+        .env("no_proxy", "alice:S3cretPW@proxy")
+        .output()
+        .unwrap();
+    runs.push(("no_proxy environment".into(), env.into()));
 
     for (case, result) in &runs {
         assert_ne!(

@@ -43,7 +43,7 @@ pub struct RunArgs {
     /// Exceptions to the blacklist; repeatable.
     #[arg(long, value_name = "CIDR")]
     pub ip_range_whitelist: Vec<String>,
-    /// Port of the agent's listener on 127.0.0.1 [default: 15001].
+    /// Port of the agent's listeners on 127.0.0.1 and [::1]; keep it below 1024 [default: 1001].
     #[arg(long, value_name = "PORT")]
     pub listen_port: Option<u16>,
     /// Socket mark on the agent's own connections, never intercepted; non-zero

@@ -15,7 +15,6 @@ use serde::Deserialize;
 pub mod flags;
 pub mod homeserver;
 pub mod proxy_url;
-pub mod redact;
 
 use crate::{
     kernel::cgroups,
@@ -30,7 +29,9 @@ use proxy_url::{ProxyUrl, proxy_from_env};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/egress/egress.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
-pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+/// Below 1024 (`net.ipv4.ip_unprivileged_port_start`), so that no unprivileged process can
+/// listen there, not even while egress restarts.
+pub const DEFAULT_LISTEN_PORT: u16 = 1001;
 /// "egrs": marks the agent's own sockets so the kernel program never redirects them.
 pub const DEFAULT_AGENT_MARK: u32 = 0x6567_7273;
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9478";
@@ -320,7 +321,7 @@ fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error
     anyhow::anyhow!(
         "config file {}{at}: {}",
         path.display(),
-        redact::redact_credentials(error.message().trim_end())
+        crate::redact::redact_credentials(error.message().trim_end())
     )
 }
 

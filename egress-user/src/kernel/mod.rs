@@ -721,7 +721,7 @@ mod tests {
         for text in [
             "10.248.0.30:443",
             "[2001:db8::1]:8448",
-            "[::1]:15001",
+            "[::1]:1001",
             "127.0.0.1:1",
         ] {
             let addr: SocketAddr = text.parse().unwrap();

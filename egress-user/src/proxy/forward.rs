@@ -102,9 +102,16 @@ type Body = Either<Incoming, Full<Bytes>>;
 
 /// Methods egress never forwards, answered 405 without contacting the proxy: a proxy that
 /// echoes TRACE (or TRACK) would hand back the `Proxy-Authorization` egress added, and CONNECT
-/// inside a forwarded connection would open a tunnel past the plan made for this one.
+/// inside a forwarded connection would open a tunnel past the plan made for this one. Methods
+/// are case-sensitive, but proxies are lenient (squid takes `trace` as TRACE): any method with a
+/// lower-case letter is refused too.
 fn refuse_method(method: &Method) -> Option<Response<Body>> {
-    if !(method == Method::TRACE || method == Method::CONNECT || method.as_str() == "TRACK") {
+    let name = method.as_str();
+    let refused = ["TRACE", "TRACK", "CONNECT"]
+        .iter()
+        .any(|m| name.eq_ignore_ascii_case(m))
+        || name.bytes().any(|b| b.is_ascii_lowercase());
+    if !refused {
         return None;
     }
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!(
@@ -219,7 +226,7 @@ mod tests {
 
     #[test]
     fn trace_track_and_connect_are_refused_and_the_rest_forwarded() {
-        for method in ["TRACE", "TRACK", "CONNECT"] {
+        for method in ["TRACE", "TRACK", "CONNECT", "trace", "Track", "connect", "get"] {
             let method = Method::from_bytes(method.as_bytes()).unwrap();
             let refused = refuse_method(&method).unwrap_or_else(|| panic!("{method} forwarded"));
             assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);

@@ -236,12 +236,18 @@ fn refuse_name(policy: &Policy, name: &str) -> Option<Rule> {
             ..rule
         });
     }
-    // RFC 6761 reserves localhost and its subdomains; the others are in Debian's /etc/hosts.
+    // RFC 6761 reserves localhost and its subdomains; the others are in the /etc/hosts of
+    // Debian (ip6-*) and RHEL (localhost4/6). The proxy host's own name cannot be known here:
+    // the proxy should refuse it (squid: `http_access deny to_localhost`).
     let local = [
         "localhost",
         "localhost.localdomain",
         "ip6-localhost",
         "ip6-loopback",
+        "localhost4",
+        "localhost4.localdomain4",
+        "localhost6",
+        "localhost6.localdomain6",
     ];
     (local.contains(&name.as_str()) || name.ends_with(".localhost"))
         .then(|| Rule::new(RuleKind::LocalName, name))
@@ -349,6 +355,8 @@ mod tests {
             (proxies, "93.184.216.34:443", tls(Some("localhost")), "deny [local name localhost]"),
             (proxies, "93.184.216.34:443", tls(Some("admin.localhost")), "deny [local name admin.localhost]"),
             (proxies, "93.184.216.34:443", tls(Some("ip6-localhost")), "deny [local name ip6-localhost]"),
+            (proxies, "93.184.216.34:443", tls(Some("localhost6.localdomain6")),
+                "deny [local name localhost6.localdomain6]"),
             (proxies, "93.184.216.34:443", tls(Some("localhost.example")),
                 "connect localhost.example:443 via tls-proxy:3128 [proxy]"),
         ];

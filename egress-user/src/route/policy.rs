@@ -166,6 +166,13 @@ impl NoProxyEntry {
             entry: entry.to_owned(),
             reason,
         };
+        if entry.contains('@') {
+            // User information: never echo it (a proxy URL put here by mistake has a password).
+            return Err(PolicyError::BadNoProxyHost {
+                entry: crate::redact::redact_credentials(entry),
+                reason: "has user information (`@`); give a host name, address or range",
+            });
+        }
         if entry.contains("://") {
             return Err(host_err("is a URL; give a host name, address or range"));
         }

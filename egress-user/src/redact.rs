@@ -4,19 +4,31 @@
 //! every reload failure it logs passes through [`redact_credentials`].
 
 /// `text` with the password of every `user:password@host` (with or without `scheme://`)
-/// replaced by `***`. A token runs between whitespace, quotes and brackets; its last `@` ends
-/// the user information, so a password containing `@` is masked whole.
+/// replaced by `***`. A quoted string (`"..."`, `'...'`, `` `...` ``) is one token, spaces and
+/// all; elsewhere tokens run between whitespace. A token's last `@` ends the user information,
+/// so a password containing `@`, `,`, `;` or brackets is masked whole.
 pub fn redact_credentials(text: &str) -> String {
-    let is_delimiter = |c: char| c.is_whitespace() || "\"'`<>()[]{},;|\\".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while !rest.is_empty() {
-        let start = rest.find(|c: char| !is_delimiter(c)).unwrap_or(rest.len());
-        out.push_str(&rest[..start]);
-        rest = &rest[start..];
-        let end = rest.find(is_delimiter).unwrap_or(rest.len());
-        out.push_str(&redact_token(&rest[..end]));
-        rest = &rest[end..];
+    while let Some(c) = rest.chars().next() {
+        if c.is_whitespace() {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        } else if matches!(c, '"' | '\'' | '`') {
+            // The quoted string, or the rest if it is not closed.
+            out.push(c);
+            rest = &rest[1..];
+            let end = rest.find(c).unwrap_or(rest.len());
+            out.push_str(&redact_token(&rest[..end]));
+            out.push_str(&rest[end..(end + 1).min(rest.len())]);
+            rest = &rest[(end + 1).min(rest.len())..];
+        } else {
+            let end = rest
+                .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+                .unwrap_or(rest.len());
+            out.push_str(&redact_token(&rest[..end]));
+            rest = &rest[end..];
+        }
     }
     out
 }
@@ -57,6 +69,16 @@ mod tests {
                 "invalid type: string \"http://a:***@c\"",
             ),
             ("(u:pw@h)", "(u:***@h)"),
+            (
+                "string \"http://alice:S3c;ret@proxy:3128\"",
+                "string \"http://alice:***@proxy:3128\"",
+            ),
+            ("'http://alice:S3c,ret@proxy'", "'http://alice:***@proxy'"),
+            ("\"http://alice:S3c ret@proxy\" x", "\"http://alice:***@proxy\" x"),
+            (
+                "unclosed \"http://alice:S3c ret@proxy",
+                "unclosed \"http://alice:***@proxy",
+            ),
             // Nothing to mask.
             ("http://alice@proxy:3128", "http://alice@proxy:3128"),
             ("mail root@example.org now", "mail root@example.org now"),
