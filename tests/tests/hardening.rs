@@ -239,19 +239,7 @@ fn names_in_host_cannot_route_around_the_blacklist() {
     for host in [ORIGIN_IP_2, "localhost", "127.0.0.1", "[::1]"] {
         let header = format!("Host: {host}");
         let result = bed
-            .run_in_cgroup(
-                "curl",
-                &[
-                    "-sS",
-                    "--noproxy",
-                    "*",
-                    "--max-time",
-                    "10",
-                    "-H",
-                    &header,
-                    &format!("http://{ORIGIN_IP}/"),
-                ],
-            )
+            .curl_many(&["-H", &header, &format!("http://{ORIGIN_IP}/")])
             .unwrap();
         assert_ne!(result.code, Some(0), "{host}: {result:?}");
         let name = host.trim_start_matches('[').trim_end_matches(']');
@@ -280,27 +268,11 @@ fn forwarded_http_refuses_trace_and_connect_and_sends_only_egress_credentials() 
     let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
     bed.start_agent_with(&["--http-proxy", &proxy]).unwrap();
 
+    let url = format!("http://{ORIGIN_NAME}/");
+    let status_code = ["-o", "/dev/null", "-w", "%{http_code}"];
     for method in ["TRACE", "TRACK"] {
         let result = bed
-            .run_in_cgroup(
-                "curl",
-                &[
-                    "-sS",
-                    "--noproxy",
-                    "*",
-                    "--max-time",
-                    "10",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--resolve",
-                    &format!("{ORIGIN_NAME}:80:{ORIGIN_IP}"),
-                    "-X",
-                    method,
-                    &format!("http://{ORIGIN_NAME}/"),
-                ],
-            )
+            .curl_many(&[&status_code[..], &["-X", method, &url]].concat())
             .unwrap();
         assert_eq!(result.stdout, "405", "{method}: {result:?}");
     }
@@ -333,28 +305,14 @@ print(first.split(b'\r\n')[0].decode(), '|', second.split(b'\r\n')[0].decode())
     );
 
     // The client's own credentials never reach squid: with them squid would answer 407.
+    let headers = [
+        "-H",
+        "Proxy-Authorization: Basic bWFsbG9yeTp3cm9uZw==",
+        "-H",
+        "Proxy-Connection: keep-alive",
+    ];
     let result = bed
-        .run_in_cgroup(
-            "curl",
-            &[
-                "-sS",
-                "--noproxy",
-                "*",
-                "--max-time",
-                "10",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--resolve",
-                &format!("{ORIGIN_NAME}:80:{ORIGIN_IP}"),
-                "-H",
-                "Proxy-Authorization: Basic bWFsbG9yeTp3cm9uZw==",
-                "-H",
-                "Proxy-Connection: keep-alive",
-                &format!("http://{ORIGIN_NAME}/"),
-            ],
-        )
+        .curl_many(&[&status_code[..], &headers, &[url.as_str()]].concat())
         .unwrap();
     assert_eq!(result.stdout, "200", "{result:?}");
     let log = bed.squid_logged(&format!("GET http://{ORIGIN_NAME}/")).unwrap();

@@ -316,7 +316,20 @@ fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error
         let before = &text[..span.start.min(text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        format!(", line {line}, column {column}")
+        // The key of that line, never its value.
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(key, _)| key.trim())
+            .filter(|key| {
+                !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            })
+            .map_or_else(String::new, |key| format!(", key {key}"));
+        format!(", line {line}, column {column}{key}")
     });
     anyhow::anyhow!(
         "config file {}{at}: {}",
