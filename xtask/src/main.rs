@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod kernel;
 mod setup;
 
 use std::path::PathBuf;
@@ -41,6 +42,11 @@ enum Task {
         /// Skip the quick benchmark run (`cargo xtask bench --quick`).
         #[arg(long)]
         no_bench: bool,
+        /// Run the integration tests inside Debian's kernel VERSION (e.g. 6.1, 6.12) under
+        /// qemu instead: by default the smoke set (tunnel, policy, hardening); ARGS name
+        /// other test files. No fuzzing or benchmark then.
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
@@ -90,11 +96,15 @@ fn main() -> Result<()> {
         Task::Test {
             no_fuzz,
             no_bench,
+            kernel,
             args,
         } => {
             require_root()?;
             setup::setup(true)?;
             build()?;
+            if let Some(version) = kernel {
+                return kernel::run(&workspace_root(), &egress_bin(), &version, &args);
+            }
             // The fuzz smoke first, so that the test runner's summary closes the output.
             if !no_fuzz && args.is_empty() {
                 fuzz::run(&workspace_root(), 5, &[])?;

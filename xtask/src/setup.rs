@@ -48,11 +48,12 @@ pub fn setup(with_packages: bool) -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs those of `packages` that are missing (`apt-get update` first, then).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -191,6 +192,20 @@ pub fn cargo_fuzz() -> Result<()> {
     sh("cargo", &["+stable", "install", "cargo-fuzz", "--locked"], &[])
 }
 
+/// The number before `what` (` passed`, ` failed`) in a libtest `test result: ` line.
+pub fn result_count(result: &str, what: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(what)
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs cargo's test command, passing its output through, and closes with the totals of its
 /// `test result:` lines as one plain `tests: N passed, M failed` line.
 pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
@@ -211,20 +226,8 @@ pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
         let line = line?;
         println!("{line}");
         if let Some(result) = line.strip_prefix("test result: ") {
-            let count = |what: &str| -> u64 {
-                result
-                    .split(';')
-                    .find_map(|part| {
-                        part.trim()
-                            .trim_start_matches("ok. ")
-                            .trim_start_matches("FAILED. ")
-                            .strip_suffix(what)
-                    })
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0)
-            };
-            passed += count(" passed");
-            failed += count(" failed");
+            passed += result_count(result, " passed");
+            failed += result_count(result, " failed");
         }
     }
     let status = child.wait()?;
@@ -235,7 +238,7 @@ pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn capture(program: &str, args: &[&str]) -> Result<String> {
+pub fn capture(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
         .output()
