@@ -24,7 +24,7 @@ use super::{
     sniff::{self, Sniff},
     upstream::{self, ProxyClient, Role, UpstreamStream},
 };
-use crate::route::plan::{Action, Sniffed, plan};
+use crate::route::plan::{Action, Plan, Sniffed, plan};
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
     loop {
@@ -66,9 +66,9 @@ async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr, decisi
     decision.protocol = Some(sniffed.protocol());
     decision.name = sniffed.name().map(str::to_owned);
 
-    let plan = plan(&config.rules(), current.proxies(), original, &sniffed);
-    decision.planned(&plan, |proxy| proxy.url.authority());
-    match plan.action {
+    let Plan { action, rule } = plan(&config.rules(), current.proxies(), original, &sniffed);
+    decision.planned(&action, rule, |proxy| proxy.url.authority());
+    match action {
         Action::Deny => reset(client),
         Action::Direct { to } => {
             let started = Instant::now();

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use crate::{
     metrics::{Closed, Metrics},
     route::{
-        plan::{Action, Plan, Protocol},
+        plan::{Action, Protocol},
         policy::Rule,
     },
 };
@@ -98,12 +98,12 @@ impl Decision {
         self.error = Some(error.to_string());
     }
 
-    /// Records the plan: route, rule, and where the connection goes. `upstream` names the
-    /// proxy for the log (its URL's authority).
-    pub fn planned<P>(&mut self, plan: &Plan<'_, P>, upstream: impl Fn(&P) -> String) {
-        self.route = Some(plan.action.name());
-        self.rule = Some(plan.rule.clone());
-        match &plan.action {
+    /// Records the plan (its action, and its rule, taken over): route, rule, and where the
+    /// connection goes. `upstream` names the proxy for the log (its URL's authority).
+    pub fn planned<P>(&mut self, action: &Action<'_, P>, rule: Rule, upstream: impl Fn(&P) -> String) {
+        self.route = Some(action.name());
+        self.rule = Some(rule);
+        match action {
             Action::Deny => {}
             Action::Direct { to } => self.target = Some(to.to_string()),
             Action::Connect { proxy, target } => {

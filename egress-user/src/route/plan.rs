@@ -225,7 +225,6 @@ pub fn plan<'a, P>(
 /// local host (the proxy's own), or an address literal that the dialled address would not be
 /// allowed to be, is refused as if it had been dialled.
 fn refuse_name(policy: &Policy, name: &str) -> Option<Rule> {
-    let name = name.to_ascii_lowercase();
     if let Ok(ip) = name.parse::<std::net::IpAddr>() {
         let ip = ip.to_canonical();
         if ip.is_loopback() || ip.is_unspecified() {
@@ -249,8 +248,11 @@ fn refuse_name(policy: &Policy, name: &str) -> Option<Rule> {
         "localhost6",
         "localhost6.localdomain6",
     ];
-    (local.contains(&name.as_str()) || name.ends_with(".localhost"))
-        .then(|| Rule::new(RuleKind::LocalName, name))
+    // Compared without allocating: this runs for every named connection.
+    let bytes = name.as_bytes();
+    let under_localhost = bytes.len() > 10 && bytes[bytes.len() - 10..].eq_ignore_ascii_case(b".localhost");
+    (under_localhost || local.iter().any(|l| l.eq_ignore_ascii_case(name)))
+        .then(|| Rule::new(RuleKind::LocalName, name.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
