@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use crate::{
     config::{Config, flags::RunArgs},
     kernel::Kernel,
+    netns::Namespaces,
     proxy::{Current, Shared},
 };
 
@@ -20,9 +21,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(kernel: Kernel, config: Config, args: RunArgs, env: Vec<(String, String)>) -> Result<Self> {
+    pub fn new(
+        kernel: Kernel,
+        namespaces: Option<Namespaces>,
+        config: Config,
+        args: RunArgs,
+        env: Vec<(String, String)>,
+    ) -> Result<Self> {
         Ok(Self {
-            shared: Arc::new(Shared::new(kernel, Current::new(config)?)),
+            shared: Arc::new(Shared::new(kernel, namespaces, Current::new(config)?)),
             args,
             env,
         })

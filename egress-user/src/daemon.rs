@@ -14,6 +14,7 @@ use crate::{
     agent::Agent,
     config::{Config, flags::RunArgs},
     kernel::{self, Kernel, KernelSettings, privileges},
+    netns::{self, ClientNetns, Namespaces},
     proxy::accept,
 };
 
@@ -52,6 +53,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // listeners take connections. They listen before anything is attached, so the first
     // redirected connect already finds them.
     let mut kernel = Kernel::load(&settings, netns)?;
+    // Forked now, while single-threaded and root, and before the listeners exist (it must not
+    // hold them).
+    let helper = netns::helper::Helper::spawn(netns::helper::HelperSettings {
+        pin_dir: config.pin_dir.clone(),
+        listen_port: config.listen_port,
+        agent_mark: config.agent_mark,
+    })?;
+    tracing::debug!(pid = helper.pid(), "namespace helper started");
     let listeners = bind(&config)?;
     let logger = kernel.take_logger();
     // Ranges before links: a newly attached cgroup is never without its deny set.
@@ -67,7 +76,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     kernel.keep_links();
     let user = config.user.clone();
     let worker_threads = config.worker_threads;
-    let agent = Agent::new(kernel, config, args.clone(), env)?;
+    let agent = Agent::new(kernel, Some(Namespaces::new(helper)), config, args.clone(), env)?;
     privileges::drop_to(&user)?;
     agent.shared.kernel.check_access().with_context(|| {
         format!(
@@ -195,9 +204,18 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
         tokio::spawn(drive_kernel_log(logger));
     }
     let v4 = TcpListener::from_std(listeners.v4)?;
+    let own = ClientNetns {
+        cookie: agent.shared.kernel.own_netns(),
+        id: None,
+    };
     if let Some(v6) = listeners.v6 {
-        tokio::spawn(accept::serve(TcpListener::from_std(v6)?, agent.shared.clone()));
+        tokio::spawn(accept::serve(
+            TcpListener::from_std(v6)?,
+            agent.shared.clone(),
+            own,
+        ));
     }
+    tokio::spawn(serve_namespaces(agent.clone()));
     tokio::spawn(admin::serve(
         TcpListener::from_std(listeners.admin)?,
         agent.clone(),
@@ -222,7 +240,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     tokio::spawn(trim_memory(agent.clone()));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
-        result = accept::serve(v4, agent.shared.clone()) => result?,
+        result = accept::serve(v4, agent.shared.clone(), own) => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = sigterm.recv() => tracing::info!("terminated"),
     }
@@ -231,6 +249,29 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
          next `egress run` (`egress detach` removes the interception)"
     );
     Ok(())
+}
+
+/// Keeps a listener in every network namespace of an intercepted process (see [`netns`]).
+async fn serve_namespaces(agent: Arc<Agent>) {
+    let Some(namespaces) = &agent.shared.namespaces else {
+        return;
+    };
+    let mut last_error = String::new();
+    loop {
+        let shared = agent.shared.clone();
+        let result = namespaces
+            .reconcile(&agent.shared.kernel, |netns, listener| {
+                tokio::spawn(accept::serve(listener, shared.clone(), netns)).abort_handle()
+            })
+            .await;
+        // Logged when it changes, not every round.
+        let error = result.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        if !error.is_empty() && error != last_error {
+            tracing::error!("looking for the network namespaces of intercepted processes: {error}");
+        }
+        last_error = error;
+        tokio::time::sleep(netns::SCAN_INTERVAL).await;
+    }
 }
 
 /// glibc's malloc keeps memory freed by a burst of connections; hand it back once the number of

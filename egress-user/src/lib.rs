@@ -2,7 +2,8 @@
 //!
 //! The tree follows the data path. `kernel` loads and attaches the eBPF programs that redirect
 //! the homeserver's connects; `proxy` is what a redirected connection goes through (accept,
-//! sniff, upstream or forward, relay, decision log), asking `route` where it may go; `config`
+//! sniff, upstream or forward, relay, decision log), asking `route` where it may go; `netns`
+//! gives it listeners in the network namespaces of containers; `config`
 //! is where the rules come from. `agent`, `daemon`, `admin` and `metrics` run it all as a
 //! service; `diag` explains it to admins; `cli` ties commands to modules.
 
@@ -15,6 +16,7 @@ mod diag;
 mod hostport;
 mod kernel;
 mod metrics;
+mod netns;
 mod proxy;
 mod redact;
 mod route;

@@ -101,7 +101,13 @@ impl Kernel {
             0,
         )?;
 
+        // What a dead agent served and left: its listeners died with it, and namespaces it served
+        // get listeners again from this agent's scan. Until then their connects are refused.
         let mut served: HashMap<_, u64, u32> = HashMap::try_from(take_map(&mut ebpf, maps::SERVED_NETNS)?)?;
+        let old: Vec<u64> = served.keys().filter_map(Result::ok).collect();
+        for cookie in old {
+            let _ = served.remove(&cookie);
+        }
         served
             .insert(netns, 1, 0)
             .context("recording the agent's network namespace for the kernel programs")?;
@@ -109,11 +115,7 @@ impl Kernel {
             HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
         // Entries left by connections a dead agent never accepted: none of them can be taken
         // by this agent's listeners, which do not listen yet.
-        let stale: Vec<ConnKey> = orig_dst
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns == netns)
-            .collect();
+        let stale: Vec<ConnKey> = orig_dst.keys().filter_map(Result::ok).collect();
         for key in stale {
             let _ = orig_dst.remove(&key);
         }
@@ -362,13 +364,18 @@ impl Kernel {
         }
     }
 
-    /// The destination the client asked for, for a connection accepted from `peer` in the
-    /// agent's network namespace. Each entry is read once and deleted; a connection the kernel
-    /// did not redirect there (a direct connect to the listener, or from another namespace) has
-    /// none.
-    pub fn take_original_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
+    /// The cookie of the agent's own network namespace.
+    pub fn own_netns(&self) -> u64 {
+        self.netns
+    }
+
+    /// The destination the client asked for, for a connection accepted from `peer` by the
+    /// listener in network namespace `netns`. Each entry is read once and deleted; a connection
+    /// the kernel did not redirect there (a direct connect to the listener, or from another
+    /// namespace) has none.
+    pub fn take_original_dst(&self, netns: u64, peer: SocketAddr) -> Option<SocketAddr> {
         let key = ConnKey {
-            netns: self.netns,
+            netns,
             addr: to_sock_addr(peer),
             _pad: 0,
         };
@@ -376,6 +383,40 @@ impl Kernel {
         let original = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         from_sock_addr(&original)
+    }
+
+    /// Lets the kernel redirect connects made in network namespace `netns`, where an egress
+    /// listener now listens. Entries an earlier agent left for that namespace go first: none of
+    /// them belongs to a connection the new listener holds.
+    pub fn serve_netns(&self, netns: u64) -> Result<()> {
+        self.forget_original_dsts(netns);
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(netns, 1, 0)
+            .context("adding to the served-namespaces map (full?)")
+    }
+
+    /// Connects made in `netns` are refused again (its listener is about to close).
+    pub fn unserve_netns(&self, netns: u64) {
+        let _ = self
+            .served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&netns);
+        self.forget_original_dsts(netns);
+    }
+
+    fn forget_original_dsts(&self, netns: u64) {
+        let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<ConnKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns == netns)
+            .collect();
+        for key in stale {
+            let _ = map.remove(&key);
+        }
     }
 
     /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass`. If that fails

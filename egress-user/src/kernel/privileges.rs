@@ -54,3 +54,36 @@ pub fn drop_to(user: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// The namespace helper (see `netns::helper`) stays root but keeps only what making sockets in
+/// other network namespaces takes: setns (CAP_SYS_ADMIN), opening another process's namespace
+/// (CAP_SYS_PTRACE), the agent mark (CAP_NET_ADMIN), and the privileged listen port inside the
+/// namespace (CAP_NET_BIND_SERVICE).
+pub fn restrict_helper() -> Result<()> {
+    let keep: CapsHashSet = [
+        Capability::CAP_SYS_ADMIN,
+        Capability::CAP_SYS_PTRACE,
+        Capability::CAP_NET_ADMIN,
+        Capability::CAP_NET_BIND_SERVICE,
+    ]
+    .into_iter()
+    .collect();
+    if !caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        // Not root (tests of the CLI): nothing to give up.
+        return Ok(());
+    }
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .with_context(|| format!("dropping {cap} from the bounding set"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).context("clearing ambient capabilities")?;
+    caps::clear(None, CapSet::Inheritable).context("clearing inheritable capabilities")?;
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    let kept: CapsHashSet = keep.intersection(&permitted).copied().collect();
+    caps::set(None, CapSet::Effective, &kept).context("setting effective capabilities")?;
+    caps::set(None, CapSet::Permitted, &kept).context("setting permitted capabilities")?;
+    nix::sys::prctl::set_no_new_privs().context("PR_SET_NO_NEW_PRIVS")?;
+    Ok(())
+}

@@ -24,9 +24,13 @@ use super::{
     sniff::{self, Sniff},
     upstream::{self, ProxyClient, Role, UpstreamStream},
 };
-use crate::route::plan::{Action, Plan, Sniffed, plan};
+use crate::{
+    netns::ClientNetns,
+    route::plan::{Action, Plan, Sniffed, plan},
+};
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+/// Serves the listener of the namespace `netns`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, netns: ClientNetns) -> std::io::Result<()> {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -44,16 +48,23 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
             // Logs and counts when dropped: also if this task panics or is cancelled.
             let mut decision = Decision::open(shared.metrics.clone(), id, peer);
-            handle(&shared, client, peer, &mut decision).await;
+            decision.netns = netns.id;
+            handle(&shared, client, peer, netns, &mut decision).await;
             decision.finish();
         });
     }
 }
 
-async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr, decision: &mut Decision) {
+async fn handle(
+    shared: &Shared,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    netns: ClientNetns,
+    decision: &mut Decision,
+) {
     let current = shared.current();
     let config = &current.config;
-    let Some(original) = shared.kernel.take_original_dst(peer) else {
+    let Some(original) = shared.kernel.take_original_dst(netns.cookie, peer) else {
         decision.fail("connection was not redirected by egress (no original destination)");
         return reset(client);
     };
@@ -72,9 +83,7 @@ async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr, decisi
         Action::Deny => reset(client),
         Action::Direct { to } => {
             let started = Instant::now();
-            match upstream::connect_marked(Role::Destination, to, config.agent_mark, config.timeouts.connect)
-                .await
-            {
+            match connect_direct(shared, netns, to, config.agent_mark, config.timeouts.connect).await {
                 Ok(stream) => {
                     shared.metrics.upstream_latency(started.elapsed());
                     relay::relay(
@@ -112,6 +121,29 @@ async fn handle(shared: &Shared, mut client: TcpStream, peer: SocketAddr, decisi
             tunnel(shared, proxy, &target, client, first_bytes.freeze(), decision).await;
         }
     }
+}
+
+/// A direct connection leaves from the client's own network namespace, so that it is routed and
+/// addressed as the application expects (a database container on the same bridge network).
+async fn connect_direct(
+    shared: &Shared,
+    netns: ClientNetns,
+    to: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let (Some(id), Some(namespaces)) = (netns.id, &shared.namespaces) else {
+        return upstream::connect_marked(Role::Destination, to, mark, timeout)
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let socket = namespaces
+        .socket(id, to.is_ipv6())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    upstream::connect_socket(Role::Destination, socket, to, timeout)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn tunnel(

@@ -39,6 +39,8 @@ pub struct Decision {
     pub id: u64,
     started: Instant,
     pub client: SocketAddr,
+    /// The client's network namespace (nsfs inode) when it is not the agent's own: a container.
+    pub netns: Option<u64>,
     pub original_dst: Option<SocketAddr>,
     pub protocol: Option<Protocol>,
     /// SNI or Host, when the client sent one.
@@ -72,6 +74,7 @@ impl Decision {
             id,
             started: Instant::now(),
             client,
+            netns: None,
             original_dst: None,
             protocol: None,
             name: None,
@@ -140,6 +143,7 @@ impl Decision {
                     $level,
                     conn = self.id,
                     client = %self.client,
+                    netns = %display_opt(&self.netns),
                     original_dst = %display_opt(&self.original_dst),
                     protocol = %self.protocol.map_or("-", Protocol::as_str),
                     name = %display_opt(&self.name),

@@ -25,6 +25,7 @@ use crate::{
     config::{Config, proxy_url::ProxyScheme},
     kernel::Kernel,
     metrics::Metrics,
+    netns::Namespaces,
     route::plan::Proxies,
 };
 use tls::ProxyTls;
@@ -76,15 +77,18 @@ impl Current {
 /// configuration in force.
 pub struct Shared {
     pub kernel: Kernel,
+    /// The other network namespaces served (none without the namespace helper).
+    pub namespaces: Option<Namespaces>,
     pub metrics: Arc<Metrics>,
     pub(crate) next_id: AtomicU64,
     current: RwLock<Arc<Current>>,
 }
 
 impl Shared {
-    pub fn new(kernel: Kernel, current: Current) -> Self {
+    pub fn new(kernel: Kernel, namespaces: Option<Namespaces>, current: Current) -> Self {
         Self {
             kernel,
+            namespaces,
             metrics: Arc::new(Metrics::new()),
             next_id: AtomicU64::new(1),
             current: RwLock::new(Arc::new(current)),

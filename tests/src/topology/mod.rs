@@ -450,6 +450,12 @@ impl Testbed {
     /// curl in `cgroup` with no proxy settings, origin.test resolving to the origin and the test
     /// CA trusted; `args` (URLs and further options) come last.
     pub fn curl_in(&self, cgroup: &Path, args: &[&str]) -> Result<ClientResult> {
+        self.curl_from(&self.hs, cgroup, args)
+    }
+
+    /// [`Self::curl_in`] from network namespace `ns` (a container's, see
+    /// [`Self::add_container_netns`]).
+    pub fn curl_from(&self, ns: &Netns, cgroup: &Path, args: &[&str]) -> Result<ClientResult> {
         let ca = self.certs.ca.to_string_lossy().into_owned();
         let resolves: Vec<String> = [443u16, 8448, 80]
             .iter()
@@ -460,7 +466,45 @@ impl Testbed {
             all.extend(["--resolve", resolve.as_str()]);
         }
         all.extend_from_slice(args);
-        self.run_in(cgroup, "curl", &all)
+        process::output(process::launch(
+            Some(&ns.name),
+            Enter::Net,
+            Some(cgroup),
+            "curl",
+            &all,
+        ))
+    }
+
+    /// A container's network namespace behind the homeserver host, made as a container engine
+    /// makes one: a veth pair to the host, `10.249.INDEX.2/24` inside, the host routing and
+    /// masquerading for it (so a packet that went direct reaches the origin from [`HS_IP`]).
+    /// Deleted when the returned value drops.
+    pub fn add_container_netns(&self, index: u8) -> Result<Netns> {
+        let ct = Netns::create(format!("{}-c{index}", self.name))?;
+        let host_side = format!("vc{index}");
+        self.hs.ip(&[
+            "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ct.name,
+        ])?;
+        self.hs
+            .ip(&["addr", "add", &format!("10.249.{index}.1/24"), "dev", &host_side])?;
+        self.hs.ip(&["link", "set", &host_side, "up"])?;
+        ct.ip(&["addr", "add", &format!("10.249.{index}.2/24"), "dev", "eth0"])?;
+        ct.ip(&["link", "set", "eth0", "up"])?;
+        ct.ip(&["route", "add", "default", "via", &format!("10.249.{index}.1")])?;
+        self.hs.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let nat = "table ip egress_test_nat {
+  chain postrouting {
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr 10.249.0.0/16 oifname \"eth0\" masquerade
+  }
+}
+";
+        process::run_with_input(
+            "ip",
+            &["netns", "exec", &self.hs.name, "nft", "-f", "-"],
+            Some(nat),
+        )?;
+        Ok(ct)
     }
 
     /// A bare TCP connect from inside the cgroup. stdout is `connected`, or the error's

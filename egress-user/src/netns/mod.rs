@@ -1,0 +1,173 @@
+//! The network namespaces egress serves.
+//!
+//! cgroup hooks fire for a process whatever its network namespace, and the kernel redirects a
+//! connect to the loopback of the caller's own namespace: a container's connect goes to the
+//! container's 127.0.0.1. So every namespace with intercepted processes needs an egress listener
+//! of its own, made inside it (istio/ztunnel's in-pod model) and served by the agent's event loop.
+//!
+//! [`Namespaces::reconcile`] runs every [`SCAN_INTERVAL`]: the [`helper`] finds the namespaces of
+//! the processes in the attached cgroups, makes listeners in the new ones, and the kernel is told
+//! to redirect there only once the listener exists. Until then connects from that namespace are
+//! refused (EPERM), never passed. A namespace whose processes are all gone loses its listener.
+
+pub mod helper;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::{net::TcpListener, task::AbortHandle};
+
+use crate::kernel::Kernel;
+use helper::{Helper, NetnsId};
+
+/// How often the attached cgroups are looked at for new namespaces. A container's first connect
+/// within this time after it starts is refused (and retried by most clients).
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(250);
+/// A namespace where egress could not listen is tried again after this long (and logged again).
+const RETRY_FAILED: Duration = Duration::from_secs(30);
+
+/// Which listener accepted a connection: its namespace's cookie, and for namespaces other than
+/// the agent's own, the namespace (direct connections leave from there).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientNetns {
+    pub cookie: u64,
+    pub id: Option<NetnsId>,
+}
+
+struct Served {
+    cookie: u64,
+    accepting: Vec<AbortHandle>,
+}
+
+pub struct Namespaces {
+    helper: Arc<Helper>,
+    served: Mutex<BTreeMap<NetnsId, Served>>,
+    failed: Mutex<BTreeMap<NetnsId, Instant>>,
+}
+
+impl Namespaces {
+    pub fn new(helper: Helper) -> Self {
+        Self {
+            helper: Arc::new(helper),
+            served: Mutex::default(),
+            failed: Mutex::default(),
+        }
+    }
+
+    /// Brings the listeners in line with the namespaces of the intercepted processes. `accept`
+    /// starts serving a new listener and returns the handle that stops it.
+    pub async fn reconcile(
+        &self,
+        kernel: &Kernel,
+        accept: impl Fn(ClientNetns, TcpListener) -> AbortHandle,
+    ) -> Result<()> {
+        let helper = self.helper.clone();
+        let found = tokio::task::spawn_blocking(move || helper.scan()).await??;
+        let found_ids: Vec<NetnsId> = found.iter().map(|(id, _)| *id).collect();
+
+        let gone: Vec<(NetnsId, Served)> = {
+            let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<NetnsId> = served
+                .keys()
+                .copied()
+                .filter(|id| !found_ids.contains(id))
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| Some((id, served.remove(&id)?)))
+                .collect()
+        };
+        for (id, served) in gone {
+            // Refused in the kernel first, then the listener closes: no connect finds it closed.
+            kernel.unserve_netns(served.cookie);
+            served.accepting.iter().for_each(AbortHandle::abort);
+            let helper = self.helper.clone();
+            let _ = tokio::task::spawn_blocking(move || helper.forget(id)).await;
+            tracing::info!(
+                netns = id,
+                "stopped serving a network namespace: no intercepted process is left in it"
+            );
+        }
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| found_ids.contains(id));
+
+        for (id, pid) in found {
+            if self
+                .served
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&id)
+            {
+                continue;
+            }
+            if let Some(when) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).get(&id)
+                && when.elapsed() < RETRY_FAILED
+            {
+                continue;
+            }
+            match self.serve(kernel, id, &accept).await {
+                Ok(cookie) => {
+                    tracing::info!(netns = id, pid, cookie, "serving a network namespace");
+                }
+                Err(e) => {
+                    self.failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, Instant::now());
+                    tracing::error!(
+                        netns = id,
+                        pid,
+                        "cannot serve the network namespace of intercepted process {pid}; its \
+                         connects stay refused: {e:#}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn serve(
+        &self,
+        kernel: &Kernel,
+        id: NetnsId,
+        accept: &impl Fn(ClientNetns, TcpListener) -> AbortHandle,
+    ) -> Result<u64> {
+        let helper = self.helper.clone();
+        let listeners = tokio::task::spawn_blocking(move || helper.listen(id)).await??;
+        let client = ClientNetns {
+            cookie: listeners.cookie,
+            id: Some(id),
+        };
+        let mut accepting = vec![accept(client, TcpListener::from_std(listeners.v4)?)];
+        if let Some(v6) = listeners.v6 {
+            accepting.push(accept(client, TcpListener::from_std(v6)?));
+        }
+        if let Err(e) = kernel.serve_netns(listeners.cookie) {
+            accepting.iter().for_each(AbortHandle::abort);
+            return Err(e);
+        }
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            Served {
+                cookie: listeners.cookie,
+                accepting,
+            },
+        );
+        Ok(listeners.cookie)
+    }
+
+    /// A TCP socket inside namespace `id` for a direct connection to an address of family
+    /// `ipv6`, made by the helper.
+    pub async fn socket(&self, id: NetnsId, ipv6: bool) -> Result<tokio::net::TcpSocket> {
+        let helper = self.helper.clone();
+        let stream = tokio::task::spawn_blocking(move || helper.socket(id, ipv6))
+            .await?
+            .with_context(|| format!("a socket in network namespace {id}"))?;
+        Ok(tokio::net::TcpSocket::from_std_stream(stream))
+    }
+}
