@@ -24,6 +24,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "python3",
     "python3-venv",
+    // A real container engine for the container tests (started by the tests themselves, inside
+    // a test namespace).
+    "docker.io",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,7 +1,8 @@
 //! Real third-party peers the tests talk to: a test CA (openssl), squid with basic auth, nginx
 //! serving TLS, dnsmasq, and the origin's packet counter (nftables) that tells whether anything
-//! went direct. Synapse is in [`synapse`].
+//! went direct. Synapse is in [`synapse`], the container engine in [`docker`].
 
+pub mod docker;
 pub mod synapse;
 
 use std::{

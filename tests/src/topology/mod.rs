@@ -620,6 +620,10 @@ pub fn narrow_whitelist_args() -> Vec<String> {
 /// Removes what crashed earlier runs may have left: namespaces, cgroups and pins named egt*.
 /// (Also those of concurrent runs: only for `cargo xtask`, before it starts its own.)
 pub fn sweep_leftovers() {
+    // Container engines of crashed runs first: they hold namespaces and cgroups.
+    // (dockerd, its containerd and the shims all name the testbed's docker directory.)
+    process::quietly("pkill", &["-KILL", "-f", "egress-testbed-egt[0-9x]+/docker"]);
+    peers::docker::sweep_v1_cgroups();
     if let Ok(list) = process::run("ip", &["netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(NAME_PREFIX) {
