@@ -14,8 +14,21 @@ pub mod maps {
     /// [`super::ConnKey`] (network namespace + the client's local address) -> original
     /// destination, for the agent's accept().
     pub const ORIGINAL_DST: &str = "EGRESS_CONN_DST";
-    /// Network namespaces (by cookie) where an egress listener serves redirected connects.
+    /// Network namespaces (by cookie) where an egress listener serves redirected connects ->
+    /// `NETNS_*` flags.
     pub const SERVED_NETNS: &str = "EGRESS_NETNS";
+    /// The agent's own cgroup v2 id (one entry): its sockets carry the agent mark, and in
+    /// namespaces other than its own only a task of that cgroup is believed.
+    pub const AGENT_CGROUP: &str = "EGRESS_AGENTCG";
+    /// Cgroups attached selectively ([`super::Scope`]): the programs there intercept only the
+    /// child cgroups classified [`super::SCOPE_INTERCEPT`] in `SCOPED`.
+    pub const SCOPES: &str = "EGRESS_SCOPES";
+    /// Child cgroup id (under a scope) -> [`super::SCOPE_INTERCEPT`] or [`super::SCOPE_PASS`].
+    /// A child not in the map is refused until the agent classifies it.
+    pub const SCOPED: &str = "EGRESS_SCOPED";
+    /// Names (or ids) of the containers followed ([`super::ContainerName`] -> 1). Not read by
+    /// the kernel: pinned so that `egress attach --container` and agent restarts share it.
+    pub const FOLLOWED: &str = "EGRESS_FOLLOW";
     /// Maps earlier versions pinned under these names, with another layout; removed once this
     /// version's programs are attached.
     pub const OBSOLETE: [&str; 2] = ["EGRESS_COUNTERS", "EGRESS_ORIG_DST"];
@@ -86,6 +99,35 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
+/// Capacity of the scopes array, the scope children map and the followed-containers map.
+pub const MAX_SCOPES: u32 = 8;
+pub const MAX_SCOPED: u32 = 16384;
+pub const MAX_FOLLOWED: u32 = 256;
+
+/// A cgroup attached selectively (a container engine's parent cgroup): its id and its depth
+/// in the cgroup2 tree (the root is level 0). Unused slots have `cgroup_id` 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub cgroup_id: u64,
+    pub level: u32,
+    pub _pad: u32,
+}
+
+pub const SCOPE_INTERCEPT: u32 = 1;
+pub const SCOPE_PASS: u32 = 2;
+
+/// A followed container's name or id, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContainerName(pub [u8; 128]);
+
+/// `EGRESS_NETNS` values: served (an egress listener is there), and the agent's own namespace,
+/// where only privileged processes can set the agent mark. In a container's namespace, root
+/// there may set any mark (CAP_NET_RAW suffices since Linux 5.17).
+pub const NETNS_SERVED: u32 = 1;
+pub const NETNS_OWN: u32 = 2;
+
 /// Capacity of the served-namespaces map.
 pub const MAX_SERVED_NETNS: u32 = 4096;
 
@@ -136,8 +178,12 @@ pub mod counter {
     pub const DENY_NO_LISTENER: u32 = 10;
     /// Refused with EPERM: the socket listening on egress's port is not egress's (a squatter).
     pub const DENY_NOT_AGENT_LISTENER: u32 = 11;
+    /// Left alone: a container under a selectively attached cgroup that egress does not follow.
+    pub const PASS_UNSELECTED: u32 = 12;
+    /// Refused with EPERM: a new cgroup under a selectively attached one, not classified yet.
+    pub const DENY_UNCLASSIFIED: u32 = 13;
     /// Used slots; the map has [`SLOTS`] so that later versions can add counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
     pub const SLOTS: u32 = 32;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
@@ -154,6 +200,8 @@ pub mod counter {
         "pass_no_proxy",
         "deny_no_listener",
         "deny_not_agent_listener",
+        "pass_unselected",
+        "deny_unclassified",
     ];
 }
 
@@ -163,4 +211,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::AgentConfig {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::Scope {}
+    unsafe impl aya::Pod for super::ContainerName {}
 }

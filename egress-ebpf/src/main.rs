@@ -27,15 +27,18 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use egress_common::{
-    AF_INET, AF_INET6, AgentConfig, ConnKey, FLAG_KERNEL_LOG, MAX_RANGES, MAX_SERVED_NETNS, SockAddr,
-    counter,
+    AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, FLAG_KERNEL_LOG, MAX_FOLLOWED, MAX_RANGES,
+    MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS, NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, counter,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -72,6 +75,20 @@ static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::pinned(65536, 0);
 /// Network namespaces (by cookie) in which egress listens; the agent fills it.
 #[map(name = "EGRESS_NETNS")]
 static SERVED_NETNS: HashMap<u64, u32> = HashMap::pinned(MAX_SERVED_NETNS, 0);
+
+#[map(name = "EGRESS_AGENTCG")]
+static AGENT_CGROUP: Array<u64> = Array::pinned(1, 0);
+
+/// Selectively attached cgroups and the classification of their children (see `scope_verdict`).
+#[map(name = "EGRESS_SCOPES")]
+static SCOPES: Array<Scope> = Array::pinned(MAX_SCOPES, 0);
+
+#[map(name = "EGRESS_SCOPED")]
+static SCOPED: HashMap<u64, u32> = HashMap::pinned(MAX_SCOPED, 0);
+
+/// Written and read by the agent only (see egress_common::maps::FOLLOWED).
+#[map(name = "EGRESS_FOLLOW")]
+static FOLLOWED: HashMap<ContainerName, u32> = HashMap::pinned(MAX_FOLLOWED, 0);
 
 /// Filled by the agent from its policy. Keys are addresses in network byte order.
 #[map(name = "EGRESS_DENY4")]
@@ -143,11 +160,22 @@ fn is_tcp(sa: &bpf_sock_addr) -> bool {
     true
 }
 
+/// Whether the calling task is in the agent's own cgroup (only a privileged process can move
+/// a task there).
+#[inline(always)]
+fn is_agent_task() -> bool {
+    match AGENT_CGROUP.get(0) {
+        Some(&id) => id != 0 && unsafe { bpf_get_current_cgroup_id() } == id,
+        None => false,
+    }
+}
+
 /// The agent settings, or returns at once from the calling function: Deny when no agent has
 /// configured the programs (they never let anything through unconfigured) or the caller's
 /// network namespace is not one egress serves, Allow for the agent's own (marked) sockets. The
 /// namespace comes first: in a namespace of its own (`unshare -rn`, a container with
-/// CAP_NET_RAW) a process may set any mark. A macro, not a function returning
+/// CAP_NET_RAW) a process may set any mark, so outside the agent's namespace the mark counts only
+/// from a task in the agent's cgroup. A macro, not a function returning
 /// `Result<&AgentConfig, Verdict>`: the compiler packs such a result into a register with shifts
 /// the verifier refuses on pointers.
 macro_rules! config_or_return {
@@ -160,18 +188,63 @@ macro_rules! config_or_return {
             count(counter::DENY_UNCONFIGURED);
             return Verdict::Deny;
         }
+        match scope_verdict() {
+            SCOPE_PASS => {
+                count(counter::PASS_UNSELECTED);
+                return Verdict::Allow;
+            }
+            SCOPE_UNKNOWN => {
+                count(counter::DENY_UNCLASSIFIED);
+                return Verdict::Deny;
+            }
+            _ => {}
+        }
         let netns = unsafe { bpf_get_netns_cookie($ctx.as_ptr()) };
-        if unsafe { SERVED_NETNS.get(&netns) }.is_none() {
+        let Some(&served) = (unsafe { SERVED_NETNS.get(&netns) }) else {
             count(counter::DENY_NO_LISTENER);
             return Verdict::Deny;
-        }
+        };
         let mark = unsafe { (*$sa.__bindgen_anon_1.sk).mark };
-        if mark == cfg.agent_mark {
+        if mark == cfg.agent_mark && (served & NETNS_OWN != 0 || is_agent_task()) {
             count(counter::PASS_AGENT);
             return Verdict::Allow;
         }
         cfg
     }};
+}
+
+/// Not under any selectively attached cgroup: intercepted as usual.
+const SCOPE_NONE: u32 = 0;
+/// Under one, in a child cgroup the agent has not classified yet: refused.
+const SCOPE_UNKNOWN: u32 = 3;
+
+/// Under a selectively attached cgroup (a container engine's parent, attached for `--container`),
+/// only the children the agent classified as followed containers are intercepted; the others
+/// are left alone, and new ones are refused until classified (never passed unseen: a followed
+/// container restarted gets a new cgroup). The task's ancestor at the scope's level identifies
+/// the scope, the one a level below the container. (Linux 5.7 gave sock_addr programs these
+/// helpers.)
+#[inline(always)]
+fn scope_verdict() -> u32 {
+    let mut i = 0;
+    while i < MAX_SCOPES {
+        if let Some(scope) = SCOPES.get(i)
+            && scope.cgroup_id != 0
+            && unsafe { bpf_get_current_ancestor_cgroup_id(scope.level as i32) } == scope.cgroup_id
+        {
+            let child = unsafe { bpf_get_current_ancestor_cgroup_id(scope.level as i32 + 1) };
+            if child == 0 {
+                // In the scope's own cgroup: no container.
+                return SCOPE_PASS;
+            }
+            return match unsafe { SCOPED.get(&child) } {
+                Some(&verdict) if verdict == SCOPE_INTERCEPT || verdict == SCOPE_PASS => verdict,
+                _ => SCOPE_UNKNOWN,
+            };
+        }
+        i += 1;
+    }
+    SCOPE_NONE
 }
 
 /// Policy for an IPv4 destination (also IPv4-mapped ones from connect6).

@@ -198,3 +198,55 @@ except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
     assert!(log.contains("listening"), "{log}");
     assert!(!log.contains("accepted"), "the squatter got a connection: {log}");
 }
+
+/// Sets socket mark argv[1] (as egress's own sockets carry), then connects to argv[2]:argv[3]
+/// and holds the connection a moment; prints `connected` or the errno's name.
+const MARKED_CONNECT: &str = r#"
+import errno, socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, 36, int(sys.argv[1], 0))  # SO_MARK: CAP_NET_RAW in the namespace suffices
+s.settimeout(5)
+try:
+    s.connect((sys.argv[2], int(sys.argv[3]))); print('connected', flush=True); time.sleep(0.5)
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)))
+"#;
+
+#[test]
+fn the_agent_mark_set_inside_a_container_does_not_bypass_egress() {
+    // Root in its container (CAP_NET_RAW is a default container capability) may put any mark
+    // on its sockets, also egress's. That must not make the kernel take it for egress.
+    let mut bed = Testbed::standard();
+    bed.start_default_agent().unwrap();
+    let ct = bed.add_container_netns(4).unwrap();
+    let id = netns_id(&ct);
+    let _main = resident(&bed, &ct);
+    bed.agent().logged(&format!("netns={id}")).unwrap();
+
+    let before = bed.agent().counter("pass_agent").unwrap();
+    let result = egress_testbed::process::output(launch(
+        Some(&ct.name),
+        Enter::Net,
+        Some(&bed.cgroup.path),
+        "/usr/bin/python3",
+        &[
+            "-c",
+            MARKED_CONNECT,
+            "0x65677273",
+            egress_testbed::ORIGIN_IP,
+            "443",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(result.stdout.trim(), "connected", "{result:?}");
+    // It reached egress, not the origin.
+    bed.agent()
+        .wait_decision(&[&format!("netns={id}"), "original_dst=10.248.0.30:443"])
+        .unwrap();
+    assert_eq!(bed.agent().counter("pass_agent").unwrap(), before);
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        0,
+        "the marked connect went straight to the origin"
+    );
+}

@@ -28,7 +28,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use egress_common::{AF_INET, AF_INET6};
-use egress_common::{AgentConfig, ConnKey, SockAddr, counter, maps, programs};
+use egress_common::{AgentConfig, ConnKey, NETNS_OWN, NETNS_SERVED, SockAddr, counter, maps, programs};
 use ipnet::IpNet;
 
 /// The kernel programs, built by build.rs and embedded in the binary.
@@ -109,8 +109,12 @@ impl Kernel {
             let _ = served.remove(&cookie);
         }
         served
-            .insert(netns, 1, 0)
+            .insert(netns, NETNS_SERVED | NETNS_OWN, 0)
             .context("recording the agent's network namespace for the kernel programs")?;
+        let mut agent_cgroup: Array<_, u64> = Array::try_from(map_mut(&mut ebpf, maps::AGENT_CGROUP)?)?;
+        agent_cgroup
+            .set(0, own_cgroup_id().unwrap_or(0), 0)
+            .context("recording the agent's cgroup for the kernel programs")?;
         let mut orig_dst: HashMap<_, ConnKey, SockAddr> =
             HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
         // Entries left by connections a dead agent never accepted: none of them can be taken
@@ -211,6 +215,15 @@ fn remove_obsolete_pins(pin_dir: &Path) {
     for name in maps::OBSOLETE {
         let _ = std::fs::remove_file(pin_dir.join(name));
     }
+}
+
+/// The id of this process's cgroup v2 (its directory's inode), from /proc/self/cgroup.
+fn own_cgroup_id() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let root = cgroups::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)?;
+    let path = root.join(relative.trim_start_matches('/'));
+    Some(std::fs::metadata(path).ok()?.ino())
 }
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`, Linux 5.14).
@@ -386,37 +399,24 @@ impl Kernel {
     }
 
     /// Lets the kernel redirect connects made in network namespace `netns`, where an egress
-    /// listener now listens. Entries an earlier agent left for that namespace go first: none of
-    /// them belongs to a connection the new listener holds.
+    /// listener now listens. (Cookies are never reused, and `load` cleared what an earlier agent
+    /// left, so no stale original destination can be waiting for this namespace.)
     pub fn serve_netns(&self, netns: u64) -> Result<()> {
-        self.forget_original_dsts(netns);
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(netns, 1, 0)
+            .insert(netns, NETNS_SERVED, 0)
             .context("adding to the served-namespaces map (full?)")
     }
 
-    /// Connects made in `netns` are refused again (its listener is about to close).
+    /// Connects made in `netns` are refused again (its listener is about to close). Entries of
+    /// connections still in flight there go with their sockets (sock_ops), or age out (LRU).
     pub fn unserve_netns(&self, netns: u64) {
         let _ = self
             .served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&netns);
-        self.forget_original_dsts(netns);
-    }
-
-    fn forget_original_dsts(&self, netns: u64) {
-        let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<ConnKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.netns == netns)
-            .collect();
-        for key in stale {
-            let _ = map.remove(&key);
-        }
     }
 
     /// Makes the kernel's deny and bypass tries hold exactly `deny` and `bypass`. If that fails
@@ -449,7 +449,7 @@ impl Kernel {
         self.served
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(self.netns, 1, 0)
+            .insert(self.netns, NETNS_SERVED | NETNS_OWN, 0)
             .context("writing the served-namespaces map")?;
         let probe = ConnKey::default();
         match self

@@ -68,14 +68,14 @@ pub fn restrict_helper() -> Result<()> {
     ]
     .into_iter()
     .collect();
-    if !caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
-        // Not root (tests of the CLI): nothing to give up.
-        return Ok(());
-    }
-    for cap in caps::all() {
-        if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)
-                .with_context(|| format!("dropping {cap} from the bounding set"))?;
+    // The bounding set takes CAP_SETPCAP to shrink (a unit's CapabilityBoundingSet may have
+    // left it out); the effective and permitted sets below shrink regardless.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::all() {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap)
+                    .with_context(|| format!("dropping {cap} from the bounding set"))?;
+            }
         }
     }
     caps::clear(None, CapSet::Ambient).context("clearing ambient capabilities")?;
@@ -85,5 +85,8 @@ pub fn restrict_helper() -> Result<()> {
     caps::set(None, CapSet::Effective, &kept).context("setting effective capabilities")?;
     caps::set(None, CapSet::Permitted, &kept).context("setting permitted capabilities")?;
     nix::sys::prctl::set_no_new_privs().context("PR_SET_NO_NEW_PRIVS")?;
+    if !caps::read(None, CapSet::Effective)?.is_subset(&keep) {
+        bail!("the namespace helper could not give up its other capabilities");
+    }
     Ok(())
 }

@@ -10,16 +10,18 @@
 //! - `Scan`: the network namespaces of the processes in the cgroups egress is attached to (found
 //!   from the pinned links, so `egress attach` is covered too);
 //! - `Listen`: egress's listeners inside one of those namespaces;
-//! - `Socket`: an outgoing TCP socket inside one of them, for direct connections;
+//! - `Connect`: a direct connection started inside one of them (never to loopback: a
+//!   container's loopback-only services stay out of the agent's reach);
 //! - `Forget`: let go of a namespace.
 //!
 //! A compromised agent can therefore reach only the namespaces of intercepted processes, which
-//! are the ones it serves anyway. The helper exits with the agent (parent-death signal, and end
+//! are the ones it serves anyway, and gets no unbound socket made by root there (which could
+//! join a root service's SO_REUSEPORT group). The helper exits with the agent (parent-death signal, and end
 //! of file on its socket).
 
 use std::{
     collections::BTreeMap,
-    io::{IoSlice, IoSliceMut},
+    io::{IoSlice, IoSliceMut, Write},
     net::{Ipv6Addr, SocketAddr},
     os::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -39,10 +41,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernel;
 
-/// Upper bound of one message: a scan of [`MAX_NAMESPACES`] namespaces fits.
-const MAX_MESSAGE: usize = 256 * 1024;
+/// Upper bound of one message: a scan of [`MAX_NAMESPACES`] namespaces (about 90 KB) fits, and
+/// so does a datagram within the default socket buffer.
+const MAX_MESSAGE: usize = 160 * 1024;
 /// As many namespaces as the kernel's served-namespaces map holds.
 pub const MAX_NAMESPACES: usize = egress_common::MAX_SERVED_NETNS as usize - 1;
+/// Bound of one scan's walk through the attached cgroup trees.
+const MAX_CGROUPS_WALKED: usize = 20_000;
 /// A cgroup id whose directory could not be found is looked for again at most this often (a
 /// whole-tree walk).
 const RESOLVE_AGAIN: Duration = Duration::from_secs(10);
@@ -55,7 +60,7 @@ pub type NetnsId = u64;
 enum Request {
     Scan,
     Listen { netns: NetnsId },
-    Socket { netns: NetnsId, ipv6: bool },
+    Connect { netns: NetnsId, to: SocketAddr },
     Forget { netns: NetnsId },
 }
 
@@ -68,8 +73,8 @@ enum Reply {
         cookie: u64,
         ipv6: bool,
     },
-    /// One socket follows.
-    Socket,
+    /// One socket follows, its connect started (non-blocking).
+    Connecting,
     Done,
     Failed(String),
 }
@@ -81,9 +86,9 @@ pub struct NetnsListeners {
     pub v6: Option<std::net::TcpListener>,
 }
 
-/// The agent's end: one request at a time.
+/// The agent's end: one request at a time, with one receive buffer.
 pub struct Helper {
-    socket: Mutex<OwnedFd>,
+    socket: Mutex<(OwnedFd, Vec<u8>)>,
     pid: nix::unistd::Pid,
 }
 
@@ -105,24 +110,30 @@ impl Helper {
         )
         .context("creating the namespace helper's socket pair")?;
         let own_netns = std::fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+        let parent = nix::unistd::getpid();
         // SAFETY: the daemon forks before it starts any thread (see daemon::run); the child only
         // runs `serve` and leaves with _exit.
         match unsafe { nix::unistd::fork() }.context("forking the namespace helper")? {
             nix::unistd::ForkResult::Parent { child } => {
                 drop(theirs);
                 Ok(Self {
-                    socket: Mutex::new(ours),
+                    socket: Mutex::new((ours, vec![0; MAX_MESSAGE])),
                     pid: child,
                 })
             }
             nix::unistd::ForkResult::Child => {
                 drop(ours);
-                let code = match child_main(theirs, own_netns, settings) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("egress namespace helper: {e:#}");
+                // Never unwind into the daemon's code: a panic ends the helper like an error.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    child_main(theirs, own_netns, parent, settings)
+                }));
+                let code = match ran {
+                    Ok(Ok(())) => 0,
+                    Ok(Err(e)) => {
+                        let _ = writeln!(std::io::stderr(), "egress namespace helper: {e:#}");
                         1
                     }
+                    Err(_) => 1,
                 };
                 // SAFETY: leaves without running the parent's destructors (its maps and links
                 // belong to the agent).
@@ -136,10 +147,12 @@ impl Helper {
     }
 
     fn call(&self, request: &Request) -> Result<(Reply, Vec<OwnedFd>)> {
-        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let (socket, buffer) = &mut *guard;
         send(socket.as_fd(), request, &[])?;
-        let (reply, fds): (Reply, _) =
-            receive(socket.as_fd())?.context("the namespace helper is gone (see the log)")?;
+        let (reply, fds): (Reply, _) = receive(socket.as_fd(), buffer)?.context(
+            "the namespace helper is gone: namespaces it did not serve yet stay refused (see the log)",
+        )?;
         if let Reply::Failed(why) = reply {
             bail!("{why}");
         }
@@ -172,10 +185,10 @@ impl Helper {
         Ok(NetnsListeners { cookie, v4, v6 })
     }
 
-    /// A new TCP socket inside `netns` (non-blocking, with the agent mark), for a direct
-    /// connection that must leave from the application's namespace.
-    pub fn socket(&self, netns: NetnsId, ipv6: bool) -> Result<std::net::TcpStream> {
-        let (_, mut fds) = self.call(&Request::Socket { netns, ipv6 })?;
+    /// A TCP connection to `to` started inside `netns` (non-blocking, connect in progress),
+    /// for a direct connection that must leave from the application's namespace.
+    pub fn connect(&self, netns: NetnsId, to: SocketAddr) -> Result<std::net::TcpStream> {
+        let (_, mut fds) = self.call(&Request::Connect { netns, to })?;
         let fd = fds.pop().context("namespace helper: no socket")?;
         Ok(std::net::TcpStream::from(fd))
     }
@@ -206,11 +219,11 @@ fn send<T: Serialize>(socket: std::os::fd::BorrowedFd<'_>, message: &T, fds: &[R
 /// One message and the descriptors that came with it; `None` at end of file.
 fn receive<T: for<'de> Deserialize<'de>>(
     socket: std::os::fd::BorrowedFd<'_>,
+    buffer: &mut [u8],
 ) -> Result<Option<(T, Vec<OwnedFd>)>> {
-    let mut buffer = vec![0u8; MAX_MESSAGE];
     let mut space = nix::cmsg_space!([RawFd; 2]);
     let (len, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buffer)];
+        let mut iov = [IoSliceMut::new(buffer)];
         let message = recvmsg::<()>(
             socket.as_raw_fd(),
             &mut iov,
@@ -249,13 +262,18 @@ struct HelperState {
     last_resolve: Option<Instant>,
 }
 
-fn child_main(socket: OwnedFd, own_netns: std::fs::File, settings: HelperSettings) -> Result<()> {
+fn child_main(
+    socket: OwnedFd,
+    own_netns: std::fs::File,
+    parent: nix::unistd::Pid,
+    settings: HelperSettings,
+) -> Result<()> {
     // Die with the agent. (Checked after setting it: the agent may already be gone.)
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    if nix::unistd::getppid().as_raw() == 1 {
+    if nix::unistd::getppid() != parent {
         return Ok(());
     }
-    close_inherited(socket.as_raw_fd(), own_netns.as_raw_fd());
+    close_inherited(socket.as_raw_fd(), own_netns.as_raw_fd())?;
     kernel::privileges::restrict_helper()?;
     let own_netns_id = own_netns.metadata()?.ino();
     let mut state = HelperState {
@@ -266,7 +284,8 @@ fn child_main(socket: OwnedFd, own_netns: std::fs::File, settings: HelperSetting
         cgroup_paths: BTreeMap::new(),
         last_resolve: None,
     };
-    while let Some((request, _)) = receive::<Request>(socket.as_fd())? {
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    while let Some((request, _)) = receive::<Request>(socket.as_fd(), &mut buffer)? {
         let (reply, fds) = match state.handle(&request) {
             Ok(answer) => answer,
             Err(e) => (Reply::Failed(format!("{e:#}")), Vec::new()),
@@ -279,10 +298,8 @@ fn child_main(socket: OwnedFd, own_netns: std::fs::File, settings: HelperSetting
 
 /// Closes every descriptor the agent had open when it forked, but `keep`: the helper must not
 /// hold the agent's maps, links or listeners.
-fn close_inherited(keep_a: RawFd, keep_b: RawFd) {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
+fn close_inherited(keep_a: RawFd, keep_b: RawFd) -> Result<()> {
+    let entries = std::fs::read_dir("/proc/self/fd").context("listing inherited descriptors")?;
     let fds: Vec<RawFd> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
@@ -294,23 +311,25 @@ fn close_inherited(keep_a: RawFd, keep_b: RawFd) {
             unsafe { libc::close(fd) };
         }
     }
+    Ok(())
 }
 
 impl HelperState {
     fn handle(&mut self, request: &Request) -> Result<(Reply, Vec<OwnedFd>)> {
         match *request {
-            Request::Scan => Ok((Reply::Namespaces(self.scan()), Vec::new())),
+            Request::Scan => Ok((Reply::Namespaces(self.scan()?), Vec::new())),
             Request::Listen { netns } => {
                 let ns = self.open(netns)?;
                 let (cookie, fds) = self.inside(&ns, || listeners(&self.settings))?;
                 let ipv6 = fds.len() == 2;
                 Ok((Reply::Listening { cookie, ipv6 }, fds))
             }
-            Request::Socket { netns, ipv6 } => {
+            Request::Connect { netns, to } => {
+                refuse_local(to)?;
                 let ns = self.open(netns)?;
                 let mark = self.settings.agent_mark;
-                let socket = self.inside(&ns, || outgoing_socket(ipv6, mark))?;
-                Ok((Reply::Socket, vec![socket]))
+                let socket = self.inside(&ns, || start_connect(to, mark))?;
+                Ok((Reply::Connecting, vec![socket]))
             }
             Request::Forget { netns } => {
                 self.known.remove(&netns);
@@ -343,17 +362,25 @@ impl HelperState {
             .context("entering the network namespace")?;
         let made = make();
         if let Err(e) = nix::sched::setns(&self.own_netns, nix::sched::CloneFlags::CLONE_NEWNET) {
-            eprintln!("egress namespace helper: cannot return to its own network namespace: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "egress namespace helper: cannot return to its own network namespace: {e}"
+            );
             // SAFETY: immediate exit; nothing else may run in the wrong namespace.
             unsafe { libc::_exit(1) };
         }
         made
     }
 
-    fn scan(&mut self) -> Vec<(NetnsId, u32)> {
-        let ids = kernel::pinned_cgroups(&self.settings.pin_dir).unwrap_or_default();
+    /// Every namespace already served is kept ahead of new ones, so that a process creating
+    /// namespaces by the thousand cannot push the others out (its own beyond the bound stay
+    /// refused).
+    fn scan(&mut self) -> Result<Vec<(NetnsId, u32)>> {
+        // An error keeps the agent's state as it is (no namespace is dropped for it).
+        let ids = kernel::pinned_cgroups(&self.settings.pin_dir).context("reading the pinned links")?;
+        // A cgroup removed and made again at the same path is another cgroup, not attached.
         self.cgroup_paths
-            .retain(|id, path| ids.contains(id) && path.exists());
+            .retain(|id, path| ids.contains(id) && std::fs::metadata(path).is_ok_and(|m| m.ino() == *id));
         let missing: Vec<u64> = ids
             .iter()
             .copied()
@@ -367,19 +394,20 @@ impl HelperState {
                 }
             }
         }
-        let mut found: BTreeMap<NetnsId, u32> = BTreeMap::new();
+        let mut present: BTreeMap<NetnsId, u32> = BTreeMap::new();
         for root in self.cgroup_paths.values() {
             for pid in procs_under(root) {
-                if found.len() >= MAX_NAMESPACES {
-                    break;
-                }
                 if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net"))
                     && meta.ino() != self.own_netns_id
                 {
-                    found.entry(meta.ino()).or_insert(pid);
+                    present.entry(meta.ino()).or_insert(pid);
                 }
             }
         }
+        let (kept, new): (Vec<_>, Vec<_>) = present
+            .into_iter()
+            .partition(|(netns, _)| self.known.get(netns).is_some_and(|(_, f)| f.is_some()));
+        let found: BTreeMap<NetnsId, u32> = kept.into_iter().chain(new).take(MAX_NAMESPACES).collect();
         // Keep what was opened for namespaces still present; forget the rest.
         let mut known = BTreeMap::new();
         for (netns, pid) in &found {
@@ -387,15 +415,21 @@ impl HelperState {
             known.insert(*netns, (*pid, opened));
         }
         self.known = known;
-        found.into_iter().collect()
+        Ok(found.into_iter().collect())
     }
 }
 
-/// Every process in the cgroup `root` and below.
+/// Every process in the cgroup `root` and below (at most [`MAX_CGROUPS_WALKED`] cgroups: a
+/// delegated subtree may grow without bound).
 fn procs_under(root: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
+    let mut walked = 0;
     while let Some(dir) = dirs.pop() {
+        walked += 1;
+        if walked > MAX_CGROUPS_WALKED {
+            break;
+        }
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
@@ -445,10 +479,32 @@ fn listeners(settings: &HelperSettings) -> Result<(u64, Vec<OwnedFd>)> {
     Ok((cookie, fds))
 }
 
-fn outgoing_socket(ipv6: bool, mark: u32) -> Result<OwnedFd> {
+/// Direct connections go to what policy allowed, never to the namespace's own loopback or to
+/// nowhere.
+fn refuse_local(to: SocketAddr) -> Result<()> {
+    let ip = match to.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || to.port() == 0 {
+        bail!("refusing a direct connection to {to} inside a container's namespace");
+    }
+    Ok(())
+}
+
+/// A non-blocking connect to `to`, started in the current namespace, with the agent mark.
+fn start_connect(to: SocketAddr, mark: u32) -> Result<OwnedFd> {
     use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(if ipv6 { Domain::IPV6 } else { Domain::IPV4 }, Type::STREAM, None)?;
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
     socket.set_mark(mark)?;
     socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&to.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e).with_context(|| format!("connecting to {to}")),
+    }
     Ok(socket.into())
 }

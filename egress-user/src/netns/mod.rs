@@ -19,7 +19,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::{net::TcpListener, task::AbortHandle};
+use std::net::SocketAddr;
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::AbortHandle,
+};
 
 use crate::kernel::Kernel;
 use helper::{Helper, NetnsId};
@@ -161,13 +166,21 @@ impl Namespaces {
         Ok(listeners.cookie)
     }
 
-    /// A TCP socket inside namespace `id` for a direct connection to an address of family
-    /// `ipv6`, made by the helper.
-    pub async fn socket(&self, id: NetnsId, ipv6: bool) -> Result<tokio::net::TcpSocket> {
+    /// A direct connection to `to` from inside namespace `id`, started by the helper and
+    /// completed here within `timeout`.
+    pub async fn connect(&self, id: NetnsId, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
         let helper = self.helper.clone();
-        let stream = tokio::task::spawn_blocking(move || helper.socket(id, ipv6))
+        let stream = tokio::task::spawn_blocking(move || helper.connect(id, to))
             .await?
-            .with_context(|| format!("a socket in network namespace {id}"))?;
-        Ok(tokio::net::TcpSocket::from_std_stream(stream))
+            .with_context(|| format!("connecting to {to} from network namespace {id}"))?;
+        let stream = TcpStream::from_std(stream)?;
+        match tokio::time::timeout(timeout, stream.writable()).await {
+            Err(_) => anyhow::bail!("connecting to {to} from network namespace {id}: timed out"),
+            Ok(ready) => ready?,
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e).with_context(|| format!("connecting to {to} from network namespace {id}"));
+        }
+        Ok(stream)
     }
 }

@@ -137,13 +137,10 @@ async fn connect_direct(
             .await
             .map_err(|e| e.to_string());
     };
-    let socket = namespaces
-        .socket(id, to.is_ipv6())
+    namespaces
+        .connect(id, to, timeout)
         .await
-        .map_err(|e| format!("{e:#}"))?;
-    upstream::connect_socket(Role::Destination, socket, to, timeout)
-        .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("{e:#}"))
 }
 
 async fn tunnel(

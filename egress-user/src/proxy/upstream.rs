@@ -146,18 +146,6 @@ pub async fn connect_marked(
     if mark != 0 {
         socket2::SockRef::from(&socket).set_mark(mark).map_err(error)?;
     }
-    connect_socket(role, socket, addr, timeout).await
-}
-
-/// Connects `socket` (made and marked by the caller, possibly in another network namespace) to
-/// `addr` within `timeout`.
-pub async fn connect_socket(
-    role: Role,
-    socket: TcpSocket,
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<TcpStream, UpstreamError> {
-    let error = |source| UpstreamError::Connect { role, addr, source };
     socket.set_nodelay(true).map_err(error)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(stream)) => Ok(stream),
