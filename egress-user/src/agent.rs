@@ -76,6 +76,8 @@ fn keep_start_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
         pin_dir,
         user,
         cgroups,
+        containers,
+        container_engine_socket,
         kernel_log
     );
     changed

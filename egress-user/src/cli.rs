@@ -88,7 +88,7 @@ pub struct DoctorArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["cgroups", "units"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["cgroups", "units", "containers"])))]
 pub struct CgroupArgs {
     /// cgroup (v2) directory; repeatable.
     #[arg(long = "cgroup", value_name = "PATH")]
@@ -97,6 +97,13 @@ pub struct CgroupArgs {
     /// already, so interception is in place before the service's first connect.
     #[arg(long = "unit", value_name = "UNIT")]
     pub units: Vec<String>,
+    /// Docker or Podman container, by name or id; repeatable. Followed across restarts and
+    /// recreation under the same name (the running agent keeps following it).
+    #[arg(long = "container", value_name = "NAME|ID")]
+    pub containers: Vec<String>,
+    /// The container engine's API socket (Podman: /run/podman/podman.sock).
+    #[arg(long, value_name = "PATH", default_value = crate::containers::engine::DEFAULT_SOCKET)]
+    pub container_engine_socket: PathBuf,
     #[command(flatten)]
     pub pin: PinDir,
 }
@@ -146,12 +153,26 @@ pub fn main() -> ExitCode {
         Command::Run(args) => daemon::run(&args),
         Command::Attach(args) => {
             let units = args.units.iter().map(|u| kernel::cgroups::resolve_unit(u));
+            let engine = crate::containers::engine::Engine::new(&args.container_engine_socket);
             units
                 .collect::<anyhow::Result<Vec<_>>>()
                 .and_then(|unit_cgroups| {
                     args.cgroups.iter().chain(&unit_cgroups).try_for_each(|cgroup| {
-                        kernel::attach_to_running(&args.pin.bpffs_dir, cgroup)?;
+                        kernel::attach_to_running(&args.pin.bpffs_dir, cgroup, |_| Ok(()))?;
                         println!("attached {}", cgroup.display());
+                        Ok(())
+                    })
+                })
+                .and_then(|()| {
+                    args.containers.iter().try_for_each(|reference| {
+                        let scope = crate::containers::scope_for(&engine, reference)?;
+                        kernel::attach_to_running(&args.pin.bpffs_dir, &scope, |maps| {
+                            crate::containers::follow(maps, &engine, reference, &scope)
+                        })?;
+                        println!(
+                            "following container {reference} (attached to {})",
+                            scope.display()
+                        );
                         Ok(())
                     })
                 })

@@ -13,6 +13,7 @@ use crate::{
     admin,
     agent::Agent,
     config::{Config, flags::RunArgs},
+    containers,
     kernel::{self, Kernel, KernelSettings, privileges},
     netns::{self, ClientNetns, Namespaces},
     proxy::accept,
@@ -57,6 +58,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // hold them).
     let helper = netns::helper::Helper::spawn(netns::helper::HelperSettings {
         pin_dir: config.pin_dir.clone(),
+        engine_socket: config.container_engine_socket.clone(),
         listen_port: config.listen_port,
         agent_mark: config.agent_mark,
     })?;
@@ -71,6 +73,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     for cgroup in &config.cgroups {
         kernel.attach(cgroup, &settings.pin_dir)?;
         tracing::info!(cgroup = %cgroup.display(), "attached");
+    }
+    let engine = containers::engine::Engine::new(&config.container_engine_socket);
+    for reference in &config.containers {
+        let scope =
+            containers::scope_for(&engine, reference).with_context(|| format!("container {reference}"))?;
+        {
+            let mut maps = kernel.scopes.lock().unwrap_or_else(|e| e.into_inner());
+            containers::follow(&mut maps, &engine, reference, &scope)
+                .with_context(|| format!("container {reference}"))?;
+        }
+        kernel.attach(&scope, &settings.pin_dir)?;
+        tracing::info!(container = %reference, scope = %scope.display(), "following a container (attached selectively)");
     }
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
@@ -257,13 +271,27 @@ async fn serve_namespaces(agent: Arc<Agent>) {
         return;
     };
     let mut last_error = String::new();
+    let follower = Arc::new(std::sync::Mutex::new(containers::Follower::default()));
     loop {
         let shared = agent.shared.clone();
+        // Containers first: a new followed container's cgroup is classified before its
+        // namespace gets a listener; passing ones get none.
+        let (helper, following, maps_owner) = (namespaces.helper(), follower.clone(), shared.clone());
+        let (skip, follow_error) = tokio::task::spawn_blocking(move || {
+            let mut name_of = |id: &str| helper.container_name(id);
+            following
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .round(&maps_owner.kernel.scopes, &mut name_of)
+        })
+        .await
+        .unwrap_or_else(|e| (Vec::new(), Some(e.into())));
         let result = namespaces
-            .reconcile(&agent.shared.kernel, |netns, listener| {
+            .reconcile(&agent.shared.kernel, skip, |netns, listener| {
                 tokio::spawn(accept::serve(listener, shared.clone(), netns)).abort_handle()
             })
-            .await;
+            .await
+            .and(follow_error.map_or(Ok(()), Err));
         // Logged when it changes, not every round.
         let error = result.err().map(|e| format!("{e:#}")).unwrap_or_default();
         if !error.is_empty() && error != last_error {

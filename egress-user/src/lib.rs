@@ -11,6 +11,7 @@ mod admin;
 mod agent;
 mod cli;
 mod config;
+mod containers;
 mod daemon;
 mod diag;
 mod hostport;

@@ -204,3 +204,137 @@ fn a_container_reaches_a_database_container_directly_from_its_own_address() {
         .unwrap();
     assert!(line.contains("no_proxy"), "{line}");
 }
+
+/// A container command that tries the origin from its very first moment: 30 attempts, 0.1 s
+/// apart, each HTTP status (000: refused) appended to /probe/log; then it idles.
+const PROBE: &str = "for i in $(seq 30); do curl -s -o /dev/null -w '%{http_code}\\n' --noproxy '*' \
+--max-time 3 --cacert /ca.pem https://origin.test/ >> /probe/log; sleep 0.1; done; exec sleep 600";
+
+#[test]
+fn a_followed_container_is_intercepted_across_restart_and_recreation_while_others_pass() {
+    let mut bed = Testbed::standard();
+    let docker = Docker::start(&bed).unwrap();
+    docker
+        .run(&[
+            "network",
+            "create",
+            "--subnet",
+            "10.253.0.0/24",
+            "matrix-homeserver",
+        ])
+        .unwrap();
+    let mut options = vec!["--network".to_owned(), "matrix-homeserver".to_owned()];
+    options.extend(origin_options(&bed));
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    docker.run_container("other", &options).unwrap();
+    docker.run_container("synapse", &options).unwrap();
+    let socket = docker.socket.to_string_lossy().into_owned();
+    bed.start_agent_with(&["--container", "synapse", "--container-engine-socket", &socket])
+        .unwrap();
+
+    let synapse = wait_served(&bed, &docker, "synapse");
+    assert_eq!(curl_origin(&docker, "synapse"), "200");
+    bed.agent()
+        .wait_decision(&[&format!("netns={synapse}"), "route=proxy-connect"])
+        .unwrap();
+
+    // Not followed: left alone (direct, as without egress), and no listener in its namespace.
+    let passed = bed.agent().counter("pass_unselected").unwrap();
+    assert_eq!(curl_origin(&docker, "other"), "200");
+    assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
+    let other = docker.netns_id("other").unwrap();
+    assert!(!bed.agent().log().contains(&format!("netns={other}")));
+    let direct = bed.direct_packets_at_origin().unwrap();
+    assert!(direct > 0, "the other container went direct");
+
+    // Recreated under the same name (a new id, a new cgroup) with a command that connects from
+    // its first moment: refused until egress classifies the new cgroup, then proxied; never
+    // direct.
+    let probe = bed.dir.join("probe");
+    std::fs::create_dir_all(&probe).unwrap();
+    docker.run(&["rm", "-f", "synapse"]).unwrap();
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        "synapse",
+        "-v",
+        "/usr:/usr:ro",
+        "-v",
+        "/etc/ssl:/etc/ssl:ro",
+    ];
+    let volume = format!("{}:/probe", probe.display());
+    args.extend(["-v", &volume]);
+    args.extend_from_slice(&options);
+    args.extend([egress_testbed::peers::docker::IMAGE, "sh", "-c", PROBE]);
+    docker.run(&args).unwrap();
+    let statuses = wait_probes(&probe.join("log"), 30);
+    assert!(statuses.iter().all(|s| s == "200" || s == "000"), "{statuses:?}");
+    assert!(
+        statuses.contains(&"200".to_owned()),
+        "never proxied: {statuses:?}"
+    );
+    wait_served(&bed, &docker, "synapse");
+
+    // Restarted: the same container, a new cgroup again.
+    docker.run(&["restart", "-t", "1", "synapse"]).unwrap();
+    let statuses = wait_probes(&probe.join("log"), 60);
+    assert!(
+        statuses[30..].contains(&"200".to_owned()),
+        "never proxied after the restart: {statuses:?}"
+    );
+
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        direct,
+        "the followed container sent a packet directly to the origin"
+    );
+    bed.squid_logged(&format!("CONNECT {ORIGIN_NAME}:443")).unwrap();
+
+    // While the engine cannot say which container a new cgroup holds, the cgroup stays refused.
+    let hidden = docker.socket.with_extension("hidden");
+    std::fs::rename(&docker.socket, &hidden).unwrap();
+    let unknown = docker.cgroup.path.join("0123456789abcdef".repeat(4));
+    std::fs::create_dir(&unknown).unwrap();
+    let refused = bed.agent().counter("deny_unclassified").unwrap();
+    let connect = |cgroup: &std::path::Path| {
+        let script = "import errno, socket\n\
+try:\n    socket.create_connection(('10.248.0.30', 443), 5); print('connected')\n\
+except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
+        bed.run_in(cgroup, "/usr/bin/python3", &["-c", script])
+            .unwrap()
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    bed.agent().logged("asking the container engine").unwrap();
+    assert_eq!(connect(&unknown), "EPERM");
+    assert!(bed.agent().counter("deny_unclassified").unwrap() > refused);
+    // Back: the engine knows no such container, so the cgroup is left alone.
+    std::fs::rename(&hidden, &docker.socket).unwrap();
+    egress_testbed::wait::until(
+        "the new cgroup to be classified",
+        egress_testbed::wait::SHORT,
+        || Ok(connect(&unknown)),
+        |r| r == "connected",
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir(&unknown);
+}
+
+/// Waits until the probe log holds `n` statuses; returns them.
+fn wait_probes(log: &std::path::Path, n: usize) -> Vec<String> {
+    egress_testbed::wait::until(
+        &format!("{n} probe results in {}", log.display()),
+        std::time::Duration::from_secs(90),
+        || {
+            Ok(std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>())
+        },
+        |lines| lines.len() >= n,
+    )
+    .unwrap()
+}

@@ -20,6 +20,14 @@ pub struct RunArgs {
     /// Resolved on hybrid and pure cgroup v2 hosts; the unit must be running.
     #[arg(long = "unit", value_name = "UNIT")]
     pub units: Vec<String>,
+    /// Docker or Podman container (name or id) whose connections are intercepted, followed
+    /// across restarts and recreation under the same name; repeatable.
+    #[arg(long = "container", value_name = "NAME|ID")]
+    pub containers: Vec<String>,
+    /// The container engine's API socket [default: /var/run/docker.sock; Podman:
+    /// /run/podman/podman.sock].
+    #[arg(long, value_name = "PATH")]
+    pub container_engine_socket: Option<PathBuf>,
     /// Import http_proxy, https_proxy, no_proxy_hosts, ip_range_blacklist and
     /// ip_range_whitelist from Synapse's homeserver.yaml (overridden by everything else).
     #[arg(long, value_name = "PATH")]

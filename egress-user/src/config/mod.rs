@@ -57,6 +57,9 @@ pub struct FileConfig {
     pub cgroups: Option<Vec<PathBuf>>,
     /// systemd units whose cgroups are intercepted (e.g. matrix-synapse.service).
     pub units: Option<Vec<String>>,
+    /// Docker/Podman containers (names or ids) whose connections are intercepted.
+    pub containers: Option<Vec<String>>,
+    pub container_engine_socket: Option<PathBuf>,
     /// Synapse's homeserver.yaml, to import its proxy and IP range settings from.
     pub homeserver_config: Option<PathBuf>,
     pub https_proxy: Option<String>,
@@ -86,6 +89,9 @@ pub struct Config {
     pub cgroups: Vec<PathBuf>,
     /// Units still to resolve to cgroups (done by [`Config::load`]).
     pub units: Vec<String>,
+    /// Containers followed by name or id (see `containers`).
+    pub containers: Vec<String>,
+    pub container_engine_socket: PathBuf,
     pub https_proxy: Option<ProxyUrl>,
     pub http_proxy: Option<ProxyUrl>,
     pub policy: Policy,
@@ -219,15 +225,25 @@ impl Config {
             (flags, _, _) => ip_ranges("--ip-range-whitelist", flags)?,
         };
 
-        // Targets: flags replace the file's (cgroups and units together).
-        let (cgroups, units) = if !args.cgroups.is_empty() || !args.units.is_empty() {
-            (args.cgroups.clone(), args.units.clone())
-        } else {
-            (
-                file.cgroups.clone().unwrap_or_default(),
-                file.units.clone().unwrap_or_default(),
-            )
-        };
+        // Targets: flags replace the file's (cgroups, units and containers together).
+        let (cgroups, units, containers) =
+            if !args.cgroups.is_empty() || !args.units.is_empty() || !args.containers.is_empty() {
+                (args.cgroups.clone(), args.units.clone(), args.containers.clone())
+            } else {
+                (
+                    file.cgroups.clone().unwrap_or_default(),
+                    file.units.clone().unwrap_or_default(),
+                    file.containers.clone().unwrap_or_default(),
+                )
+            };
+        for container in &containers {
+            crate::containers::validate_reference(container).context("config key containers")?;
+        }
+        let container_engine_socket = args
+            .container_engine_socket
+            .clone()
+            .or_else(|| file.container_engine_socket.clone())
+            .unwrap_or_else(|| PathBuf::from(crate::containers::engine::DEFAULT_SOCKET));
 
         let agent_mark = args.agent_mark.or(file.agent_mark).unwrap_or(DEFAULT_AGENT_MARK);
         if agent_mark == 0 {
@@ -244,6 +260,8 @@ impl Config {
         Ok(Self {
             cgroups,
             units,
+            containers,
+            container_engine_socket,
             https_proxy,
             http_proxy,
             policy: Policy {

@@ -8,6 +8,7 @@
 
 pub mod cgroups;
 pub mod privileges;
+pub mod scopes;
 pub mod verdict;
 
 use std::{
@@ -75,6 +76,8 @@ pub struct Kernel {
     /// losing the pins (bpffs unmounted) must not detach anything.
     held_links: Mutex<std::collections::BTreeMap<std::ffi::OsString, std::os::fd::OwnedFd>>,
     pin_dir: PathBuf,
+    /// Selectively attached container engine cgroups (see [`scopes`]).
+    pub scopes: Mutex<scopes::ScopeMaps>,
     ebpf: Ebpf,
 }
 
@@ -128,8 +131,10 @@ impl Kernel {
         let bypass4 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS4)?)?;
         let deny6 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY6)?)?;
         let bypass6 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS6)?)?;
+        let scopes = scopes::ScopeMaps::take(&mut ebpf)?;
         remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
+            scopes: Mutex::new(scopes),
             orig_dst: Mutex::new(orig_dst),
             netns,
             served: Mutex::new(served),
@@ -248,8 +253,13 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> Result<u64> {
 }
 
 /// `egress attach`: adds `cgroup` to the instance pinned at `pin_dir`, whose running agent
-/// serves it from then on; nothing that is already connected is touched.
-pub fn attach_to_running(pin_dir: &Path, cgroup: &Path) -> Result<()> {
+/// serves it from then on; nothing that is already connected is touched. `prepare` runs on the
+/// instance's selective-attachment maps first (for `--container`).
+pub fn attach_to_running(
+    pin_dir: &Path,
+    cgroup: &Path,
+    prepare: impl FnOnce(&mut scopes::ScopeMaps) -> Result<()>,
+) -> Result<()> {
     if !pin_dir.join(maps::CONFIG).exists() {
         bail!(
             "no egress instance at {}: start `egress run` first",
@@ -264,6 +274,7 @@ pub fn attach_to_running(pin_dir: &Path, cgroup: &Path) -> Result<()> {
             pin_dir.display()
         );
     }
+    prepare(&mut scopes::ScopeMaps::take(&mut ebpf)?)?;
     attach_programs(&mut ebpf, cgroup, pin_dir)
 }
 

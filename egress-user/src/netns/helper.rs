@@ -12,7 +12,9 @@
 //! - `Listen`: egress's listeners inside one of those namespaces;
 //! - `Connect`: a direct connection started inside one of them (never to loopback: a
 //!   container's loopback-only services stay out of the agent's reach);
-//! - `Forget`: let go of a namespace.
+//! - `Forget`: let go of a namespace;
+//! - `ContainerName`: ask the container engine (whose socket only root may use) for the name of
+//!   the container with a given id.
 //!
 //! A compromised agent can therefore reach only the namespaces of intercepted processes, which
 //! are the ones it serves anyway, and gets no unbound socket made by root there (which could
@@ -58,10 +60,23 @@ pub type NetnsId = u64;
 
 #[derive(Serialize, Deserialize, Debug)]
 enum Request {
-    Scan,
-    Listen { netns: NetnsId },
-    Connect { netns: NetnsId, to: SocketAddr },
-    Forget { netns: NetnsId },
+    /// `skip`: cgroups (ids) whose processes are left alone (containers not followed).
+    Scan {
+        skip: Vec<u64>,
+    },
+    ContainerName {
+        id: String,
+    },
+    Listen {
+        netns: NetnsId,
+    },
+    Connect {
+        netns: NetnsId,
+        to: SocketAddr,
+    },
+    Forget {
+        netns: NetnsId,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -75,6 +90,7 @@ enum Reply {
     },
     /// One socket follows, its connect started (non-blocking).
     Connecting,
+    Container(Option<String>),
     Done,
     Failed(String),
 }
@@ -95,6 +111,7 @@ pub struct Helper {
 /// What the helper needs to know, fixed at start.
 pub struct HelperSettings {
     pub pin_dir: PathBuf,
+    pub engine_socket: PathBuf,
     pub listen_port: u16,
     pub agent_mark: u32,
 }
@@ -159,9 +176,10 @@ impl Helper {
         Ok((reply, fds))
     }
 
-    /// The network namespaces of the intercepted processes, except the helper's own.
-    pub fn scan(&self) -> Result<Vec<(NetnsId, u32)>> {
-        match self.call(&Request::Scan)? {
+    /// The network namespaces of the intercepted processes, except the helper's own and those
+    /// of processes in the cgroups `skip`.
+    pub fn scan(&self, skip: Vec<u64>) -> Result<Vec<(NetnsId, u32)>> {
+        match self.call(&Request::Scan { skip })? {
             (Reply::Namespaces(found), _) => Ok(found),
             (other, _) => bail!("namespace helper: unexpected reply {other:?}"),
         }
@@ -191,6 +209,14 @@ impl Helper {
         let (_, mut fds) = self.call(&Request::Connect { netns, to })?;
         let fd = fds.pop().context("namespace helper: no socket")?;
         Ok(std::net::TcpStream::from(fd))
+    }
+
+    /// The name of container `id` (64 hex digits), None if the engine has no such container.
+    pub fn container_name(&self, id: &str) -> Result<Option<String>> {
+        match self.call(&Request::ContainerName { id: id.to_owned() })? {
+            (Reply::Container(name), _) => Ok(name),
+            (other, _) => bail!("namespace helper: unexpected reply {other:?}"),
+        }
     }
 
     pub fn forget(&self, netns: NetnsId) -> Result<()> {
@@ -317,7 +343,14 @@ fn close_inherited(keep_a: RawFd, keep_b: RawFd) -> Result<()> {
 impl HelperState {
     fn handle(&mut self, request: &Request) -> Result<(Reply, Vec<OwnedFd>)> {
         match *request {
-            Request::Scan => Ok((Reply::Namespaces(self.scan()?), Vec::new())),
+            Request::Scan { ref skip } => Ok((Reply::Namespaces(self.scan(skip)?), Vec::new())),
+            Request::ContainerName { ref id } => {
+                if crate::containers::container_id_in(id) != Some(id.as_str()) {
+                    bail!("not a container id: {id:?}");
+                }
+                let engine = crate::containers::engine::Engine::new(&self.settings.engine_socket);
+                Ok((Reply::Container(engine.inspect(id)?.map(|c| c.name)), Vec::new()))
+            }
             Request::Listen { netns } => {
                 let ns = self.open(netns)?;
                 let (cookie, fds) = self.inside(&ns, || listeners(&self.settings))?;
@@ -375,7 +408,7 @@ impl HelperState {
     /// Every namespace already served is kept ahead of new ones, so that a process creating
     /// namespaces by the thousand cannot push the others out (its own beyond the bound stay
     /// refused).
-    fn scan(&mut self) -> Result<Vec<(NetnsId, u32)>> {
+    fn scan(&mut self, skip: &[u64]) -> Result<Vec<(NetnsId, u32)>> {
         // An error keeps the agent's state as it is (no namespace is dropped for it).
         let ids = kernel::pinned_cgroups(&self.settings.pin_dir).context("reading the pinned links")?;
         // A cgroup removed and made again at the same path is another cgroup, not attached.
@@ -396,7 +429,7 @@ impl HelperState {
         }
         let mut present: BTreeMap<NetnsId, u32> = BTreeMap::new();
         for root in self.cgroup_paths.values() {
-            for pid in procs_under(root) {
+            for pid in procs_under(root, skip) {
                 if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net"))
                     && meta.ino() != self.own_netns_id
                 {
@@ -421,7 +454,7 @@ impl HelperState {
 
 /// Every process in the cgroup `root` and below (at most [`MAX_CGROUPS_WALKED`] cgroups: a
 /// delegated subtree may grow without bound).
-fn procs_under(root: &Path) -> Vec<u32> {
+fn procs_under(root: &Path, skip: &[u64]) -> Vec<u32> {
     let mut pids = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     let mut walked = 0;
@@ -438,6 +471,7 @@ fn procs_under(root: &Path) -> Vec<u32> {
                 entries
                     .flatten()
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter(|e| e.metadata().is_ok_and(|m| !skip.contains(&m.ino())))
                     .map(|e| e.path()),
             );
         }

@@ -68,10 +68,11 @@ impl Namespaces {
     pub async fn reconcile(
         &self,
         kernel: &Kernel,
+        skip: Vec<u64>,
         accept: impl Fn(ClientNetns, TcpListener) -> AbortHandle,
     ) -> Result<()> {
         let helper = self.helper.clone();
-        let found = tokio::task::spawn_blocking(move || helper.scan()).await??;
+        let found = tokio::task::spawn_blocking(move || helper.scan(skip)).await??;
         let found_ids: Vec<NetnsId> = found.iter().map(|(id, _)| *id).collect();
 
         let gone: Vec<(NetnsId, Served)> = {
@@ -164,6 +165,11 @@ impl Namespaces {
             },
         );
         Ok(listeners.cookie)
+    }
+
+    /// The helper, for asking the container engine (see [`helper::Helper::container_name`]).
+    pub fn helper(&self) -> Arc<Helper> {
+        self.helper.clone()
     }
 
     /// A direct connection to `to` from inside namespace `id`, started by the helper and
