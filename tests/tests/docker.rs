@@ -92,7 +92,9 @@ fn containers_on_a_user_defined_network_reach_the_origin_only_through_squid() {
     let before = served(&bed.agent().log());
     docker.run(&["restart", "-t", "1", "synapse"]).unwrap();
     bed.agent()
-        .wait_log("the restarted container's namespace served", |log| served(log) > before)
+        .wait_log("the restarted container's namespace served", |log| {
+            served(log) > before
+        })
         .unwrap();
     let second = wait_served(&bed, &docker, "synapse");
     assert_eq!(curl_origin(&docker, "synapse"), "200");

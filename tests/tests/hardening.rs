@@ -182,23 +182,30 @@ fn forged_original_destinations_are_reset_with_the_reason() {
         .unwrap();
     assert_eq!(connect.stdout.trim(), "EPERM", "{connect:?}");
 
-    // 2. A connect from a network namespace of the client's own.
+    // 2. A connect from a network namespace of the client's own. egress serves the namespaces
+    //    of intercepted processes, so depending on whether its scan found this one yet, the
+    //    connect is refused or served there (under that namespace's key); never direct.
     bed.start_default_agent().unwrap();
-    let before = bed.agent().counter("deny_no_listener").unwrap();
     let own_ns_port = "40102";
     let script = format!("ip link set lo up && exec python3 -c \"$0\" {ORIGIN_IP} 443 {own_ns_port}");
     let connect = bed
         .run_in_cgroup("unshare", &["-n", "sh", "-c", &script, CONNECT_FROM_PORT])
         .unwrap();
-    assert_eq!(connect.stdout.trim(), "EPERM", "{connect:?}");
-    assert_eq!(bed.agent().counter("deny_no_listener").unwrap(), before + 1);
-    // There it may set any mark, egress's included: still refused, not passed as egress's own.
+    assert!(
+        matches!(connect.stdout.trim(), "EPERM" | "connected"),
+        "{connect:?}"
+    );
+    // There it may set any mark, egress's included: not taken for egress's own socket.
+    let passed = bed.agent().counter("pass_agent").unwrap();
     let script = format!("ip link set lo up && exec python3 -c \"$0\" {ORIGIN_IP} 443 40103 0x65677273");
     let marked = bed
         .run_in_cgroup("unshare", &["-n", "sh", "-c", &script, CONNECT_FROM_PORT])
         .unwrap();
-    assert_eq!(marked.stdout.trim(), "EPERM", "{marked:?}");
-    assert_eq!(bed.agent().counter("deny_no_listener").unwrap(), before + 2);
+    assert!(
+        matches!(marked.stdout.trim(), "EPERM" | "connected"),
+        "{marked:?}"
+    );
+    assert_eq!(bed.agent().counter("pass_agent").unwrap(), passed);
 
     // A process outside the cgroup claims both local addresses.
     for port in [stale_port, own_ns_port] {
@@ -216,8 +223,6 @@ fn forged_original_destinations_are_reset_with_the_reason() {
             "{line}"
         );
     }
-    assert!(!bed.squid_access_log().contains(ORIGIN_IP));
-    assert!(!bed.squid_access_log().contains(ORIGIN_NAME));
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
 
