@@ -154,6 +154,8 @@ impl Docker {
             std::os::unix::fs::symlink(target, tree.join(link))?;
         }
         std::fs::copy("/etc/ld.so.cache", tree.join("etc/ld.so.cache"))?;
+        // /etc/hosts (docker's --add-host) before DNS, which test containers do not have.
+        std::fs::write(tree.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
         let script = r#"tar -C "$1" -c . | "$2" -H "unix://$3" import - "$4" >/dev/null"#;
         process::run(
             "sh",

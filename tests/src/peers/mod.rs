@@ -318,11 +318,25 @@ pub fn start_dnsmasq(
     hosts: &str,
     srv: &[crate::topology::SrvRecord],
 ) -> Result<Daemon> {
-    let dns = dir.join("dnsmasq");
+    start_dnsmasq_on(ns, dir, "127.0.0.1", hosts, srv, &[])
+}
+
+/// [`start_dnsmasq`] on address `listen` of `ns` (e.g. a container network's gateway), with
+/// further dnsmasq options `extra`.
+pub fn start_dnsmasq_on(
+    ns: &Netns,
+    dir: &Path,
+    listen: &str,
+    hosts: &str,
+    srv: &[crate::topology::SrvRecord],
+    extra: &[&str],
+) -> Result<Daemon> {
+    let dns = dir.join(format!("dnsmasq-{listen}"));
     fs::create_dir_all(&dns)?;
     let hosts_file = dns.join("hosts");
     fs::write(&hosts_file, hosts)?;
     let pid_file = format!("--pid-file={}", dns.join("dnsmasq.pid").display());
+    let listen_arg = format!("--listen-address={listen}");
     let hosts_arg = format!("--addn-hosts={}", hosts_file.display());
     let srv_args: Vec<String> = srv
         .iter()
@@ -333,7 +347,7 @@ pub fn start_dnsmasq(
         "--no-resolv",
         "--no-poll",
         "--no-hosts",
-        "--listen-address=127.0.0.1",
+        &listen_arg,
         "--bind-interfaces",
         "--user=root",
         "--log-queries",
@@ -342,6 +356,7 @@ pub fn start_dnsmasq(
         &hosts_arg,
     ];
     args.extend(srv_args.iter().map(String::as_str));
+    args.extend_from_slice(extra);
     let command = launch(Some(&ns.name), Enter::NetAndEtc, None, "dnsmasq", &args);
     Daemon::spawn("dnsmasq", command, &dns.join("dnsmasq.log"))
 }

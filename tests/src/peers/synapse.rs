@@ -1,7 +1,11 @@
 //! A real Synapse homeserver (matrix-synapse from PyPI, SQLite) in the homeserver namespace and
 //! the intercepted cgroup, with no proxy configuration of its own.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -71,22 +75,7 @@ impl Synapse {
     pub fn start(bed: &Testbed, extra_config: &str) -> Result<Self> {
         let venv = venv()?;
         let dir = bed.dir.join("synapse");
-        std::fs::create_dir_all(&dir)?;
         let python = venv.join("bin/python");
-        let config = dir.join("homeserver.yaml");
-        let generated = Command::new(&python)
-            .current_dir(&dir)
-            .args(["-m", "synapse.app.homeserver", "--server-name", SERVER_NAME])
-            .arg("--config-path")
-            .arg(&config)
-            .args(["--generate-config", "--report-stats=no"])
-            .output()?;
-        if !generated.status.success() {
-            bail!(
-                "generating Synapse's config: {}",
-                String::from_utf8_lossy(&generated.stderr)
-            );
-        }
         let d = dir.display();
         let overrides = format!(
             "listeners:
@@ -108,18 +97,9 @@ suppress_key_server_warning: true
 report_stats: false
 {extra_config}"
         );
-        std::fs::write(dir.join("overrides.yaml"), overrides)?;
+        let args = configure(&dir, SERVER_NAME, &overrides)?;
         let python_s = python.to_string_lossy().into_owned();
-        let config_s = config.to_string_lossy().into_owned();
-        let overrides_s = dir.join("overrides.yaml").to_string_lossy().into_owned();
-        let args = [
-            "-m",
-            "synapse.app.homeserver",
-            "--config-path",
-            &config_s,
-            "--config-path",
-            &overrides_s,
-        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut command = bed.hs_command(Some(&bed.cgroup.path), &python_s, &args);
         command.current_dir(&dir).env("SSL_CERT_FILE", &bed.certs.ca);
         // Synapse must not learn of any proxy: egress is the only way out.
@@ -178,6 +158,37 @@ report_stats: false
             Ok(self.daemon.exited())
         })
     }
+}
+
+/// Generates Synapse's configuration for `server_name` in `dir` (signing key, homeserver.yaml,
+/// with the venv's Python) and writes `overrides` (YAML; its top-level keys win) beside it.
+/// Returns the arguments that run it: `-m synapse.app.homeserver --config-path ...`.
+pub fn configure(dir: &Path, server_name: &str, overrides: &str) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.join("homeserver.yaml");
+    let generated = Command::new(venv()?.join("bin/python"))
+        .current_dir(dir)
+        .args(["-m", "synapse.app.homeserver", "--server-name", server_name])
+        .arg("--config-path")
+        .arg(&config)
+        .args(["--generate-config", "--report-stats=no"])
+        .output()?;
+    if !generated.status.success() {
+        bail!(
+            "generating Synapse's config: {}",
+            String::from_utf8_lossy(&generated.stderr)
+        );
+    }
+    let overrides_path = dir.join("overrides.yaml");
+    std::fs::write(&overrides_path, overrides)?;
+    Ok(vec![
+        "-m".into(),
+        "synapse.app.homeserver".into(),
+        "--config-path".into(),
+        config.to_string_lossy().into_owned(),
+        "--config-path".into(),
+        overrides_path.to_string_lossy().into_owned(),
+    ])
 }
 
 /// GET `path` from Synapse's client listener, from the homeserver host outside the intercepted
