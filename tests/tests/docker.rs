@@ -246,6 +246,15 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
         .unwrap();
 
     let synapse = wait_served(&bed, &docker, "synapse");
+    let status = bed.agent().status().unwrap();
+    assert!(
+        status.stdout.contains("following container synapse"),
+        "{status:?}"
+    );
+    assert!(
+        status.stdout.contains("(selectively: followed containers only)"),
+        "{status:?}"
+    );
     assert_eq!(curl_origin(&docker, "synapse"), "200");
     bed.agent()
         .wait_decision(&[&format!("netns={synapse}"), "route=proxy-connect"])
@@ -333,6 +342,26 @@ except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
     )
     .unwrap();
     let _ = std::fs::remove_dir(&unknown);
+
+    // Following the other container too, from the command line, into the running agent.
+    let pin_dir = bed.pin_dir.to_string_lossy().into_owned();
+    let attach = bed
+        .egress(&[
+            "attach",
+            "--container",
+            "other",
+            "--container-engine-socket",
+            &socket,
+            "--bpffs-dir",
+            &pin_dir,
+        ])
+        .unwrap();
+    assert_eq!(attach.code, Some(0), "{attach:?}");
+    bed.agent().logged(&format!("netns={other}")).unwrap();
+    assert_eq!(curl_origin(&docker, "other"), "200");
+    bed.agent()
+        .wait_decision(&[&format!("netns={other}"), "route=proxy-connect"])
+        .unwrap();
 }
 
 /// Waits until the probe log holds `n` statuses; returns them.

@@ -375,3 +375,45 @@ fn status_names_attached_cgroups_and_json_logs_parse() {
     );
     assert!(status.stdout.contains(&cgroup_line), "{status:?}");
 }
+
+#[test]
+fn the_kubernetes_daemonset_is_privileged_with_host_pid_and_valid_egress_arguments() {
+    let text = std::fs::read_to_string(repo_file("packaging/kubernetes/egress-daemonset.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect();
+    let daemonset = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true, "the pods' processes must be visible");
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["privileged"], true);
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert!(
+        mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys/fs/cgroup"),
+        "{mounts:?}"
+    );
+    // Its arguments are a valid egress command line.
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "run");
+    let mut check = vec![
+        "check-config",
+        "--https-proxy",
+        "http://user:secret@proxy.test:3128",
+    ];
+    check.extend_from_slice(&args[1..]);
+    let out = egress(&check).unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+}

@@ -135,15 +135,16 @@ pub struct Classified {
     pub how: Classification,
 }
 
-/// Classifies every child cgroup of `scope` not classified yet, and forgets children that are
-/// gone. `name_of(id)` asks the engine for a container's name (None: no such container, which
-/// passes: not a container of this engine). A lookup that fails leaves the child unclassified,
-/// so refused, and is tried again next time.
+/// Classifies every child cgroup of `scope` not classified yet (every one, with `again`).
+/// `name_of(id)` asks the engine for a container's name (None: no such container, which
+/// passes: not a container of this engine). A lookup that fails leaves the child as it was
+/// (unclassified: refused), to be tried again next time.
 pub fn classify_children(
     maps: &mut ScopeMaps,
     scope: &Path,
     followed: &[String],
     name_of: &mut dyn FnMut(&str) -> Result<Option<String>>,
+    again: bool,
 ) -> Result<Vec<Classified>> {
     let mut present = BTreeMap::new();
     for entry in std::fs::read_dir(scope).with_context(|| format!("reading {}", scope.display()))? {
@@ -157,7 +158,8 @@ pub fn classify_children(
     let mut changes = Vec::new();
     let mut failure = None;
     for (id, dir_name) in &present {
-        if maps.classification(*id).is_some() {
+        let before = maps.classification(*id);
+        if before.is_some() && !again {
             continue;
         }
         let (container, how) = match container_id_in(dir_name) {
@@ -178,6 +180,9 @@ pub fn classify_children(
                 }
             },
         };
+        if before == Some(how) {
+            continue;
+        }
         maps.classify(*id, how)?;
         changes.push(Classified {
             cgroup: scope.join(dir_name),
@@ -220,7 +225,8 @@ pub fn follow(maps: &mut ScopeMaps, engine: &Engine, reference: &str, scope: &Pa
     maps.follow(reference)?;
     let followed = maps.followed();
     let mut name_of = |id: &str| Ok(engine.inspect(id)?.map(|c| c.name));
-    for change in classify_children(maps, scope, &followed, &mut name_of)? {
+    // Also the children classified already: the container may be one passed so far.
+    for change in classify_children(maps, scope, &followed, &mut name_of, true)? {
         log_classified(&change);
     }
     Ok(())
@@ -276,7 +282,7 @@ impl Follower {
         let paths: Vec<PathBuf> = self.paths.values().cloned().collect();
         let mut error = None;
         for scope in &paths {
-            match classify_children(&mut maps, scope, &followed, name_of) {
+            match classify_children(&mut maps, scope, &followed, name_of, false) {
                 Ok(changes) => changes.iter().for_each(log_classified),
                 Err(e) => error = Some(e),
             }

@@ -14,11 +14,25 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
         return Ok(());
     }
     println!("pinned at {}", pin_dir.display());
+    // Pinned by versions without containers support: then there is nothing selective.
+    let scopes = kernel::scopes::ScopeMaps::from_pins(pin_dir).ok();
+    let selective: Vec<u64> = scopes
+        .as_ref()
+        .map(|s| s.scopes().iter().map(|s| s.cgroup_id).collect())
+        .unwrap_or_default();
     for id in kernel::pinned_cgroups(pin_dir)? {
+        let how = if selective.contains(&id) {
+            " (selectively: followed containers only)"
+        } else {
+            ""
+        };
         match kernel::cgroups::cgroup_path_by_id(id) {
-            Some(path) => println!("attached cgroup {} (id {id})", path.display()),
+            Some(path) => println!("attached cgroup {} (id {id}){how}", path.display()),
             None => println!("attached cgroup id {id} (no longer exists)"),
         }
+    }
+    for name in scopes.as_ref().map(|s| s.followed()).unwrap_or_default() {
+        println!("following container {name}");
     }
     for (name, value) in kernel::pinned_counters(pin_dir)? {
         println!("{name:>20} {value}");

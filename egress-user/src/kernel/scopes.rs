@@ -49,6 +49,19 @@ impl ScopeMaps {
         })
     }
 
+    /// The maps of the instance pinned at `pin_dir` (for `egress status`).
+    pub fn from_pins(pin_dir: &std::path::Path) -> Result<Self> {
+        let open = |name: &str| {
+            let path = pin_dir.join(name);
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        Ok(Self {
+            scopes: Array::try_from(aya::maps::Map::Array(open(maps::SCOPES)?))?,
+            scoped: HashMap::try_from(aya::maps::Map::HashMap(open(maps::SCOPED)?))?,
+            followed: HashMap::try_from(aya::maps::Map::HashMap(open(maps::FOLLOWED)?))?,
+        })
+    }
+
     /// Adds the cgroup `id` at `level` as a scope (nothing if it is one already).
     pub fn add_scope(&mut self, id: u64, level: u32) -> Result<()> {
         let mut free = None;
