@@ -37,6 +37,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
 
+    kernel::requirements::check(&kernel::requirements::running_release())?;
     raise_fd_limit();
     warn_if_unprivileged_port(config.listen_port);
     let settings = KernelSettings {

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | run | test | bench`.
 
 mod bench;
+mod deb;
 mod demo;
 mod fuzz;
 mod kernel;
@@ -51,6 +52,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build `target/egress_VERSION_amd64.deb` (binary, systemd unit and Synapse drop-in, not
+    /// enabled; /etc/egress/egress.toml as a conffile; the `egress` system user).
+    Deb,
     /// The opt-in soak test: traffic through the agent for SECONDS, checking that its
     /// descriptors and memory do not grow.
     Soak {
@@ -115,9 +119,24 @@ fn main() -> Result<()> {
             }
             egress_testbed::sweep_leftovers();
             let bin = egress_bin();
+            // The package, and a clean Debian 12 to install it into (tests/tests/package.rs).
+            let deb = deb::build(&workspace_root(), &bin)?;
+            let debian = setup::debian_root()?;
             let mut full = vec!["test", "--release", "--locked", "--workspace"];
             full.extend(args.iter().map(String::as_str));
-            setup::cargo_test(&full, &[("EGRESS_BIN", &bin.to_string_lossy())])
+            setup::cargo_test(
+                &full,
+                &[
+                    ("EGRESS_BIN", &bin.to_string_lossy()),
+                    ("EGRESS_DEB", &deb.to_string_lossy()),
+                    ("EGRESS_DEBIAN_ROOT", &debian.to_string_lossy()),
+                ],
+            )
+        }
+        Task::Deb => {
+            setup::setup(false)?;
+            build()?;
+            deb::build(&workspace_root(), &egress_bin()).map(drop)
         }
         Task::Soak { seconds } => {
             require_root()?;

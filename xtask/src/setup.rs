@@ -54,6 +54,40 @@ fn apt_packages() -> Result<()> {
     apt_install(APT_PACKAGES)
 }
 
+/// A clean Debian 12 root filesystem (debootstrap, minbase) for installing the package into:
+/// $EGRESS_DEBIAN_ROOT or /var/cache/egress-debian12. Made once (a few minutes, from Debian's
+/// mirror); tests use it read-only, under an overlay.
+pub fn debian_root() -> Result<PathBuf> {
+    let root = std::env::var_os("EGRESS_DEBIAN_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/egress-debian12"));
+    let stamp = root.join(".egress-complete");
+    if stamp.exists() {
+        return Ok(root);
+    }
+    apt_install(&["debootstrap"])?;
+    let partial = root.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    println!(
+        "setup: debootstrap Debian 12 (bookworm, minbase) into {}",
+        root.display()
+    );
+    sh(
+        "debootstrap",
+        &[
+            "--variant=minbase",
+            "bookworm",
+            &partial.to_string_lossy(),
+            "http://deb.debian.org/debian",
+        ],
+        &[],
+    )?;
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&partial, &root)?;
+    std::fs::write(&stamp, "bookworm minbase\n")?;
+    Ok(root)
+}
+
 /// Installs those of `packages` that are missing (`apt-get update` first, then).
 pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();

@@ -8,6 +8,7 @@
 
 pub mod cgroups;
 pub mod privileges;
+pub mod requirements;
 pub mod scopes;
 pub mod verdict;
 
