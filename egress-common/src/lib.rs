@@ -48,6 +48,9 @@ pub const MAX_RANGES: u32 = 16384;
 pub mod programs {
     pub const CONNECT4: &str = "egress_connect4";
     pub const CONNECT6: &str = "egress_connect6";
+    /// connect4/6 for selectively attached cgroups (container engines' parents).
+    pub const CONNECT4_SCOPED: &str = "egress_connect4_scoped";
+    pub const CONNECT6_SCOPED: &str = "egress_connect6_scoped";
     pub const GETPEERNAME4: &str = "egress_getpeername4";
     pub const GETPEERNAME6: &str = "egress_getpeername6";
     pub const SOCK_OPS: &str = "egress_sock_ops";

@@ -179,7 +179,7 @@ fn is_agent_task() -> bool {
 /// `Result<&AgentConfig, Verdict>`: the compiler packs such a result into a register with shifts
 /// the verifier refuses on pointers.
 macro_rules! config_or_return {
-    ($ctx:expr, $sa:expr) => {{
+    ($ctx:expr, $sa:expr, $scoped:expr) => {{
         let Some(cfg) = CONFIG.get(0) else {
             count(counter::DENY_UNCONFIGURED);
             return Verdict::Deny;
@@ -188,7 +188,9 @@ macro_rules! config_or_return {
             count(counter::DENY_UNCONFIGURED);
             return Verdict::Deny;
         }
-        match scope_verdict() {
+        // Only the scoped programs (attached to container engines' parents) look at scopes: a
+        // cgroup attached in full is intercepted whatever scope lies above or below it.
+        match if $scoped { scope_verdict() } else { SCOPE_NONE } {
             SCOPE_PASS => {
                 count(counter::PASS_UNSELECTED);
                 return Verdict::Allow;
@@ -213,7 +215,8 @@ macro_rules! config_or_return {
     }};
 }
 
-/// Not under any selectively attached cgroup: intercepted as usual.
+/// Not under any selectively attached cgroup (or a scope's entry is gone while its link
+/// stays): intercepted as usual.
 const SCOPE_NONE: u32 = 0;
 /// Under one, in a child cgroup the agent has not classified yet: refused.
 const SCOPE_UNKNOWN: u32 = 3;
@@ -222,39 +225,44 @@ const SCOPE_UNKNOWN: u32 = 3;
 /// only the children the agent classified as followed containers are intercepted; the others
 /// are left alone, and new ones are refused until classified (never passed unseen: a followed
 /// container restarted gets a new cgroup). The task's ancestor at the scope's level identifies
-/// the scope, the one a level below the container. (Linux 5.7 gave sock_addr programs these
-/// helpers.)
+/// the scope, the one a level below the container; of nested scopes the deepest counts. (Linux
+/// 5.7 gave sock_addr programs these helpers.)
 #[inline(always)]
 fn scope_verdict() -> u32 {
+    let mut deepest: Option<u32> = None;
     let mut i = 0;
     while i < MAX_SCOPES {
         if let Some(scope) = SCOPES.get(i)
             && scope.cgroup_id != 0
+            && deepest.is_none_or(|level| scope.level > level)
             && unsafe { bpf_get_current_ancestor_cgroup_id(scope.level as i32) } == scope.cgroup_id
         {
-            let child = unsafe { bpf_get_current_ancestor_cgroup_id(scope.level as i32 + 1) };
-            if child == 0 {
-                // In the scope's own cgroup: no container.
-                return SCOPE_PASS;
-            }
-            return match unsafe { SCOPED.get(&child) } {
-                Some(&verdict) if verdict == SCOPE_INTERCEPT || verdict == SCOPE_PASS => verdict,
-                _ => SCOPE_UNKNOWN,
-            };
+            deepest = Some(scope.level);
         }
         i += 1;
     }
-    SCOPE_NONE
+    let Some(level) = deepest else {
+        return SCOPE_NONE;
+    };
+    let child = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32 + 1) };
+    if child == 0 {
+        // In the scope's own cgroup: no container.
+        return SCOPE_PASS;
+    }
+    match unsafe { SCOPED.get(&child) } {
+        Some(&verdict) if verdict == SCOPE_INTERCEPT || verdict == SCOPE_PASS => verdict,
+        _ => SCOPE_UNKNOWN,
+    }
 }
 
 /// Policy for an IPv4 destination (also IPv4-mapped ones from connect6).
 #[inline(always)]
-fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16) -> Verdict {
+fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16, scoped: bool) -> Verdict {
     if u32::from_be(dst_ip) >> 24 == 127 || dst_ip == 0 {
         count(counter::PASS_LOOPBACK);
         return Verdict::Allow;
     }
-    let cfg = config_or_return!(ctx, sa);
+    let cfg = config_or_return!(ctx, sa, scoped);
     // The agent keeps the two sets disjoint (bypass minus deny): the order of the lookups does
     // not matter, and a bypassed connect costs one.
     let key = Key::new(32, dst_ip);
@@ -280,12 +288,18 @@ fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16
 }
 
 #[inline(always)]
-fn decide6(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: [u32; 4], dst_port: u16) -> Verdict {
+fn decide6(
+    ctx: &SockAddrContext,
+    sa: &bpf_sock_addr,
+    dst_ip: [u32; 4],
+    dst_port: u16,
+    scoped: bool,
+) -> Verdict {
     if dst_ip == LOOPBACK6 || dst_ip == [0; 4] {
         count(counter::PASS_LOOPBACK);
         return Verdict::Allow;
     }
-    let cfg = config_or_return!(ctx, sa);
+    let cfg = config_or_return!(ctx, sa, scoped);
     let key = Key::new(128, dst_ip);
     if BYPASS6.get(&key).is_some() {
         count(counter::PASS_NO_PROXY);
@@ -397,12 +411,33 @@ fn remember(ctx: &SockAddrContext, original: &SockAddr) -> bool {
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    connect4(ctx, false)
+}
+
+/// connect4 for a container engine's parent cgroup: only followed containers are intercepted.
+#[cgroup_sock_addr(connect4)]
+pub fn egress_connect4_scoped(ctx: SockAddrContext) -> i32 {
+    connect4(ctx, true)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    connect6(ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6_scoped(ctx: SockAddrContext) -> i32 {
+    connect6(ctx, true)
+}
+
+#[inline(always)]
+fn connect4(ctx: SockAddrContext, scoped: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     if !is_tcp(sa) {
         return ALLOW;
     }
     let dst_port = u16::from_be(sa.user_port as u16);
-    match decide4(&ctx, sa, sa.user_ip4, dst_port) {
+    match decide4(&ctx, sa, sa.user_ip4, dst_port, scoped) {
         Verdict::Allow => ALLOW,
         Verdict::Deny => DENY,
         Verdict::Redirect { original, port, mark } => {
@@ -416,8 +451,8 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     }
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+#[inline(always)]
+fn connect6(ctx: SockAddrContext, scoped: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     if !is_tcp(sa) {
         return ALLOW;
@@ -427,9 +462,9 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     // An IPv4-mapped destination is IPv4 on the wire: IPv4 policy, IPv4 loopback listener.
     let mapped = is_mapped(&dst_ip);
     let decision = if mapped {
-        decide4(&ctx, sa, dst_ip[3], dst_port)
+        decide4(&ctx, sa, dst_ip[3], dst_port, scoped)
     } else {
-        decide6(&ctx, sa, dst_ip, dst_port)
+        decide6(&ctx, sa, dst_ip, dst_port, scoped)
     };
     match decision {
         Verdict::Allow => ALLOW,

@@ -78,6 +78,7 @@ fn keep_start_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
         cgroups,
         containers,
         container_engine_socket,
+        container_cgroup_parent,
         kernel_log
     );
     changed

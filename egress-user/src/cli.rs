@@ -158,7 +158,12 @@ pub fn main() -> ExitCode {
                 .collect::<anyhow::Result<Vec<_>>>()
                 .and_then(|unit_cgroups| {
                     args.cgroups.iter().chain(&unit_cgroups).try_for_each(|cgroup| {
-                        kernel::attach_to_running(&args.pin.bpffs_dir, cgroup, |_| Ok(()))?;
+                        kernel::attach_to_running(
+                            &args.pin.bpffs_dir,
+                            cgroup,
+                            kernel::Attachment::Full,
+                            |_| Ok(()),
+                        )?;
                         println!("attached {}", cgroup.display());
                         Ok(())
                     })
@@ -166,9 +171,12 @@ pub fn main() -> ExitCode {
                 .and_then(|()| {
                     args.containers.iter().try_for_each(|reference| {
                         let scope = crate::containers::scope_for(&engine, reference)?;
-                        kernel::attach_to_running(&args.pin.bpffs_dir, &scope, |maps| {
-                            crate::containers::follow(maps, &engine, reference, &scope)
-                        })?;
+                        kernel::attach_to_running(
+                            &args.pin.bpffs_dir,
+                            &scope,
+                            kernel::Attachment::Scope,
+                            |maps| crate::containers::follow(maps, &engine, reference, &scope),
+                        )?;
                         println!(
                             "following container {reference} (attached to {})",
                             scope.display()

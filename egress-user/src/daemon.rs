@@ -72,21 +72,35 @@ pub fn run(args: &RunArgs) -> Result<()> {
         &config.policy.kernel_bypass_nets(),
     )?;
     for cgroup in &config.cgroups {
-        kernel.attach(cgroup, &settings.pin_dir)?;
+        kernel.attach(cgroup, &settings.pin_dir, kernel::Attachment::Full)?;
         tracing::info!(cgroup = %cgroup.display(), "attached");
     }
     let engine = containers::engine::Engine::new(&config.container_engine_socket);
     for reference in &config.containers {
-        let scope =
-            containers::scope_for(&engine, reference).with_context(|| format!("container {reference}"))?;
-        {
+        // With the engine's cgroup parent configured, egress needs no engine to start (it may
+        // start before the engine, at boot): children stay refused until the engine answers.
+        let scope = match &config.container_cgroup_parent {
+            Some(parent) => parent.clone(),
+            None => {
+                containers::scope_for(&engine, reference).with_context(|| format!("container {reference}"))?
+            }
+        };
+        let followed = {
             let mut maps = kernel.scopes.lock().unwrap_or_else(|e| e.into_inner());
             containers::follow(&mut maps, &engine, reference, &scope)
-                .with_context(|| format!("container {reference}"))?;
+        };
+        match followed {
+            Ok(()) => {}
+            Err(e) if config.container_cgroup_parent.is_some() => tracing::warn!(
+                "container {reference}: {e:#}; the containers under {} stay refused until the engine answers",
+                scope.display()
+            ),
+            Err(e) => return Err(e.context(format!("container {reference}"))),
         }
-        kernel.attach(&scope, &settings.pin_dir)?;
+        kernel.attach(&scope, &settings.pin_dir, kernel::Attachment::Scope)?;
         tracing::info!(container = %reference, scope = %scope.display(), "following a container (attached selectively)");
     }
+    kernel.prune_scopes();
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
     let user = config.user.clone();

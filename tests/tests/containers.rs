@@ -10,6 +10,7 @@ use std::os::unix::fs::MetadataExt;
 
 use egress_testbed::{
     ORIGIN_NAME, Testbed,
+    peers::ADDRESS_ECHO_SERVER,
     process::{Daemon, Enter, launch},
     wait,
 };
@@ -84,18 +85,6 @@ fn a_container_started_after_egress_reaches_the_origin_only_through_squid() {
     .unwrap();
 }
 
-/// The database a container reaches directly: a namespace on a network of the container's own,
-/// which the homeserver host has no route to.
-const DB_SERVER: &str = r#"
-import http.server, sys
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("client " + self.client_address[0]).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-http.server.HTTPServer(("10.250.0.2", 8080), Handler).serve_forever()
-"#;
-
 #[test]
 fn direct_connections_leave_from_the_containers_namespace() {
     let mut bed = Testbed::standard();
@@ -116,7 +105,7 @@ fn direct_connections_leave_from_the_containers_namespace() {
             Enter::Net,
             "db",
             "/usr/bin/python3",
-            &["-c", DB_SERVER],
+            &["-c", ADDRESS_ECHO_SERVER, "10.250.0.2", "8080"],
             &[8080],
         )
         .unwrap();

@@ -9,6 +9,17 @@ use egress_testbed::{
     peers::{docker::Docker, synapse},
 };
 
+/// A standard testbed, dockerd in its homeserver namespace, and the user-defined network
+/// `matrix-homeserver` with `subnet` (as matrix-docker-ansible-deploy names it).
+fn engine_with_network(subnet: &str) -> (Testbed, Docker) {
+    let bed = Testbed::standard();
+    let docker = Docker::start(&bed).unwrap();
+    docker
+        .run(&["network", "create", "--subnet", subnet, "matrix-homeserver"])
+        .unwrap();
+    (bed, docker)
+}
+
 /// Options that make `origin.test` resolve to the origin and the test CA available as /ca.pem.
 fn origin_options(bed: &Testbed) -> Vec<String> {
     vec![
@@ -60,17 +71,7 @@ fn wait_served(bed: &Testbed, docker: &Docker, name: &str) -> u64 {
 
 #[test]
 fn containers_on_a_user_defined_network_reach_the_origin_only_through_squid() {
-    let mut bed = Testbed::standard();
-    let docker = Docker::start(&bed).unwrap();
-    docker
-        .run(&[
-            "network",
-            "create",
-            "--subnet",
-            "10.251.0.0/24",
-            "matrix-homeserver",
-        ])
-        .unwrap();
+    let (mut bed, docker) = engine_with_network("10.251.0.0/24");
     // egress attached to the engine's cgroup parent: every container, also later ones.
     let parent = docker.cgroup.path.to_string_lossy().into_owned();
     bed.start_agent_with(&["--cgroup", &parent]).unwrap();
@@ -120,30 +121,9 @@ fn containers_on_a_user_defined_network_reach_the_origin_only_through_squid() {
     );
 }
 
-/// A database container's server: answers every GET with the client's address.
-const DB_SERVER: &str = r#"
-import http.server
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = ("client " + self.client_address[0]).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-http.server.HTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-"#;
-
 #[test]
 fn a_container_reaches_a_database_container_directly_from_its_own_address() {
-    let mut bed = Testbed::standard();
-    let docker = Docker::start(&bed).unwrap();
-    docker
-        .run(&[
-            "network",
-            "create",
-            "--subnet",
-            "10.252.0.0/24",
-            "matrix-homeserver",
-        ])
-        .unwrap();
+    let (mut bed, docker) = engine_with_network("10.252.0.0/24");
     let parent = docker.cgroup.path.to_string_lossy().into_owned();
     bed.start_agent_with(&[
         "--cgroup",
@@ -169,7 +149,9 @@ fn a_container_reaches_a_database_container_directly_from_its_own_address() {
             egress_testbed::peers::docker::IMAGE,
             "python3",
             "-c",
-            DB_SERVER,
+            egress_testbed::peers::ADDRESS_ECHO_SERVER,
+            "0.0.0.0",
+            "8080",
         ])
         .unwrap();
     docker
@@ -225,25 +207,30 @@ const PROBE: &str = "for i in $(seq 30); do curl -s -o /dev/null -w '%{http_code
 
 #[test]
 fn a_followed_container_is_intercepted_across_restart_and_recreation_while_others_pass() {
-    let mut bed = Testbed::standard();
-    let docker = Docker::start(&bed).unwrap();
-    docker
-        .run(&[
-            "network",
-            "create",
-            "--subnet",
-            "10.253.0.0/24",
-            "matrix-homeserver",
-        ])
-        .unwrap();
+    let (mut bed, docker) = engine_with_network("10.253.0.0/24");
     let mut options = vec!["--network".to_owned(), "matrix-homeserver".to_owned()];
     options.extend(origin_options(&bed));
     let options: Vec<&str> = options.iter().map(String::as_str).collect();
     docker.run_container("other", &options).unwrap();
     docker.run_container("synapse", &options).unwrap();
     let socket = docker.socket.to_string_lossy().into_owned();
-    bed.start_agent_with(&["--container", "synapse", "--container-engine-socket", &socket])
-        .unwrap();
+    // A service (no container) under the engine's parent, attached in full: the scope above it
+    // must not let it pass.
+    let service = egress_testbed::topology::cgroup::Cgroup::create(&format!(
+        "{}/matrix-synapse.service",
+        docker.cgroup_parent.trim_start_matches('/')
+    ))
+    .unwrap();
+    let service_path = service.path.to_string_lossy().into_owned();
+    bed.start_agent_with(&[
+        "--container",
+        "synapse",
+        "--container-engine-socket",
+        &socket,
+        "--cgroup",
+        &service_path,
+    ])
+    .unwrap();
 
     let synapse = wait_served(&bed, &docker, "synapse");
     let status = bed.agent().status().unwrap();
@@ -266,6 +253,16 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
     assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
     let other = docker.netns_id("other").unwrap();
     assert!(!bed.agent().log().contains(&format!("netns={other}")));
+    let url = format!("https://{ORIGIN_NAME}/");
+    let from_service = bed
+        .curl_in(&service.path, &["-o", "/dev/null", "-w", "%{http_code}", &url])
+        .unwrap();
+    assert_eq!(from_service.stdout, "200", "{from_service:?}");
+    let line = bed
+        .agent()
+        .wait_decision(&["netns=- ", "route=proxy-connect"])
+        .unwrap();
+    assert!(line.contains(&format!("target={ORIGIN_NAME}:443")), "{line}");
     let direct = bed.direct_packets_at_origin().unwrap();
     assert!(direct > 0, "the other container went direct");
 

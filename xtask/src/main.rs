@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench | fuzz | soak | deb`.
 
 mod bench;
 mod deb;

@@ -28,6 +28,10 @@ pub struct RunArgs {
     /// /run/podman/podman.sock].
     #[arg(long, value_name = "PATH")]
     pub container_engine_socket: Option<PathBuf>,
+    /// The cgroup the engine puts containers under (e.g. /sys/fs/cgroup/system.slice): with it,
+    /// egress can start before the engine (at boot) [default: asked of the engine].
+    #[arg(long, value_name = "PATH")]
+    pub container_cgroup_parent: Option<PathBuf>,
     /// Import http_proxy, https_proxy, no_proxy_hosts, ip_range_blacklist and
     /// ip_range_whitelist from Synapse's homeserver.yaml (overridden by everything else).
     #[arg(long, value_name = "PATH")]

@@ -60,6 +60,7 @@ pub struct FileConfig {
     /// Docker/Podman containers (names or ids) whose connections are intercepted.
     pub containers: Option<Vec<String>>,
     pub container_engine_socket: Option<PathBuf>,
+    pub container_cgroup_parent: Option<PathBuf>,
     /// Synapse's homeserver.yaml, to import its proxy and IP range settings from.
     pub homeserver_config: Option<PathBuf>,
     pub https_proxy: Option<String>,
@@ -92,6 +93,8 @@ pub struct Config {
     /// Containers followed by name or id (see `containers`).
     pub containers: Vec<String>,
     pub container_engine_socket: PathBuf,
+    /// Where the engine puts containers, if configured (else asked of the engine).
+    pub container_cgroup_parent: Option<PathBuf>,
     pub https_proxy: Option<ProxyUrl>,
     pub http_proxy: Option<ProxyUrl>,
     pub policy: Policy,
@@ -244,6 +247,10 @@ impl Config {
             .clone()
             .or_else(|| file.container_engine_socket.clone())
             .unwrap_or_else(|| PathBuf::from(crate::containers::engine::DEFAULT_SOCKET));
+        let container_cgroup_parent = args
+            .container_cgroup_parent
+            .clone()
+            .or_else(|| file.container_cgroup_parent.clone());
 
         let agent_mark = args.agent_mark.or(file.agent_mark).unwrap_or(DEFAULT_AGENT_MARK);
         if agent_mark == 0 {
@@ -262,6 +269,7 @@ impl Config {
             units,
             containers,
             container_engine_socket,
+            container_cgroup_parent,
             https_proxy,
             http_proxy,
             policy: Policy {

@@ -104,16 +104,27 @@ impl Engine {
             "GET {path} HTTP/1.0\r\nHost: engine\r\nAccept: application/json\r\n\r\n"
         )
         .with_context(what)?;
+        // One deadline for the whole answer: a reply that trickles in must not hold egress.
+        let deadline = std::time::Instant::now() + TIMEOUT;
         let mut response = Vec::new();
-        stream
-            .take(MAX_RESPONSE + 1)
-            .read_to_end(&mut response)
-            .with_context(what)?;
-        if response.len() as u64 > MAX_RESPONSE {
-            bail!(
-                "{}: response to GET {path} larger than {MAX_RESPONSE} bytes",
-                what()
-            );
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                bail!("{}: no complete answer to GET {path} within {TIMEOUT:?}", what());
+            }
+            stream.set_read_timeout(Some(left))?;
+            let n = stream.read(&mut chunk).with_context(what)?;
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&chunk[..n]);
+            if response.len() as u64 > MAX_RESPONSE {
+                bail!(
+                    "{}: response to GET {path} larger than {MAX_RESPONSE} bytes",
+                    what()
+                );
+            }
         }
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut head = httparse::Response::new(&mut headers);

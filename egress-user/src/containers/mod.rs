@@ -62,6 +62,19 @@ pub fn container_id_in(dir_name: &str) -> Option<&str> {
     .then_some(id)
 }
 
+/// A reference the engine resolved must also be recognised later, when its recreated cgroups
+/// are classified: by name, or by an id prefix long enough to count as one.
+fn check_reference(reference: &str, container: &engine::Container) -> Result<()> {
+    if !is_followed(&[reference.to_owned()], &container.id, &container.name) {
+        bail!(
+            "container {reference} is {} ({}): name it by its name, or by 12 or more digits of its id",
+            container.name,
+            &container.id[..12.min(container.id.len())]
+        );
+    }
+    Ok(())
+}
+
 /// Whether container `id` named `name` is one of `followed` (names, or id prefixes of 12 hex
 /// digits or more).
 pub fn is_followed(followed: &[String], id: &str, name: &str) -> bool {
@@ -110,11 +123,28 @@ pub fn scope_for(engine: &Engine, reference: &str) -> Result<PathBuf> {
             engine.socket().display()
         )
     })?;
+    check_reference(reference, &container)?;
     let parent = match container.pid {
-        Some(pid) => cgroup_of_pid(pid)?
-            .parent()
-            .context("a container in the root cgroup")?
-            .to_owned(),
+        // The container's own cgroup is the one named after its id (its main process may sit
+        // deeper, e.g. systemd's init.scope in a container); the scope is its parent.
+        Some(pid) => {
+            let process_cgroup = cgroup_of_pid(pid)?;
+            let own = process_cgroup
+                .ancestors()
+                .find(|dir| {
+                    dir.file_name()
+                        .and_then(|n| container_id_in(&n.to_string_lossy()).map(|id| id == container.id))
+                        .unwrap_or(false)
+                })
+                .with_context(|| {
+                    format!(
+                        "container {reference}: no cgroup named after its id above {} (set \
+                         container_cgroup_parent)",
+                        process_cgroup.display()
+                    )
+                })?;
+            own.parent().context("a container in the root cgroup")?.to_owned()
+        }
         None => cgroup2_root()?.join(engine.default_parent()?),
     };
     if !parent.is_dir() {
@@ -220,8 +250,19 @@ pub fn forget_gone_children(maps: &mut ScopeMaps, scopes: &[PathBuf]) {
 /// becomes a scope, and its children are classified now, before the programs are attached
 /// there (see [`classify_children`]).
 pub fn follow(maps: &mut ScopeMaps, engine: &Engine, reference: &str, scope: &Path) -> Result<()> {
-    let id = std::fs::metadata(scope)?.ino();
-    maps.add_scope(id, cgroup_level(scope)?)?;
+    validate_reference(reference)?;
+    if let Ok(Some(container)) = engine.inspect(reference) {
+        check_reference(reference, &container)?;
+    }
+    let id = crate::kernel::cgroup_id(scope)?;
+    let level = cgroup_level(scope)?;
+    if level == 0 {
+        bail!(
+            "{}: the root cgroup cannot be a container engine's parent",
+            scope.display()
+        );
+    }
+    maps.add_scope(id, level)?;
     maps.follow(reference)?;
     let followed = maps.followed();
     let mut name_of = |id: &str| Ok(engine.inspect(id)?.map(|c| c.name));
@@ -253,6 +294,9 @@ pub fn log_classified(change: &Classified) {
 #[derive(Default)]
 pub struct Follower {
     paths: BTreeMap<u64, PathBuf>,
+    /// The followed references last round: when `egress attach --container` adds one, every
+    /// child is looked at again (one classified as passing may be the new one).
+    followed: Vec<String>,
 }
 
 impl Follower {
@@ -278,16 +322,24 @@ impl Follower {
                 self.paths.insert(scope.cgroup_id, path);
             }
         }
-        let followed = maps.followed();
+        let mut followed = maps.followed();
+        followed.sort();
+        let again = followed != self.followed;
         let paths: Vec<PathBuf> = self.paths.values().cloned().collect();
         let mut error = None;
         for scope in &paths {
-            match classify_children(&mut maps, scope, &followed, name_of, false) {
+            match classify_children(&mut maps, scope, &followed, name_of, again) {
                 Ok(changes) => changes.iter().for_each(log_classified),
                 Err(e) => error = Some(e),
             }
         }
-        forget_gone_children(&mut maps, &paths);
+        if error.is_none() {
+            self.followed = followed;
+        }
+        // Only with every scope found: the children of one not found are not gone.
+        if paths.len() == scopes.len() {
+            forget_gone_children(&mut maps, &paths);
+        }
         let passing = maps
             .classified()
             .into_iter()
@@ -337,6 +389,20 @@ mod tests {
         }
         // A short prefix is a name, not an id prefix: it must not follow every id starting so.
         assert!(!is_followed(&["01a9".to_owned()], ID, "x"));
+    }
+
+    #[test]
+    fn a_resolved_reference_must_be_recognisable_later() {
+        let container = engine::Container {
+            id: ID.to_owned(),
+            name: "synapse".to_owned(),
+            pid: None,
+        };
+        assert!(check_reference("synapse", &container).is_ok());
+        assert!(check_reference(&ID[..12], &container).is_ok());
+        // Docker resolves 8 digits, but a recreated container's cgroup would not be recognised.
+        let error = check_reference(&ID[..8], &container).unwrap_err().to_string();
+        assert!(error.contains("12 or more digits"), "{error}");
     }
 
     #[test]

@@ -46,6 +46,21 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
 ];
+/// The same for a selectively attached cgroup (a container engine's parent, see [`scopes`]).
+const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4_SCOPED,
+    programs::CONNECT6_SCOPED,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
+
+/// How a cgroup is attached: everything in it intercepted, or only the followed containers
+/// among its children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    Full,
+    Scope,
+}
 
 pub struct KernelSettings {
     pub pin_dir: PathBuf,
@@ -166,8 +181,8 @@ impl Kernel {
 
     /// Attaches the programs to `cgroup`, replacing links left pinned by an earlier agent
     /// without a moment in which the cgroup is not intercepted.
-    pub fn attach(&mut self, cgroup: &Path, pin_dir: &Path) -> Result<()> {
-        attach_programs(&mut self.ebpf, cgroup, pin_dir)
+    pub fn attach(&mut self, cgroup: &Path, pin_dir: &Path, how: Attachment) -> Result<()> {
+        attach_programs(&mut self.ebpf, cgroup, pin_dir, how)
     }
 }
 
@@ -181,7 +196,10 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with a BPF-enabled kernel?)")?;
-    for name in SOCK_ADDR_PROGRAMS {
+    for name in [programs::CONNECT4_SCOPED, programs::CONNECT6_SCOPED]
+        .into_iter()
+        .chain(SOCK_ADDR_PROGRAMS)
+    {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
     }
@@ -259,6 +277,7 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> Result<u64> {
 pub fn attach_to_running(
     pin_dir: &Path,
     cgroup: &Path,
+    how: Attachment,
     prepare: impl FnOnce(&mut scopes::ScopeMaps) -> Result<()>,
 ) -> Result<()> {
     if !pin_dir.join(maps::CONFIG).exists() {
@@ -276,7 +295,7 @@ pub fn attach_to_running(
         );
     }
     prepare(&mut scopes::ScopeMaps::take(&mut ebpf)?)?;
-    attach_programs(&mut ebpf, cgroup, pin_dir)
+    attach_programs(&mut ebpf, cgroup, pin_dir, how)
 }
 
 /// Whether a bpf filesystem is mounted on `pin_dir` or one of its parents (from
@@ -297,9 +316,14 @@ fn pins_mounted(pin_dir: &Path) -> bool {
     })
 }
 
-/// `egress detach --cgroup`: removes the links of one cgroup; returns how many were removed.
+/// `egress detach --cgroup`: removes the links of one cgroup (and its scope, if it was attached
+/// selectively); returns how many were removed.
 pub fn detach_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<usize> {
-    let prefix = format!("{}-", cgroup_id(cgroup)?);
+    let id = cgroup_id(cgroup)?;
+    if let Ok(mut scopes) = scopes::ScopeMaps::from_pins(pin_dir) {
+        scopes.remove_scope(id)?;
+    }
+    let prefix = format!("{id}-");
     let mut removed = 0;
     for entry in std::fs::read_dir(pin_dir.join(LINKS_DIR))? {
         let entry = entry?;
@@ -311,12 +335,16 @@ pub fn detach_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<usize> {
     Ok(removed)
 }
 
-fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<()> {
+fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path, how: Attachment) -> Result<()> {
     let cgroup_id = cgroup_id(cgroup)?;
     let cgroup_fd = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let links = pin_dir.join(LINKS_DIR);
 
-    for name in SOCK_ADDR_PROGRAMS {
+    let names = match how {
+        Attachment::Full => SOCK_ADDR_PROGRAMS,
+        Attachment::Scope => SCOPED_SOCK_ADDR_PROGRAMS,
+    };
+    for name in names {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
         let id = prog
             .attach(&cgroup_fd, CgroupAttachMode::Single)
@@ -377,6 +405,21 @@ impl Kernel {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(std::ffi::OsStr::new(&name)),
             Err(_) => false,
+        }
+    }
+
+    /// Forgets the scopes whose cgroup has no scoped link pinned any more (detached, or gone).
+    pub fn prune_scopes(&self) {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        for scope in scopes.scopes() {
+            let pin = self.pin_dir.join(LINKS_DIR).join(format!(
+                "{}-{}",
+                scope.cgroup_id,
+                programs::CONNECT4_SCOPED
+            ));
+            if !pin.exists() {
+                let _ = scopes.remove_scope(scope.cgroup_id);
+            }
         }
     }
 

@@ -86,6 +86,17 @@ impl ScopeMaps {
         Ok(())
     }
 
+    /// Stops treating cgroup `id` as a scope (its children's classifications go with the next
+    /// round of the agent's follower).
+    pub fn remove_scope(&mut self, id: u64) -> Result<()> {
+        for i in 0..MAX_SCOPES {
+            if self.scopes.get(&i, 0)?.cgroup_id == id {
+                self.scopes.set(i, Scope::default(), 0)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn scopes(&self) -> Vec<Scope> {
         (0..MAX_SCOPES)
             .filter_map(|i| self.scopes.get(&i, 0).ok())

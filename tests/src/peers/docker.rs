@@ -175,25 +175,27 @@ impl Docker {
     /// The cgroup v1 directories dockerd made for its containers (on hybrid hosts), deepest
     /// first.
     fn v1_cgroup_dirs(&self) -> Vec<PathBuf> {
-        let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-            return Vec::new();
-        };
         let mut dirs = Vec::new();
-        for line in mountinfo.lines() {
-            let Some((left, right)) = line.split_once(" - ") else {
-                continue;
-            };
-            if right.split_whitespace().next() != Some("cgroup") {
-                continue;
-            }
-            let Some(mount) = left.split_whitespace().nth(4) else {
-                continue;
-            };
-            let top = Path::new(mount).join(self.cgroup_parent.trim_start_matches('/'));
-            collect_dirs(&top, &mut dirs);
+        for mount in v1_mounts() {
+            collect_dirs(&mount.join(self.cgroup_parent.trim_start_matches('/')), &mut dirs);
         }
         dirs
     }
+}
+
+/// Where the cgroup v1 hierarchies are mounted (hybrid hosts; none on pure cgroup v2).
+fn v1_mounts() -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next() == Some("cgroup")).then(|| PathBuf::from(mount))
+        })
+        .collect()
 }
 
 fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -251,20 +253,8 @@ impl Drop for Docker {
 /// Removes what crashed test runs left in the cgroup v1 hierarchies (hybrid hosts): dockerd's
 /// directories named after a testbed.
 pub fn sweep_v1_cgroups() {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split_whitespace().next() != Some("cgroup") {
-            continue;
-        }
-        let Some(mount) = left.split_whitespace().nth(4) else {
-            continue;
-        };
-        let parent = Path::new(mount).join("egress-test");
+    for mount in v1_mounts() {
+        let parent = mount.join("egress-test");
         if let Ok(entries) = std::fs::read_dir(&parent) {
             for entry in entries.flatten() {
                 if entry.file_name().to_string_lossy().starts_with(NAME_PREFIX) {

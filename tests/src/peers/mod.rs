@@ -17,6 +17,18 @@ use crate::{
     topology::netns::Netns,
 };
 
+/// A plain HTTP server on argv[1]:argv[2] (Python) that answers every GET with `client <the
+/// client's address>`: where a connection came from, as the server saw it.
+pub const ADDRESS_ECHO_SERVER: &str = r#"
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("client " + self.client_address[0]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+"#;
+
 /// A CA and one server certificate signed by it, made with the openssl CLI.
 pub struct Certs {
     pub ca: PathBuf,
