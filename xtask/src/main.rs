@@ -5,6 +5,7 @@ mod deb;
 mod demo;
 mod fuzz;
 mod kernel;
+mod previous;
 mod setup;
 
 use std::path::PathBuf;
@@ -122,6 +123,8 @@ fn main() -> Result<()> {
             // The package, and a clean Debian 12 to install it into (tests/tests/package.rs).
             let deb = deb::build(&workspace_root(), &bin)?;
             let debian = setup::debian_root()?;
+            // The release before, for the upgrade test (tests/tests/upgrade.rs).
+            let previous = previous::binary(&workspace_root())?;
             let mut full = vec!["test", "--release", "--locked", "--workspace"];
             full.extend(args.iter().map(String::as_str));
             setup::cargo_test(
@@ -130,6 +133,7 @@ fn main() -> Result<()> {
                     ("EGRESS_BIN", &bin.to_string_lossy()),
                     ("EGRESS_DEB", &deb.to_string_lossy()),
                     ("EGRESS_DEBIAN_ROOT", &debian.to_string_lossy()),
+                    ("EGRESS_PREVIOUS_BIN", &previous.to_string_lossy()),
                 ],
             )
         }

@@ -309,6 +309,11 @@ impl Testbed {
     /// until it reports ready. `args` come after the testbed's own (--cgroup, --bpffs-dir). A
     /// running agent is stopped first; the new run has a log of its own.
     pub fn start_agent(&mut self, args: &[&str]) -> Result<&Agent> {
+        self.start_agent_bin(&egress_bin(), args)
+    }
+
+    /// [`Self::start_agent`] with another `egress` binary (an earlier release, for upgrades).
+    pub fn start_agent_bin(&mut self, bin: &Path, args: &[&str]) -> Result<&Agent> {
         self.stop_agent();
         self.agent_runs += 1;
         let log = self.dir.join(format!("egress-{}.log", self.agent_runs));
@@ -320,7 +325,7 @@ impl Testbed {
             Some(&self.hs.name),
             Enter::Net,
             self.agent_cgroup.as_deref(),
-            egress_bin(),
+            bin,
             &all,
         );
         command.env("EGRESS_LOG", "info,egress=debug");
