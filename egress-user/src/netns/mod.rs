@@ -13,14 +13,13 @@
 pub mod helper;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use std::net::SocketAddr;
-
 use tokio::{
     net::{TcpListener, TcpStream},
     task::AbortHandle,
@@ -63,8 +62,9 @@ impl Namespaces {
         }
     }
 
-    /// Brings the listeners in line with the namespaces of the intercepted processes. `accept`
-    /// starts serving a new listener and returns the handle that stops it.
+    /// Brings the listeners in line with the namespaces of the intercepted processes, leaving
+    /// out those of processes in the cgroups `skip` (containers not followed). `accept` starts
+    /// serving a new listener and returns the handle that stops it.
     pub async fn reconcile(
         &self,
         kernel: &Kernel,
@@ -73,7 +73,7 @@ impl Namespaces {
     ) -> Result<()> {
         let helper = self.helper.clone();
         let found = tokio::task::spawn_blocking(move || helper.scan(skip)).await??;
-        let found_ids: Vec<NetnsId> = found.iter().map(|(id, _)| *id).collect();
+        let found_ids: BTreeSet<NetnsId> = found.iter().map(|(id, _)| *id).collect();
 
         let gone: Vec<(NetnsId, Served)> = {
             let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
