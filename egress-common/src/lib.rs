@@ -39,6 +39,12 @@ pub mod maps {
     /// The same two for IPv6 destinations (IPv4-mapped ones use the IPv4 tries).
     pub const DENY6: &str = "EGRESS_DENY6";
     pub const BYPASS6: &str = "EGRESS_BYPASS6";
+    /// Socket cookie of an intercepted process's DNS socket (UDP to port 53) -> its network
+    /// namespace's cookie: the sockets whose packets `DNS_EVENTS` carries.
+    pub const DNS_SOCKETS: &str = "EGRESS_DNS_SOCKS";
+    /// Ring buffer of [`super::DnsEvent`]s: the DNS queries and answers of intercepted
+    /// processes, for the agent's record of which names stand behind which addresses.
+    pub const DNS_EVENTS: &str = "EGRESS_DNS_EVENTS";
 }
 
 /// Capacity of each deny/bypass trie.
@@ -54,6 +60,14 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "egress_getpeername4";
     pub const GETPEERNAME6: &str = "egress_getpeername6";
     pub const SOCK_OPS: &str = "egress_sock_ops";
+    /// cgroup/sendmsg4|6: note the sockets that send DNS queries (unconnected UDP).
+    pub const SENDMSG4: &str = "egress_sendmsg4";
+    pub const SENDMSG6: &str = "egress_sendmsg6";
+    pub const SENDMSG4_SCOPED: &str = "egress_sendmsg4_scoped";
+    pub const SENDMSG6_SCOPED: &str = "egress_sendmsg6_scoped";
+    /// cgroup_skb ingress/egress: copy the DNS packets of noted sockets to the agent.
+    pub const DNS_INGRESS: &str = "egress_dns_in";
+    pub const DNS_EGRESS: &str = "egress_dns_out";
 }
 
 pub const AF_INET: u16 = 2;
@@ -134,6 +148,36 @@ pub const NETNS_OWN: u32 = 2;
 /// Capacity of the served-namespaces map.
 pub const MAX_SERVED_NETNS: u32 = 4096;
 
+/// Capacity of the DNS-sockets map.
+pub const MAX_DNS_SOCKETS: u32 = 16384;
+/// Size of the DNS ring buffer (bytes; a power of two, as the kernel requires).
+pub const DNS_RING_BYTES: u32 = 1 << 20;
+/// DNS message bytes copied per packet: a power of two, so that the kernel program bounds the
+/// copy with a mask; larger than the 1232 bytes resolvers answer over UDP since DNS Flag Day 2020.
+pub const DNS_CAPTURE: usize = 2048;
+
+/// [`DnsEvent::kind`]: a query an intercepted process sent, or an answer it received.
+pub const DNS_QUERY: u16 = 1;
+pub const DNS_ANSWER: u16 = 2;
+
+/// One DNS message (UDP payload) of an intercepted process, as the kernel saw it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsEvent {
+    /// Cookie of the process's network namespace.
+    pub netns: u64,
+    /// Cookie of the process's socket: an answer belongs to a query of the same socket.
+    pub socket: u64,
+    /// The DNS server: where a query went, where an answer came from.
+    pub server: SockAddr,
+    pub kind: u16,
+    /// Bytes of `message` captured (at most [`DNS_CAPTURE`]).
+    pub len: u16,
+    /// The message's full length on the wire (more than `len` when it was cut).
+    pub wire_len: u32,
+    pub message: [u8; DNS_CAPTURE],
+}
+
 /// Settings the agent writes into the single-entry `EGRESS_CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -185,8 +229,12 @@ pub mod counter {
     pub const PASS_UNSELECTED: u32 = 12;
     /// Refused with EPERM: a new cgroup under a selectively attached one, not classified yet.
     pub const DENY_UNCLASSIFIED: u32 = 13;
+    /// DNS messages of intercepted processes copied to the agent.
+    pub const DNS_CAPTURED: u32 = 14;
+    /// DNS messages lost: the ring buffer to the agent was full.
+    pub const DNS_LOST: u32 = 15;
     /// Used slots; the map has [`SLOTS`] so that later versions can add counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     pub const SLOTS: u32 = 32;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
@@ -205,6 +253,8 @@ pub mod counter {
         "deny_not_agent_listener",
         "pass_unselected",
         "deny_unclassified",
+        "dns_captured",
+        "dns_lost",
     ];
 }
 

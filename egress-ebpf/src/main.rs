@@ -16,6 +16,11 @@
 //!
 //! `egress_getpeername4|6` keep the redirect invisible: the application's getpeername() returns
 //! the address it connected to, not the agent's.
+//!
+//! DNS is observed, never changed: connect4/6 and `egress_sendmsg4|6` note the UDP sockets that
+//! send to port 53, and `egress_dns_in|out` (cgroup_skb) copy those sockets' DNS messages into a
+//! ring buffer for the agent, which learns from the answers which names stand behind the
+//! addresses the application then dials.
 #![no_std]
 #![no_main]
 
@@ -29,20 +34,26 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
-        bpf_sk_release,
+        bpf_sk_release, bpf_skb_load_bytes,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use egress_common::{
-    AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, FLAG_KERNEL_LOG, MAX_FOLLOWED, MAX_RANGES,
-    MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS, NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, counter,
+    AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY, DNS_RING_BYTES,
+    DnsEvent, FLAG_KERNEL_LOG, MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS,
+    NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, counter,
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u8 = 17;
+const DNS_PORT: u16 = 53;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
@@ -89,6 +100,14 @@ static SCOPED: HashMap<u64, u32> = HashMap::pinned(MAX_SCOPED, 0);
 /// Written and read by the agent only (see egress_common::maps::FOLLOWED).
 #[map(name = "EGRESS_FOLLOW")]
 static FOLLOWED: HashMap<ContainerName, u32> = HashMap::pinned(MAX_FOLLOWED, 0);
+
+/// Socket cookie -> network namespace cookie, for the UDP sockets of intercepted processes that
+/// sent to port 53 (see `note_dns_socket`).
+#[map(name = "EGRESS_DNS_SOCKS")]
+static DNS_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
+
+#[map(name = "EGRESS_DNS_EVENTS")]
+static DNS_EVENTS: RingBuf = RingBuf::pinned(DNS_RING_BYTES, 0);
 
 /// Filled by the agent from its policy. Keys are addresses in network byte order.
 #[map(name = "EGRESS_DENY4")]
@@ -433,10 +452,11 @@ pub fn egress_connect6_scoped(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn connect4(ctx: SockAddrContext, scoped: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
+    let dst_port = u16::from_be(sa.user_port as u16);
     if !is_tcp(sa) {
+        note_dns_socket(&ctx, sa, dst_port, scoped);
         return ALLOW;
     }
-    let dst_port = u16::from_be(sa.user_port as u16);
     match decide4(&ctx, sa, sa.user_ip4, dst_port, scoped) {
         Verdict::Allow => ALLOW,
         Verdict::Deny => DENY,
@@ -454,11 +474,12 @@ fn connect4(ctx: SockAddrContext, scoped: bool) -> i32 {
 #[inline(always)]
 fn connect6(ctx: SockAddrContext, scoped: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
+    let dst_port = u16::from_be(sa.user_port as u16);
     if !is_tcp(sa) {
+        note_dns_socket(&ctx, sa, dst_port, scoped);
         return ALLOW;
     }
     let dst_ip = read_ip6(&sa.user_ip6);
-    let dst_port = u16::from_be(sa.user_port as u16);
     // An IPv4-mapped destination is IPv4 on the wire: IPv4 policy, IPv4 loopback listener.
     let mapped = is_mapped(&dst_ip);
     let decision = if mapped {
@@ -484,6 +505,145 @@ fn connect6(ctx: SockAddrContext, scoped: bool) -> i32 {
             ALLOW
         }
     }
+}
+
+/// A UDP socket of an intercepted process sending to port 53 (DNS): noted with its network
+/// namespace, so that `capture_dns` copies its queries and answers for the agent. Observing
+/// only: nothing is refused or rewritten, so resolution works as before, Docker's embedded DNS
+/// included.
+#[inline(always)]
+fn note_dns_socket(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_port: u16, scoped: bool) {
+    if sa.type_ != SOCK_DGRAM || sa.protocol != IPPROTO_UDP as u32 || dst_port != DNS_PORT {
+        return;
+    }
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.ready != 0 => {}
+        _ => return,
+    }
+    if scoped {
+        let verdict = scope_verdict();
+        if verdict == SCOPE_PASS || verdict == SCOPE_UNKNOWN {
+            return;
+        }
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = DNS_SOCKETS.insert(&cookie, &netns, BPF_ANY as u64);
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg(ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn egress_sendmsg4_scoped(ctx: SockAddrContext) -> i32 {
+    sendmsg(ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg(ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6_scoped(ctx: SockAddrContext) -> i32 {
+    sendmsg(ctx, true)
+}
+
+/// sendto()/sendmsg() with an address on an unconnected UDP socket (connected ones are noted by
+/// connect4/6).
+#[inline(always)]
+fn sendmsg(ctx: SockAddrContext, scoped: bool) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    note_dns_socket(&ctx, sa, u16::from_be(sa.user_port as u16), scoped);
+    ALLOW
+}
+
+#[cgroup_skb(ingress)]
+pub fn egress_dns_in(ctx: SkBuffContext) -> i32 {
+    capture_dns(&ctx, DNS_ANSWER);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn egress_dns_out(ctx: SkBuffContext) -> i32 {
+    capture_dns(&ctx, DNS_QUERY);
+    1
+}
+
+/// Copies a DNS message (UDP from port 53 arriving, or to port 53 leaving) of a noted socket into
+/// the ring buffer. Packets of other sockets cost a few loads. `skb->data` is at the network
+/// header in cgroup_skb programs, both ways.
+#[inline(always)]
+fn capture_dns(ctx: &SkBuffContext, kind: u16) {
+    let answer = kind == DNS_ANSWER;
+    let (server, udp) = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let Ok(version_ihl) = ctx.load::<u8>(0) else { return };
+            if ctx.load::<u8>(9) != Ok(IPPROTO_UDP) {
+                return;
+            }
+            let Ok(ip) = ctx.load::<u32>(if answer { 12 } else { 16 }) else {
+                return;
+            };
+            (SockAddr::v4(ip, DNS_PORT), (version_ihl & 0x0f) as usize * 4)
+        }
+        ETH_P_IPV6 => {
+            // Only a UDP header right after the fixed header: resolvers send no extension headers.
+            if ctx.load::<u8>(6) != Ok(IPPROTO_UDP) {
+                return;
+            }
+            let Ok(ip) = ctx.load::<[u32; 4]>(if answer { 8 } else { 24 }) else {
+                return;
+            };
+            (SockAddr::v6(ip, DNS_PORT), 40)
+        }
+        _ => return,
+    };
+    let port_at = if answer { udp } else { udp + 2 };
+    if ctx.load::<u16>(port_at).map(u16::from_be) != Ok(DNS_PORT) {
+        return;
+    }
+    let socket = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut core::ffi::c_void) };
+    let Some(&netns) = (unsafe { DNS_SOCKETS.get(&socket) }) else {
+        return;
+    };
+    let message_at = udp + 8;
+    let wire_len = ctx.len().saturating_sub(message_at as u32);
+    if wire_len == 0 {
+        return;
+    }
+    // 1..=DNS_CAPTURE bytes, in a form the verifier can bound: the opaque read keeps the
+    // compiler from dropping the mask as redundant.
+    let below = wire_len.min(DNS_CAPTURE as u32) - 1;
+    let below = unsafe { read_volatile(&below) };
+    let len = (below & (DNS_CAPTURE as u32 - 1)) + 1;
+    let Some(mut entry) = DNS_EVENTS.reserve::<DnsEvent>(0) else {
+        count(counter::DNS_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let copied = unsafe {
+        (*event).netns = netns;
+        (*event).socket = socket;
+        (*event).server = server;
+        (*event).kind = kind;
+        (*event).len = len as u16;
+        (*event).wire_len = wire_len;
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const core::ffi::c_void,
+            message_at as u32,
+            (*event).message.as_mut_ptr() as *mut core::ffi::c_void,
+            len,
+        )
+    };
+    if copied != 0 {
+        entry.discard(0);
+        return;
+    }
+    entry.submit(0);
+    count(counter::DNS_CAPTURED);
 }
 
 #[cgroup_sock_addr(getpeername4)]

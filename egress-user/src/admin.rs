@@ -88,11 +88,41 @@ async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -
             );
             response
         }
+        "/dns" => dns(agent, request.uri().query().unwrap_or("")),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health or /metrics\n".into(),
+            "not found: try /health, /metrics or /dns\n".into(),
         ),
     }
+}
+
+/// `/dns?address=IP&name=NAME` (both optional): what the DNS record knows, as JSON: the plan's
+/// view for the agent's own namespace (`resolved`, given an address) and a report over all.
+fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
+    let mut address = None;
+    let mut name = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("address", value)) => match value.parse::<std::net::IpAddr>() {
+                Ok(ip) => address = Some(ip),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "address: not an IP address\n".into()),
+            },
+            Some(("name", value)) if crate::hostport::valid_hostname(value) => name = Some(value),
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "expected address=IP and/or name=HOSTNAME\n".into(),
+                );
+            }
+        }
+    }
+    let shared = &agent.shared;
+    let resolved = address.map(|ip| shared.dns.resolved(shared.kernel.own_netns(), ip, name));
+    let body = serde_json::json!({
+        "resolved": resolved,
+        "report": shared.dns.report(address, name),
+    });
+    text(StatusCode::OK, format!("{body}\n"))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -230,7 +230,8 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("{host} has no address (give one with --ip)"))?
             .ip(),
     };
-    print!("{}", diag::explain::explain(&config, &host, port, ip));
+    let record = diag::explain::agent_record(config.admin_addr, &host, ip);
+    print!("{}", diag::explain::explain(&config, &host, port, ip, &record));
     Ok(())
 }
 

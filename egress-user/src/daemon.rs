@@ -233,6 +233,11 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
         tokio::spawn(drive_kernel_log(logger));
     }
     let v4 = TcpListener::from_std(listeners.v4)?;
+    agent
+        .shared
+        .dns
+        .spawn()
+        .context("polling the kernel's DNS ring buffer")?;
     let own = ClientNetns {
         cookie: agent.shared.kernel.own_netns(),
         id: None,

@@ -14,6 +14,7 @@ mod config;
 mod containers;
 mod daemon;
 mod diag;
+mod dns;
 mod hostport;
 mod kernel;
 mod metrics;

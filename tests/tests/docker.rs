@@ -6,7 +6,13 @@
 
 use egress_testbed::{
     ORIGIN_IP, ORIGIN_NAME, Testbed,
-    peers::{docker::Docker, synapse},
+    peers::{
+        docker::Docker,
+        federation::{
+            DirectFederation, PeerHomeserver, federation_overrides, register_with_name, wait_healthy,
+        },
+        synapse,
+    },
 };
 
 /// A standard testbed, dockerd in its homeserver namespace, and the user-defined network
@@ -378,174 +384,27 @@ fn wait_probes(log: &std::path::Path, n: usize) -> Vec<String> {
     .unwrap()
 }
 
-/// Synapse's federation listener (TLS, `cert`/`key`) on 8448 and client listener on
-/// 127.0.0.1:8008, SQLite in `dir`, the test CA trusted for federation, and the test LAN
-/// allowed (it is private address space, in Synapse's default `ip_range_blacklist`).
-fn synapse_overrides(dir: &std::path::Path, certs: &egress_testbed::peers::Certs) -> String {
-    let (d, cert, key, ca) = (
-        dir.display(),
-        certs.cert.display(),
-        certs.key.display(),
-        certs.ca.display(),
-    );
-    format!(
-        "listeners:
-  - port: 8448
-    bind_addresses: ['0.0.0.0']
-    type: http
-    tls: true
-    resources: [{{names: [federation], compress: false}}]
-  - port: 8008
-    bind_addresses: ['127.0.0.1']
-    type: http
-    tls: false
-    resources: [{{names: [client], compress: false}}]
-tls_certificate_path: {cert}
-tls_private_key_path: {key}
-federation_custom_ca_list: [{ca}]
-ip_range_whitelist: ['10.248.0.0/24']
-database: {{name: sqlite3, args: {{database: {d}/homeserver.db}}}}
-media_store_path: {d}/media_store
-trusted_key_servers: []
-suppress_key_server_warning: true
-report_stats: false
-"
-    )
-}
-
-/// Registers `user` on the Synapse configured in `dir` (its client port on loopback, reached
-/// through `run`, which runs a command beside it and returns its stdout and stderr) and sets
-/// its display name.
-fn register_with_name(run: &dyn Fn(&[&str]) -> String, dir: &std::path::Path, user: &str, display: &str) {
-    let venv = synapse::venv().unwrap();
-    let register = venv.join("bin/register_new_matrix_user");
-    let config = dir.join("homeserver.yaml");
-    let out = run(&[
-        &register.to_string_lossy(),
-        "-c",
-        &config.to_string_lossy(),
-        "-u",
-        user,
-        "-p",
-        "correct-horse-battery",
-        "--no-admin",
-        "http://127.0.0.1:8008",
-    ]);
-    assert!(out.contains("Success"), "registering {user}: {out}");
-    let login = format!(
-        r#"{{"type":"m.login.password","identifier":{{"type":"m.id.user","user":"{user}"}},"password":"correct-horse-battery"}}"#
-    );
-    let answer = run(&[
-        "curl",
-        "-sS",
-        "-d",
-        &login,
-        "http://127.0.0.1:8008/_matrix/client/v3/login",
-    ]);
-    let token = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("login: {answer}"))
-        .to_owned();
-    let body = format!(r#"{{"displayname":"{display}"}}"#);
-    let whoami = run(&[
-        "curl",
-        "-sS",
-        "-H",
-        &format!("Authorization: Bearer {token}"),
-        "http://127.0.0.1:8008/_matrix/client/v3/account/whoami",
-    ]);
-    let user_id = serde_json::from_str::<serde_json::Value>(&whoami).unwrap()["user_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("whoami: {whoami}"))
-        .to_owned();
-    let url = format!("http://127.0.0.1:8008/_matrix/client/v3/profile/{user_id}/displayname");
-    let put = run(&[
-        "curl",
-        "-sS",
-        "-X",
-        "PUT",
-        "-H",
-        &format!("Authorization: Bearer {token}"),
-        "-d",
-        &body,
-        &url,
-    ]);
-    assert_eq!(put.trim(), "{}", "setting the display name: {put}");
-}
-
 #[test]
 fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
-    use egress_testbed::{HS_IP, process};
+    use egress_testbed::HS_IP;
     let mut bed = Testbed::builder().squid().build().unwrap();
-    // Federation that went direct: a connection from the homeserver host to port 8448 of the
-    // origin host (replies of hs1's own federation listener go from port 8448, not to it).
-    process::run_with_input(
-        "ip",
-        &["netns", "exec", &bed.origin.name, "nft", "-f", "-"],
-        Some(&format!(
-            "table inet egress_fed {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
-             ip saddr {HS_IP} tcp dport 8448 counter\n  }}\n}}\n"
-        )),
-    )
-    .unwrap();
-    let direct_federation = |bed: &Testbed| {
-        let listing = bed
-            .origin
-            .exec("nft", &["list", "chain", "inet", "egress_fed", "input"])
-            .unwrap();
-        let words: Vec<&str> = listing.split_whitespace().collect();
-        let i = words.iter().position(|w| *w == "packets").expect("the counter");
-        words[i + 1].parse::<u64>().unwrap()
-    };
-
+    // Federation that went direct: from the homeserver host to port 8448 of the origin host.
+    let direct_federation = DirectFederation::install(&bed.origin, HS_IP).unwrap();
     // hs2: example.test, on the origin host, outside egress; it finds hs.test at the homeserver
     // host, where docker publishes hs1's federation port.
-    let venv = synapse::venv().unwrap();
-    let python = venv.join("bin/python").to_string_lossy().into_owned();
-    let hs2_dir = bed.dir.join("hs2");
-    let hs2_args =
-        synapse::configure(&hs2_dir, "example.test", &synapse_overrides(&hs2_dir, &bed.certs)).unwrap();
-    let etc = std::path::PathBuf::from("/etc/netns").join(&bed.origin.name);
-    std::fs::create_dir_all(&etc).unwrap();
-    let _etc = EtcGuard(etc.clone());
-    std::fs::write(
-        etc.join("hosts"),
-        format!("127.0.0.1 localhost\n{HS_IP} hs.test\n"),
-    )
-    .unwrap();
-    std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
-    // hs2's resolver: hs.test, and NXDOMAIN for SRV records.
-    let _hs2_dns = egress_testbed::peers::start_dnsmasq_on(
-        &bed.origin,
-        &bed.dir.join("hs2"),
-        "127.0.0.1",
+    let hs2 = PeerHomeserver::start(
+        &bed,
+        "example.test",
+        "0.0.0.0",
+        &bed.certs,
         &format!("{HS_IP} hs.test\n"),
         &[],
-        &["--local=/test/"],
     )
     .unwrap();
-    let hs2_args: Vec<&str> = hs2_args.iter().map(String::as_str).collect();
-    let mut hs2_command = process::launch(
-        Some(&bed.origin.name),
-        process::Enter::NetAndEtc,
-        None,
-        &python,
-        &hs2_args,
-    );
-    hs2_command.current_dir(&hs2_dir);
-    let _hs2 = process::Daemon::spawn("hs2", hs2_command, &hs2_dir.join("stdout.log")).unwrap();
-    let origin = bed.origin.name.clone();
-    let in_hs2 = |args: &[&str]| {
-        let out = process::output(process::launch(
-            Some(&origin),
-            process::Enter::NetAndEtc,
-            None,
-            args[0],
-            &args[1..],
-        ))
-        .unwrap();
-        format!("{}{}", out.stdout, out.stderr)
-    };
+    let hs2_dir = hs2.dir.clone();
+    let in_hs2 = |args: &[&str]| hs2.run(args);
+    let venv = synapse::venv().unwrap();
+    let python = venv.join("bin/python").to_string_lossy().into_owned();
 
     // hs1: hs.test, in a container on a user-defined network, with no proxy settings; the
     // host's Python and Synapse mounted read-only, its state in a directory of the test.
@@ -572,7 +431,12 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
     .unwrap();
     let hs1_dir = bed.dir.join("hs1");
     let hs1_certs = egress_testbed::peers::make_certs(&bed.dir, "hs1", &["hs.test"], &[HS_IP], 2).unwrap();
-    let hs1_args = synapse::configure(&hs1_dir, "hs.test", &synapse_overrides(&hs1_dir, &hs1_certs)).unwrap();
+    let hs1_args = synapse::configure(
+        &hs1_dir,
+        "hs.test",
+        &federation_overrides(&hs1_dir, &hs1_certs, "0.0.0.0"),
+    )
+    .unwrap();
     let python_home = std::fs::canonicalize(venv.join("bin/python")).unwrap();
     let python_root = python_home
         .ancestors()
@@ -630,23 +494,7 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
             String::from_utf8_lossy(&out.stderr)
         )
     };
-    for (name, run) in [("hs1", &in_hs1 as &dyn Fn(&[&str]) -> String), ("hs2", &in_hs2)] {
-        egress_testbed::wait::until(
-            &format!("{name}'s /health"),
-            std::time::Duration::from_secs(120),
-            || {
-                Ok(run(&[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "http://127.0.0.1:8008/health",
-                ]))
-            },
-            |body| body.trim() == "OK",
-        )
-        .unwrap();
-    }
+    wait_healthy("hs1", &in_hs1).unwrap();
     register_with_name(&in_hs1, &hs1_dir, "alice", "Alice on hs1");
     register_with_name(&in_hs2, &hs2_dir, "bob", "Bob on hs2");
 
@@ -676,7 +524,11 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
     );
 
     let netns = docker.netns_id("matrix-synapse").unwrap();
-    assert_eq!(direct_federation(&bed), 0, "hs1 reached hs2 directly");
+    assert_eq!(
+        direct_federation.packets().unwrap(),
+        0,
+        "hs1 reached hs2 directly"
+    );
     // The decision line and squid's log entry come when the tunnel closes: stop hs1, which
     // closes its pooled connections.
     docker.run(&["stop", "-t", "10", "matrix-synapse"]).unwrap();
@@ -689,13 +541,4 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
         "{line}"
     );
     bed.squid_logged("CONNECT example.test:8448").unwrap();
-}
-
-/// Removes a namespace's /etc/netns directory on drop.
-struct EtcGuard(std::path::PathBuf);
-
-impl Drop for EtcGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -1,6 +1,7 @@
 //! `egress explain DEST`: what would happen to a connection to DEST, step by step: the kernel's
 //! verdict on the address, then the agent's routing plan for each kind of traffic. It asks the
-//! same code the agent runs and contacts nothing.
+//! same code the agent runs, with what the running agent's DNS record knows (over its admin
+//! listener, if it answers), and contacts nothing else.
 
 use std::{
     fmt::Write as _,
@@ -9,9 +10,45 @@ use std::{
 
 use crate::{
     config::{Config, proxy_url::ProxyUrl},
+    diag::status::ask_agent,
     kernel::verdict::{KernelVerdict, kernel_verdict},
-    route::plan::{Action, Plan, Sniffed, plan},
+    route::plan::{Action, Plan, Resolved, Sniffed, plan},
 };
+
+/// What the running agent's DNS record says about a destination.
+#[derive(Debug, Default)]
+pub struct AgentRecord {
+    pub resolved: Resolved,
+    /// The record's lines, or why there are none.
+    pub report: String,
+}
+
+/// Asks the running agent at `admin_addr` what its DNS record knows about `ip` and `host`.
+pub fn agent_record(admin_addr: SocketAddr, host: &str, ip: IpAddr) -> AgentRecord {
+    let mut path = format!("/dns?address={ip}");
+    if crate::hostport::valid_hostname(host) && host.parse::<IpAddr>().is_err() {
+        path.push_str(&format!("&name={host}"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        resolved: Option<Resolved>,
+        report: String,
+    }
+    match ask_agent(admin_addr, &path).map(|body| serde_json::from_str::<Answer>(&body)) {
+        Ok(Ok(answer)) => AgentRecord {
+            resolved: answer.resolved.unwrap_or_default(),
+            report: answer.report,
+        },
+        Ok(Err(e)) => AgentRecord {
+            report: format!("the agent at {admin_addr} gave no DNS record ({e})\n"),
+            ..AgentRecord::default()
+        },
+        Err(e) => AgentRecord {
+            report: format!("no running agent at {admin_addr} to ask ({e})\n"),
+            ..AgentRecord::default()
+        },
+    }
+}
 
 /// The kinds of traffic explained, as the agent would sniff them for a connection naming `name`.
 pub fn traffic_kinds(name: Option<&str>) -> [(&'static str, Sniffed); 3] {
@@ -38,15 +75,21 @@ pub fn plans<'a>(
     config: &'a Config,
     name: Option<&str>,
     dst: SocketAddr,
+    resolved: &Resolved,
 ) -> Vec<(&'static str, Plan<'a, ProxyUrl>)> {
     traffic_kinds(name)
         .into_iter()
-        .map(|(label, sniffed)| (label, plan(&config.rules(), config.proxies(), dst, &sniffed)))
+        .map(|(label, sniffed)| {
+            (
+                label,
+                plan(&config.rules(), config.proxies(), dst, &sniffed, resolved),
+            )
+        })
         .collect()
 }
 
 /// What would happen to a connection to `host:port` at address `ip`, for each kind of traffic.
-pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr) -> String {
+pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr, record: &AgentRecord) -> String {
     let name = (host.parse::<IpAddr>().is_err()).then_some(host);
     let dst = SocketAddr::new(ip, port);
     let mut out = String::new();
@@ -63,10 +106,11 @@ pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr) -> String {
         KernelVerdict::Redirect => "redirected to the agent".to_owned(),
     };
     let _ = writeln!(out, "kernel: {kernel}");
+    let _ = write!(out, "DNS record (running agent):\n{}", indent(&record.report));
     if kernel_verdict(&config.policy, ip) != KernelVerdict::Redirect {
         return out;
     }
-    for (label, plan) in plans(config, name, dst) {
+    for (label, plan) in plans(config, name, dst, &record.resolved) {
         let what = match &plan.action {
             Action::Deny => "deny: connection reset".to_owned(),
             Action::Direct { to } => format!("direct to {to}"),
@@ -75,9 +119,14 @@ pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr) -> String {
                 format!("forward via {proxy} as GET http://{authority}/...")
             }
         };
-        let _ = writeln!(out, "{label}: {what}  [rule: {}]", plan.rule);
+        let by = plan.named_by.as_str();
+        let _ = writeln!(out, "{label}: {what}  [rule: {}; name: {by}]", plan.rule);
     }
     out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
 #[cfg(test)]
@@ -92,14 +141,14 @@ mod tests {
              ip_range_whitelist = [\"192.0.2.0/24\"]",
         );
         let public: IpAddr = "93.184.216.34".parse().unwrap();
-        let text = explain(&c, "matrix.org", 8448, public);
+        let text = explain(&c, "matrix.org", 8448, public, &AgentRecord::default());
         assert!(text.contains("kernel: redirected to the agent"), "{text}");
         assert!(
-            text.contains("TLS (SNI): CONNECT matrix.org:8448 via http://u:***@proxy:3128  [rule: proxy]"),
+            text.contains("TLS (SNI): CONNECT matrix.org:8448 via http://u:***@proxy:3128  [rule: proxy; name: client_unrecorded]"),
             "{text}"
         );
         assert!(
-            text.contains("plain HTTP (Host): direct to 93.184.216.34:8448  [rule: no proxy for protocol]"),
+            text.contains("plain HTTP (Host): direct to 93.184.216.34:8448  [rule: no proxy for protocol; name: client_unrecorded]"),
             "{text}"
         );
         assert!(
@@ -108,22 +157,40 @@ mod tests {
         );
         assert!(!text.contains("secret"));
 
-        let text = explain(&c, "10.1.2.3", 443, "10.1.2.3".parse().unwrap());
+        let text = explain(
+            &c,
+            "10.1.2.3",
+            443,
+            "10.1.2.3".parse().unwrap(),
+            &AgentRecord::default(),
+        );
         assert!(
             text.contains("EPERM") && text.contains("ip_range_blacklist 10.0.0.0/8"),
             "{text}"
         );
 
-        let text = explain(&c, "192.0.2.7", 443, "192.0.2.7".parse().unwrap());
+        let text = explain(
+            &c,
+            "192.0.2.7",
+            443,
+            "192.0.2.7".parse().unwrap(),
+            &AgentRecord::default(),
+        );
         assert!(text.contains("not intercepted: goes direct"), "{text}");
 
         for loopback in ["127.0.0.1", "::1", "::ffff:127.0.0.2"] {
-            let text = explain(&c, "localhost", 5432, loopback.parse().unwrap());
+            let text = explain(
+                &c,
+                "localhost",
+                5432,
+                loopback.parse().unwrap(),
+                &AgentRecord::default(),
+            );
             assert!(text.contains("kernel: not intercepted: loopback"), "{text}");
             assert!(!text.contains("EPERM"), "{text}");
         }
 
-        let text = explain(&c, "db.internal.example", 5432, public);
+        let text = explain(&c, "db.internal.example", 5432, public, &AgentRecord::default());
         assert!(
             text.contains("TLS (SNI): direct to") && text.contains("no_proxy internal.example"),
             "{text}"
@@ -159,15 +226,23 @@ mod tests {
                 let name = hostport::valid_hostname(host)
                     .then_some(host)
                     .filter(|h| h.parse::<IpAddr>().is_err());
-                let explained = plans(&config, name, dst);
+                let explained = plans(&config, name, dst, &Resolved::default());
                 for ((label, sniffed), (explained_label, explained)) in
                     traffic_kinds(name).into_iter().zip(explained)
                 {
                     assert_eq!(label, explained_label);
-                    let agent = plan(&current.config.rules(), current.proxies(), dst, &sniffed);
+                    let agent = plan(
+                        &current.config.rules(),
+                        current.proxies(),
+                        dst,
+                        &sniffed,
+                        &Resolved::default(),
+                    );
                     let agent = Plan {
                         action: agent.action.map_proxy(|client| &client.url),
                         rule: agent.rule,
+                        name: agent.name,
+                        named_by: agent.named_by,
                     };
                     assert_eq!(agent, explained, "config {text:?}, {label} to {host} at {dst}");
                 }

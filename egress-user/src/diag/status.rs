@@ -42,17 +42,21 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
 
 /// The running agent's /health answer, or why there is none.
 fn agent_health(admin_addr: std::net::SocketAddr) -> String {
+    ask_agent(admin_addr, "/health")
+        .map(|body| body.trim().to_owned())
+        .unwrap_or_else(|e| format!("not reachable at {admin_addr} ({e})"))
+}
+
+/// The body of the running agent's answer to `GET path` on its admin listener.
+pub fn ask_agent(admin_addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let ask = || -> std::io::Result<String> {
-        let timeout = std::time::Duration::from_secs(5);
-        let mut stream = std::net::TcpStream::connect_timeout(&admin_addr, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response
-            .split_once("\r\n\r\n")
-            .map_or(response.clone(), |(_, body)| body.trim().to_owned()))
-    };
-    ask().unwrap_or_else(|e| format!("not reachable at {admin_addr} ({e})"))
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin_addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map_or(response.clone(), |(_, body)| body.to_owned()))
 }

@@ -24,10 +24,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink},
 };
 use egress_common::{AF_INET, AF_INET6};
 use egress_common::{AgentConfig, ConnKey, NETNS_OWN, NETNS_SERVED, SockAddr, counter, maps, programs};
@@ -40,18 +40,28 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const LINKS_DIR: &str = "links";
 /// The cgroup/sock_addr programs, all attached to every target cgroup (besides sock_ops).
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
 ];
 /// The same for a selectively attached cgroup (a container engine's parent, see [`scopes`]).
-const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 6] = [
     programs::CONNECT4_SCOPED,
     programs::CONNECT6_SCOPED,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::SENDMSG4_SCOPED,
+    programs::SENDMSG6_SCOPED,
+];
+/// The packet programs that copy noted DNS sockets' messages (see `dns::watch`), on every
+/// attached cgroup: they act only on sockets the sock_addr programs noted.
+const DNS_PACKET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    (programs::DNS_INGRESS, CgroupSkbAttachType::Ingress),
+    (programs::DNS_EGRESS, CgroupSkbAttachType::Egress),
 ];
 
 /// How a cgroup is attached: everything in it intercepted, or only the followed containers
@@ -94,6 +104,8 @@ pub struct Kernel {
     pin_dir: PathBuf,
     /// Selectively attached container engine cgroups (see [`scopes`]).
     pub scopes: Mutex<scopes::ScopeMaps>,
+    /// The DNS messages of intercepted processes, until `dns::Watch` takes them.
+    dns_events: Mutex<Option<RingBuf<MapData>>>,
     ebpf: Ebpf,
 }
 
@@ -148,9 +160,11 @@ impl Kernel {
         let deny6 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY6)?)?;
         let bypass6 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS6)?)?;
         let scopes = scopes::ScopeMaps::take(&mut ebpf)?;
+        let dns_events = RingBuf::try_from(take_map(&mut ebpf, maps::DNS_EVENTS)?)?;
         remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
             scopes: Mutex::new(scopes),
+            dns_events: Mutex::new(Some(dns_events)),
             orig_dst: Mutex::new(orig_dst),
             netns,
             served: Mutex::new(served),
@@ -166,6 +180,11 @@ impl Kernel {
             pin_dir: settings.pin_dir.clone(),
             ebpf,
         })
+    }
+
+    /// The ring buffer of DNS messages (once).
+    pub fn take_dns_events(&self) -> Option<RingBuf<MapData>> {
+        self.dns_events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Gives the kernel-side aya-log records to the `log` facade (and so to tracing).
@@ -196,11 +215,14 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
         .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with a BPF-enabled kernel?)")?;
-    for name in [programs::CONNECT4_SCOPED, programs::CONNECT6_SCOPED]
-        .into_iter()
-        .chain(SOCK_ADDR_PROGRAMS)
-    {
+    for name in SCOPED_SOCK_ADDR_PROGRAMS.into_iter().chain(SOCK_ADDR_PROGRAMS) {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("loading program {name}"))?;
+        }
+    }
+    for (name, _) in DNS_PACKET_PROGRAMS {
+        let prog: &mut CgroupSkb = program(&mut ebpf, name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
     }
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?.try_into()?;
@@ -348,6 +370,15 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path, how: Attachme
         let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
         let id = prog
             .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
+    }
+
+    for (name, attach_type) in DNS_PACKET_PROGRAMS {
+        let prog: &mut CgroupSkb = program(ebpf, name)?.try_into()?;
+        let id = prog
+            .attach(&cgroup_fd, attach_type, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         let link: FdLink = prog.take_link(id)?.try_into()?;
         replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
@@ -602,7 +633,7 @@ fn to_sock_addr(addr: SocketAddr) -> SockAddr {
     }
 }
 
-fn from_sock_addr(addr: &SockAddr) -> Option<SocketAddr> {
+pub(crate) fn from_sock_addr(addr: &SockAddr) -> Option<SocketAddr> {
     match addr.family {
         AF_INET => Some(SocketAddr::new(
             Ipv4Addr::from(u32::from_be(addr.addr[0])).into(),

@@ -14,6 +14,10 @@ pub const FEATURES: &[(&str, (u32, u32))] = &[
         (5, 7),
     ),
     ("cgroup/getpeername4|6 hooks", (5, 8)),
+    (
+        "BPF ring buffer (DNS messages of intercepted processes to the agent)",
+        (5, 8),
+    ),
     ("SO_NETNS_COOKIE (the agent's namespace cookie)", (5, 14)),
     (
         "bpf_get_netns_cookie in sock_ops programs (original destinations per namespace)",

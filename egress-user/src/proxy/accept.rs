@@ -77,7 +77,16 @@ async fn handle(
     decision.protocol = Some(sniffed.protocol());
     decision.name = sniffed.name().map(str::to_owned);
 
-    let Plan { action, rule } = plan(&config.rules(), current.proxies(), original, &sniffed);
+    let resolved = shared.dns.resolved(netns.cookie, original.ip(), sniffed.name());
+    let Plan {
+        action,
+        rule,
+        name,
+        named_by,
+    } = plan(&config.rules(), current.proxies(), original, &sniffed, &resolved);
+    decision.resolved_name = resolved.dialled_name;
+    decision.named_by = Some(named_by);
+    decision.route_name = name;
     decision.planned(&action, rule, |proxy| proxy.url.authority());
     match action {
         Action::Deny => reset(client),

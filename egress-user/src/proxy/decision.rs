@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use crate::{
     metrics::{Closed, Metrics},
     route::{
-        plan::{Action, Protocol},
+        plan::{Action, Protocol, TargetName},
         policy::Rule,
     },
 };
@@ -45,6 +45,11 @@ pub struct Decision {
     pub protocol: Option<Protocol>,
     /// SNI or Host, when the client sent one.
     pub name: Option<String>,
+    /// The name the application's DNS answers gave the original destination, if any.
+    pub resolved_name: Option<String>,
+    /// The name the plan went by (policy, CONNECT target), and where it came from.
+    pub route_name: Option<String>,
+    pub named_by: Option<TargetName>,
     /// The plan's action (`deny`, `direct`, `proxy-connect`, `proxy-forward`), once planned.
     pub route: Option<&'static str>,
     pub rule: Option<Rule>,
@@ -78,6 +83,9 @@ impl Decision {
             original_dst: None,
             protocol: None,
             name: None,
+            resolved_name: None,
+            route_name: None,
+            named_by: None,
             route: None,
             rule: None,
             upstream: None,
@@ -147,6 +155,9 @@ impl Decision {
                     original_dst = %display_opt(&self.original_dst),
                     protocol = %self.protocol.map_or("-", Protocol::as_str),
                     name = %display_opt(&self.name),
+                    dns_name = %display_opt(&self.resolved_name),
+                    route_name = %display_opt(&self.route_name),
+                    named_by = %self.named_by.map_or("-", TargetName::as_str),
                     route = %self.route.unwrap_or("none"),
                     rule = ?self.rule.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
                     rule_kind = %self.rule_kind(),

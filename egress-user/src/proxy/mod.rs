@@ -23,6 +23,7 @@ use anyhow::Result;
 
 use crate::{
     config::{Config, proxy_url::ProxyScheme},
+    dns,
     kernel::Kernel,
     metrics::Metrics,
     netns::Namespaces,
@@ -79,6 +80,8 @@ pub struct Shared {
     pub kernel: Kernel,
     /// The other network namespaces served (none without the namespace helper).
     pub namespaces: Option<Namespaces>,
+    /// The names behind the addresses the intercepted processes resolved.
+    pub dns: Arc<dns::Watch>,
     pub metrics: Arc<Metrics>,
     pub(crate) next_id: AtomicU64,
     current: RwLock<Arc<Current>>,
@@ -86,9 +89,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(kernel: Kernel, namespaces: Option<Namespaces>, current: Current) -> Self {
+        let dns = Arc::new(dns::Watch::new(kernel.take_dns_events()));
         Self {
             kernel,
             namespaces,
+            dns,
             metrics: Arc::new(Metrics::new()),
             next_id: AtomicU64::new(1),
             current: RwLock::new(Arc::new(current)),

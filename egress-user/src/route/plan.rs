@@ -49,6 +49,56 @@ impl DefaultRoute {
     }
 }
 
+/// What the application's own DNS answers said about the client's name (SNI/Host).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientName {
+    /// Nothing recorded about it (resolved from /etc/hosts, a cache, or not by DNS we saw).
+    #[default]
+    Unrecorded,
+    /// It resolved to the dialled address.
+    Resolved,
+    /// It resolved, but not to the dialled address (SRV delegation: SNI names the server,
+    /// the address is the SRV target's).
+    Elsewhere,
+}
+
+/// What the record of the application's DNS answers knows about a connection (see `dns`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Resolved {
+    pub client: ClientName,
+    /// The name the application last resolved to the dialled address.
+    pub dialled_name: Option<String>,
+}
+
+/// Which name a proxied connection is CONNECTed (or forwarded) by, for the decision log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetName {
+    /// The client's SNI/Host, which the application resolved to the dialled address.
+    Client,
+    /// The client's SNI/Host, about which the record knows nothing.
+    ClientUnrecorded,
+    /// A plain-HTTP Host that resolved to other addresses: kept, for the origin's virtual host.
+    ClientElsewhere,
+    /// The name the application resolved to the dialled address (the client named none, or
+    /// one that resolved elsewhere).
+    Resolved,
+    /// The address: no name fits it, or `connect_by_ip`.
+    Address,
+}
+
+impl TargetName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetName::Client => "client",
+            TargetName::ClientUnrecorded => "client_unrecorded",
+            TargetName::ClientElsewhere => "client_elsewhere",
+            TargetName::Resolved => "dns",
+            TargetName::Address => "address",
+        }
+    }
+}
+
 /// The settings a plan follows (a view of the configuration).
 #[derive(Clone, Copy, Debug)]
 pub struct Rules<'a> {
@@ -165,18 +215,52 @@ impl<'a, P> Action<'a, P> {
 pub struct Plan<'a, P> {
     pub action: Action<'a, P>,
     pub rule: Rule,
+    /// The name the policy decided with, and the connection goes by, and where it came from.
+    pub name: Option<String>,
+    pub named_by: TargetName,
+}
+
+/// The name a connection goes by: the client's, if the application's DNS did not say it stands
+/// for another address; else the name that did resolve to the dialled address; else none.
+/// A plain-HTTP request keeps its Host whatever DNS said: the origin's virtual hosting and the
+/// proxy's absolute-form URL depend on it.
+fn choose_name(
+    protocol: Protocol,
+    client: Option<&str>,
+    resolved: &Resolved,
+) -> (Option<String>, TargetName) {
+    let dialled = || match &resolved.dialled_name {
+        Some(name) => (Some(name.clone()), TargetName::Resolved),
+        None => (None, TargetName::Address),
+    };
+    match (client, resolved.client) {
+        // An address literal is what it says; the policy checks it like a dialled one.
+        (Some(name), _) if name.parse::<std::net::IpAddr>().is_ok() => {
+            (Some(name.to_owned()), TargetName::Client)
+        }
+        (Some(name), ClientName::Resolved) => (Some(name.to_owned()), TargetName::Client),
+        (Some(name), ClientName::Unrecorded) => (Some(name.to_owned()), TargetName::ClientUnrecorded),
+        (Some(name), ClientName::Elsewhere) if protocol == Protocol::Http => {
+            (Some(name.to_owned()), TargetName::ClientElsewhere)
+        }
+        (Some(_), ClientName::Elsewhere) | (None, _) => dialled(),
+    }
 }
 
 /// The plan for a redirected connection to `dst` whose first bytes were `sniffed`.
 ///
 /// Which proxy: TLS → https_proxy; plain HTTP → http_proxy; anything else → `default_route`
 /// (https_proxy, direct, or deny). The policy then decides with the address, port and name; a
-/// proxied connection is CONNECTed (or forwarded) by the client's name unless `connect_by_ip`.
+/// proxied connection is CONNECTed (or forwarded) by that name unless `connect_by_ip`. The name
+/// is the client's (SNI/Host) unless the application's own DNS answers (`resolved`) say it stands
+/// for other addresses: then it is the name that resolved to the dialled one (an SRV target), or
+/// none.
 pub fn plan<'a, P>(
     rules: &Rules,
     proxies: Proxies<'a, P>,
     dst: SocketAddr,
     sniffed: &Sniffed,
+    resolved: &Resolved,
 ) -> Plan<'a, P> {
     let protocol = sniffed.protocol();
     let proxy = match (protocol, rules.default_route) {
@@ -187,22 +271,32 @@ pub fn plan<'a, P>(
             return Plan {
                 action: Action::Deny,
                 rule: Rule::new(RuleKind::DefaultRoute, DefaultRoute::Deny.as_str()),
+                name: None,
+                named_by: TargetName::Address,
             };
         }
     };
-    let name = sniffed.name();
-    if let Some(refused) = name.and_then(|name| refuse_name(rules.policy, name)) {
-        return Plan {
-            action: Action::Deny,
-            rule: refused,
-        };
+    let (name, named_by) = choose_name(protocol, sniffed.name(), resolved);
+    let deny = |rule| Plan {
+        action: Action::Deny,
+        rule,
+        name: name.clone(),
+        named_by,
+    };
+    // Both the client's name and the one the plan goes by must be fit to hand to a proxy.
+    for claimed in [sniffed.name(), name.as_deref()].into_iter().flatten() {
+        if let Some(refused) = refuse_name(rules.policy, claimed) {
+            return deny(refused);
+        }
     }
-    let ruling = rules.policy.decide(dst.ip(), dst.port(), name, proxy.is_some());
+    let ruling = rules
+        .policy
+        .decide(dst.ip(), dst.port(), name.as_deref(), proxy.is_some());
     let action = match (ruling.disposition, proxy) {
         (Disposition::Deny, _) => Action::Deny,
         (Disposition::Direct, _) | (Disposition::Proxy, None) => Action::Direct { to: dst },
         (Disposition::Proxy, Some(proxy)) => {
-            let host = name.filter(|_| !rules.connect_by_ip);
+            let host = name.as_deref().filter(|_| !rules.connect_by_ip);
             match protocol {
                 Protocol::Http => Action::Forward {
                     proxy,
@@ -215,9 +309,16 @@ pub fn plan<'a, P>(
             }
         }
     };
+    let named_by = if rules.connect_by_ip {
+        TargetName::Address
+    } else {
+        named_by
+    };
     Plan {
         action,
         rule: ruling.rule,
+        name,
+        named_by,
     }
 }
 
@@ -365,8 +466,74 @@ mod tests {
         for (text, dst, sniffed, expected) in cases {
             let config = Config::from_toml(text);
             let dst: SocketAddr = dst.parse().unwrap();
-            let plan = plan(&config.rules(), config.proxies(), dst, sniffed);
+            let plan = plan(
+                &config.rules(),
+                config.proxies(),
+                dst,
+                sniffed,
+                &Resolved::default(),
+            );
             assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?} with\n{text}");
+        }
+    }
+
+    /// Which name a connection goes by, given what the application's own DNS answers said:
+    /// (configuration, destination, first bytes, what the record knows, expected plan, named by).
+    #[test]
+    fn names_from_the_applications_dns() {
+        let proxies = "https_proxy = \"http://tls-proxy:3128\"\nhttp_proxy = \"http://http-proxy:8080\"\n\
+                       no_proxy = [\"relay.internal.example\"]";
+        let by_ip = &format!("{proxies}\nconnect_by_ip = true");
+        let known = |client: ClientName, dialled: Option<&str>| Resolved {
+            client,
+            dialled_name: dialled.map(str::to_owned),
+        };
+        use ClientName::{Elsewhere, Unrecorded};
+        let agreed = ClientName::Resolved;
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, Sniffed, Resolved, &str, TargetName)] = &[
+            // SRV delegation: SNI is the server name, whose own address is elsewhere; the address
+            // dialled is the SRV target's. CONNECT by the target, as Synapse's own proxy code does.
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")), known(Elsewhere, Some("matrix.example.org")),
+                "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::Resolved),
+            // SNI agrees with DNS: by SNI.
+            (proxies, "93.184.216.8:8448", tls(Some("matrix.example.org")), known(agreed, Some("matrix.example.org")),
+                "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::Client),
+            // Nothing recorded about SNI (hosts file, cache): SNI, as before.
+            (proxies, "93.184.216.8:443", tls(Some("a.example")), known(Unrecorded, Some("b.example")),
+                "connect a.example:443 via tls-proxy:3128 [proxy]", TargetName::ClientUnrecorded),
+            // SNI resolved elsewhere and no name for the address: the address.
+            (proxies, "93.184.216.8:443", tls(Some("example.org")), known(Elsewhere, None),
+                "connect 93.184.216.8:443 via tls-proxy:3128 [proxy]", TargetName::Address),
+            // No SNI, no Host: the name the application resolved, also for a silent protocol...
+            (proxies, "93.184.216.8:443", tls(None), known(Unrecorded, Some("matrix.example.org")),
+                "connect matrix.example.org:443 via tls-proxy:3128 [proxy]", TargetName::Resolved),
+            (proxies, "93.184.216.8:25", Sniffed::Other, known(Unrecorded, Some("smtp.example")),
+                "connect smtp.example:25 via tls-proxy:3128 [proxy]", TargetName::Resolved),
+            // ...so no_proxy names work without SNI or Host.
+            (proxies, "93.184.216.9:25", Sniffed::Other, known(Unrecorded, Some("relay.internal.example")),
+                "direct 93.184.216.9:25 [no_proxy relay.internal.example]", TargetName::Resolved),
+            // A contradicted SNI cannot claim a no_proxy name to go direct.
+            (proxies, "93.184.216.8:443", tls(Some("relay.internal.example")), known(Elsewhere, Some("matrix.example.org")),
+                "connect matrix.example.org:443 via tls-proxy:3128 [proxy]", TargetName::Resolved),
+            // Plain HTTP keeps its Host (virtual hosting), whatever DNS said.
+            (proxies, "93.184.216.8:80", http(Some("example.org")), known(Elsewhere, Some("matrix.example.org")),
+                "forward example.org via http-proxy:8080 [proxy]", TargetName::ClientElsewhere),
+            (proxies, "93.184.216.8:80", http(None), known(Unrecorded, Some("matrix.example.org")),
+                "forward matrix.example.org via http-proxy:8080 [proxy]", TargetName::Resolved),
+            // A name from DNS is a claim like SNI: local names are refused.
+            (proxies, "93.184.216.8:443", tls(None), known(Unrecorded, Some("localhost")),
+                "deny [local name localhost]", TargetName::Resolved),
+            // connect_by_ip: always the address.
+            (by_ip, "93.184.216.8:8448", tls(Some("example.org")), known(Elsewhere, Some("matrix.example.org")),
+                "connect 93.184.216.8:8448 via tls-proxy:3128 [proxy]", TargetName::Address),
+        ];
+        for (text, dst, sniffed, resolved, expected, named_by) in cases {
+            let config = Config::from_toml(text);
+            let dst: SocketAddr = dst.parse().unwrap();
+            let plan = plan(&config.rules(), config.proxies(), dst, sniffed, resolved);
+            assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?} {resolved:?}");
+            assert_eq!(plan.named_by, *named_by, "{dst} {sniffed:?} {resolved:?}");
         }
     }
 
@@ -374,9 +541,15 @@ mod tests {
     fn rule_kinds_name_what_decided() {
         let config = Config::from_toml("https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"deny\"");
         let kind = |dst: &str, sniffed: Sniffed| {
-            plan(&config.rules(), config.proxies(), dst.parse().unwrap(), &sniffed)
-                .rule
-                .kind
+            plan(
+                &config.rules(),
+                config.proxies(),
+                dst.parse().unwrap(),
+                &sniffed,
+                &Resolved::default(),
+            )
+            .rule
+            .kind
         };
         assert_eq!(kind("10.0.0.1:443", tls(None)), RuleKind::Blacklist);
         assert_eq!(kind("8.8.8.8:443", tls(None)), RuleKind::Proxy);

@@ -3,6 +3,7 @@
 //! went direct. Synapse is in [`synapse`], the container engine in [`docker`].
 
 pub mod docker;
+pub mod federation;
 pub mod synapse;
 
 use std::{

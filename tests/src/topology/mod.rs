@@ -74,6 +74,7 @@ pub struct Builder {
     squid_strict: bool,
     nginx: bool,
     dns: Option<(String, Vec<SrvRecord>)>,
+    squid_hosts: String,
 }
 
 impl Builder {
@@ -81,6 +82,12 @@ impl Builder {
     pub fn squid(mut self) -> Self {
         self.squid = true;
         self
+    }
+
+    /// More hosts-file lines for squid's resolver (besides the origin's names).
+    pub fn squid_hosts(mut self, lines: &str) -> Self {
+        self.squid_hosts.push_str(lines);
+        self.squid()
     }
 
     /// squid's TLS ports too (see [`SQUID_TLS_PORT`]).
@@ -208,7 +215,7 @@ impl Testbed {
         peers::install_packet_counter(&bed.origin, HS_IP, HS_IP6)?;
 
         if spec.squid {
-            bed.start_squid(spec.squid_tls, spec.squid_strict)?;
+            bed.start_squid(spec.squid_tls, spec.squid_strict, &spec.squid_hosts)?;
         }
         if spec.nginx {
             let mut nginx = peers::start_nginx(&bed.origin, &bed.dir, &bed.certs, &[443, 8448], 80)?;
@@ -221,7 +228,7 @@ impl Testbed {
         Ok(bed)
     }
 
-    fn start_squid(&mut self, tls: bool, strict: bool) -> Result<()> {
+    fn start_squid(&mut self, tls: bool, strict: bool, extra_hosts: &str) -> Result<()> {
         let proxy_ips = [PROXY_IP, PROXY_IP6];
         let tls_certs = if tls {
             vec![
@@ -253,7 +260,7 @@ impl Testbed {
                 http_port: SQUID_PORT,
                 https_ports: &https_ports,
                 hosts: &format!(
-                    "{ORIGIN_IP} {ORIGIN_NAME} {NAME_NOT_IN_CERT} {}\n",
+                    "{ORIGIN_IP} {ORIGIN_NAME} {NAME_NOT_IN_CERT} {}\n{extra_hosts}",
                     MATRIX_NAMES.join(" ")
                 ),
                 strict_port,

@@ -162,7 +162,25 @@ impl Probe<'_> {
         let sniffed = Sniffed::Tls {
             sni: tls_name.parse::<IpAddr>().is_err().then(|| tls_name.to_owned()),
         };
-        let plan = plan(&config.rules(), self.current.proxies(), addr, &sniffed);
+        // What the running agent learnt from the homeserver's own lookups of this address (the
+        // doctor's lookups are not in it): the agent would plan with that.
+        let (admin, name, ip) = (config.admin_addr, tls_name.to_owned(), addr.ip());
+        let record =
+            tokio::task::spawn_blocking(move || crate::diag::explain::agent_record(admin, &name, ip))
+                .await
+                .unwrap_or_default();
+        report.info(
+            "dns record",
+            format!("{addr}: {}", record.report.trim_end().replace('\n', "; ")),
+            json!({"address": addr.to_string(), "record": record.report}),
+        );
+        let plan = plan(
+            &config.rules(),
+            self.current.proxies(),
+            addr,
+            &sniffed,
+            &record.resolved,
+        );
         let rule = plan.rule.to_string();
         let rule = rule.as_str();
         match plan.action {

@@ -1,0 +1,863 @@
+//! The record of which names stand behind which addresses, learnt from the DNS answers the
+//! intercepted processes received, per network namespace.
+//!
+//! An answer counts only if it matches a query the same socket sent to the same server, with the
+//! same id and question (as a resolver checks its answers), so a packet spoofed from port 53
+//! teaches nothing. Names follow CNAME chains from the question; SRV answers give their targets
+//! (and the targets' addresses when the answer carries them). Entries live as long as their TTL
+//! (at least [`MIN_TTL`], at most [`MAX_TTL`]), and every part is bounded.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::{Name, RData, Record},
+};
+
+use crate::route::plan::{ClientName, Resolved};
+
+/// Answers with a shorter TTL (even 0) still name the address the application dials at once.
+pub const MIN_TTL: Duration = Duration::from_secs(30);
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// (name, address) entries kept per network namespace.
+pub const MAX_ENTRIES: usize = 2048;
+/// Network namespaces with a record; the least recently taught one goes first.
+pub const MAX_NAMESPACES: usize = 32;
+/// Queries waiting for their answer, over all namespaces.
+pub const MAX_PENDING: usize = 4096;
+/// How long a query waits for its answer.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Records of one answer that are looked at, and CNAME links followed.
+const MAX_RECORDS: usize = 64;
+const MAX_CHAIN: usize = 8;
+
+/// A DNS message of an intercepted process (a [`egress_common::DnsEvent`], decoded).
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub netns: u64,
+    pub socket: u64,
+    pub server: IpAddr,
+    pub answer: bool,
+    pub message: &'a [u8],
+}
+
+/// What became of an observed message (for the counters and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    QueryNoted,
+    /// An answer matching its query: `learnt` (name, address) entries added or renewed.
+    Learnt(usize),
+    /// Not a usable message: unparsable, cut, or not a single-question query or answer.
+    Malformed,
+    /// An answer no query of that socket, id, server and question was waiting for.
+    Unsolicited,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PendingKey {
+    netns: u64,
+    socket: u64,
+    id: u16,
+}
+
+struct Pending {
+    server: IpAddr,
+    question: (String, u16),
+    sent: Instant,
+}
+
+struct Entry {
+    expires: Instant,
+    /// The name the application asked for (the head of a CNAME chain, or an SRV target it
+    /// would resolve next), not a name met along the chain.
+    asked: bool,
+    seq: u64,
+}
+
+/// One SRV answer: the targets a service name delegates to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delegation {
+    pub service: String,
+    pub targets: Vec<(String, u16)>,
+    expires: Instant,
+}
+
+impl Delegation {
+    /// Whether this is a TCP service of `name` (`_matrix-fed._tcp.NAME`; `name` in lower case).
+    fn is_under(&self, name: &str) -> bool {
+        self.service
+            .strip_suffix(name)
+            .is_some_and(|service| service.ends_with("._tcp."))
+    }
+}
+
+#[derive(Default)]
+struct Namespace {
+    entries: HashMap<(String, IpAddr), Entry>,
+    by_addr: HashMap<IpAddr, HashSet<String>>,
+    by_name: HashMap<String, HashSet<IpAddr>>,
+    delegations: HashMap<String, Delegation>,
+    taught: u64,
+}
+
+/// What the record holds about one address or name, for `egress explain` and the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Known {
+    pub name: String,
+    pub address: IpAddr,
+    pub asked: bool,
+    pub ttl_left: u64,
+}
+
+#[derive(Default)]
+pub struct Records {
+    namespaces: HashMap<u64, Namespace>,
+    pending: HashMap<PendingKey, Pending>,
+    seq: u64,
+}
+
+/// A name as recorded: lower case, without the root's dot.
+fn name_text(name: &Name) -> String {
+    let mut text = name.to_lowercase().to_ascii();
+    if text.ends_with('.') {
+        text.pop();
+    }
+    text
+}
+
+impl Records {
+    pub fn observe(&mut self, observed: Observed<'_>, now: Instant) -> Outcome {
+        let Ok(message) = Message::from_vec(observed.message) else {
+            return Outcome::Malformed;
+        };
+        let [query] = message.queries() else {
+            return Outcome::Malformed;
+        };
+        let question = (name_text(query.name()), u16::from(query.query_type()));
+        let key = PendingKey {
+            netns: observed.netns,
+            socket: observed.socket,
+            id: message.id(),
+        };
+        let server = observed.server.to_canonical();
+        match (observed.answer, message.message_type()) {
+            (false, MessageType::Query) => {
+                self.expire_pending(now);
+                if self.pending.len() >= MAX_PENDING {
+                    return Outcome::Malformed;
+                }
+                self.pending.insert(
+                    key,
+                    Pending {
+                        server,
+                        question,
+                        sent: now,
+                    },
+                );
+                Outcome::QueryNoted
+            }
+            (true, MessageType::Response) => {
+                let matches = self.pending.get(&key).is_some_and(|p| {
+                    p.server == server && p.question == question && now.duration_since(p.sent) < QUERY_TIMEOUT
+                });
+                if !matches {
+                    return Outcome::Unsolicited;
+                }
+                self.pending.remove(&key);
+                if message.response_code() != ResponseCode::NoError {
+                    return Outcome::Learnt(0);
+                }
+                Outcome::Learnt(self.learn(observed.netns, &question.0, &message, now))
+            }
+            _ => Outcome::Malformed,
+        }
+    }
+
+    fn expire_pending(&mut self, now: Instant) {
+        if self.pending.len() >= MAX_PENDING / 2 {
+            self.pending
+                .retain(|_, p| now.duration_since(p.sent) < QUERY_TIMEOUT);
+        }
+    }
+
+    /// Records the addresses `asked` resolved to (through CNAMEs), and SRV delegations.
+    fn learn(&mut self, netns: u64, asked: &str, message: &Message, now: Instant) -> usize {
+        let answers: Vec<&Record> = message.answers().iter().take(MAX_RECORDS).collect();
+        // The chain of names from the question: asked, then each CNAME target.
+        let mut chain = vec![asked.to_owned()];
+        while chain.len() < MAX_CHAIN {
+            let last = chain.last().cloned().unwrap_or_default();
+            let next = answers.iter().find_map(|r| match r.data() {
+                RData::CNAME(target) if name_text(r.name()) == last => Some(name_text(&target.0)),
+                _ => None,
+            });
+            match next {
+                Some(next) if !chain.contains(&next) => chain.push(next),
+                _ => break,
+            }
+        }
+        let mut learnt = Vec::new();
+        let mut srv_targets = Vec::new();
+        for record in &answers {
+            let owner = name_text(record.name());
+            if !chain.contains(&owner) {
+                continue;
+            }
+            let ttl = ttl(record.ttl());
+            match record.data() {
+                RData::A(a) => learnt.push((IpAddr::V4(a.0), ttl)),
+                RData::AAAA(aaaa) => learnt.push((IpAddr::V6(aaaa.0), ttl)),
+                RData::SRV(srv) => srv_targets.push((name_text(srv.target()), srv.port(), ttl)),
+                _ => {}
+            }
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let ns = self.namespace(netns, seq);
+        let mut count = 0;
+        for (address, ttl) in learnt {
+            for name in &chain {
+                ns.insert(name, address, name == asked, now + ttl, seq);
+                count += 1;
+            }
+        }
+        if !srv_targets.is_empty() {
+            // Addresses the answer gives for its own targets (additional section).
+            for record in message.additionals().iter().take(MAX_RECORDS) {
+                let owner = name_text(record.name());
+                if !srv_targets.iter().any(|(target, _, _)| *target == owner) {
+                    continue;
+                }
+                let address = match record.data() {
+                    RData::A(a) => IpAddr::V4(a.0),
+                    RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+                    _ => continue,
+                };
+                ns.insert(&owner, address, true, now + ttl(record.ttl()), seq);
+                count += 1;
+            }
+            let expires = now + srv_targets.iter().map(|t| t.2).min().unwrap_or(MIN_TTL);
+            if ns.delegations.len() < MAX_ENTRIES || ns.delegations.contains_key(asked) {
+                ns.delegations.insert(
+                    asked.to_owned(),
+                    Delegation {
+                        service: asked.to_owned(),
+                        targets: srv_targets.into_iter().map(|(t, p, _)| (t, p)).collect(),
+                        expires,
+                    },
+                );
+            }
+        }
+        ns.trim(now);
+        count
+    }
+
+    fn namespace(&mut self, netns: u64, seq: u64) -> &mut Namespace {
+        if !self.namespaces.contains_key(&netns) && self.namespaces.len() >= MAX_NAMESPACES {
+            let stalest = self
+                .namespaces
+                .iter()
+                .min_by_key(|(_, ns)| ns.taught)
+                .map(|(k, _)| *k);
+            if let Some(stalest) = stalest {
+                self.namespaces.remove(&stalest);
+            }
+        }
+        let ns = self.namespaces.entry(netns).or_default();
+        ns.taught = seq;
+        ns
+    }
+
+    /// What the application in `netns` resolved about `address`, and about `name` (SNI/Host).
+    pub fn resolved(&self, netns: u64, address: IpAddr, name: Option<&str>, now: Instant) -> Resolved {
+        let Some(ns) = self.namespaces.get(&netns) else {
+            return Resolved::default();
+        };
+        let address = address.to_canonical();
+        let live = |name: &str, address: IpAddr| {
+            ns.entries
+                .get(&(name.to_owned(), address))
+                .filter(|e| e.expires > now)
+        };
+        let dialled = ns
+            .by_addr
+            .get(&address)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| live(n, address).map(|e| (n, e)))
+            .max_by_key(|(_, e)| (e.asked, e.seq))
+            .map(|(n, _)| n.clone());
+        let client = match name {
+            None => ClientName::Unrecorded,
+            Some(name) => {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                if live(&name, address).is_some() {
+                    ClientName::Resolved
+                } else if ns
+                    .by_name
+                    .get(&name)
+                    .is_some_and(|addrs| addrs.iter().any(|a| live(&name, *a).is_some()))
+                {
+                    ClientName::Elsewhere
+                } else if dialled.as_ref().is_some_and(|d| delegates_to(ns, &name, d, now)) {
+                    // The name has no address of its own on record, but delegates (SRV) to the
+                    // name behind the dialled address.
+                    ClientName::Elsewhere
+                } else {
+                    ClientName::Unrecorded
+                }
+            }
+        };
+        Resolved {
+            client,
+            dialled_name: dialled,
+        }
+    }
+
+    /// Every live entry of `netns` about `address` or `name` (either matching; all of them if
+    /// both are None).
+    pub fn known(&self, netns: u64, address: Option<IpAddr>, name: Option<&str>, now: Instant) -> Vec<Known> {
+        let Some(ns) = self.namespaces.get(&netns) else {
+            return Vec::new();
+        };
+        let address = address.map(|a| a.to_canonical());
+        let mut known: Vec<Known> = ns
+            .entries
+            .iter()
+            .filter(|((n, a), e)| {
+                let about = match (address, name) {
+                    (None, None) => true,
+                    (address, name) => {
+                        address == Some(*a) || name.is_some_and(|want| want.eq_ignore_ascii_case(n))
+                    }
+                };
+                e.expires > now && about
+            })
+            .map(|((n, a), e)| Known {
+                name: n.clone(),
+                address: *a,
+                asked: e.asked,
+                ttl_left: e.expires.duration_since(now).as_secs(),
+            })
+            .collect();
+        known.sort_by(|a, b| (&a.name, a.address).cmp(&(&b.name, b.address)));
+        known
+    }
+
+    /// Live SRV delegations of `netns`: the services under `name` (`_matrix-fed._tcp.NAME`), or
+    /// all.
+    pub fn delegations(&self, netns: u64, name: Option<&str>, now: Instant) -> Vec<Delegation> {
+        let Some(ns) = self.namespaces.get(&netns) else {
+            return Vec::new();
+        };
+        let mut found: Vec<Delegation> = ns
+            .delegations
+            .values()
+            .filter(|d| d.expires > now && name.is_none_or(|name| d.is_under(&name.to_ascii_lowercase())))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| a.service.cmp(&b.service));
+        found
+    }
+
+    /// The namespaces with a record, and how many entries each holds.
+    pub fn namespaces(&self) -> Vec<(u64, usize)> {
+        let mut all: Vec<(u64, usize)> = self
+            .namespaces
+            .iter()
+            .map(|(k, ns)| (*k, ns.entries.len()))
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Whether a live SRV record of a service under `name` (`_matrix-fed._tcp.NAME`) names `target`.
+fn delegates_to(ns: &Namespace, name: &str, target: &str, now: Instant) -> bool {
+    ns.delegations.values().any(|d| {
+        d.expires > now
+            && d.service
+                .strip_suffix(name)
+                .is_some_and(|service| service.ends_with("._tcp."))
+            && d.targets.iter().any(|(t, _)| t == target)
+    })
+}
+
+fn ttl(seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(seconds)).clamp(MIN_TTL, MAX_TTL)
+}
+
+impl Namespace {
+    fn insert(&mut self, name: &str, address: IpAddr, asked: bool, expires: Instant, seq: u64) {
+        let address = address.to_canonical();
+        let entry = self
+            .entries
+            .entry((name.to_owned(), address))
+            .or_insert(Entry { expires, asked, seq });
+        entry.expires = expires;
+        entry.asked |= asked;
+        entry.seq = seq;
+        self.by_addr.entry(address).or_default().insert(name.to_owned());
+        self.by_name.entry(name.to_owned()).or_default().insert(address);
+    }
+
+    /// Over the bound: drops expired entries, then the oldest eighth, so that a flood of names
+    /// costs one sort per [`MAX_ENTRIES`] / 8 new entries.
+    fn trim(&mut self, now: Instant) {
+        if self.entries.len() <= MAX_ENTRIES {
+            return;
+        }
+        self.entries.retain(|_, e| e.expires > now);
+        if self.entries.len() > MAX_ENTRIES {
+            let mut seqs: Vec<u64> = self.entries.values().map(|e| e.seq).collect();
+            seqs.sort_unstable();
+            let keep_from = seqs[self.entries.len() - MAX_ENTRIES * 7 / 8];
+            self.entries.retain(|_, e| e.seq >= keep_from);
+        }
+        let entries = &self.entries;
+        self.by_addr.retain(|address, names| {
+            names.retain(|n| entries.contains_key(&(n.clone(), *address)));
+            !names.is_empty()
+        });
+        self.by_name.retain(|name, addrs| {
+            addrs.retain(|a| entries.contains_key(&(name.clone(), *a)));
+            !addrs.is_empty()
+        });
+        self.delegations.retain(|_, d| d.expires > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use hickory_proto::{
+        op::{Message, MessageType, Query},
+        rr::{
+            Name, RData, Record, RecordType,
+            rdata::{A, AAAA, CNAME, SRV},
+        },
+    };
+
+    use super::*;
+
+    const NS: u64 = 7;
+    const SOCKET: u64 = 99;
+    const SERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53));
+
+    fn name(text: &str) -> Name {
+        Name::from_ascii(format!("{text}.")).unwrap()
+    }
+
+    fn query(id: u16, qname: &str, qtype: RecordType) -> Message {
+        let mut m = Message::new();
+        m.set_id(id);
+        m.set_message_type(MessageType::Query);
+        m.add_query(Query::query(name(qname), qtype));
+        m
+    }
+
+    fn a(owner: &str, ip: &str, ttl: u32) -> Record {
+        let rdata = match ip.parse::<IpAddr>().unwrap() {
+            IpAddr::V4(v4) => RData::A(A(v4)),
+            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        };
+        Record::from_rdata(name(owner), ttl, rdata)
+    }
+
+    fn cname(owner: &str, target: &str) -> Record {
+        Record::from_rdata(name(owner), 300, RData::CNAME(CNAME(name(target))))
+    }
+
+    fn srv(owner: &str, target: &str, port: u16) -> Record {
+        Record::from_rdata(name(owner), 300, RData::SRV(SRV::new(10, 5, port, name(target))))
+    }
+
+    fn answer(q: &Message, answers: Vec<Record>, additionals: Vec<Record>) -> Message {
+        let mut m = q.clone();
+        m.set_message_type(MessageType::Response);
+        for r in answers {
+            m.add_answer(r);
+        }
+        for r in additionals {
+            m.add_additional(r);
+        }
+        m
+    }
+
+    fn observe(records: &mut Records, server: IpAddr, answer: bool, m: &Message, now: Instant) -> Outcome {
+        let bytes = m.to_vec().unwrap();
+        records.observe(
+            Observed {
+                netns: NS,
+                socket: SOCKET,
+                server,
+                answer,
+                message: &bytes,
+            },
+            now,
+        )
+    }
+
+    /// A query and its answer, as a resolver exchange of the application.
+    fn exchange(
+        records: &mut Records,
+        q: Message,
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+        now: Instant,
+    ) {
+        assert_eq!(observe(records, SERVER, false, &q, now), Outcome::QueryNoted);
+        let reply = answer(&q, answers, additionals);
+        assert!(matches!(
+            observe(records, SERVER, true, &reply, now),
+            Outcome::Learnt(_)
+        ));
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// The SRV-delegation case from two real Synapses: the server name resolves to a web host,
+    /// federation is delegated to another name, and the application dials the target's address
+    /// with SNI = server name. Each row: (address dialled, SNI, expected view).
+    #[test]
+    fn names_behind_addresses() {
+        let now = Instant::now();
+        let mut r = Records::default();
+        exchange(
+            &mut r,
+            query(1, "example.org", RecordType::A),
+            vec![a("example.org", "198.51.100.1", 300)],
+            vec![],
+            now,
+        );
+        exchange(
+            &mut r,
+            query(2, "_matrix-fed._tcp.example.org", RecordType::SRV),
+            vec![srv("_matrix-fed._tcp.example.org", "matrix.example.org", 8448)],
+            vec![],
+            now,
+        );
+        exchange(
+            &mut r,
+            query(3, "matrix.example.org", RecordType::A),
+            vec![a("matrix.example.org", "203.0.113.8", 300)],
+            vec![],
+            now,
+        );
+        // A CNAME chain: asked www, answered through a CDN name.
+        exchange(
+            &mut r,
+            query(4, "www.example.net", RecordType::AAAA),
+            vec![
+                cname("www.example.net", "edge.cdn.example"),
+                a("edge.cdn.example", "2001:db8::7", 60),
+            ],
+            vec![],
+            now,
+        );
+        let view = |c: ClientName, n: Option<&str>| Resolved {
+            client: c,
+            dialled_name: n.map(str::to_owned),
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("203.0.113.8", Some("example.org"), view(ClientName::Elsewhere, Some("matrix.example.org"))),
+            ("203.0.113.8", Some("matrix.example.org"), view(ClientName::Resolved, Some("matrix.example.org"))),
+            ("198.51.100.1", Some("example.org"), view(ClientName::Resolved, Some("example.org"))),
+            ("198.51.100.1", Some("EXAMPLE.org."), view(ClientName::Resolved, Some("example.org"))),
+            ("203.0.113.8", None, view(ClientName::Unrecorded, Some("matrix.example.org"))),
+            ("203.0.113.8", Some("other.example"), view(ClientName::Unrecorded, Some("matrix.example.org"))),
+            ("192.0.2.200", Some("example.org"), view(ClientName::Elsewhere, None)),
+            ("192.0.2.200", None, view(ClientName::Unrecorded, None)),
+            // The asked name wins over the chain's; the chain's names still verify SNI.
+            ("2001:db8::7", None, view(ClientName::Unrecorded, Some("www.example.net"))),
+            ("2001:db8::7", Some("edge.cdn.example"), view(ClientName::Resolved, Some("www.example.net"))),
+        ];
+        for (dialled, sni, expected) in cases {
+            assert_eq!(
+                r.resolved(NS, ip(dialled), sni, now),
+                expected,
+                "{dialled} {sni:?}"
+            );
+        }
+        // Another namespace knows nothing of it; an IPv4-mapped address is the IPv4 one.
+        assert_eq!(
+            r.resolved(NS + 1, ip("203.0.113.8"), None, now),
+            Resolved::default()
+        );
+        assert_eq!(
+            r.resolved(NS, ip("::ffff:203.0.113.8"), None, now)
+                .dialled_name
+                .as_deref(),
+            Some("matrix.example.org")
+        );
+        assert_eq!(
+            r.delegations(NS, None, now)[0].targets,
+            vec![("matrix.example.org".to_owned(), 8448)]
+        );
+        // TTLs: the CDN answer (60 s) is gone after 2 minutes, the others (300 s) are not.
+        let later = now + Duration::from_secs(120);
+        assert_eq!(r.resolved(NS, ip("2001:db8::7"), None, later).dialled_name, None);
+        assert!(
+            r.resolved(NS, ip("203.0.113.8"), None, later)
+                .dialled_name
+                .is_some()
+        );
+        // Even a TTL of 0 names the address for MIN_TTL.
+        exchange(
+            &mut r,
+            query(5, "zero.example", RecordType::A),
+            vec![a("zero.example", "192.0.2.9", 0)],
+            vec![],
+            now,
+        );
+        assert!(
+            r.resolved(NS, ip("192.0.2.9"), None, now + MIN_TTL / 2)
+                .dialled_name
+                .is_some()
+        );
+        assert!(
+            r.resolved(NS, ip("192.0.2.9"), None, now + MIN_TTL * 2)
+                .dialled_name
+                .is_none()
+        );
+    }
+
+    /// Only an answer to a query of the same socket, id, server and question teaches anything:
+    /// a packet spoofed from port 53 is ignored.
+    #[test]
+    fn unsolicited_answers_teach_nothing() {
+        let now = Instant::now();
+        let q = query(10, "matrix.example.org", RecordType::A);
+        let good = vec![a("matrix.example.org", "203.0.113.8", 300)];
+        type Attack<'a> = Box<dyn Fn(&mut Records) -> Outcome + 'a>;
+        let cases: Vec<(&str, Attack)> = vec![
+            (
+                "no query at all",
+                Box::new(|r| observe(r, SERVER, true, &answer(&q, good.clone(), vec![]), now)),
+            ),
+            (
+                "another id",
+                Box::new(|r| {
+                    observe(r, SERVER, false, &q, now);
+                    let mut reply = answer(&q, good.clone(), vec![]);
+                    reply.set_id(11);
+                    observe(r, SERVER, true, &reply, now)
+                }),
+            ),
+            (
+                "another server",
+                Box::new(|r| {
+                    observe(r, SERVER, false, &q, now);
+                    observe(r, ip("192.0.2.53"), true, &answer(&q, good.clone(), vec![]), now)
+                }),
+            ),
+            (
+                "another question",
+                Box::new(|r| {
+                    observe(r, SERVER, false, &q, now);
+                    let other = query(10, "evil.example", RecordType::A);
+                    observe(
+                        r,
+                        SERVER,
+                        true,
+                        &answer(&other, vec![a("evil.example", "203.0.113.8", 300)], vec![]),
+                        now,
+                    )
+                }),
+            ),
+            (
+                "too late",
+                Box::new(|r| {
+                    observe(r, SERVER, false, &q, now);
+                    observe(
+                        r,
+                        SERVER,
+                        true,
+                        &answer(&q, good.clone(), vec![]),
+                        now + QUERY_TIMEOUT,
+                    )
+                }),
+            ),
+            (
+                "answered twice",
+                Box::new(|r| {
+                    observe(r, SERVER, false, &q, now);
+                    observe(r, SERVER, true, &answer(&q, vec![], vec![]), now);
+                    observe(r, SERVER, true, &answer(&q, good.clone(), vec![]), now)
+                }),
+            ),
+        ];
+        for (case, run) in cases {
+            let mut r = Records::default();
+            assert_eq!(run(&mut r), Outcome::Unsolicited, "{case}");
+            assert_eq!(
+                r.resolved(NS, ip("203.0.113.8"), None, now),
+                Resolved::default(),
+                "{case}"
+            );
+        }
+        // Records for names outside the question's chain are not believed either.
+        let mut r = Records::default();
+        exchange(
+            &mut r,
+            q.clone(),
+            vec![
+                a("matrix.example.org", "203.0.113.8", 300),
+                a("bank.example", "203.0.113.9", 300),
+            ],
+            vec![a("bank.example", "203.0.113.10", 300)],
+            now,
+        );
+        assert_eq!(r.resolved(NS, ip("203.0.113.9"), None, now).dialled_name, None);
+        assert_eq!(r.resolved(NS, ip("203.0.113.10"), None, now).dialled_name, None);
+        // Garbage and cut messages are refused, not half-read.
+        let bytes = answer(&q, good.clone(), vec![]).to_vec().unwrap();
+        for broken in [
+            &bytes[..0],
+            &bytes[..5],
+            &bytes[..bytes.len() - 3],
+            b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        ] {
+            let outcome = r.observe(
+                Observed {
+                    netns: NS,
+                    socket: SOCKET,
+                    server: SERVER,
+                    answer: true,
+                    message: broken,
+                },
+                now,
+            );
+            assert_eq!(outcome, Outcome::Malformed);
+        }
+    }
+
+    /// SRV answers that carry their targets' addresses teach those too, and only those.
+    #[test]
+    fn srv_additionals_name_their_targets() {
+        let now = Instant::now();
+        let mut r = Records::default();
+        exchange(
+            &mut r,
+            query(1, "_matrix-fed._tcp.example.org", RecordType::SRV),
+            vec![srv("_matrix-fed._tcp.example.org", "fed.example.org", 443)],
+            vec![
+                a("fed.example.org", "203.0.113.20", 300),
+                a("unrelated.example", "203.0.113.21", 300),
+            ],
+            now,
+        );
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.20"), Some("example.org"), now)
+                .dialled_name
+                .as_deref(),
+            Some("fed.example.org")
+        );
+        assert_eq!(r.resolved(NS, ip("203.0.113.21"), None, now).dialled_name, None);
+        // example.org itself was never resolved, but it delegates to the dialled name.
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.20"), Some("example.org"), now)
+                .client,
+            ClientName::Elsewhere
+        );
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.20"), Some("other.example"), now)
+                .client,
+            ClientName::Unrecorded
+        );
+    }
+
+    /// A flood of distinct names stays within the bounds, and the newest names are kept.
+    #[test]
+    fn the_record_is_bounded() {
+        let now = Instant::now();
+        let mut r = Records::default();
+        for i in 0..(MAX_ENTRIES as u32 * 3) {
+            let host = format!("n{i}.flood.example");
+            let address = IpAddr::V4(Ipv4Addr::from(0xc633_6400 + i));
+            exchange(
+                &mut r,
+                query(i as u16, &host, RecordType::A),
+                vec![a(&host, &address.to_string(), 3600)],
+                vec![],
+                now,
+            );
+            assert!(r.namespaces()[0].1 <= MAX_ENTRIES + 1);
+        }
+        let last = MAX_ENTRIES as u32 * 3 - 1;
+        let newest = IpAddr::V4(Ipv4Addr::from(0xc633_6400 + last));
+        assert_eq!(
+            r.resolved(NS, newest, None, now).dialled_name,
+            Some(format!("n{last}.flood.example"))
+        );
+        assert_eq!(
+            r.resolved(NS, IpAddr::V4(Ipv4Addr::from(0xc633_6400)), None, now)
+                .dialled_name,
+            None
+        );
+        // Namespaces are bounded too.
+        for netns in 0..(MAX_NAMESPACES as u64 * 2) {
+            let q = query(1, "x.example", RecordType::AAAA);
+            let bytes = q.to_vec().unwrap();
+            r.observe(
+                Observed {
+                    netns,
+                    socket: 1,
+                    server: SERVER,
+                    answer: false,
+                    message: &bytes,
+                },
+                now,
+            );
+            let reply = answer(
+                &q,
+                vec![a("x.example", &Ipv6Addr::LOCALHOST.to_string(), 60)],
+                vec![],
+            )
+            .to_vec()
+            .unwrap();
+            r.observe(
+                Observed {
+                    netns,
+                    socket: 1,
+                    server: SERVER,
+                    answer: true,
+                    message: &reply,
+                },
+                now,
+            );
+        }
+        assert!(r.namespaces().len() <= MAX_NAMESPACES);
+        // Queries never answered are bounded as well.
+        let mut r = Records::default();
+        for i in 0..(MAX_PENDING as u32 * 2) {
+            let q = query(i as u16, &format!("p{i}.example"), RecordType::A)
+                .to_vec()
+                .unwrap();
+            r.observe(
+                Observed {
+                    netns: NS,
+                    socket: u64::from(i),
+                    server: SERVER,
+                    answer: false,
+                    message: &q,
+                },
+                now,
+            );
+        }
+        assert!(r.pending() <= MAX_PENDING);
+    }
+}

@@ -1,0 +1,341 @@
+//! DNS-aware routing: the agent learns, from the intercepted processes' own DNS answers (copied
+//! by the kernel programs), which names stand behind the addresses they dial, and routes by them.
+//! Real dnsmasq, real squid, real Synapses, the real kernel programs.
+
+use egress_testbed::{
+    HS_IP, ORIGIN_IP, ORIGIN_IP_2, PROXY_IP, Testbed, narrow_whitelist_args,
+    peers::{
+        federation::{DirectFederation, PeerHomeserver, federation_overrides, register_with_name},
+        make_certs,
+        synapse::Synapse,
+    },
+    process::{self, Daemon},
+};
+
+/// A server that speaks first (as SMTP does): it greets each client with the address the
+/// connection came from, and closes.
+const BANNER_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+while True:
+    c, addr = s.accept()
+    c.sendall(("220 client %s\r\n" % addr[0]).encode()); c.close()
+"#;
+
+/// Resolves NAME (IPv4, through the system resolver: glibc's DNS client) or takes an address,
+/// connects to it without sending anything, and prints the server's greeting.
+const SILENT_CLIENT: &str = r#"
+import socket, sys
+addr = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), socket.AF_INET, socket.SOCK_STREAM)[0][4]
+s = socket.create_connection(addr, timeout=20)
+print(s.recv(200).decode().strip())
+"#;
+
+const BANNER_PORT: u16 = 2525;
+
+fn start_banner(bed: &Testbed) -> Daemon {
+    bed.start_daemon(
+        &bed.origin,
+        process::Enter::Net,
+        "banner",
+        "python3",
+        &["-c", BANNER_SERVER, ORIGIN_IP, &BANNER_PORT.to_string()],
+        &[BANNER_PORT],
+    )
+    .unwrap()
+}
+
+/// Runs SILENT_CLIENT for `target` in the intercepted cgroup, with the homeserver host's resolver.
+fn greet(bed: &Testbed, target: &str) -> String {
+    let out = process::output(bed.hs_command(
+        Some(&bed.cgroup.path),
+        "python3",
+        &["-c", SILENT_CLIENT, target, &BANNER_PORT.to_string()],
+    ))
+    .unwrap();
+    assert_eq!(out.code, Some(0), "{target}: {out:?}");
+    out.stdout.trim().to_owned()
+}
+
+/// A protocol with neither SNI nor Host still gets a name: the one the application resolved.
+/// no_proxy names then work for it, and the proxy is asked for the name, not the address.
+#[test]
+fn protocols_without_sni_or_host_go_by_the_name_the_application_resolved() {
+    let hosts = format!("{ORIGIN_IP} relay.internal.test\n{ORIGIN_IP} smtp.test\n");
+    let mut bed = Testbed::builder()
+        .squid_hosts(&hosts)
+        .dns(&hosts, &[])
+        .build()
+        .unwrap();
+    let _banner = start_banner(&bed);
+    let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
+    let mut args = vec!["--https-proxy", &proxy, "--no-proxy", "internal.test"];
+    let whitelist = narrow_whitelist_args();
+    args.extend(whitelist.iter().map(String::as_str));
+    bed.start_agent(&args).unwrap();
+
+    // Before any lookup, the address is all there is: CONNECT by address.
+    assert_eq!(greet(&bed, ORIGIN_IP), format!("220 client {PROXY_IP}"));
+    let line = bed
+        .agent()
+        .wait_decision(&[&format!("target={ORIGIN_IP}:{BANNER_PORT}")])
+        .unwrap();
+    assert!(
+        line.contains("named_by=address") && line.contains("route=proxy-connect"),
+        "{line}"
+    );
+
+    // Resolved as smtp.test: CONNECT smtp.test, and squid resolves it.
+    assert_eq!(greet(&bed, "smtp.test"), format!("220 client {PROXY_IP}"));
+    let line = bed
+        .agent()
+        .wait_decision(&[&format!("target=smtp.test:{BANNER_PORT}")])
+        .unwrap();
+    assert!(
+        line.contains("named_by=dns") && line.contains("dns_name=smtp.test"),
+        "{line}"
+    );
+    bed.squid_logged(&format!("CONNECT smtp.test:{BANNER_PORT}"))
+        .unwrap();
+
+    // Resolved as relay.internal.test, in no_proxy: direct, from the homeserver host.
+    assert_eq!(greet(&bed, "relay.internal.test"), format!("220 client {HS_IP}"));
+    let line = bed
+        .agent()
+        .wait_decision(&["route=direct", "route_name=relay.internal.test"])
+        .unwrap();
+    assert!(
+        line.contains("rule_kind=no_proxy") && line.contains("named_by=dns"),
+        "{line}"
+    );
+    assert!(bed.agent().counter("dns_captured").unwrap() >= 4);
+}
+
+/// A DNS answer nobody asked for teaches nothing: a local user outside the cgroup sends the
+/// homeserver's DNS socket a forged answer naming the origin's address as a no_proxy host; the
+/// homeserver's next connection to that address still goes through squid.
+#[test]
+fn forged_dns_answers_are_not_believed() {
+    let hosts = format!("{ORIGIN_IP} smtp.test\n");
+    let mut bed = Testbed::builder()
+        .squid_hosts(&hosts)
+        .dns(&hosts, &[])
+        .build()
+        .unwrap();
+    let _banner = start_banner(&bed);
+    let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
+    let mut args = vec!["--https-proxy", &proxy, "--no-proxy", "internal.test"];
+    let whitelist = narrow_whitelist_args();
+    args.extend(whitelist.iter().map(String::as_str));
+    bed.start_agent(&args).unwrap();
+
+    // The homeserver asks a resolver that never answers (127.0.0.3), from port 5300; the forger,
+    // from 127.0.0.2:53, answers with the query's own id and question. Then the homeserver
+    // connects to the address the forgery named.
+    let homeserver = format!(
+        r#"
+import socket, struct, sys, time
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x05relay\x08internal\x04test\x00" + struct.pack(">HH", 1, 1)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 5300))
+u.sendto(q, ("127.0.0.3", 53))
+u.settimeout(10); data, src = u.recvfrom(512)
+print("forged answer from", src)
+c = socket.create_connection(("{ORIGIN_IP}", {BANNER_PORT}), timeout=20)
+print(c.recv(200).decode().strip())
+"#
+    );
+    let forger = format!(
+        r#"
+import socket, struct, time
+q = struct.pack(">HHHHHH", 0x4242, 0x8180, 1, 1, 0, 0) + b"\x05relay\x08internal\x04test\x00" + struct.pack(">HH", 1, 1)
+a = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 300, 4) + socket.inet_aton("{ORIGIN_IP}")
+f = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); f.bind(("127.0.0.2", 53))
+for _ in range(20):
+    f.sendto(q + a, ("127.0.0.1", 5300)); time.sleep(0.1)
+"#
+    );
+    let client = bed
+        .spawn_in(&bed.cgroup.path, "python3", &["-c", &homeserver])
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let forged = bed.run_in_hs("python3", &["-c", &forger]).unwrap();
+    assert_eq!(forged.code, Some(0), "{forged:?}");
+    let out = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("forged answer from ('127.0.0.2', 53)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("220 client {PROXY_IP}")),
+        "went direct: {stdout}"
+    );
+    let line = bed
+        .agent()
+        .wait_decision(&[&format!("original_dst={ORIGIN_IP}:{BANNER_PORT}")])
+        .unwrap();
+    assert!(
+        line.contains("route=proxy-connect") && line.contains("named_by=address"),
+        "{line}"
+    );
+    // The kernel did hand the forgery over: it was refused by the agent, not missed.
+    assert!(bed.agent().counter("dns_captured").unwrap() >= 2);
+}
+
+/// The SRV-delegation bug, with two real Synapses: hs2 (delegated.test) delegates federation by
+/// SRV to fed2.test, and delegated.test's own address is a web host with nothing on 8448 (and,
+/// here, blacklisted). hs1, in the intercepted cgroup with no proxy settings, dials fed2.test's
+/// address with SNI delegated.test; egress must CONNECT to fed2.test:8448, as Synapse's own
+/// proxy support would, not to delegated.test:8448.
+#[test]
+fn srv_delegated_federation_connects_to_the_srv_target() {
+    let hosts = format!("{ORIGIN_IP_2} delegated.test\n{ORIGIN_IP} fed2.test\n");
+    let mut bed = Testbed::builder()
+        .squid_hosts(&hosts)
+        .dns(&hosts, &[("_matrix-fed._tcp.delegated.test", "fed2.test", 8448)])
+        .build()
+        .unwrap();
+    let direct_federation = DirectFederation::install(&bed.origin, HS_IP).unwrap();
+    let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
+    let mut args = vec!["--https-proxy", &proxy];
+    let whitelist = narrow_whitelist_args();
+    args.extend(whitelist.iter().map(String::as_str));
+    bed.start_agent(&args).unwrap();
+
+    // hs2 listens for federation on the origin's first address only: delegated.test's address
+    // has nothing on 8448.
+    let hs2_certs = make_certs(&bed.dir, "hs2", &["delegated.test"], &[], 2).unwrap();
+    let hs2 = PeerHomeserver::start(
+        &bed,
+        "delegated.test",
+        ORIGIN_IP,
+        &hs2_certs,
+        &format!("{HS_IP} hs.test\n"),
+        &[],
+    )
+    .unwrap();
+    let hs1_certs = make_certs(&bed.dir, "hs1", &["hs.test"], &[HS_IP], 2).unwrap();
+    let hs1_dir = bed.dir.join("synapse");
+    let hs1 = Synapse::start(&bed, &federation_overrides(&hs1_dir, &hs1_certs, HS_IP)).unwrap();
+    let in_hs1 = |args: &[&str]| {
+        let out = bed.run_in_hs(args[0], &args[1..]).unwrap();
+        format!("{}{}", out.stdout, out.stderr)
+    };
+    let in_hs2 = |args: &[&str]| hs2.run(args);
+    register_with_name(&in_hs1, &hs1.dir, "alice", "Alice on hs1");
+    register_with_name(&in_hs2, &hs2.dir, "bob", "Bob on hs2");
+
+    let bob = in_hs1(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "90",
+        "http://127.0.0.1:8008/_matrix/client/v3/profile/@bob:delegated.test",
+    ]);
+    assert!(
+        bob.contains("Bob on hs2"),
+        "hs1 asking hs2 for bob's profile: {bob}\n{}",
+        hs1.log()
+    );
+    let alice = in_hs2(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "90",
+        "http://127.0.0.1:8008/_matrix/client/v3/profile/@alice:hs.test",
+    ]);
+    assert!(
+        alice.contains("Alice on hs1"),
+        "hs2 asking hs1 for alice's profile: {alice}"
+    );
+
+    // `egress explain` shows what the record knows about the address hs1 dialled.
+    let whitelist_origin = format!("{ORIGIN_IP}/32");
+    let explain_args = [
+        "explain",
+        "delegated.test:8448",
+        "--ip",
+        ORIGIN_IP,
+        "--https-proxy",
+        &proxy,
+        "--ip-range-whitelist",
+        &whitelist_origin,
+    ];
+    // In the agent's namespace, where its admin listener is.
+    let explained = process::output(process::launch(
+        Some(&bed.hs.name),
+        process::Enter::Net,
+        None,
+        egress_testbed::egress_bin(),
+        &explain_args,
+    ))
+    .unwrap();
+    assert!(
+        explained.stdout.contains("fed2.test -> 10.248.0.30")
+            && explained.stdout.contains("delegated.test -> 10.248.0.31")
+            && explained
+                .stdout
+                .contains("_matrix-fed._tcp.delegated.test SRV fed2.test:8448")
+            && explained.stdout.contains("TLS (SNI): CONNECT fed2.test:8448")
+            && explained.stdout.contains("name: dns"),
+        "{explained:?}"
+    );
+
+    // Decision lines and squid's entries come when the tunnels close: stop hs1.
+    hs1.stop().unwrap();
+    let line = bed
+        .agent()
+        .wait_decision(&["target=fed2.test:8448", "status=200"])
+        .unwrap();
+    assert!(
+        line.contains("name=delegated.test")
+            && line.contains("named_by=dns")
+            && line.contains("route=proxy-connect"),
+        "{line}"
+    );
+    let log = bed.squid_logged("CONNECT fed2.test:8448").unwrap();
+    assert!(!log.contains("CONNECT delegated.test:8448"), "{log}");
+    assert_eq!(
+        direct_federation.packets().unwrap(),
+        0,
+        "hs1 reached hs2 directly"
+    );
+}
+
+/// The record is bounded: a flood of distinct names leaves at most its bound of entries, the
+/// newest kept.
+#[test]
+fn the_record_stays_bounded_under_a_flood_of_names() {
+    const NAMES: usize = 3000;
+    let hosts: String = (0..NAMES)
+        .map(|i| format!("{ORIGIN_IP} n{i}.flood.test\n"))
+        .collect();
+    let mut bed = Testbed::builder().dns(&hosts, &[]).build().unwrap();
+    bed.start_default_agent().unwrap();
+    let script = format!(
+        "import socket\nfor i in range({NAMES}):\n    socket.getaddrinfo('n%d.flood.test' % i, 80, socket.AF_INET)\n"
+    );
+    let out = process::output(bed.hs_command(Some(&bed.cgroup.path), "python3", &["-c", &script])).unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let (status, body) = bed
+        .agent()
+        .admin_get(&format!("/dns?name=n{}.flood.test", NAMES - 1))
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let report = answer["report"].as_str().unwrap();
+    assert!(
+        report.contains(&format!("n{}.flood.test -> {ORIGIN_IP}", NAMES - 1)),
+        "{report}"
+    );
+    let entries: usize = report
+        .split_once(" entries)")
+        .and_then(|(head, _)| head.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no entry count in {report}"));
+    assert!((1000..=2048).contains(&entries), "{entries} entries");
+    let (_, oldest) = bed.agent().admin_get("/dns?name=n0.flood.test").unwrap();
+    assert!(oldest.contains("knows nothing"), "{oldest}");
+    assert_eq!(bed.agent().counter("dns_lost").unwrap(), 0);
+}
