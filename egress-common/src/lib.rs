@@ -45,6 +45,9 @@ pub mod maps {
     /// Ring buffer of [`super::DnsEvent`]s: the DNS queries and answers of intercepted
     /// processes, for the agent's record of which names stand behind which addresses.
     pub const DNS_EVENTS: &str = "EGRESS_DNS_EVENTS";
+    /// Synthetic DNS: synthetic IPv4 address (network order) -> [`super::SynthName`]. Not read by
+    /// the kernel: pinned so that the mappings outlive the agent (applications keep addresses).
+    pub const SYNTHETIC: &str = "EGRESS_SYNTH";
 }
 
 /// Capacity of each deny/bypass trie.
@@ -68,6 +71,10 @@ pub mod programs {
     /// cgroup_skb ingress/egress: copy the DNS packets of noted sockets to the agent.
     pub const DNS_INGRESS: &str = "egress_dns_in";
     pub const DNS_EGRESS: &str = "egress_dns_out";
+    /// cgroup/recvmsg4|6: answers from the agent's DNS listener (synthetic DNS) appear to come
+    /// from the resolver the application asked.
+    pub const RECVMSG4: &str = "egress_recvmsg4";
+    pub const RECVMSG6: &str = "egress_recvmsg6";
 }
 
 pub const AF_INET: u16 = 2;
@@ -156,6 +163,14 @@ pub const DNS_RING_BYTES: u32 = 1 << 20;
 /// copy with a mask; larger than the 1232 bytes resolvers answer over UDP since DNS Flag Day 2020.
 pub const DNS_CAPTURE: usize = 2048;
 
+/// Capacity of the synthetic-names map.
+pub const MAX_SYNTHETIC: u32 = 65536;
+
+/// A name behind a synthetic address, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynthName(pub [u8; 256]);
+
 /// [`DnsEvent::kind`]: a query an intercepted process sent, or an answer it received.
 pub const DNS_QUERY: u16 = 1;
 pub const DNS_ANSWER: u16 = 2;
@@ -197,6 +212,9 @@ pub struct AgentConfig {
 
 /// Emit aya-log debug records from the kernel programs.
 pub const FLAG_KERNEL_LOG: u32 = 1;
+/// Synthetic DNS: DNS over UDP from intercepted processes goes to the agent's DNS listener (in
+/// the caller's network namespace, on `listen_port`), or nowhere.
+pub const FLAG_DNS_SYNTHETIC: u32 = 2;
 
 /// Indexes into the per-CPU `EGRESS_COUNTERS` array: one counter per kernel decision.
 pub mod counter {
@@ -233,8 +251,10 @@ pub mod counter {
     pub const DNS_CAPTURED: u32 = 14;
     /// DNS messages lost: the ring buffer to the agent was full.
     pub const DNS_LOST: u32 = 15;
+    /// Synthetic DNS: a DNS query sent to the agent's DNS listener instead of its resolver.
+    pub const DNS_REDIRECTED: u32 = 16;
     /// Used slots; the map has [`SLOTS`] so that later versions can add counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const SLOTS: u32 = 32;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
@@ -255,6 +275,7 @@ pub mod counter {
         "deny_unclassified",
         "dns_captured",
         "dns_lost",
+        "dns_redirected",
     ];
 }
 
@@ -266,4 +287,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::Scope {}
     unsafe impl aya::Pod for super::ContainerName {}
+    unsafe impl aya::Pod for super::SynthName {}
 }

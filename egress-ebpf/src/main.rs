@@ -29,12 +29,12 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
-        bpf_sk_release, bpf_skb_load_bytes,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -43,8 +43,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use egress_common::{
     AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY, DNS_RING_BYTES,
-    DnsEvent, FLAG_KERNEL_LOG, MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS,
-    NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, counter,
+    DnsEvent, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES,
+    MAX_SERVED_NETNS, MAX_SYNTHETIC, NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, SynthName, counter,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -108,6 +108,10 @@ static DNS_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0
 
 #[map(name = "EGRESS_DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::pinned(DNS_RING_BYTES, 0);
+
+/// Written and read by the agent only (see egress_common::maps::SYNTHETIC); allocated on use.
+#[map(name = "EGRESS_SYNTH")]
+static SYNTHETIC: HashMap<u32, SynthName> = HashMap::pinned(MAX_SYNTHETIC, BPF_F_NO_PREALLOC);
 
 /// Filled by the agent from its policy. Keys are addresses in network byte order.
 #[map(name = "EGRESS_DENY4")]
@@ -368,7 +372,7 @@ struct Tuple6 {
 /// namespace, which `config_or_return!` found served): the socket listening on loopback at
 /// egress's port carries the agent `mark`. `ipv6`: the [::1] listener, else 127.0.0.1.
 #[inline(always)]
-fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool) -> bool {
+fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool, udp: bool) -> bool {
     let dport = port.to_be();
     let sk: *mut bpf_sock = if ipv6 {
         let mut tuple = Tuple6 {
@@ -377,8 +381,9 @@ fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool) -> boo
             sport: 0,
             dport,
         };
+        let lookup = if udp { bpf_sk_lookup_udp } else { bpf_sk_lookup_tcp };
         unsafe {
-            bpf_sk_lookup_tcp(
+            lookup(
                 ctx.as_ptr(),
                 &mut tuple as *mut Tuple6 as *mut bpf_sock_tuple,
                 core::mem::size_of::<Tuple6>() as u32,
@@ -393,8 +398,9 @@ fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool) -> boo
             sport: 0,
             dport,
         };
+        let lookup = if udp { bpf_sk_lookup_udp } else { bpf_sk_lookup_tcp };
         unsafe {
-            bpf_sk_lookup_tcp(
+            lookup(
                 ctx.as_ptr(),
                 &mut tuple as *mut Tuple4 as *mut bpf_sock_tuple,
                 core::mem::size_of::<Tuple4>() as u32,
@@ -407,7 +413,8 @@ fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool) -> boo
         count(counter::DENY_NO_LISTENER);
         return false;
     }
-    let ours = unsafe { (*sk).state == BPF_TCP_LISTEN && (*sk).mark == mark };
+    // A UDP socket has no listening state; bound on egress's address and port suffices.
+    let ours = unsafe { (udp || (*sk).state == BPF_TCP_LISTEN) && (*sk).mark == mark };
     unsafe { bpf_sk_release(sk as *mut core::ffi::c_void) };
     if !ours {
         count(counter::DENY_NOT_AGENT_LISTENER);
@@ -454,14 +461,13 @@ fn connect4(ctx: SockAddrContext, scoped: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst_port = u16::from_be(sa.user_port as u16);
     if !is_tcp(sa) {
-        note_dns_socket(&ctx, sa, dst_port, scoped);
-        return ALLOW;
+        return dns_socket(&ctx, sa, dst_port, scoped, false);
     }
     match decide4(&ctx, sa, sa.user_ip4, dst_port, scoped) {
         Verdict::Allow => ALLOW,
         Verdict::Deny => DENY,
         Verdict::Redirect { original, port, mark } => {
-            if !agent_listens(&ctx, port, mark, false) || !remember(&ctx, &original) {
+            if !agent_listens(&ctx, port, mark, false, false) || !remember(&ctx, &original) {
                 return DENY;
             }
             sa.user_ip4 = LOOPBACK4;
@@ -476,8 +482,7 @@ fn connect6(ctx: SockAddrContext, scoped: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst_port = u16::from_be(sa.user_port as u16);
     if !is_tcp(sa) {
-        note_dns_socket(&ctx, sa, dst_port, scoped);
-        return ALLOW;
+        return dns_socket(&ctx, sa, dst_port, scoped, true);
     }
     let dst_ip = read_ip6(&sa.user_ip6);
     // An IPv4-mapped destination is IPv4 on the wire: IPv4 policy, IPv4 loopback listener.
@@ -492,7 +497,7 @@ fn connect6(ctx: SockAddrContext, scoped: bool) -> i32 {
         Verdict::Deny => DENY,
         Verdict::Redirect { original, port, mark } => {
             // A mapped destination goes to the IPv4 listener.
-            if !agent_listens(&ctx, port, mark, !mapped) || !remember(&ctx, &original) {
+            if !agent_listens(&ctx, port, mark, !mapped, false) || !remember(&ctx, &original) {
                 return DENY;
             }
             let loopback = if mapped {
@@ -507,57 +512,150 @@ fn connect6(ctx: SockAddrContext, scoped: bool) -> i32 {
     }
 }
 
-/// A UDP socket of an intercepted process sending to port 53 (DNS): noted with its network
-/// namespace, so that `capture_dns` copies its queries and answers for the agent. Observing
-/// only: nothing is refused or rewritten, so resolution works as before, Docker's embedded DNS
-/// included.
+/// A UDP socket of an intercepted process sending to port 53 (DNS). Observed by default: noted
+/// with its network namespace, so that `capture_dns` copies its queries and answers for the
+/// agent, and nothing is refused or rewritten (resolution works as before, Docker's embedded DNS
+/// included). With synthetic DNS the query goes to the agent's DNS listener in the caller's
+/// namespace instead (the original resolver is kept for recvmsg), or nowhere: never to a resolver
+/// the agent did not choose.
 #[inline(always)]
-fn note_dns_socket(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_port: u16, scoped: bool) {
+fn dns_socket(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, dst_port: u16, scoped: bool, ipv6: bool) -> i32 {
     if sa.type_ != SOCK_DGRAM || sa.protocol != IPPROTO_UDP as u32 || dst_port != DNS_PORT {
-        return;
+        return ALLOW;
     }
-    match CONFIG.get(0) {
-        Some(cfg) if cfg.ready != 0 => {}
-        _ => return,
+    let Some(cfg) = CONFIG.get(0) else { return ALLOW };
+    if cfg.ready == 0 {
+        return ALLOW;
     }
+    let synthetic = cfg.flags & FLAG_DNS_SYNTHETIC != 0;
     if scoped {
         let verdict = scope_verdict();
-        if verdict == SCOPE_PASS || verdict == SCOPE_UNKNOWN {
-            return;
+        if verdict == SCOPE_PASS {
+            return ALLOW;
+        }
+        if verdict == SCOPE_UNKNOWN {
+            return if synthetic { DENY } else { ALLOW };
         }
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = DNS_SOCKETS.insert(&cookie, &netns, BPF_ANY as u64);
+    if !synthetic {
+        let _ = DNS_SOCKETS.insert(&cookie, &netns, BPF_ANY as u64);
+        return ALLOW;
+    }
+    let Some(&served) = (unsafe { SERVED_NETNS.get(&netns) }) else {
+        count(counter::DENY_NO_LISTENER);
+        return DENY;
+    };
+    // The agent's own queries (to the internal resolver), where its cgroup is below an attached one.
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    if mark == cfg.agent_mark && (served & NETNS_OWN != 0 || is_agent_task()) {
+        count(counter::PASS_AGENT);
+        return ALLOW;
+    }
+    // `ipv6`: a connect6/sendmsg6 program (the verifier refuses user_ip6 in the IPv4 ones).
+    let (original, to_ipv6_listener) = if !ipv6 {
+        (SockAddr::v4(sa.user_ip4, DNS_PORT), false)
+    } else {
+        let ip = read_ip6(&sa.user_ip6);
+        if is_mapped(&ip) {
+            (SockAddr::v4(ip[3], DNS_PORT), false)
+        } else {
+            (SockAddr::v6(ip, DNS_PORT), true)
+        }
+    };
+    if !agent_listens(ctx, cfg.listen_port, cfg.agent_mark, to_ipv6_listener, true) {
+        return DENY;
+    }
+    if SOCKET_DST.insert(cookie, &original, BPF_ANY as u64).is_err() {
+        count(counter::DENY_NO_STATE);
+        return DENY;
+    }
+    if !ipv6 {
+        sa.user_ip4 = LOOPBACK4;
+    } else if to_ipv6_listener {
+        write_ip6(&mut sa.user_ip6, LOOPBACK6);
+    } else {
+        write_ip6(&mut sa.user_ip6, [0, 0, MAPPED_PREFIX, LOOPBACK4]);
+    }
+    sa.user_port = (cfg.listen_port.to_be()) as u32;
+    count(counter::DNS_REDIRECTED);
+    ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sendmsg(ctx, false)
+    sendmsg(ctx, false, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4_scoped(ctx: SockAddrContext) -> i32 {
-    sendmsg(ctx, true)
+    sendmsg(ctx, true, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sendmsg(ctx, false)
+    sendmsg(ctx, false, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6_scoped(ctx: SockAddrContext) -> i32 {
-    sendmsg(ctx, true)
+    sendmsg(ctx, true, true)
 }
 
-/// sendto()/sendmsg() with an address on an unconnected UDP socket (connected ones are noted by
+/// sendto()/sendmsg() with an address on an unconnected UDP socket (connected ones are seen by
 /// connect4/6).
 #[inline(always)]
-fn sendmsg(ctx: SockAddrContext, scoped: bool) -> i32 {
-    let sa = unsafe { &*ctx.sock_addr };
-    note_dns_socket(&ctx, sa, u16::from_be(sa.user_port as u16), scoped);
+fn sendmsg(ctx: SockAddrContext, scoped: bool, ipv6: bool) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst_port = u16::from_be(sa.user_port as u16);
+    dns_socket(&ctx, sa, dst_port, scoped, ipv6)
+}
+
+/// Synthetic DNS: an answer from the agent's DNS listener to a socket whose query was sent there
+/// is reported as coming from the resolver the application asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(original) = redirected_dns(&ctx, sa)
+        && original.family == AF_INET
+        && sa.user_ip4 == LOOPBACK4
+    {
+        sa.user_ip4 = original.addr[0];
+        sa.user_port = (DNS_PORT.to_be()) as u32;
+    }
     ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(original) = redirected_dns(&ctx, sa) {
+        let from = read_ip6(&sa.user_ip6);
+        let ip = if original.family == AF_INET {
+            [0, 0, MAPPED_PREFIX, original.addr[0]]
+        } else {
+            original.addr
+        };
+        if from == LOOPBACK6 || from == [0, 0, MAPPED_PREFIX, LOOPBACK4] {
+            write_ip6(&mut sa.user_ip6, ip);
+            sa.user_port = (DNS_PORT.to_be()) as u32;
+        }
+    }
+    ALLOW
+}
+
+/// The resolver a socket's DNS query was meant for, if the query went to the agent and this
+/// datagram comes from the agent's DNS port.
+#[inline(always)]
+fn redirected_dns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<SockAddr> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & FLAG_DNS_SYNTHETIC == 0 || sa.user_port != (cfg.listen_port.to_be()) as u32 {
+        return None;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let original = unsafe { SOCKET_DST.get(cookie) }?;
+    (original.port == DNS_PORT).then_some(*original)
 }
 
 #[cgroup_skb(ingress)]

@@ -117,10 +117,20 @@ fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
         }
     }
     let shared = &agent.shared;
-    let resolved = address.map(|ip| shared.dns.resolved(shared.kernel.own_netns(), ip, name));
+    let resolved = address.map(|ip| shared.resolved(shared.kernel.own_netns(), ip, name));
+    let mut report = String::new();
+    if let Some(synthetic) = &shared.synthetic
+        && let Some(ip) = address.filter(|ip| synthetic.contains(*ip))
+    {
+        let named = synthetic
+            .name_of(ip)
+            .unwrap_or_else(|| "nothing (not handed out)".to_owned());
+        report.push_str(&format!("synthetic address {ip} stands for {named}\n"));
+    }
+    report.push_str(&shared.dns.report(address, name));
     let body = serde_json::json!({
         "resolved": resolved,
-        "report": shared.dns.report(address, name),
+        "report": report,
     });
     text(StatusCode::OK, format!("{body}\n"))
 }

@@ -79,7 +79,8 @@ fn keep_start_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
         containers,
         container_engine_socket,
         container_cgroup_parent,
-        kernel_log
+        kernel_log,
+        dns
     );
     changed
 }

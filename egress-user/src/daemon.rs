@@ -25,11 +25,21 @@ struct Listeners {
     v4: StdListener,
     v6: Option<StdListener>,
     admin: StdListener,
+    /// Synthetic DNS: the DNS listeners (UDP) on the same loopback addresses and port.
+    dns: Vec<std::net::UdpSocket>,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let config = Config::load(args, &env)?;
+    let mut config = Config::load(args, &env)?;
+    if config.dns.mode == crate::config::DnsMode::Synthetic {
+        let resolver = match config.dns.resolver {
+            Some(resolver) => resolver,
+            None => crate::dns::server::system_resolver()?,
+        };
+        crate::config::check_resolver(&config.policy, resolver)?;
+        config.dns.resolver = Some(resolver);
+    }
     if config.cgroups.is_empty() {
         tracing::warn!("no cgroup configured: nothing is intercepted until `egress attach --unit/--cgroup`");
     }
@@ -45,6 +55,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         listen_port: config.listen_port,
         agent_mark: config.agent_mark,
         kernel_log: config.kernel_log,
+        dns_synthetic: config.dns.mode == crate::config::DnsMode::Synthetic,
     };
     let netns = kernel::netns_cookie(&socket2::Socket::new(
         socket2::Domain::IPV4,
@@ -225,7 +236,27 @@ fn bind(config: &Config) -> Result<Listeners> {
     };
     let admin = listen(config.admin_addr, None)
         .with_context(|| format!("listening on admin_addr {}", config.admin_addr))?;
-    Ok(Listeners { v4, v6, admin })
+    let mut dns = Vec::new();
+    if config.dns.mode == crate::config::DnsMode::Synthetic {
+        let udp = |addr: std::net::SocketAddr| -> std::io::Result<std::net::UdpSocket> {
+            let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+            socket.set_mark(config.agent_mark)?;
+            socket.bind(&addr.into())?;
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        };
+        let taken = |addr| {
+            format!(
+                "listening for DNS on {addr} (udp): the port is taken (find it with `ss -lunp 'sport = :{}'`)",
+                config.listen_port
+            )
+        };
+        dns.push(udp(v4_addr).with_context(|| taken(v4_addr))?);
+        if v6.is_some() {
+            dns.push(udp(v6_addr).with_context(|| taken(v6_addr))?);
+        }
+    }
+    Ok(Listeners { v4, v6, admin, dns })
 }
 
 async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLogger>) -> Result<()> {
@@ -247,6 +278,12 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
             TcpListener::from_std(v6)?,
             agent.shared.clone(),
             own,
+        ));
+    }
+    for socket in listeners.dns {
+        tokio::spawn(crate::dns::server::serve(
+            tokio::net::UdpSocket::from_std(socket)?,
+            agent.shared.clone(),
         ));
     }
     tokio::spawn(serve_namespaces(agent.clone()));

@@ -5,9 +5,10 @@
 use egress_testbed::{
     HS_IP, ORIGIN_IP, ORIGIN_IP_2, PROXY_IP, Testbed, narrow_whitelist_args,
     peers::{
-        federation::{DirectFederation, PeerHomeserver, federation_overrides, register_with_name},
-        make_certs,
-        synapse::Synapse,
+        PREVIEW_TITLE,
+        federation::{DirectFederation, EtcGuard, PeerHomeserver, federation_overrides, register_with_name},
+        make_certs, start_dnsmasq_on,
+        synapse::{Synapse, client_get, query_encode},
     },
     process::{self, Daemon},
 };
@@ -338,4 +339,273 @@ fn the_record_stays_bounded_under_a_flood_of_names() {
     let (_, oldest) = bed.agent().admin_get("/dns?name=n0.flood.test").unwrap();
     assert!(oldest.contains("knows nothing"), "{oldest}");
     assert_eq!(bed.agent().counter("dns_lost").unwrap(), 0);
+}
+
+/// An HTTPS origin serving /preview.html (Open Graph title PREVIEW_TITLE) and 404 for the rest.
+const PREVIEW_SERVER: &str = r#"
+import http.server, ssl, sys
+PAGE = ('<html><head><title>t</title><meta property="og:title" content="%s"></head>'
+        '<body>hello</body></html>' % sys.argv[4]).encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if not self.path.startswith("/preview.html"):
+            self.send_error(404); return
+        self.send_response(200); self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(PAGE))); self.end_headers(); self.wfile.write(PAGE)
+srv = http.server.ThreadingHTTPServer((sys.argv[1], 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// A DMZ: the homeserver host's only resolver is an internal one (dnsmasq on its loopback) that
+/// knows internal names alone, and answers NXDOMAIN for the rest of .test.
+struct InternalResolver {
+    log: std::path::PathBuf,
+    _dns: Daemon,
+    _etc: EtcGuard,
+}
+
+impl InternalResolver {
+    fn start(bed: &Testbed) -> Self {
+        let etc = std::path::PathBuf::from("/etc/netns").join(&bed.hs.name);
+        std::fs::create_dir_all(&etc).unwrap();
+        let guard = EtcGuard(etc.clone());
+        std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n::1 localhost\n").unwrap();
+        let dir = bed.dir.join("internal-dns");
+        let dns = start_dnsmasq_on(
+            &bed.hs,
+            &dir,
+            "127.0.0.1",
+            &format!("{ORIGIN_IP_2} db.internal.test\n"),
+            &[],
+            &["--local=/test/"],
+        )
+        .unwrap();
+        egress_testbed::wait::ready("the internal resolver", egress_testbed::wait::STARTUP, || {
+            Ok(bed.hs.is_listening_udp(53))
+        })
+        .unwrap();
+        Self {
+            log: dir.join("dnsmasq-127.0.0.1/dnsmasq.log"),
+            _dns: dns,
+            _etc: guard,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn synthetic_args(bed: &Testbed) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--https-proxy",
+        &bed.proxy_url(egress_testbed::PROXY_PASSWORD),
+        "--dns-mode",
+        "synthetic",
+        "--dns-resolver",
+        "127.0.0.1",
+        "--no-proxy",
+        "internal.test",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(narrow_whitelist_args());
+    args
+}
+
+/// `curl https://origin.test/` in the intercepted cgroup, with the host's resolver (or `resolve`,
+/// an address the application kept).
+fn fetch(bed: &Testbed, resolve: Option<&str>) -> egress_testbed::ClientResult {
+    let ca = bed.certs.ca.to_string_lossy().into_owned();
+    let mut args = vec!["-sS", "--max-time", "15", "--cacert", &ca];
+    if let Some(resolve) = resolve {
+        args.extend(["--resolve", resolve]);
+    }
+    args.push("https://origin.test/");
+    process::output(bed.hs_command(Some(&bed.cgroup.path), "curl", &args)).unwrap()
+}
+
+/// `getent ahosts NAME` in the intercepted cgroup (glibc's resolver, both families).
+fn lookup(bed: &Testbed, name: &str) -> egress_testbed::ClientResult {
+    process::output(bed.hs_command(Some(&bed.cgroup.path), "getent", &["ahosts", name])).unwrap()
+}
+
+/// Synthetic DNS on a host without external DNS: Synapse, in the intercepted cgroup with no
+/// proxy settings, fetches a URL preview and federates, with every public name answered by a
+/// synthetic address that egress CONNECTs by name; only no_proxy names and SRV queries reach the
+/// internal resolver.
+#[test]
+fn synthetic_dns_lets_synapse_preview_and_federate_without_external_dns() {
+    let mut bed = Testbed::builder().squid().build().unwrap();
+    let resolver = InternalResolver::start(&bed);
+    let cert = bed.certs.cert.to_string_lossy().into_owned();
+    let key = bed.certs.key.to_string_lossy().into_owned();
+    let _origin = bed
+        .start_daemon(
+            &bed.origin,
+            process::Enter::Net,
+            "preview-origin",
+            "python3",
+            &["-c", PREVIEW_SERVER, ORIGIN_IP, &cert, &key, PREVIEW_TITLE],
+            &[443],
+        )
+        .unwrap();
+    let direct_federation = DirectFederation::install(&bed.origin, HS_IP).unwrap();
+    let args = synthetic_args(&bed);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    bed.start_agent(&args).unwrap();
+
+    let hs2 = PeerHomeserver::start(
+        &bed,
+        "example.test",
+        ORIGIN_IP,
+        &bed.certs,
+        &format!("{HS_IP} hs.test\n"),
+        &[],
+    )
+    .unwrap();
+    let hs1_certs = make_certs(&bed.dir, "hs1", &["hs.test"], &[HS_IP], 2).unwrap();
+    let hs1_dir = bed.dir.join("synapse");
+    let hs1 = Synapse::start(
+        &bed,
+        &format!(
+            "{}url_preview_enabled: true\nurl_preview_ip_range_blacklist: ['192.0.2.0/24']\n",
+            federation_overrides(&hs1_dir, &hs1_certs, HS_IP)
+        ),
+    )
+    .unwrap();
+    let in_hs1 = |args: &[&str]| {
+        let out = bed.run_in_hs(args[0], &args[1..]).unwrap();
+        format!("{}{}", out.stdout, out.stderr)
+    };
+    register_with_name(&in_hs1, &hs1.dir, "alice", "Alice on hs1");
+    register_with_name(&|args| hs2.run(args), &hs2.dir, "bob", "Bob on hs2");
+    let token = hs1
+        .register_and_login(&bed, "carol", "correct-horse-battery")
+        .unwrap();
+
+    let path = format!(
+        "/_matrix/client/v1/media/preview_url?url={}",
+        query_encode("https://origin.test/preview.html")
+    );
+    let (status, body) = client_get(&bed, &path, Some(&token)).unwrap();
+    assert_eq!(status, 200, "{body}\n{}", hs1.log());
+    let preview: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(preview["og:title"], PREVIEW_TITLE, "{body}");
+
+    let bob = in_hs1(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "90",
+        "http://127.0.0.1:8008/_matrix/client/v3/profile/@bob:example.test",
+    ]);
+    assert!(
+        bob.contains("Bob on hs2"),
+        "hs1 asking hs2 for bob's profile: {bob}\n{}",
+        hs1.log()
+    );
+    let alice = hs2.run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "90",
+        "http://127.0.0.1:8008/_matrix/client/v3/profile/@alice:hs.test",
+    ]);
+    assert!(
+        alice.contains("Alice on hs1"),
+        "hs2 asking hs1 for alice's profile: {alice}"
+    );
+
+    hs1.stop().unwrap();
+    let line = bed
+        .agent()
+        .wait_decision(&["target=example.test:8448", "status=200"])
+        .unwrap();
+    assert!(
+        line.contains("original_dst=240.64.") && line.contains("named_by=client"),
+        "{line}"
+    );
+    bed.squid_logged("CONNECT origin.test:443").unwrap();
+    bed.squid_logged("CONNECT example.test:8448").unwrap();
+    assert_eq!(
+        direct_federation.packets().unwrap(),
+        0,
+        "hs1 reached hs2 directly"
+    );
+    // The internal resolver was asked for SRV records, never for a public name's address.
+    let asked = resolver.log();
+    assert!(
+        asked.contains("query[SRV] _matrix-fed._tcp.example.test"),
+        "{asked}"
+    );
+    for public in ["origin.test", "example.test"] {
+        assert!(
+            !asked.contains(&format!("query[A] {public}")),
+            "{public} reached the resolver:\n{asked}"
+        );
+        assert!(
+            !asked.contains(&format!("query[AAAA] {public}")),
+            "{public} reached the resolver:\n{asked}"
+        );
+    }
+    assert!(bed.agent().counter("dns_redirected").unwrap() >= 3);
+}
+
+/// Synthetic mappings outlive the agent: an application that keeps an address past a restart
+/// still reaches the name behind it, and the name keeps its address. While no agent runs, DNS
+/// from the cgroup goes nowhere (never to the host's resolver). no_proxy names get their real
+/// address from the internal resolver.
+#[test]
+fn synthetic_addresses_survive_an_agent_restart_and_dns_fails_closed_without_an_agent() {
+    let mut bed = Testbed::builder().squid().nginx().build().unwrap();
+    let resolver = InternalResolver::start(&bed);
+    let args = synthetic_args(&bed);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    bed.start_agent(&args).unwrap();
+
+    let first = lookup(&bed, "origin.test");
+    assert_eq!(first.code, Some(0), "{first:?}");
+    let address = first.stdout.split_whitespace().next().unwrap().to_owned();
+    assert!(address.starts_with("240.64."), "{first:?}");
+    assert!(!first.stdout.contains(':'), "no IPv6 address: {first:?}");
+    let internal = lookup(&bed, "db.internal.test");
+    assert!(internal.stdout.starts_with(ORIGIN_IP_2), "{internal:?}");
+
+    let before = fetch(&bed, None);
+    assert_eq!(before.code, Some(0), "{before:?}");
+
+    // No agent: the cgroup's DNS is refused, not sent to the resolver.
+    bed.stop_agent();
+    let asked_before = resolver.log().matches("query[").count();
+    let refused = lookup(&bed, "fresh.example.test");
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert_eq!(
+        resolver.log().matches("query[").count(),
+        asked_before,
+        "{}",
+        resolver.log()
+    );
+
+    bed.start_agent(&args).unwrap();
+    // An application still holding the address: reaches origin.test through squid.
+    let resolve = format!("origin.test:443:{address}");
+    let after = fetch(&bed, Some(&resolve));
+    assert_eq!(after.code, Some(0), "{after:?}\n{}", bed.agent().log());
+    let line = bed
+        .agent()
+        .wait_decision(&[&format!("original_dst={address}:443"), "target=origin.test:443"])
+        .unwrap();
+    assert!(line.contains("route=proxy-connect"), "{line}");
+    let again = lookup(&bed, "origin.test");
+    assert!(again.stdout.starts_with(&format!("{address} ")), "{again:?}");
+    assert!(
+        !resolver.log().contains("query[A] origin.test"),
+        "{}",
+        resolver.log()
+    );
 }

@@ -84,6 +84,18 @@ pub struct RunArgs {
     /// [default: proxy].
     #[arg(long, value_enum, value_name = "ROUTE")]
     pub default_route: Option<DefaultRoute>,
+    /// What egress does with the intercepted processes' DNS: `observe` it to learn the names
+    /// behind addresses, or answer it with `synthetic` addresses (hosts without external DNS)
+    /// [default: observe].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub dns_mode: Option<crate::config::DnsMode>,
+    /// Synthetic DNS: the IPv4 range its addresses come from [default: 240.64.0.0/16].
+    #[arg(long, value_name = "CIDR")]
+    pub synthetic_range: Option<String>,
+    /// Synthetic DNS: the internal resolver (IP or IP:PORT) for no_proxy names, SRV and every
+    /// other query [default: the first nameserver of /etc/resolv.conf].
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dns_resolver: Option<String>,
     /// CA certificates (PEM) to verify https:// proxies with, instead of the system roots.
     #[arg(long, value_name = "PATH")]
     pub proxy_ca_file: Option<PathBuf>,

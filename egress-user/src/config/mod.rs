@@ -83,6 +83,30 @@ pub struct FileConfig {
     pub admin_addr: Option<String>,
     pub user: Option<String>,
     pub worker_threads: Option<usize>,
+    pub dns_mode: Option<DnsMode>,
+    pub synthetic_range: Option<String>,
+    pub dns_resolver: Option<String>,
+}
+
+/// What egress does with the intercepted processes' DNS (see `dns`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// Read their answers, to learn the names behind addresses; change nothing.
+    #[default]
+    Observe,
+    /// Answer their queries: names outside no_proxy get addresses from `synthetic_range`, which
+    /// egress CONNECTs by name; the rest goes to `dns_resolver`.
+    Synthetic,
+}
+
+/// The DNS settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub mode: DnsMode,
+    pub synthetic_range: ipnet::Ipv4Net,
+    /// The internal resolver for synthetic DNS, if configured (else /etc/resolv.conf's).
+    pub resolver: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -118,6 +142,7 @@ pub struct Config {
     pub user: String,
     /// Threads serving connections: 1 = one event loop, 0 = one per CPU.
     pub worker_threads: usize,
+    pub dns: DnsSettings,
 }
 
 impl Config {
@@ -264,7 +289,19 @@ impl Config {
             bail!("listen_port 0: must be a port from 1 to 65535");
         }
 
+        let dns = dns_settings(&file, args)?;
+        let policy = Policy {
+            whitelist,
+            blacklist,
+            no_proxy,
+        };
+        let connect_by_ip = args.connect_by_ip || file.connect_by_ip.unwrap_or(false);
+        if dns.mode == DnsMode::Synthetic {
+            check_synthetic(&dns, &policy, connect_by_ip, https_proxy.is_some())?;
+        }
+
         Ok(Self {
+            dns,
             cgroups,
             units,
             containers,
@@ -272,11 +309,7 @@ impl Config {
             container_cgroup_parent,
             https_proxy,
             http_proxy,
-            policy: Policy {
-                whitelist,
-                blacklist,
-                no_proxy,
-            },
+            policy,
             listen_port,
             agent_mark,
             timeouts: Timeouts {
@@ -297,7 +330,7 @@ impl Config {
                 )?,
             },
             peek_timeout: seconds("peek_timeout", args.peek_timeout.or(file.peek_timeout), 0.5)?,
-            connect_by_ip: args.connect_by_ip || file.connect_by_ip.unwrap_or(false),
+            connect_by_ip,
             default_route: args
                 .default_route
                 .or(file.default_route)
@@ -327,6 +360,90 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
         })
     }
+}
+
+fn dns_settings(file: &FileConfig, args: &RunArgs) -> Result<DnsSettings> {
+    let mode = args.dns_mode.or(file.dns_mode).unwrap_or_default();
+    let range = args
+        .synthetic_range
+        .clone()
+        .or(file.synthetic_range.clone())
+        .unwrap_or_else(|| crate::dns::synthetic::DEFAULT_RANGE.to_owned());
+    let synthetic_range: ipnet::Ipv4Net = range.trim().parse().map_err(|e| {
+        anyhow::anyhow!("synthetic_range {range}: expected an IPv4 range like 240.64.0.0/16 ({e})")
+    })?;
+    if synthetic_range.prefix_len() > 30 {
+        bail!("synthetic_range {range}: too small (at most /30)");
+    }
+    let resolver = args
+        .dns_resolver
+        .clone()
+        .or(file.dns_resolver.clone())
+        .map(|value| parse_resolver(&value))
+        .transpose()?;
+    Ok(DnsSettings {
+        mode,
+        synthetic_range: synthetic_range.trunc(),
+        resolver,
+    })
+}
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 by default.
+pub fn parse_resolver(value: &str) -> Result<std::net::SocketAddr> {
+    let value = value.trim();
+    if let Ok(ip) = value.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    value
+        .parse()
+        .map_err(|_| anyhow::anyhow!("dns_resolver {value}: expected IP, IP:PORT or [IPv6]:PORT"))
+}
+
+/// Synthetic addresses are made up: they must reach the agent (not denied or bypassed in the
+/// kernel), and only a proxy that resolves names can take them further.
+fn check_synthetic(dns: &DnsSettings, policy: &Policy, connect_by_ip: bool, https_proxy: bool) -> Result<()> {
+    let range = IpNet::V4(dns.synthetic_range);
+    if connect_by_ip {
+        bail!(
+            "connect_by_ip cannot work with dns_mode = \"synthetic\": synthetic addresses are made up, \
+             and only the proxy can resolve the names behind them"
+        );
+    }
+    if !https_proxy {
+        bail!(
+            "dns_mode = \"synthetic\" needs https_proxy: names behind synthetic addresses are reached through it"
+        );
+    }
+    for net in policy.kernel_deny_nets() {
+        if net.contains(&range.network()) || range.contains(&net.network()) {
+            bail!(
+                "synthetic_range {range} overlaps ip_range_blacklist {net}: connections to it would be refused; \
+                 choose another range or whitelist it"
+            );
+        }
+    }
+    for net in policy.kernel_bypass_nets() {
+        if net.contains(&range.network()) || range.contains(&net.network()) {
+            bail!(
+                "synthetic_range {range} overlaps no_proxy {net}: synthetic addresses cannot be reached directly"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a resolver the policy would not let the homeserver reach (loopback ones are local).
+pub fn check_resolver(policy: &Policy, resolver: std::net::SocketAddr) -> Result<()> {
+    let ip = resolver.ip().to_canonical();
+    if ip.is_loopback() {
+        return Ok(());
+    }
+    if let Some(rule) = policy.denied(ip) {
+        bail!(
+            "dns_resolver {resolver} is refused by {rule}: add it to ip_range_whitelist, or name another resolver"
+        );
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -670,5 +787,65 @@ mod tests {
         )
         .unwrap();
         assert!(c.https_proxy.is_none());
+    }
+
+    /// Synthetic DNS settings: each bad combination refused with the key and the reason.
+    #[test]
+    fn synthetic_dns_settings_are_checked() {
+        let ok = Config::merge(
+            file(
+                "dns_mode = \"synthetic\"\nhttps_proxy = \"http://proxy:3128\"\ndns_resolver = \"10.0.0.2\"",
+            ),
+            SynapseSettings::default(),
+            &args(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.dns.mode, DnsMode::Synthetic);
+        assert_eq!(ok.dns.synthetic_range, "240.64.0.0/16".parse().unwrap());
+        assert_eq!(ok.dns.resolver, Some("10.0.0.2:53".parse().unwrap()));
+        assert_eq!(
+            Config::merge(FileConfig::default(), SynapseSettings::default(), &args(), &[])
+                .unwrap()
+                .dns
+                .mode,
+            DnsMode::Observe
+        );
+        let base = "dns_mode = \"synthetic\"\nhttps_proxy = \"http://proxy:3128\"\n";
+        let cases = [
+            ("dns_mode = \"synthetic\"", "needs https_proxy"),
+            (
+                &format!("{base}connect_by_ip = true") as &str,
+                "connect_by_ip cannot work",
+            ),
+            (
+                &format!("{base}synthetic_range = \"198.18.0.0/16\""),
+                "overlaps ip_range_blacklist 198.18.0.0/15",
+            ),
+            (
+                &format!("{base}synthetic_range = \"240.64.0.0/16\"\nno_proxy = [\"240.0.0.0/4\"]"),
+                "overlaps no_proxy 240.0.0.0/4",
+            ),
+            (
+                &format!("{base}synthetic_range = \"240.64.0.0\""),
+                "synthetic_range 240.64.0.0: expected an IPv4 range",
+            ),
+            (&format!("{base}synthetic_range = \"240.64.0.0/31\""), "too small"),
+            (
+                &format!("{base}dns_resolver = \"resolver.example\""),
+                "dns_resolver resolver.example: expected IP",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = error(file(text), &args(), &[]);
+            assert!(message.contains(expected), "{text}: {message}");
+        }
+        let policy = Policy::default();
+        assert!(check_resolver(&policy, "127.0.0.53:53".parse().unwrap()).is_ok());
+        let refused = format!(
+            "{:#}",
+            check_resolver(&policy, "10.0.0.2:53".parse().unwrap()).unwrap_err()
+        );
+        assert!(refused.contains("ip_range_blacklist 10.0.0.0/8"), "{refused}");
     }
 }

@@ -62,6 +62,24 @@ pub fn render_config(config: &Config) -> String {
     let _ = writeln!(out, "connect_by_ip = {}", config.connect_by_ip);
     let _ = writeln!(out, "default_route = {}", quote(config.default_route.as_str()));
     let _ = writeln!(out, "kernel_log = {}", config.kernel_log);
+    let dns = &config.dns;
+    let mode = match dns.mode {
+        crate::config::DnsMode::Observe => "observe",
+        crate::config::DnsMode::Synthetic => "synthetic",
+    };
+    let _ = writeln!(out, "dns_mode = {}", quote(mode));
+    if dns.mode == crate::config::DnsMode::Synthetic {
+        let _ = writeln!(
+            out,
+            "synthetic_range = {}",
+            quote(&dns.synthetic_range.to_string())
+        );
+        let resolver = dns.resolver.map_or_else(
+            || "the first nameserver of /etc/resolv.conf".to_owned(),
+            |r| r.to_string(),
+        );
+        let _ = writeln!(out, "dns_resolver = {}", quote(&resolver));
+    }
     let _ = writeln!(
         out,
         "bpffs_dir = {}",

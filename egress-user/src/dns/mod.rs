@@ -3,6 +3,8 @@
 //! name a connection to an address goes by.
 
 pub mod record;
+pub mod server;
+pub mod synthetic;
 pub mod watch;
 
 pub use watch::Watch;

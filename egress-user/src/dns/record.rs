@@ -315,6 +315,7 @@ impl Records {
         Resolved {
             client,
             dialled_name: dialled,
+            synthetic: false,
         }
     }
 
@@ -570,6 +571,7 @@ mod tests {
         let view = |c: ClientName, n: Option<&str>| Resolved {
             client: c,
             dialled_name: n.map(str::to_owned),
+            synthetic: false,
         };
         #[rustfmt::skip]
         let cases = [

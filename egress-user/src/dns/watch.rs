@@ -88,6 +88,27 @@ impl Watch {
         }
     }
 
+    /// Records an exchange the agent made itself for an application in `netns` (synthetic DNS
+    /// forwarding to the internal resolver).
+    pub fn learn(&self, netns: u64, server: IpAddr, query: &[u8], answer: &[u8]) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // A socket id no kernel socket has (cookies count up from 1).
+        let socket = u64::MAX;
+        for (message, answer) in [(query, false), (answer, true)] {
+            records.observe(
+                Observed {
+                    netns,
+                    socket,
+                    server,
+                    answer,
+                    message,
+                },
+                now,
+            );
+        }
+    }
+
     /// What the application in the network namespace `netns` resolved about `address` and `name`.
     pub fn resolved(&self, netns: u64, address: IpAddr, name: Option<&str>) -> Resolved {
         self.drain();

@@ -30,7 +30,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink},
 };
 use egress_common::{AF_INET, AF_INET6};
-use egress_common::{AgentConfig, ConnKey, NETNS_OWN, NETNS_SERVED, SockAddr, counter, maps, programs};
+use egress_common::{
+    AgentConfig, ConnKey, NETNS_OWN, NETNS_SERVED, SockAddr, SynthName, counter, maps, programs,
+};
 use ipnet::IpNet;
 
 /// The kernel programs, built by build.rs and embedded in the binary.
@@ -40,22 +42,26 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const LINKS_DIR: &str = "links";
 /// The cgroup/sock_addr programs, all attached to every target cgroup (besides sock_ops).
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
     programs::SENDMSG4,
     programs::SENDMSG6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
 ];
 /// The same for a selectively attached cgroup (a container engine's parent, see [`scopes`]).
-const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 6] = [
+const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 8] = [
     programs::CONNECT4_SCOPED,
     programs::CONNECT6_SCOPED,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
     programs::SENDMSG4_SCOPED,
     programs::SENDMSG6_SCOPED,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
 ];
 /// The packet programs that copy noted DNS sockets' messages (see `dns::watch`), on every
 /// attached cgroup: they act only on sockets the sock_addr programs noted.
@@ -77,6 +83,8 @@ pub struct KernelSettings {
     pub listen_port: u16,
     pub agent_mark: u32,
     pub kernel_log: bool,
+    /// Synthetic DNS: the intercepted processes' DNS goes to the agent.
+    pub dns_synthetic: bool,
 }
 
 /// The deny and bypass tries, updated together.
@@ -106,6 +114,8 @@ pub struct Kernel {
     pub scopes: Mutex<scopes::ScopeMaps>,
     /// The DNS messages of intercepted processes, until `dns::Watch` takes them.
     dns_events: Mutex<Option<RingBuf<MapData>>>,
+    /// The synthetic DNS mappings, until `dns::server` takes them.
+    synthetic: Mutex<Option<HashMap<MapData, u32, SynthName>>>,
     ebpf: Ebpf,
 }
 
@@ -115,11 +125,13 @@ impl Kernel {
     pub fn load(settings: &KernelSettings, netns: u64) -> Result<Self> {
         let mut ebpf = load_object(&settings.pin_dir)?;
         let mut config: Array<_, AgentConfig> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)?;
-        let flags = if settings.kernel_log {
-            egress_common::FLAG_KERNEL_LOG
-        } else {
-            0
-        };
+        let mut flags = 0;
+        if settings.kernel_log {
+            flags |= egress_common::FLAG_KERNEL_LOG;
+        }
+        if settings.dns_synthetic {
+            flags |= egress_common::FLAG_DNS_SYNTHETIC;
+        }
         config.set(
             0,
             AgentConfig {
@@ -161,10 +173,12 @@ impl Kernel {
         let bypass6 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS6)?)?;
         let scopes = scopes::ScopeMaps::take(&mut ebpf)?;
         let dns_events = RingBuf::try_from(take_map(&mut ebpf, maps::DNS_EVENTS)?)?;
+        let synthetic = HashMap::try_from(take_map(&mut ebpf, maps::SYNTHETIC)?)?;
         remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
             scopes: Mutex::new(scopes),
             dns_events: Mutex::new(Some(dns_events)),
+            synthetic: Mutex::new(Some(synthetic)),
             orig_dst: Mutex::new(orig_dst),
             netns,
             served: Mutex::new(served),
@@ -185,6 +199,11 @@ impl Kernel {
     /// The ring buffer of DNS messages (once).
     pub fn take_dns_events(&self) -> Option<RingBuf<MapData>> {
         self.dns_events.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The pinned synthetic DNS mappings (once).
+    pub fn take_synthetic(&self) -> Option<HashMap<MapData, u32, SynthName>> {
+        self.synthetic.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Gives the kernel-side aya-log records to the `log` facade (and so to tracing).

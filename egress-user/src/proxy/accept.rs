@@ -77,7 +77,7 @@ async fn handle(
     decision.protocol = Some(sniffed.protocol());
     decision.name = sniffed.name().map(str::to_owned);
 
-    let resolved = shared.dns.resolved(netns.cookie, original.ip(), sniffed.name());
+    let resolved = shared.resolved(netns.cookie, original.ip(), sniffed.name());
     let Plan {
         action,
         rule,

@@ -82,6 +82,8 @@ pub struct Shared {
     pub namespaces: Option<Namespaces>,
     /// The names behind the addresses the intercepted processes resolved.
     pub dns: Arc<dns::Watch>,
+    /// Synthetic DNS, when configured.
+    pub synthetic: Option<dns::server::Synthesizer>,
     pub metrics: Arc<Metrics>,
     pub(crate) next_id: AtomicU64,
     current: RwLock<Arc<Current>>,
@@ -90,10 +92,21 @@ pub struct Shared {
 impl Shared {
     pub fn new(kernel: Kernel, namespaces: Option<Namespaces>, current: Current) -> Self {
         let dns = Arc::new(dns::Watch::new(kernel.take_dns_events()));
+        let settings = &current.config.dns;
+        let synthetic = match (settings.mode, settings.resolver) {
+            (crate::config::DnsMode::Synthetic, Some(resolver)) => Some(dns::server::Synthesizer::new(
+                settings.synthetic_range,
+                kernel.take_synthetic(),
+                resolver,
+                current.config.agent_mark,
+            )),
+            _ => None,
+        };
         Self {
             kernel,
             namespaces,
             dns,
+            synthetic,
             metrics: Arc::new(Metrics::new()),
             next_id: AtomicU64::new(1),
             current: RwLock::new(Arc::new(current)),
@@ -102,6 +115,31 @@ impl Shared {
 
     pub fn current(&self) -> Arc<Current> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What the application in `netns` resolved about `address` (and the client's `name`): from
+    /// the synthetic mappings for a synthetic address, else from the record of its DNS answers.
+    pub fn resolved(
+        &self,
+        netns: u64,
+        address: std::net::IpAddr,
+        name: Option<&str>,
+    ) -> crate::route::plan::Resolved {
+        use crate::route::plan::{ClientName, Resolved};
+        let Some(synthetic) = self.synthetic.as_ref().filter(|s| s.contains(address)) else {
+            return self.dns.resolved(netns, address, name);
+        };
+        let dialled_name = synthetic.name_of(address);
+        let client = match (name, &dialled_name) {
+            (None, _) => ClientName::Unrecorded,
+            (Some(n), Some(d)) if n.trim_end_matches('.').eq_ignore_ascii_case(d) => ClientName::Resolved,
+            (Some(_), _) => ClientName::Elsewhere,
+        };
+        Resolved {
+            client,
+            dialled_name,
+            synthetic: true,
+        }
     }
 
     /// Puts `current` in force for connections accepted from now on.

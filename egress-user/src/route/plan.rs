@@ -69,6 +69,10 @@ pub struct Resolved {
     pub client: ClientName,
     /// The name the application last resolved to the dialled address.
     pub dialled_name: Option<String>,
+    /// The dialled address is a synthetic one (synthetic DNS): made up, reachable only through
+    /// the proxy, by name.
+    #[serde(default)]
+    pub synthetic: bool,
 }
 
 /// Which name a proxied connection is CONNECTed (or forwarded) by, for the decision log.
@@ -294,6 +298,9 @@ pub fn plan<'a, P>(
         .decide(dst.ip(), dst.port(), name.as_deref(), proxy.is_some());
     let action = match (ruling.disposition, proxy) {
         (Disposition::Deny, _) => Action::Deny,
+        (Disposition::Direct, _) | (Disposition::Proxy, None) if resolved.synthetic => {
+            return deny(Rule::new(RuleKind::Synthetic, dst.ip().to_string()));
+        }
         (Disposition::Direct, _) | (Disposition::Proxy, None) => Action::Direct { to: dst },
         (Disposition::Proxy, Some(proxy)) => {
             let host = name.as_deref().filter(|_| !rules.connect_by_ip);
@@ -487,6 +494,7 @@ mod tests {
         let known = |client: ClientName, dialled: Option<&str>| Resolved {
             client,
             dialled_name: dialled.map(str::to_owned),
+            synthetic: false,
         };
         use ClientName::{Elsewhere, Unrecorded};
         let agreed = ClientName::Resolved;
@@ -528,7 +536,25 @@ mod tests {
             (by_ip, "93.184.216.8:8448", tls(Some("example.org")), known(Elsewhere, Some("matrix.example.org")),
                 "connect 93.184.216.8:8448 via tls-proxy:3128 [proxy]", TargetName::Address),
         ];
-        for (text, dst, sniffed, resolved, expected, named_by) in cases {
+        // Synthetic addresses (synthetic DNS) exist only as names for the proxy.
+        let synthetic = |client: ClientName| Resolved {
+            client,
+            dialled_name: Some("matrix.example.org".to_owned()),
+            synthetic: true,
+        };
+        let https_only = "https_proxy = \"http://tls-proxy:3128\"";
+        let mut cases = cases.to_vec();
+        #[rustfmt::skip]
+        cases.extend([
+            (proxies, "240.64.0.7:8448", tls(Some("example.org")), synthetic(Elsewhere),
+                "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::Resolved),
+            (proxies, "240.64.0.7:443", tls(Some("matrix.example.org")), synthetic(agreed),
+                "connect matrix.example.org:443 via tls-proxy:3128 [proxy]", TargetName::Client),
+            (https_only, "240.64.0.7:80", http(Some("matrix.example.org")), synthetic(agreed),
+                "deny [synthetic address 240.64.0.7: only the proxy reaches its name]",
+                TargetName::Client),
+        ]);
+        for (text, dst, sniffed, resolved, expected, named_by) in &cases {
             let config = Config::from_toml(text);
             let dst: SocketAddr = dst.parse().unwrap();
             let plan = plan(&config.rules(), config.proxies(), dst, sniffed, resolved);

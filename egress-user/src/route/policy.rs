@@ -307,6 +307,16 @@ impl NoProxy {
 
     /// IP/CIDR entries without a port (and 0.0.0.0/0 + ::/0 for `*`): destinations the kernel can
     /// pass direct without asking the agent. Aggregated, so overlapping entries become one.
+    /// Whether a host entry (on any port), or `*`, names `host`: the names synthetic DNS leaves
+    /// to the internal resolver, since they are reached directly.
+    pub fn names_host(&self, host: &str) -> bool {
+        self.entries.iter().any(|entry| match entry {
+            NoProxyEntry::All => true,
+            NoProxyEntry::Host { name, .. } => host_matches(name, host),
+            NoProxyEntry::Ip { .. } => false,
+        })
+    }
+
     pub fn kernel_bypass_nets(&self) -> Vec<IpNet> {
         if self.entries.contains(&NoProxyEntry::All) {
             return vec![
@@ -353,6 +363,8 @@ pub enum RuleKind {
     /// The client named this host itself (`localhost`, a loopback address): never reachable
     /// through egress.
     LocalName,
+    /// A synthetic address (synthetic DNS) that the route would reach directly: it has no host.
+    Synthetic,
 }
 
 impl RuleKind {
@@ -364,6 +376,7 @@ impl RuleKind {
             RuleKind::NoProxyForProtocol => "no_proxy_for_protocol",
             RuleKind::DefaultRoute => "default_route",
             RuleKind::LocalName => "local_name",
+            RuleKind::Synthetic => "synthetic",
         }
     }
 }
@@ -401,6 +414,11 @@ impl fmt::Display for Rule {
             RuleKind::NoProxyForProtocol => f.write_str("no proxy for protocol"),
             RuleKind::DefaultRoute => write!(f, "default_route {} (neither TLS nor HTTP)", self.detail),
             RuleKind::LocalName => write!(f, "local name {}", self.detail),
+            RuleKind::Synthetic => write!(
+                f,
+                "synthetic address {}: only the proxy reaches its name",
+                self.detail
+            ),
         }
     }
 }

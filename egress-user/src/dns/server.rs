@@ -1,0 +1,204 @@
+//! Synthetic DNS, served: the agent's DNS listener (UDP, on loopback at egress's port, carrying
+//! the agent mark so that the kernel sends queries only to it), the synthetic mappings (kept in a
+//! pinned map, so that an agent restart keeps every address applications may still hold), and
+//! forwarding to the internal resolver.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use egress_common::SynthName;
+use hickory_proto::op::{Message, ResponseCode};
+use ipnet::Ipv4Net;
+use tokio::{net::UdpSocket, sync::Semaphore};
+
+use super::synthetic::{Allocator, Handling, handle, response};
+use crate::{proxy::Shared, route::policy::NoProxy};
+
+/// Queries answered at once; more are dropped (the client asks again).
+const MAX_IN_FLIGHT: usize = 256;
+/// How long the internal resolver has to answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Synthesizer {
+    allocator: Mutex<Allocator>,
+    pinned: Mutex<Option<BpfHashMap<MapData, u32, SynthName>>>,
+    pub resolver: SocketAddr,
+    mark: u32,
+}
+
+impl Synthesizer {
+    /// Takes over the mappings pinned by earlier agents (those outside `range`, after a change of
+    /// range, are dropped).
+    pub fn new(
+        range: Ipv4Net,
+        pinned: Option<BpfHashMap<MapData, u32, SynthName>>,
+        resolver: SocketAddr,
+        mark: u32,
+    ) -> Self {
+        let mut allocator = Allocator::new(range);
+        let mut pinned = pinned;
+        if let Some(map) = pinned.as_mut() {
+            let entries: Vec<(u32, SynthName)> = map.iter().filter_map(Result::ok).collect();
+            let mut dropped = 0;
+            for (key, name) in entries {
+                let addr = Ipv4Addr::from(u32::from_be(key));
+                let restored = name_text(&name).is_some_and(|name| allocator.restore(addr, &name));
+                if !restored {
+                    let _ = map.remove(&key);
+                    dropped += 1;
+                }
+            }
+            tracing::info!(
+                restored = allocator.len(),
+                dropped,
+                range = %range,
+                "synthetic DNS mappings taken over"
+            );
+        }
+        Self {
+            allocator: Mutex::new(allocator),
+            pinned: Mutex::new(pinned),
+            resolver,
+            mark,
+        }
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.lock().contains(addr)
+    }
+
+    pub fn name_of(&self, addr: IpAddr) -> Option<String> {
+        self.lock().name_of(addr).map(str::to_owned)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Allocator> {
+        self.allocator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles a query; a new mapping is pinned before it is answered.
+    fn handle(&self, query: &Message, no_proxy: &NoProxy) -> Handling {
+        let handling = handle(query, no_proxy, &mut self.lock());
+        if let Handling::Allocated(_, name, addr) = &handling {
+            self.persist(name, *addr);
+        }
+        handling
+    }
+
+    fn persist(&self, name: &str, addr: Ipv4Addr) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(map) = pinned.as_mut() else { return };
+        let mut value = SynthName([0; 256]);
+        let bytes = name.as_bytes();
+        value.0[..bytes.len().min(255)].copy_from_slice(&bytes[..bytes.len().min(255)]);
+        if let Err(e) = map.insert(u32::from(addr).to_be(), value, 0) {
+            tracing::warn!("synthetic DNS: pinning {name} = {addr}: {e}; it is lost when the agent restarts");
+        }
+    }
+}
+
+fn name_text(name: &SynthName) -> Option<String> {
+    let end = name.0.iter().position(|&b| b == 0).unwrap_or(name.0.len());
+    let text = std::str::from_utf8(&name.0[..end]).ok()?;
+    crate::hostport::valid_hostname(text).then(|| text.to_owned())
+}
+
+/// Answers the queries arriving on `socket` (in the agent's own network namespace).
+pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
+    let socket = Arc::new(socket);
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::warn!("synthetic DNS: receiving: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("synthetic DNS: {MAX_IN_FLIGHT} queries in flight; one dropped");
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let (socket, shared) = (socket.clone(), shared.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = answer(&shared, &query).await
+                && let Err(e) = socket.send_to(&reply, peer).await
+            {
+                tracing::debug!("synthetic DNS: answering {peer}: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(shared: &Shared, bytes: &[u8]) -> Option<Vec<u8>> {
+    let synthesizer = shared.synthetic.as_ref()?;
+    // Not a DNS message: no answer, as a resolver would do.
+    let query = Message::from_vec(bytes).ok()?;
+    let current = shared.current();
+    match synthesizer.handle(&query, &current.config.policy.no_proxy) {
+        Handling::Answer(message) | Handling::Allocated(message, ..) => message.to_vec().ok(),
+        Handling::Forward => match forward(synthesizer.resolver, bytes, synthesizer.mark).await {
+            Ok(reply) => {
+                shared.dns.learn(
+                    shared.kernel.own_netns(),
+                    synthesizer.resolver.ip(),
+                    bytes,
+                    &reply,
+                );
+                Some(reply)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "synthetic DNS: the internal resolver {}: {e}",
+                    synthesizer.resolver
+                );
+                response(&query, ResponseCode::ServFail).to_vec().ok()
+            }
+        },
+    }
+}
+
+/// Asks the internal resolver, from a marked socket (never redirected), and returns its answer
+/// to this query (same id).
+async fn forward(resolver: SocketAddr, query: &[u8], mark: u32) -> std::io::Result<Vec<u8>> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(resolver), Type::DGRAM, None)?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    let socket = UdpSocket::from_std(socket.into())?;
+    socket.connect(resolver).await?;
+    socket.send(query).await?;
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(FORWARD_TIMEOUT, async {
+        loop {
+            let n = socket.recv(&mut buf).await?;
+            if n >= 2 && query.len() >= 2 && buf[..2] == query[..2] {
+                return Ok(buf[..n].to_vec());
+            }
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
+}
+
+/// The first nameserver of /etc/resolv.conf: the default internal resolver.
+pub fn system_resolver() -> anyhow::Result<SocketAddr> {
+    let (config, _) = hickory_resolver::system_conf::read_system_conf()
+        .map_err(|e| anyhow::anyhow!("dns_mode = \"synthetic\": reading /etc/resolv.conf for the internal resolver: {e}; set dns_resolver"))?;
+    config
+        .name_servers()
+        .first()
+        .map(|ns| ns.socket_addr)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "dns_mode = \"synthetic\": /etc/resolv.conf names no nameserver; set dns_resolver"
+            )
+        })
+}
