@@ -34,4 +34,39 @@ pub mod fuzzing {
     pub use crate::proxy::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
     pub use crate::proxy::upstream::{UpstreamError, connect_exchange};
     pub use crate::route::{plan::Sniffed, policy::NoProxy};
+
+    /// A DNS message from an application (or a forger): seen as a query and then as its own
+    /// answer by the record, and handled by synthetic DNS. Returns the synthetic reply, if any.
+    pub fn dns_message(bytes: &[u8]) -> Option<Vec<u8>> {
+        use std::{net::IpAddr, time::Instant};
+
+        use crate::dns::{
+            record::{Observed, Records},
+            synthetic::{Allocator, Handling, handle},
+        };
+        let mut records = Records::default();
+        let now = Instant::now();
+        let server: IpAddr = [127, 0, 0, 53].into();
+        for answer in [false, true] {
+            records.observe(
+                Observed {
+                    netns: 1,
+                    socket: 1,
+                    server,
+                    answer,
+                    message: bytes,
+                },
+                now,
+            );
+        }
+        let _ = records.resolved(1, [93, 184, 216, 34].into(), Some("matrix.example"), now);
+        let _ = records.known(1, None, None, now);
+        let query = hickory_proto::op::Message::from_vec(bytes).ok()?;
+        let mut allocator = Allocator::new("240.64.0.0/29".parse().expect("a range"));
+        let no_proxy = NoProxy::parse_list(["internal.example"]).expect("a no_proxy list");
+        match handle(&query, &no_proxy, &mut allocator) {
+            Handling::Answer(reply) | Handling::Allocated(reply, ..) => reply.to_vec().ok(),
+            Handling::Forward => None,
+        }
+    }
 }
