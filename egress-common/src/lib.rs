@@ -48,6 +48,12 @@ pub mod maps {
     /// Synthetic DNS: synthetic IPv4 address (network order) -> [`super::SynthName`]. Not read by
     /// the kernel: pinned so that the mappings outlive the agent (applications keep addresses).
     pub const SYNTHETIC: &str = "EGRESS_SYNTH";
+    /// Synthetic DNS: socket cookie -> [`super::DnsRedirect`], for the sockets whose queries went
+    /// to the agent (recvmsg restores the resolver's address from it).
+    pub const DNS_REDIRECTS: &str = "EGRESS_DNS_REDIR";
+    /// Synthetic DNS: [`super::DnsClient`] -> 1, the sources of queries the kernel redirected; the
+    /// agent answers no one else.
+    pub const DNS_CLIENTS: &str = "EGRESS_DNS_CLIENTS";
 }
 
 /// Capacity of each deny/bypass trie.
@@ -158,10 +164,32 @@ pub const MAX_SERVED_NETNS: u32 = 4096;
 /// Capacity of the DNS-sockets map.
 pub const MAX_DNS_SOCKETS: u32 = 16384;
 /// Size of the DNS ring buffer (bytes; a power of two, as the kernel requires).
-pub const DNS_RING_BYTES: u32 = 1 << 20;
+pub const DNS_RING_BYTES: u32 = 4 << 20;
 /// DNS message bytes copied per packet: a power of two, so that the kernel program bounds the
 /// copy with a mask; larger than the 1232 bytes resolvers answer over UDP since DNS Flag Day 2020.
 pub const DNS_CAPTURE: usize = 2048;
+
+/// Where a redirected DNS query was going, and from which network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsRedirect {
+    pub original: SockAddr,
+    pub _pad: u32,
+    pub netns: u64,
+}
+
+/// A redirected DNS query's source, as the agent's DNS listener sees it: the namespace and the
+/// client's UDP port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsClient {
+    pub netns: u64,
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// Capacity of the DNS redirect and client maps.
+pub const MAX_DNS_REDIRECTS: u32 = 16384;
 
 /// Capacity of the synthetic-names map.
 pub const MAX_SYNTHETIC: u32 = 65536;
@@ -288,4 +316,6 @@ mod pod {
     unsafe impl aya::Pod for super::Scope {}
     unsafe impl aya::Pod for super::ContainerName {}
     unsafe impl aya::Pod for super::SynthName {}
+    unsafe impl aya::Pod for super::DnsRedirect {}
+    unsafe impl aya::Pod for super::DnsClient {}
 }

@@ -43,7 +43,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use egress_common::{
     AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY, DNS_RING_BYTES,
-    DnsEvent, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES,
+    DnsClient, DnsEvent, DnsRedirect, FLAG_DNS_SYNTHETIC, MAX_DNS_REDIRECTS, FLAG_KERNEL_LOG, MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES,
     MAX_SERVED_NETNS, MAX_SYNTHETIC, NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, SynthName, counter,
 };
 
@@ -108,6 +108,15 @@ static DNS_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0
 
 #[map(name = "EGRESS_DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::pinned(DNS_RING_BYTES, 0);
+
+/// Synthetic DNS: the sockets whose queries went to the agent, and where they were going.
+#[map(name = "EGRESS_DNS_REDIR")]
+static DNS_REDIRECTS: LruHashMap<u64, DnsRedirect> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
+
+/// Synthetic DNS: the sources of redirected queries, written by `egress_dns_out` as they leave;
+/// the agent answers only these.
+#[map(name = "EGRESS_DNS_CLIENTS")]
+static DNS_CLIENTS: LruHashMap<DnsClient, u8> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
 
 /// Written and read by the agent only (see egress_common::maps::SYNTHETIC); allocated on use.
 #[map(name = "EGRESS_SYNTH")]
@@ -278,9 +287,24 @@ fn scope_verdict() -> u32 {
     }
 }
 
+/// Synthetic DNS answers UDP only: DNS over TCP (to any resolver, loopback ones included) is
+/// refused, so that no query reaches a resolver the agent did not choose.
+#[inline(always)]
+fn synthetic_dns() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|cfg| cfg.ready != 0 && cfg.flags & FLAG_DNS_SYNTHETIC != 0)
+}
+
 /// Policy for an IPv4 destination (also IPv4-mapped ones from connect6).
 #[inline(always)]
 fn decide4(ctx: &SockAddrContext, sa: &bpf_sock_addr, dst_ip: u32, dst_port: u16, scoped: bool) -> Verdict {
+    if dst_port == DNS_PORT && synthetic_dns() {
+        // After the scope, namespace and agent checks: only intercepted processes are refused.
+        let _ = config_or_return!(ctx, sa, scoped);
+        count(counter::DENY_NO_LISTENER);
+        return Verdict::Deny;
+    }
     if u32::from_be(dst_ip) >> 24 == 127 || dst_ip == 0 {
         count(counter::PASS_LOOPBACK);
         return Verdict::Allow;
@@ -318,6 +342,12 @@ fn decide6(
     dst_port: u16,
     scoped: bool,
 ) -> Verdict {
+    if dst_port == DNS_PORT && synthetic_dns() {
+        // After the scope, namespace and agent checks: only intercepted processes are refused.
+        let _ = config_or_return!(ctx, sa, scoped);
+        count(counter::DENY_NO_LISTENER);
+        return Verdict::Deny;
+    }
     if dst_ip == LOOPBACK6 || dst_ip == [0; 4] {
         count(counter::PASS_LOOPBACK);
         return Verdict::Allow;
@@ -543,13 +573,18 @@ fn dns_socket(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, dst_port: u16, scop
         let _ = DNS_SOCKETS.insert(&cookie, &netns, BPF_ANY as u64);
         return ALLOW;
     }
-    let Some(&served) = (unsafe { SERVED_NETNS.get(&netns) }) else {
-        count(counter::DENY_NO_LISTENER);
-        return DENY;
+    // Synthetic DNS is served in the agent's own namespace only: elsewhere root may set the mark,
+    // so a listener there could be anyone's.
+    let served = match unsafe { SERVED_NETNS.get(&netns) } {
+        Some(&served) if served & NETNS_OWN != 0 => served,
+        _ => {
+            count(counter::DENY_NO_LISTENER);
+            return DENY;
+        }
     };
     // The agent's own queries (to the internal resolver), where its cgroup is below an attached one.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == cfg.agent_mark && (served & NETNS_OWN != 0 || is_agent_task()) {
+    if mark == cfg.agent_mark && served & NETNS_OWN != 0 {
         count(counter::PASS_AGENT);
         return ALLOW;
     }
@@ -567,7 +602,12 @@ fn dns_socket(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, dst_port: u16, scop
     if !agent_listens(ctx, cfg.listen_port, cfg.agent_mark, to_ipv6_listener, true) {
         return DENY;
     }
-    if SOCKET_DST.insert(cookie, &original, BPF_ANY as u64).is_err() {
+    let redirect = DnsRedirect {
+        original,
+        _pad: 0,
+        netns,
+    };
+    if DNS_REDIRECTS.insert(&cookie, &redirect, BPF_ANY as u64).is_err() {
         count(counter::DENY_NO_STATE);
         return DENY;
     }
@@ -654,8 +694,7 @@ fn redirected_dns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<SockAddr>
         return None;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let original = unsafe { SOCKET_DST.get(cookie) }?;
-    (original.port == DNS_PORT).then_some(*original)
+    unsafe { DNS_REDIRECTS.get(&cookie) }.map(|r| r.original)
 }
 
 #[cgroup_skb(ingress)]
@@ -666,8 +705,49 @@ pub fn egress_dns_in(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn egress_dns_out(ctx: SkBuffContext) -> i32 {
+    note_dns_client(&ctx);
     capture_dns(&ctx, DNS_QUERY);
     1
+}
+
+/// Synthetic DNS: a redirected query leaving for the agent's DNS listener files its source port
+/// (with its namespace), so that the agent can tell it from a datagram anyone else sent there.
+#[inline(always)]
+fn note_dns_client(ctx: &SkBuffContext) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    if cfg.flags & FLAG_DNS_SYNTHETIC == 0 {
+        return;
+    }
+    let udp = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let Ok(version_ihl) = ctx.load::<u8>(0) else { return };
+            if ctx.load::<u8>(9) != Ok(IPPROTO_UDP) {
+                return;
+            }
+            (version_ihl & 0x0f) as usize * 4
+        }
+        ETH_P_IPV6 => {
+            if ctx.load::<u8>(6) != Ok(IPPROTO_UDP) {
+                return;
+            }
+            40
+        }
+        _ => return,
+    };
+    if ctx.load::<u16>(udp + 2).map(u16::from_be) != Ok(cfg.listen_port) {
+        return;
+    }
+    let Ok(sport) = ctx.load::<u16>(udp) else { return };
+    let socket = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut core::ffi::c_void) };
+    let Some(redirect) = (unsafe { DNS_REDIRECTS.get(&socket) }) else {
+        return;
+    };
+    let client = DnsClient {
+        netns: redirect.netns,
+        port: u16::from_be(sport) as u32,
+        _pad: 0,
+    };
+    let _ = DNS_CLIENTS.insert(&client, &1, BPF_ANY as u64);
 }
 
 /// Copies a DNS message (UDP from port 53 arriving, or to port 53 leaving) of a noted socket into

@@ -44,6 +44,7 @@ impl Agent {
     pub fn reload(&self) -> Result<()> {
         let old = self.current();
         let mut config = Config::load(&self.args, &self.env).context("reading the configuration")?;
+        config.settle_dns()?;
         for change in keep_start_settings(&old.config, &mut config) {
             tracing::warn!("reload: {change} changed; this takes a restart to apply");
         }

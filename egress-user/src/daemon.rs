@@ -32,14 +32,7 @@ struct Listeners {
 pub fn run(args: &RunArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let mut config = Config::load(args, &env)?;
-    if config.dns.mode == crate::config::DnsMode::Synthetic {
-        let resolver = match config.dns.resolver {
-            Some(resolver) => resolver,
-            None => crate::dns::server::system_resolver()?,
-        };
-        crate::config::check_resolver(&config.policy, resolver)?;
-        config.dns.resolver = Some(resolver);
-    }
+    config.settle_dns()?;
     if config.cgroups.is_empty() {
         tracing::warn!("no cgroup configured: nothing is intercepted until `egress attach --unit/--cgroup`");
     }

@@ -579,6 +579,33 @@ fn synthetic_addresses_survive_an_agent_restart_and_dns_fails_closed_without_an_
     let before = fetch(&bed, None);
     assert_eq!(before.code, Some(0), "{before:?}");
 
+    // A local user outside the cgroup, asking the agent's DNS port directly, gets no answer and
+    // no address; the next name of the homeserver's gets the next address.
+    let squatter = r#"
+import socket, struct
+q = struct.pack(">HHHHHH", 9, 0x0100, 1, 0, 0, 0) + b"\x08squatter\x07example\x00" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.sendto(q, ("127.0.0.1", 1001))
+try:
+    s.recvfrom(512); print("answered")
+except socket.timeout:
+    print("no answer")
+"#;
+    let outside = bed.run_in_hs("python3", &["-c", squatter]).unwrap();
+    assert_eq!(outside.stdout.trim(), "no answer", "{outside:?}");
+    let next = lookup(&bed, "next.example.test");
+    let next_address: std::net::Ipv4Addr = next.stdout.split_whitespace().next().unwrap().parse().unwrap();
+    let first_address: std::net::Ipv4Addr = address.parse().unwrap();
+    assert_eq!(u32::from(next_address), u32::from(first_address) + 1, "{next:?}");
+    // DNS over TCP is refused in the cgroup, also to a loopback resolver.
+    let tcp = process::output(bed.hs_command(
+        Some(&bed.cgroup.path),
+        "python3",
+        &["-c", "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 53), timeout=5); print('connected')\nexcept OSError as e:\n    print(e.errno)"],
+    ))
+    .unwrap();
+    assert_eq!(tcp.stdout.trim(), "1", "EPERM (errno 1) expected: {tcp:?}");
+
     // No agent: the cgroup's DNS is refused, not sent to the resolver.
     bed.stop_agent();
     let asked_before = resolver.log().matches("query[").count();

@@ -24,7 +24,7 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 /// The tests run when none are named: the tunnel with its fail-closed cases, the policy routes,
 /// and the hardening (listener check, namespace keys) that leans on the newest kernel features.
-const SMOKE: &[&str] = &["tunnel", "policy", "hardening", "containers", "dns"];
+const SMOKE: &[&str] = &["tunnel", "policy", "hardening", "containers"];
 
 /// The script the guest runs: the mounts and modules a fresh guest lacks, then each test binary.
 const GUEST_SCRIPT: &str = r#"#!/bin/bash

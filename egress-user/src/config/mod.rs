@@ -147,6 +147,21 @@ pub struct Config {
 
 impl Config {
     /// Resolves the configuration for `egress run` from all sources.
+    /// Synthetic DNS: fills in the default internal resolver (/etc/resolv.conf's) and refuses
+    /// one the policy forbids. At start and on every reload (the policy may have changed).
+    pub fn settle_dns(&mut self) -> Result<()> {
+        if self.dns.mode != DnsMode::Synthetic {
+            return Ok(());
+        }
+        let resolver = match self.dns.resolver {
+            Some(resolver) => resolver,
+            None => crate::dns::server::system_resolver()?,
+        };
+        check_resolver(&self.policy, resolver)?;
+        self.dns.resolver = Some(resolver);
+        Ok(())
+    }
+
     /// The settings the routing plan follows.
     pub fn rules(&self) -> Rules<'_> {
         Rules {

@@ -27,8 +27,12 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_ENTRIES: usize = 2048;
 /// Network namespaces with a record; the least recently taught one goes first.
 pub const MAX_NAMESPACES: usize = 32;
-/// Queries waiting for their answer, over all namespaces.
+/// Queries waiting for their answer, over all namespaces, and from one namespace.
 pub const MAX_PENDING: usize = 4096;
+pub const MAX_PENDING_PER_NAMESPACE: usize = 512;
+/// SRV delegations kept per namespace, and targets kept per delegation.
+pub const MAX_DELEGATIONS: usize = 256;
+pub const MAX_SRV_TARGETS: usize = 8;
 /// How long a query waits for its answer.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Records of one answer that are looked at, and CNAME links followed.
@@ -118,6 +122,8 @@ pub struct Records {
     namespaces: HashMap<u64, Namespace>,
     pending: HashMap<PendingKey, Pending>,
     seq: u64,
+    /// The agent's own namespace (the host's homeserver): never pushed out by others.
+    protected: Option<u64>,
 }
 
 /// A name as recorded: lower case, without the root's dot.
@@ -130,6 +136,14 @@ fn name_text(name: &Name) -> String {
 }
 
 impl Records {
+    /// A record whose namespace `protected` is never evicted to make room for others.
+    pub fn protecting(protected: u64) -> Self {
+        Self {
+            protected: Some(protected),
+            ..Self::default()
+        }
+    }
+
     pub fn observe(&mut self, observed: Observed<'_>, now: Instant) -> Outcome {
         let Ok(message) = Message::from_vec(observed.message) else {
             return Outcome::Malformed;
@@ -146,10 +160,7 @@ impl Records {
         let server = observed.server.to_canonical();
         match (observed.answer, message.message_type()) {
             (false, MessageType::Query) => {
-                self.expire_pending(now);
-                if self.pending.len() >= MAX_PENDING {
-                    return Outcome::Malformed;
-                }
+                self.make_room_for_query(observed.netns, now);
                 self.pending.insert(
                     key,
                     Pending {
@@ -177,10 +188,30 @@ impl Records {
         }
     }
 
-    fn expire_pending(&mut self, now: Instant) {
-        if self.pending.len() >= MAX_PENDING / 2 {
+    /// Drops timed-out queries, then the oldest of `netns` (or of all) over the bounds: a
+    /// namespace that floods queries never answered pushes out its own, not the others'.
+    fn make_room_for_query(&mut self, netns: u64, now: Instant) {
+        if self.pending.len() >= MAX_PENDING_PER_NAMESPACE {
             self.pending
                 .retain(|_, p| now.duration_since(p.sent) < QUERY_TIMEOUT);
+        }
+        let own = self.pending.keys().filter(|k| k.netns == netns).count();
+        let oldest = |pending: &HashMap<PendingKey, Pending>, only: Option<u64>| {
+            pending
+                .iter()
+                .filter(|(k, _)| only.is_none_or(|n| k.netns == n))
+                .min_by_key(|(_, p)| p.sent)
+                .map(|(k, _)| k.clone())
+        };
+        let victim = if own >= MAX_PENDING_PER_NAMESPACE {
+            oldest(&self.pending, Some(netns))
+        } else if self.pending.len() >= MAX_PENDING {
+            oldest(&self.pending, None)
+        } else {
+            None
+        };
+        if let Some(victim) = victim {
+            self.pending.remove(&victim);
         }
     }
 
@@ -226,31 +257,30 @@ impl Records {
             }
         }
         if !srv_targets.is_empty() {
-            // Addresses the answer gives for its own targets (additional section).
-            for record in message.additionals().iter().take(MAX_RECORDS) {
-                let owner = name_text(record.name());
-                if !srv_targets.iter().any(|(target, _, _)| *target == owner) {
-                    continue;
-                }
-                let address = match record.data() {
-                    RData::A(a) => IpAddr::V4(a.0),
-                    RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
-                    _ => continue,
-                };
-                ns.insert(&owner, address, true, now + ttl(record.ttl()), seq);
-                count += 1;
-            }
+            // The additional section is not believed: the resolver passes on whatever the zone's
+            // owner put there (an address for a no_proxy name, say). The application resolves the
+            // targets itself, and those answers are recorded.
+            srv_targets.truncate(MAX_SRV_TARGETS);
             let expires = now + srv_targets.iter().map(|t| t.2).min().unwrap_or(MIN_TTL);
-            if ns.delegations.len() < MAX_ENTRIES || ns.delegations.contains_key(asked) {
-                ns.delegations.insert(
-                    asked.to_owned(),
-                    Delegation {
-                        service: asked.to_owned(),
-                        targets: srv_targets.into_iter().map(|(t, p, _)| (t, p)).collect(),
-                        expires,
-                    },
-                );
+            ns.delegations.retain(|_, d| d.expires > now);
+            if ns.delegations.len() >= MAX_DELEGATIONS && !ns.delegations.contains_key(asked) {
+                let soonest = ns
+                    .delegations
+                    .iter()
+                    .min_by_key(|(_, d)| d.expires)
+                    .map(|(k, _)| k.clone());
+                if let Some(soonest) = soonest {
+                    ns.delegations.remove(&soonest);
+                }
             }
+            ns.delegations.insert(
+                asked.to_owned(),
+                Delegation {
+                    service: asked.to_owned(),
+                    targets: srv_targets.into_iter().map(|(t, p, _)| (t, p)).collect(),
+                    expires,
+                },
+            );
         }
         ns.trim(now);
         count
@@ -258,9 +288,11 @@ impl Records {
 
     fn namespace(&mut self, netns: u64, seq: u64) -> &mut Namespace {
         if !self.namespaces.contains_key(&netns) && self.namespaces.len() >= MAX_NAMESPACES {
+            let protected = self.protected;
             let stalest = self
                 .namespaces
                 .iter()
+                .filter(|(k, _)| Some(**k) != protected)
                 .min_by_key(|(_, ns)| ns.taught)
                 .map(|(k, _)| *k);
             if let Some(stalest) = stalest {
@@ -747,9 +779,10 @@ mod tests {
         }
     }
 
-    /// SRV answers that carry their targets' addresses teach those too, and only those.
+    /// SRV answers teach their targets, not the addresses in their additional section (which
+    /// the zone's owner chooses): the application's own lookup of the target does.
     #[test]
-    fn srv_additionals_name_their_targets() {
+    fn srv_answers_teach_targets_not_additional_addresses() {
         let now = Instant::now();
         let mut r = Records::default();
         exchange(
@@ -758,8 +791,17 @@ mod tests {
             vec![srv("_matrix-fed._tcp.example.org", "fed.example.org", 443)],
             vec![
                 a("fed.example.org", "203.0.113.20", 300),
-                a("unrelated.example", "203.0.113.21", 300),
+                a("relay.internal.example", "203.0.113.21", 300),
             ],
+            now,
+        );
+        assert_eq!(r.resolved(NS, ip("203.0.113.20"), None, now).dialled_name, None);
+        assert_eq!(r.resolved(NS, ip("203.0.113.21"), None, now).dialled_name, None);
+        exchange(
+            &mut r,
+            query(2, "fed.example.org", RecordType::A),
+            vec![a("fed.example.org", "203.0.113.20", 300)],
+            vec![],
             now,
         );
         assert_eq!(
@@ -768,7 +810,6 @@ mod tests {
                 .as_deref(),
             Some("fed.example.org")
         );
-        assert_eq!(r.resolved(NS, ip("203.0.113.21"), None, now).dialled_name, None);
         // example.org itself was never resolved, but it delegates to the dialled name.
         assert_eq!(
             r.resolved(NS, ip("203.0.113.20"), Some("example.org"), now)
@@ -780,6 +821,32 @@ mod tests {
                 .client,
             ClientName::Unrecorded
         );
+        // Delegations are bounded, by number and by targets.
+        let many: Vec<Record> = (0..40)
+            .map(|i| srv("_x._tcp.big.example", &format!("t{i}.example"), 1))
+            .collect();
+        exchange(
+            &mut r,
+            query(3, "_x._tcp.big.example", RecordType::SRV),
+            many,
+            vec![],
+            now,
+        );
+        assert_eq!(
+            r.delegations(NS, Some("big.example"), now)[0].targets.len(),
+            MAX_SRV_TARGETS
+        );
+        for i in 0..(MAX_DELEGATIONS as u16 + 10) {
+            let service = format!("_x._tcp.d{i}.example");
+            exchange(
+                &mut r,
+                query(100 + i, &service, RecordType::SRV),
+                vec![srv(&service, "t.example", 1)],
+                vec![],
+                now,
+            );
+        }
+        assert!(r.delegations(NS, None, now).len() <= MAX_DELEGATIONS);
     }
 
     /// A flood of distinct names stays within the bounds, and the newest names are kept.
@@ -861,5 +928,94 @@ mod tests {
             );
         }
         assert!(r.pending() <= MAX_PENDING);
+        // One namespace's flood of unanswered queries leaves another's query waiting...
+        let mut r = Records::default();
+        let waiting = query(7, "matrix.example.org", RecordType::A);
+        let bytes = waiting.to_vec().unwrap();
+        r.observe(
+            Observed {
+                netns: 1,
+                socket: 1,
+                server: SERVER,
+                answer: false,
+                message: &bytes,
+            },
+            now,
+        );
+        for i in 0..(MAX_PENDING as u32 * 2) {
+            let q = query(i as u16, &format!("f{i}.example"), RecordType::A)
+                .to_vec()
+                .unwrap();
+            r.observe(
+                Observed {
+                    netns: 2,
+                    socket: u64::from(i),
+                    server: SERVER,
+                    answer: false,
+                    message: &q,
+                },
+                now,
+            );
+        }
+        let reply = answer(
+            &waiting,
+            vec![a("matrix.example.org", "203.0.113.8", 300)],
+            vec![],
+        )
+        .to_vec()
+        .unwrap();
+        let outcome = r.observe(
+            Observed {
+                netns: 1,
+                socket: 1,
+                server: SERVER,
+                answer: true,
+                message: &reply,
+            },
+            now,
+        );
+        assert_eq!(outcome, Outcome::Learnt(1));
+        // ...and the protected namespace is never pushed out by others.
+        let mut r = Records::protecting(NS);
+        exchange(
+            &mut r,
+            query(1, "kept.example", RecordType::A),
+            vec![a("kept.example", "203.0.113.1", 3600)],
+            vec![],
+            now,
+        );
+        for netns in 100..(100 + MAX_NAMESPACES as u64 * 2) {
+            let q = query(1, "x.example", RecordType::A);
+            let bytes = q.to_vec().unwrap();
+            r.observe(
+                Observed {
+                    netns,
+                    socket: 1,
+                    server: SERVER,
+                    answer: false,
+                    message: &bytes,
+                },
+                now,
+            );
+            let reply = answer(&q, vec![a("x.example", "203.0.113.2", 60)], vec![])
+                .to_vec()
+                .unwrap();
+            r.observe(
+                Observed {
+                    netns,
+                    socket: 1,
+                    server: SERVER,
+                    answer: true,
+                    message: &reply,
+                },
+                now,
+            );
+        }
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.1"), None, now)
+                .dialled_name
+                .as_deref(),
+            Some("kept.example")
+        );
     }
 }

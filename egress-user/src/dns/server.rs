@@ -120,6 +120,14 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Only queries the kernel redirected: not a local user's, sent straight to this port.
+        if !shared
+            .kernel
+            .is_dns_client(shared.kernel.own_netns(), peer.port())
+        {
+            tracing::debug!("synthetic DNS: a query from {peer} was not redirected by egress; ignored");
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!("synthetic DNS: {MAX_IN_FLIGHT} queries in flight; one dropped");
             continue;

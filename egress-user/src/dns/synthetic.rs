@@ -128,14 +128,19 @@ pub fn handle(query: &Message, no_proxy: &NoProxy, allocator: &mut Allocator) ->
     let [question] = query.queries() else {
         return reply(ResponseCode::FormErr);
     };
+    // Only the Internet class: nothing else is for the internal resolver to see either.
     if question.query_class() != DNSClass::IN {
-        return Handling::Forward;
+        return reply(ResponseCode::Refused);
     }
     let mut name = question.name().to_lowercase().to_ascii();
     if name.ends_with('.') {
         name.pop();
     }
-    if !hostport::valid_hostname(&name) || no_proxy.names_host(&name) {
+    let address = matches!(question.query_type(), RecordType::A | RecordType::AAAA);
+    if address && !hostport::valid_hostname(&name) {
+        return reply(ResponseCode::Refused);
+    }
+    if no_proxy.names_host(&name) {
         return Handling::Forward;
     }
     match question.query_type() {
@@ -225,6 +230,9 @@ mod tests {
             ("_matrix-fed._tcp.example.org.", RecordType::SRV, "forward"),
             ("example.org.", RecordType::TXT, "forward"),
             ("34.216.184.93.in-addr.arpa.", RecordType::PTR, "forward"),
+            // Addresses for names that are no host names: refused, not forwarded.
+            ("*.example.", RecordType::A, "answer Query Refused"),
+            ("host.123.", RecordType::AAAA, "answer Query Refused"),
         ];
         for (name, qtype, expected) in cases {
             let q = query(name, qtype);
@@ -261,6 +269,12 @@ mod tests {
         assert_eq!(
             describe(&handle(&notify, &no_proxy, &mut allocator)),
             "answer Not Implemented"
+        );
+        let mut chaos = query("version.bind.", RecordType::TXT);
+        chaos.queries_mut()[0].set_query_class(DNSClass::CH);
+        assert_eq!(
+            describe(&handle(&chaos, &no_proxy, &mut allocator)),
+            "answer Query Refused"
         );
         let mut answer = query("a.example.", RecordType::A);
         answer.set_message_type(MessageType::Response);

@@ -2,7 +2,8 @@
 //!
 //! The kernel writes an answer into the ring buffer before the application can read it, so
 //! before the application can connect to what it names. Each redirected connection drains the
-//! ring before it looks up the record: no answer the application acted on can be missing.
+//! ring before it looks up the record: no answer the application acted on can be missing, unless
+//! the ring was full when it came (counted as `dns_lost`; the connection then goes by SNI/Host).
 
 use std::{
     net::IpAddr,
@@ -24,10 +25,11 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(ring: Option<RingBuf<MapData>>) -> Self {
+    /// `own_netns`: the agent's namespace, whose record others never push out.
+    pub fn new(ring: Option<RingBuf<MapData>>, own_netns: u64) -> Self {
         Self {
             ring: Mutex::new(ring),
-            records: Mutex::default(),
+            records: Mutex::new(Records::protecting(own_netns)),
         }
     }
 

@@ -31,7 +31,7 @@ use aya::{
 };
 use egress_common::{AF_INET, AF_INET6};
 use egress_common::{
-    AgentConfig, ConnKey, NETNS_OWN, NETNS_SERVED, SockAddr, SynthName, counter, maps, programs,
+    AgentConfig, ConnKey, DnsClient, NETNS_OWN, NETNS_SERVED, SockAddr, SynthName, counter, maps, programs,
 };
 use ipnet::IpNet;
 
@@ -116,6 +116,8 @@ pub struct Kernel {
     dns_events: Mutex<Option<RingBuf<MapData>>>,
     /// The synthetic DNS mappings, until `dns::server` takes them.
     synthetic: Mutex<Option<HashMap<MapData, u32, SynthName>>>,
+    /// Synthetic DNS: the sources of the queries the kernel redirected.
+    dns_clients: HashMap<MapData, DnsClient, u8>,
     ebpf: Ebpf,
 }
 
@@ -174,11 +176,13 @@ impl Kernel {
         let scopes = scopes::ScopeMaps::take(&mut ebpf)?;
         let dns_events = RingBuf::try_from(take_map(&mut ebpf, maps::DNS_EVENTS)?)?;
         let synthetic = HashMap::try_from(take_map(&mut ebpf, maps::SYNTHETIC)?)?;
+        let dns_clients = HashMap::try_from(take_map(&mut ebpf, maps::DNS_CLIENTS)?)?;
         remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
             scopes: Mutex::new(scopes),
             dns_events: Mutex::new(Some(dns_events)),
             synthetic: Mutex::new(Some(synthetic)),
+            dns_clients,
             orig_dst: Mutex::new(orig_dst),
             netns,
             served: Mutex::new(served),
@@ -199,6 +203,17 @@ impl Kernel {
     /// The ring buffer of DNS messages (once).
     pub fn take_dns_events(&self) -> Option<RingBuf<MapData>> {
         self.dns_events.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Whether the kernel redirected a DNS query from UDP port `port` in namespace `netns` to the
+    /// agent (synthetic DNS): anyone may send to the agent's DNS port, only these are answered.
+    pub fn is_dns_client(&self, netns: u64, port: u16) -> bool {
+        let client = DnsClient {
+            netns,
+            port: u32::from(port),
+            _pad: 0,
+        };
+        self.dns_clients.get(&client, 0).is_ok()
     }
 
     /// The pinned synthetic DNS mappings (once).

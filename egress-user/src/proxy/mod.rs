@@ -91,7 +91,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(kernel: Kernel, namespaces: Option<Namespaces>, current: Current) -> Self {
-        let dns = Arc::new(dns::Watch::new(kernel.take_dns_events()));
+        let dns = Arc::new(dns::Watch::new(kernel.take_dns_events(), kernel.own_netns()));
         let settings = &current.config.dns;
         let synthetic = match (settings.mode, settings.resolver) {
             (crate::config::DnsMode::Synthetic, Some(resolver)) => Some(dns::server::Synthesizer::new(
