@@ -33,8 +33,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -42,9 +42,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use egress_common::{
-    AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY, DNS_RING_BYTES,
-    DnsClient, DnsEvent, DnsRedirect, FLAG_DNS_SYNTHETIC, MAX_DNS_REDIRECTS, FLAG_KERNEL_LOG, MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES,
-    MAX_SERVED_NETNS, MAX_SYNTHETIC, NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, SynthName, counter,
+    AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY,
+    DNS_RING_BYTES, DnsClient, DnsEvent, DnsRedirect, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_REDIRECTS,
+    MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS, MAX_SYNTHETIC,
+    NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, SynthName, counter,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -179,7 +180,11 @@ enum Verdict {
     Deny,
     /// To the agent's listener on `port`, which must carry `mark`. Plain values, not a
     /// reference to the config: the verifier refuses pointers packed into an enum.
-    Redirect { original: SockAddr, port: u16, mark: u32 },
+    Redirect {
+        original: SockAddr,
+        port: u16,
+        mark: u32,
+    },
 }
 
 #[inline(always)]
@@ -720,7 +725,9 @@ fn note_dns_client(ctx: &SkBuffContext) {
     }
     let udp = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => {
-            let Ok(version_ihl) = ctx.load::<u8>(0) else { return };
+            let Ok(version_ihl) = ctx.load::<u8>(0) else {
+                return;
+            };
             if ctx.load::<u8>(9) != Ok(IPPROTO_UDP) {
                 return;
             }
@@ -758,7 +765,9 @@ fn capture_dns(ctx: &SkBuffContext, kind: u16) {
     let answer = kind == DNS_ANSWER;
     let (server, udp) = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => {
-            let Ok(version_ihl) = ctx.load::<u8>(0) else { return };
+            let Ok(version_ihl) = ctx.load::<u8>(0) else {
+                return;
+            };
             if ctx.load::<u8>(9) != Ok(IPPROTO_UDP) {
                 return;
             }
