@@ -191,7 +191,12 @@ fn kernel(dir: &Path, version: &str) -> Result<PathBuf> {
     let mut names: Vec<&str> = found
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| !n.contains("-unsigned") && !n.contains("-dbg"))
+        // The generic flavour: cloud kernels lack modules the tests load, rt ones are another build.
+        .filter(|n| {
+            !["-unsigned", "-dbg", "-cloud-", "-rt-"]
+                .iter()
+                .any(|f| n.contains(f))
+        })
         .collect();
     names.sort_by_key(|name| version_key(name));
     let package = names
