@@ -35,6 +35,17 @@ print(s.recv(200).decode().strip())
 
 const BANNER_PORT: u16 = 2525;
 
+/// Starts the agent with squid as https_proxy, only the proxy and the origin's first address
+/// whitelisted, and `extra`.
+fn start_agent(bed: &mut Testbed, extra: &[&str]) {
+    let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
+    let mut args = vec!["--https-proxy", &proxy];
+    args.extend_from_slice(extra);
+    let whitelist = narrow_whitelist_args();
+    args.extend(whitelist.iter().map(String::as_str));
+    bed.start_agent(&args).unwrap();
+}
+
 fn start_banner(bed: &Testbed) -> Daemon {
     bed.start_daemon(
         &bed.origin,
@@ -70,11 +81,7 @@ fn protocols_without_sni_or_host_go_by_the_name_the_application_resolved() {
         .build()
         .unwrap();
     let _banner = start_banner(&bed);
-    let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
-    let mut args = vec!["--https-proxy", &proxy, "--no-proxy", "internal.test"];
-    let whitelist = narrow_whitelist_args();
-    args.extend(whitelist.iter().map(String::as_str));
-    bed.start_agent(&args).unwrap();
+    start_agent(&mut bed, &["--no-proxy", "internal.test"]);
 
     // Before any lookup, the address is all there is: CONNECT by address.
     assert_eq!(greet(&bed, ORIGIN_IP), format!("220 client {PROXY_IP}"));
@@ -125,11 +132,7 @@ fn forged_dns_answers_are_not_believed() {
         .build()
         .unwrap();
     let _banner = start_banner(&bed);
-    let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
-    let mut args = vec!["--https-proxy", &proxy, "--no-proxy", "internal.test"];
-    let whitelist = narrow_whitelist_args();
-    args.extend(whitelist.iter().map(String::as_str));
-    bed.start_agent(&args).unwrap();
+    start_agent(&mut bed, &["--no-proxy", "internal.test"]);
 
     // The homeserver asks a resolver that never answers (127.0.0.3), from port 5300; the forger,
     // from 127.0.0.2:53, answers with the query's own id and question. Then the homeserver
@@ -198,11 +201,8 @@ fn srv_delegated_federation_connects_to_the_srv_target() {
         .build()
         .unwrap();
     let direct_federation = DirectFederation::install(&bed.origin, HS_IP).unwrap();
+    start_agent(&mut bed, &[]);
     let proxy = bed.proxy_url(egress_testbed::PROXY_PASSWORD);
-    let mut args = vec!["--https-proxy", &proxy];
-    let whitelist = narrow_whitelist_args();
-    args.extend(whitelist.iter().map(String::as_str));
-    bed.start_agent(&args).unwrap();
 
     // hs2 listens for federation on the origin's first address only: delegated.test's address
     // has nothing on 8448.
@@ -399,23 +399,15 @@ impl InternalResolver {
     }
 }
 
-fn synthetic_args(bed: &Testbed) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--https-proxy",
-        &bed.proxy_url(egress_testbed::PROXY_PASSWORD),
-        "--dns-mode",
-        "synthetic",
-        "--dns-resolver",
-        "127.0.0.1",
-        "--no-proxy",
-        "internal.test",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(narrow_whitelist_args());
-    args
-}
+/// The agent's arguments for synthetic DNS, with the internal resolver on the host's loopback.
+const SYNTHETIC: &[&str] = &[
+    "--dns-mode",
+    "synthetic",
+    "--dns-resolver",
+    "127.0.0.1",
+    "--no-proxy",
+    "internal.test",
+];
 
 /// `curl https://origin.test/` in the intercepted cgroup, with the host's resolver (or `resolve`,
 /// an address the application kept).
@@ -455,9 +447,7 @@ fn synthetic_dns_lets_synapse_preview_and_federate_without_external_dns() {
         )
         .unwrap();
     let direct_federation = DirectFederation::install(&bed.origin, HS_IP).unwrap();
-    let args = synthetic_args(&bed);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    bed.start_agent(&args).unwrap();
+    start_agent(&mut bed, SYNTHETIC);
 
     let hs2 = PeerHomeserver::start(
         &bed,
@@ -564,9 +554,7 @@ fn synthetic_dns_lets_synapse_preview_and_federate_without_external_dns() {
 fn synthetic_addresses_survive_an_agent_restart_and_dns_fails_closed_without_an_agent() {
     let mut bed = Testbed::builder().squid().nginx().build().unwrap();
     let resolver = InternalResolver::start(&bed);
-    let args = synthetic_args(&bed);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    bed.start_agent(&args).unwrap();
+    start_agent(&mut bed, SYNTHETIC);
 
     let first = lookup(&bed, "origin.test");
     assert_eq!(first.code, Some(0), "{first:?}");
@@ -618,7 +606,7 @@ except socket.timeout:
         resolver.log()
     );
 
-    bed.start_agent(&args).unwrap();
+    start_agent(&mut bed, SYNTHETIC);
     // An application still holding the address: reaches origin.test through squid.
     let resolve = format!("origin.test:443:{address}");
     let after = fetch(&bed, Some(&resolve));
