@@ -715,6 +715,21 @@ pub fn egress_dns_out(ctx: SkBuffContext) -> i32 {
     1
 }
 
+/// Whether the packet is UDP over IPv6, and where its UDP header starts (`skb->data` is at the
+/// network header in cgroup_skb programs, both ways). IPv6 only with the UDP header right after
+/// the fixed one: resolvers send no extension headers.
+#[inline(always)]
+fn udp_header(ctx: &SkBuffContext) -> Option<(bool, usize)> {
+    match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let version_ihl = ctx.load::<u8>(0).ok()?;
+            (ctx.load::<u8>(9) == Ok(IPPROTO_UDP)).then_some((false, (version_ihl & 0x0f) as usize * 4))
+        }
+        ETH_P_IPV6 => (ctx.load::<u8>(6) == Ok(IPPROTO_UDP)).then_some((true, 40)),
+        _ => None,
+    }
+}
+
 /// Synthetic DNS: a redirected query leaving for the agent's DNS listener files its source port
 /// (with its namespace), so that the agent can tell it from a datagram anyone else sent there.
 #[inline(always)]
@@ -723,24 +738,7 @@ fn note_dns_client(ctx: &SkBuffContext) {
     if cfg.flags & FLAG_DNS_SYNTHETIC == 0 {
         return;
     }
-    let udp = match u16::from_be(ctx.skb.protocol() as u16) {
-        ETH_P_IP => {
-            let Ok(version_ihl) = ctx.load::<u8>(0) else {
-                return;
-            };
-            if ctx.load::<u8>(9) != Ok(IPPROTO_UDP) {
-                return;
-            }
-            (version_ihl & 0x0f) as usize * 4
-        }
-        ETH_P_IPV6 => {
-            if ctx.load::<u8>(6) != Ok(IPPROTO_UDP) {
-                return;
-            }
-            40
-        }
-        _ => return,
-    };
+    let Some((_, udp)) = udp_header(ctx) else { return };
     if ctx.load::<u16>(udp + 2).map(u16::from_be) != Ok(cfg.listen_port) {
         return;
     }
@@ -763,30 +761,20 @@ fn note_dns_client(ctx: &SkBuffContext) {
 #[inline(always)]
 fn capture_dns(ctx: &SkBuffContext, kind: u16) {
     let answer = kind == DNS_ANSWER;
-    let (server, udp) = match u16::from_be(ctx.skb.protocol() as u16) {
-        ETH_P_IP => {
-            let Ok(version_ihl) = ctx.load::<u8>(0) else {
-                return;
-            };
-            if ctx.load::<u8>(9) != Ok(IPPROTO_UDP) {
-                return;
-            }
-            let Ok(ip) = ctx.load::<u32>(if answer { 12 } else { 16 }) else {
-                return;
-            };
-            (SockAddr::v4(ip, DNS_PORT), (version_ihl & 0x0f) as usize * 4)
-        }
-        ETH_P_IPV6 => {
-            // Only a UDP header right after the fixed header: resolvers send no extension headers.
-            if ctx.load::<u8>(6) != Ok(IPPROTO_UDP) {
-                return;
-            }
-            let Ok(ip) = ctx.load::<[u32; 4]>(if answer { 8 } else { 24 }) else {
-                return;
-            };
-            (SockAddr::v6(ip, DNS_PORT), 40)
-        }
-        _ => return,
+    let Some((ipv6, udp)) = udp_header(ctx) else {
+        return;
+    };
+    // The server: an answer's source, a query's destination.
+    let server = if ipv6 {
+        let Ok(ip) = ctx.load::<[u32; 4]>(if answer { 8 } else { 24 }) else {
+            return;
+        };
+        SockAddr::v6(ip, DNS_PORT)
+    } else {
+        let Ok(ip) = ctx.load::<u32>(if answer { 12 } else { 16 }) else {
+            return;
+        };
+        SockAddr::v4(ip, DNS_PORT)
     };
     let port_at = if answer { udp } else { udp + 2 };
     if ctx.load::<u16>(port_at).map(u16::from_be) != Ok(DNS_PORT) {
