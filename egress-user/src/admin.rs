@@ -182,7 +182,7 @@ async fn upstream_reachable(current: &Arc<Current>, cache: &HealthCache) -> Resu
     }
     let mut result = Ok(());
     for proxy in current.proxies().iter() {
-        if let Err(e) = proxy.connect().await {
+        if let Err(e) = proxy.dial().await {
             result = Err(format!("upstream proxy {} unreachable: {e}", proxy.url));
             break;
         }

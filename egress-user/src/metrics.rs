@@ -20,6 +20,8 @@ pub struct Closed {
     pub bytes_down: u64,
     /// Of the bytes relayed, those moved by splice(2).
     pub bytes_spliced: u64,
+    /// Of the bytes relayed, those moved by the kernel alone (sockmap).
+    pub bytes_in_kernel: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,6 +42,11 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    connection: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KernelLabels {
     decision: &'static str,
 }
@@ -51,6 +58,7 @@ pub struct Metrics {
     bytes: Family<DirectionLabels, Counter>,
     relay_bytes: Family<MethodLabels, Counter>,
     upstream_seconds: Histogram,
+    upstream_connections: Family<PoolLabels, Counter>,
     kernel: Family<KernelLabels, Counter>,
 }
 
@@ -84,7 +92,8 @@ impl Metrics {
         let relay_bytes = Family::<MethodLabels, Counter>::default();
         registry.register(
             "relay_bytes",
-            "Bytes relayed, by how they moved: splice(2) through a pipe, or copied through memory",
+            "Bytes relayed, by how they moved: in the kernel (sockmap), splice(2) through a pipe, \
+             or copied through memory",
             relay_bytes.clone(),
         );
         // 1 ms .. ~16 s
@@ -95,6 +104,12 @@ impl Metrics {
             "upstream_connect_seconds",
             "Time to reach the destination: proxy connect and CONNECT answer, or direct connect",
             upstream_seconds.clone(),
+        );
+        let upstream_connections = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "upstream_connections",
+            "Connections to upstream proxies taken for tunnels: warm (ready from the pool) or new",
+            upstream_connections.clone(),
         );
         let kernel = Family::<KernelLabels, Counter>::default();
         registry.register(
@@ -109,8 +124,17 @@ impl Metrics {
             bytes,
             relay_bytes,
             upstream_seconds,
+            upstream_connections,
             kernel,
         }
+    }
+
+    /// Counts a connection to an upstream proxy taken for a tunnel.
+    pub fn upstream_connection(&self, warm: bool) {
+        let connection = if warm { "warm" } else { "new" };
+        self.upstream_connections
+            .get_or_create(&PoolLabels { connection })
+            .inc();
     }
 
     pub fn connection_opened(&self) {
@@ -129,11 +153,14 @@ impl Metrics {
             .inc();
         let relayed = closed.bytes_up + closed.bytes_down;
         self.relay_bytes
+            .get_or_create(&MethodLabels { method: "kernel" })
+            .inc_by(closed.bytes_in_kernel);
+        self.relay_bytes
             .get_or_create(&MethodLabels { method: "splice" })
             .inc_by(closed.bytes_spliced);
         self.relay_bytes
             .get_or_create(&MethodLabels { method: "copy" })
-            .inc_by(relayed.saturating_sub(closed.bytes_spliced));
+            .inc_by(relayed.saturating_sub(closed.bytes_spliced + closed.bytes_in_kernel));
         self.bytes
             .get_or_create(&DirectionLabels { direction: "up" })
             .inc_by(closed.bytes_up);
@@ -171,18 +198,20 @@ mod tests {
     #[test]
     fn exposition_has_every_family_with_its_values() {
         let metrics = Metrics::new();
-        let closed = |route, outcome, rule_kind, bytes_up, bytes_down, bytes_spliced| Closed {
+        let closed = |route, outcome, rule_kind, bytes_up, bytes_down, (bytes_spliced, bytes_in_kernel)| Closed {
             route,
             outcome,
             rule_kind,
             bytes_up,
             bytes_down,
             bytes_spliced,
+            bytes_in_kernel,
         };
         for end in [
-            closed("proxy-connect", "ok", "proxy", 100, 2000, 1500),
-            closed("proxy-connect", "error", "proxy", 0, 0, 0),
-            closed("deny", "denied", "blacklist", 0, 0, 0),
+            closed("proxy-connect", "ok", "proxy", 100, 2000, (1500, 0)),
+            closed("proxy-connect", "ok", "proxy", 4000, 6000, (0, 9000)),
+            closed("proxy-connect", "error", "proxy", 0, 0, (0, 0)),
+            closed("deny", "denied", "blacklist", 0, 0, (0, 0)),
         ] {
             metrics.connection_opened();
             metrics.connection_closed(&end);
@@ -190,16 +219,22 @@ mod tests {
         // Still open: counted as active.
         metrics.connection_opened();
         metrics.upstream_latency(Duration::from_millis(3));
+        metrics.upstream_connection(true);
+        metrics.upstream_connection(true);
+        metrics.upstream_connection(false);
         let text = metrics.encode(&[("redirected", 7), ("deny_blacklist", 2)]);
         for line in [
-            "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\",rule_kind=\"proxy\"} 1",
+            "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\",rule_kind=\"proxy\"} 2",
             "egress_connections_total{route=\"proxy-connect\",outcome=\"error\",rule_kind=\"proxy\"} 1",
             "egress_connections_total{route=\"deny\",outcome=\"denied\",rule_kind=\"blacklist\"} 1",
             "egress_connections_active 1",
-            "egress_bytes_total{direction=\"up\"} 100",
-            "egress_bytes_total{direction=\"down\"} 2000",
+            "egress_bytes_total{direction=\"up\"} 4100",
+            "egress_bytes_total{direction=\"down\"} 8000",
+            "egress_relay_bytes_total{method=\"kernel\"} 9000",
             "egress_relay_bytes_total{method=\"splice\"} 1500",
-            "egress_relay_bytes_total{method=\"copy\"} 600",
+            "egress_relay_bytes_total{method=\"copy\"} 1600",
+            "egress_upstream_connections_total{connection=\"warm\"} 2",
+            "egress_upstream_connections_total{connection=\"new\"} 1",
             "egress_upstream_connect_seconds_count 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.005\"} 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.0025\"} 0",

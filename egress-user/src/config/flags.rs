@@ -113,6 +113,14 @@ pub struct RunArgs {
     /// relays well over 1 GiB/s), N, or 0 for one per CPU [default: 1].
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Idle connections kept ready (TCP, and TLS for https://) to each upstream proxy, so new
+    /// tunnels skip those handshakes; 0 turns it off [default: 4].
+    #[arg(long, value_name = "N")]
+    pub warm_upstream: Option<usize>,
+    /// How established tunnels move bytes: auto (in the kernel with a sockmap where the kernel
+    /// can, else splice) or splice [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub relay: Option<crate::config::RelayMode>,
     /// User to become once the programs are attached (keeping CAP_NET_ADMIN only)
     /// [default: nobody].
     #[arg(long, value_name = "USER")]

@@ -35,6 +35,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 1001;
 /// "egrs": marks the agent's own sockets so the kernel program never redirects them.
 pub const DEFAULT_AGENT_MARK: u32 = 0x6567_7273;
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9478";
+/// Idle connections kept ready to each upstream proxy unless configured.
+pub const DEFAULT_WARM_UPSTREAM: usize = 4;
 /// The unprivileged user the agent becomes once attached.
 pub const DEFAULT_USER: &str = "nobody";
 
@@ -83,9 +85,31 @@ pub struct FileConfig {
     pub admin_addr: Option<String>,
     pub user: Option<String>,
     pub worker_threads: Option<usize>,
+    pub warm_upstream: Option<usize>,
+    pub relay: Option<RelayMode>,
     pub dns_mode: Option<DnsMode>,
     pub synthetic_range: Option<String>,
     pub dns_resolver: Option<String>,
+}
+
+/// How established tunnels move bytes (see `proxy::relay`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// In the kernel (sockmap) where it can, else splice(2).
+    #[default]
+    Auto,
+    /// Always splice(2) through the agent.
+    Splice,
+}
+
+impl RelayMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayMode::Auto => "auto",
+            RelayMode::Splice => "splice",
+        }
+    }
 }
 
 /// What egress does with the intercepted processes' DNS (see `dns`).
@@ -142,6 +166,9 @@ pub struct Config {
     pub user: String,
     /// Threads serving connections: 1 = one event loop, 0 = one per CPU.
     pub worker_threads: usize,
+    /// Idle connections kept ready to each upstream proxy (0: none).
+    pub warm_upstream: usize,
+    pub relay: RelayMode,
     pub dns: DnsSettings,
 }
 
@@ -352,6 +379,14 @@ impl Config {
                 .unwrap_or(DefaultRoute::Proxy),
             kernel_log: args.kernel_log || file.kernel_log.unwrap_or(false),
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
+            warm_upstream: match args.warm_upstream.or(file.warm_upstream).unwrap_or(DEFAULT_WARM_UPSTREAM) {
+                n if n > crate::proxy::warm::MAX_SIZE => bail!(
+                    "warm_upstream {n}: at most {} idle connections per proxy",
+                    crate::proxy::warm::MAX_SIZE
+                ),
+                n => n,
+            },
+            relay: args.relay.or(file.relay).unwrap_or_default(),
             admin_addr: {
                 let value = args.admin_addr.clone().or(file.admin_addr.clone());
                 let value = value.as_deref().unwrap_or(DEFAULT_ADMIN_ADDR);

@@ -166,6 +166,8 @@ async fn tunnel(
     match Box::pin(proxy.open_tunnel(target)).await {
         Ok(tunnel) => {
             shared.metrics.upstream_latency(started.elapsed());
+            shared.metrics.upstream_connection(tunnel.warm);
+            decision.upstream_warm = Some(tunnel.warm);
             decision.upstream_status = Some(200);
             relay::relay(client, tunnel.stream, first_bytes, tunnel.early_data, decision).await;
         }

@@ -64,6 +64,12 @@ pub struct Decision {
     /// Of the bytes relayed, those moved by splice(2) through a pipe (the rest were copied
     /// through memory).
     pub bytes_spliced: u64,
+    /// Of the bytes relayed, those the kernel moved alone (sockmap).
+    pub bytes_in_kernel: u64,
+    /// How the tunnel's bytes moved: `kernel`, `splice`, `tls` (through the agent's TLS).
+    pub relay: Option<&'static str>,
+    /// Whether the connection to the proxy came ready from the warm pool.
+    pub upstream_warm: Option<bool>,
     pub error: Option<String>,
     /// Set when the connection's handling ran to its end; a record dropped without it was
     /// cancelled or panicked.
@@ -95,6 +101,9 @@ impl Decision {
             bytes_up: 0,
             bytes_down: 0,
             bytes_spliced: 0,
+            bytes_in_kernel: 0,
+            relay: None,
+            upstream_warm: None,
             error: None,
             finished: false,
         }
@@ -164,6 +173,8 @@ impl Decision {
                     upstream = %display_opt(&self.upstream),
                     target = %display_opt(&self.target),
                     status = %display_opt(&self.upstream_status),
+                    upstream_conn = %self.upstream_warm.map_or("-", |warm| if warm { "warm" } else { "new" }),
+                    relay = %self.relay.unwrap_or("-"),
                     requests = self.requests,
                     bytes_up = self.bytes_up,
                     bytes_down = self.bytes_down,
@@ -199,6 +210,7 @@ impl Drop for Decision {
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             bytes_spliced: self.bytes_spliced,
+            bytes_in_kernel: self.bytes_in_kernel,
         });
     }
 }

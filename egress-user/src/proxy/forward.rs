@@ -189,7 +189,7 @@ impl State {
     }
 
     async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let stream = self.forward.proxy.connect().await?;
+        let (stream, _warm) = self.forward.proxy.connect().await?;
         let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;

@@ -16,6 +16,7 @@ pub mod sniff;
 pub mod splice;
 pub mod tls;
 pub mod upstream;
+pub mod warm;
 
 use std::sync::{Arc, RwLock, atomic::AtomicU64};
 
@@ -51,12 +52,10 @@ impl Current {
                 )?),
                 ProxyScheme::Http => None,
             };
-            Ok(Some(ProxyClient::new(
-                url.clone(),
-                tls,
-                config.agent_mark,
-                config.timeouts,
-            )))
+            Ok(Some(
+                ProxyClient::new(url.clone(), tls, config.agent_mark, config.timeouts)
+                    .with_warm_pool(config.warm_upstream),
+            ))
         };
         Ok(Self {
             https_proxy: client(&config.https_proxy)?,

@@ -6,6 +6,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -20,7 +21,7 @@ use tokio::{
 };
 use tokio_rustls::client::TlsStream;
 
-use super::tls::ProxyTls;
+use super::{tls::ProxyTls, warm::WarmPool};
 use crate::config::{
     Timeouts,
     proxy_url::{ProxyScheme, ProxyUrl},
@@ -126,6 +127,8 @@ impl AsyncWrite for UpstreamStream {
 pub struct Tunnel {
     pub stream: UpstreamStream,
     pub early_data: Bytes,
+    /// Whether the connection to the proxy was taken from the warm pool.
+    pub warm: bool,
 }
 
 /// Opens a TCP connection marked with `mark`, so the kernel program lets it through unchanged.
@@ -162,6 +165,8 @@ pub struct ProxyClient {
     tls: Option<ProxyTls>,
     mark: u32,
     timeouts: Timeouts,
+    /// Connections kept ready, if configured.
+    warm: Option<Arc<WarmPool>>,
 }
 
 impl ProxyClient {
@@ -172,11 +177,50 @@ impl ProxyClient {
             tls,
             mark,
             timeouts,
+            warm: None,
         }
     }
 
-    /// TCP to the proxy (the first of its addresses that answers), then TLS for https proxies.
-    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+    /// Keeps up to `size` connections to the proxy ready (0: none).
+    pub fn with_warm_pool(mut self, size: usize) -> Self {
+        self.warm = WarmPool::new(size);
+        self
+    }
+
+    /// How many ready connections the pool holds now (0 without a pool).
+    pub fn warm_idle(&self) -> usize {
+        self.warm.as_ref().map_or(0, |pool| pool.len())
+    }
+
+    /// A connection to the proxy for a new tunnel or request: a ready one from the pool when
+    /// there is one (`true`), else a new one. Either way the pool is topped up behind it.
+    pub async fn connect(&self) -> Result<(UpstreamStream, bool), UpstreamError> {
+        let Some(pool) = &self.warm else {
+            return Ok((self.dial().await?, false));
+        };
+        let taken = pool.take();
+        self.refill(pool);
+        match taken {
+            Some(stream) => Ok((stream, true)),
+            None => Ok((self.dial().await?, false)),
+        }
+    }
+
+    /// Starts background dials up to the pool's size (none for a while after one failed, so a
+    /// proxy that is down is not asked more often than clients ask).
+    fn refill(&self, pool: &Arc<WarmPool>) {
+        for _ in 0..pool.reserve_dials() {
+            let (client, pool) = (self.clone(), pool.clone());
+            tokio::spawn(async move {
+                let dialled = client.dial().await.ok();
+                pool.dialled(dialled);
+            });
+        }
+    }
+
+    /// A new connection: TCP to the proxy (the first of its addresses that answers), then TLS
+    /// for https proxies.
+    pub async fn dial(&self) -> Result<UpstreamStream, UpstreamError> {
         let host = self.url.host.as_str();
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, self.url.port))
             .await
@@ -213,18 +257,31 @@ impl ProxyClient {
         }
     }
 
-    /// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through the proxy.
+    /// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through the proxy. A ready
+    /// connection the proxy closed meanwhile (no answer at all) is replaced by a new one, once:
+    /// nothing of the client's has been sent yet.
     pub async fn open_tunnel(&self, target: &str) -> Result<Tunnel, UpstreamError> {
-        let stream = self.connect().await?;
-        tokio::time::timeout(self.timeouts.handshake, self.connect_handshake(stream, target))
-            .await
-            .map_err(|_| UpstreamError::HandshakeTimeout)?
+        let (stream, warm) = self.connect().await?;
+        match self.handshake(stream, target, warm).await {
+            Err(UpstreamError::Protocol(_)) if warm => {
+                let stream = self.dial().await?;
+                self.handshake(stream, target, false).await
+            }
+            result => result,
+        }
     }
 
-    async fn connect_handshake(&self, stream: UpstreamStream, target: &str) -> Result<Tunnel, UpstreamError> {
+    async fn handshake(&self, stream: UpstreamStream, target: &str, warm: bool) -> Result<Tunnel, UpstreamError> {
         let authorization = self.url.authorization();
-        let (stream, early_data) = connect_exchange(stream, target, authorization.as_deref()).await?;
-        Ok(Tunnel { stream, early_data })
+        let exchange = connect_exchange(stream, target, authorization.as_deref());
+        let (stream, early_data) = tokio::time::timeout(self.timeouts.handshake, exchange)
+            .await
+            .map_err(|_| UpstreamError::HandshakeTimeout)??;
+        Ok(Tunnel {
+            stream,
+            early_data,
+            warm,
+        })
     }
 }
 
@@ -418,5 +475,137 @@ mod tests {
             }
             other => panic!("{other}"),
         }
+    }
+
+    /// A fake proxy for many connections: answers each CONNECT with 200 and echoes, except
+    /// that connections whose index is in `hang_up` are closed at once, and those in `mute`
+    /// once their request arrives. Returns its URL, a log of (connection index, request line)
+    /// in arrival order, and the count of connections accepted.
+    async fn counting_proxy(
+        hang_up: &'static [usize],
+        mute: &'static [usize],
+    ) -> (ProxyUrl, Arc<std::sync::Mutex<Vec<(usize, String)>>>, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, count) = (requests.clone(), accepted.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let index = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if hang_up.contains(&index) {
+                    continue;
+                }
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
+                    log.lock().unwrap().push((index, line));
+                    if mute.contains(&index) {
+                        return;
+                    }
+                    stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let url = ProxyUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        (url, requests, accepted)
+    }
+
+    async fn until_warm(client: &ProxyClient, idle: usize) {
+        for _ in 0..200 {
+            if client.warm_idle() == idle {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the pool never held {idle} connections (has {})", client.warm_idle());
+    }
+
+    /// The first tunnel dials; the pool then fills to its size in the background, and the next
+    /// tunnels go down connections the proxy accepted before they were asked for.
+    #[tokio::test]
+    async fn tunnels_take_ready_connections_from_the_warm_pool() {
+        let (url, requests, accepted) = counting_proxy(&[], &[]).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(2);
+        let first = client.open_tunnel("10.0.0.1:443").await.unwrap();
+        assert!(!first.warm);
+        until_warm(&client, 2).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        let mut second = client.open_tunnel("10.0.0.2:443").await.unwrap();
+        assert!(second.warm);
+        second.stream.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        second.stream.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+        // Sent down a pooled connection (index 1 or 2), not a new one.
+        let log = requests.lock().unwrap().clone();
+        let (index, line) = &log[1];
+        assert!([1, 2].contains(index), "{log:?}");
+        assert_eq!(line, "CONNECT 10.0.0.2:443 HTTP/1.1");
+        // Topped up again behind it.
+        until_warm(&client, 2).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    /// A pooled connection the proxy closed is noticed when taken, and not handed out.
+    #[tokio::test]
+    async fn a_pooled_connection_closed_by_the_proxy_is_not_handed_out() {
+        // Connection 1 (the pool's) is closed by the proxy as soon as it is accepted.
+        let (url, _requests, _accepted) = counting_proxy(&[1], &[]).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
+        client.open_tunnel("10.0.0.1:443").await.unwrap();
+        until_warm(&client, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let pool = client.warm.as_ref().unwrap();
+        assert!(pool.take().is_none(), "a closed connection was handed out");
+        assert!(pool.is_empty());
+    }
+
+    /// A pooled connection that dies without answering CONNECT is replaced by a new one, once:
+    /// the tunnel still opens.
+    #[tokio::test]
+    async fn a_pooled_connection_that_dies_on_connect_is_retried_on_a_new_one() {
+        // Connection 1 (the pool's) takes the request and closes.
+        let (url, requests, _accepted) = counting_proxy(&[], &[1]).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
+        client.open_tunnel("10.0.0.1:443").await.unwrap();
+        until_warm(&client, 1).await;
+        let tunnel = client.open_tunnel("10.0.0.2:443").await.unwrap();
+        assert!(!tunnel.warm, "the tunnel went down the retried, new connection");
+        let log = requests.lock().unwrap().clone();
+        let to_second: Vec<usize> = log
+            .iter()
+            .filter(|(_, line)| line.contains("10.0.0.2"))
+            .map(|(index, _)| *index)
+            .collect();
+        assert_eq!(to_second.len(), 2, "{log:?}");
+        assert_eq!(to_second[0], 1, "first down the pooled connection: {log:?}");
+    }
+
+    /// No pool: every tunnel dials, and nothing is dialled ahead.
+    #[tokio::test]
+    async fn without_a_pool_nothing_is_dialled_ahead() {
+        let (url, _requests, accepted) = counting_proxy(&[], &[]).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(0);
+        for _ in 0..3 {
+            assert!(!client.open_tunnel("10.0.0.1:443").await.unwrap().warm);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }
