@@ -20,8 +20,6 @@ pub struct Closed {
     pub bytes_down: u64,
     /// Of the bytes relayed, those moved by splice(2).
     pub bytes_spliced: u64,
-    /// Of the bytes relayed, those moved by the kernel alone (sockmap).
-    pub bytes_in_kernel: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,8 +90,7 @@ impl Metrics {
         let relay_bytes = Family::<MethodLabels, Counter>::default();
         registry.register(
             "relay_bytes",
-            "Bytes relayed, by how they moved: in the kernel (sockmap), splice(2) through a pipe, \
-             or copied through memory",
+            "Bytes relayed, by how they moved: splice(2) through a pipe, or copied through memory",
             relay_bytes.clone(),
         );
         // 1 ms .. ~16 s
@@ -153,14 +150,11 @@ impl Metrics {
             .inc();
         let relayed = closed.bytes_up + closed.bytes_down;
         self.relay_bytes
-            .get_or_create(&MethodLabels { method: "kernel" })
-            .inc_by(closed.bytes_in_kernel);
-        self.relay_bytes
             .get_or_create(&MethodLabels { method: "splice" })
             .inc_by(closed.bytes_spliced);
         self.relay_bytes
             .get_or_create(&MethodLabels { method: "copy" })
-            .inc_by(relayed.saturating_sub(closed.bytes_spliced + closed.bytes_in_kernel));
+            .inc_by(relayed.saturating_sub(closed.bytes_spliced));
         self.bytes
             .get_or_create(&DirectionLabels { direction: "up" })
             .inc_by(closed.bytes_up);
@@ -198,20 +192,19 @@ mod tests {
     #[test]
     fn exposition_has_every_family_with_its_values() {
         let metrics = Metrics::new();
-        let closed = |route, outcome, rule_kind, bytes_up, bytes_down, (bytes_spliced, bytes_in_kernel)| Closed {
+        let closed = |route, outcome, rule_kind, bytes_up, bytes_down, bytes_spliced| Closed {
             route,
             outcome,
             rule_kind,
             bytes_up,
             bytes_down,
             bytes_spliced,
-            bytes_in_kernel,
         };
         for end in [
-            closed("proxy-connect", "ok", "proxy", 100, 2000, (1500, 0)),
-            closed("proxy-connect", "ok", "proxy", 4000, 6000, (0, 9000)),
-            closed("proxy-connect", "error", "proxy", 0, 0, (0, 0)),
-            closed("deny", "denied", "blacklist", 0, 0, (0, 0)),
+            closed("proxy-connect", "ok", "proxy", 100, 2000, 1500),
+            closed("proxy-connect", "ok", "proxy", 4000, 6000, 9000),
+            closed("proxy-connect", "error", "proxy", 0, 0, 0),
+            closed("deny", "denied", "blacklist", 0, 0, 0),
         ] {
             metrics.connection_opened();
             metrics.connection_closed(&end);
@@ -230,8 +223,7 @@ mod tests {
             "egress_connections_active 1",
             "egress_bytes_total{direction=\"up\"} 4100",
             "egress_bytes_total{direction=\"down\"} 8000",
-            "egress_relay_bytes_total{method=\"kernel\"} 9000",
-            "egress_relay_bytes_total{method=\"splice\"} 1500",
+            "egress_relay_bytes_total{method=\"splice\"} 10500",
             "egress_relay_bytes_total{method=\"copy\"} 1600",
             "egress_upstream_connections_total{connection=\"warm\"} 2",
             "egress_upstream_connections_total{connection=\"new\"} 1",

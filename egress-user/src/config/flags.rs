@@ -117,10 +117,6 @@ pub struct RunArgs {
     /// tunnels skip those handshakes; 0 turns it off [default: 4].
     #[arg(long, value_name = "N")]
     pub warm_upstream: Option<usize>,
-    /// How established tunnels move bytes: auto (in the kernel with a sockmap where the kernel
-    /// can, else splice) or splice [default: auto].
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub relay: Option<crate::config::RelayMode>,
     /// User to become once the programs are attached (keeping CAP_NET_ADMIN only)
     /// [default: nobody].
     #[arg(long, value_name = "USER")]

@@ -86,30 +86,9 @@ pub struct FileConfig {
     pub user: Option<String>,
     pub worker_threads: Option<usize>,
     pub warm_upstream: Option<usize>,
-    pub relay: Option<RelayMode>,
     pub dns_mode: Option<DnsMode>,
     pub synthetic_range: Option<String>,
     pub dns_resolver: Option<String>,
-}
-
-/// How established tunnels move bytes (see `proxy::relay`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum RelayMode {
-    /// In the kernel (sockmap) where it can, else splice(2).
-    #[default]
-    Auto,
-    /// Always splice(2) through the agent.
-    Splice,
-}
-
-impl RelayMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RelayMode::Auto => "auto",
-            RelayMode::Splice => "splice",
-        }
-    }
 }
 
 /// What egress does with the intercepted processes' DNS (see `dns`).
@@ -168,7 +147,6 @@ pub struct Config {
     pub worker_threads: usize,
     /// Idle connections kept ready to each upstream proxy (0: none).
     pub warm_upstream: usize,
-    pub relay: RelayMode,
     pub dns: DnsSettings,
 }
 
@@ -386,7 +364,6 @@ impl Config {
                 ),
                 n => n,
             },
-            relay: args.relay.or(file.relay).unwrap_or_default(),
             admin_addr: {
                 let value = args.admin_addr.clone().or(file.admin_addr.clone());
                 let value = value.as_deref().unwrap_or(DEFAULT_ADMIN_ADDR);
@@ -639,6 +616,16 @@ mod tests {
         let file: FileConfig = toml::from_str("worker_threads = 0").unwrap();
         let c = Config::merge(file, SynapseSettings::default(), &flags, &[]).unwrap();
         assert_eq!(c.worker_threads, 4, "the flag wins");
+    }
+
+    #[test]
+    fn warm_upstream_defaults_to_four_and_is_bounded() {
+        let merge = |text: &str| Config::merge(file(text), SynapseSettings::default(), &args(), &[]);
+        assert_eq!(merge("").unwrap().warm_upstream, DEFAULT_WARM_UPSTREAM);
+        assert_eq!(merge("warm_upstream = 0").unwrap().warm_upstream, 0, "0 turns it off");
+        assert_eq!(merge("warm_upstream = 64").unwrap().warm_upstream, 64);
+        let err = merge("warm_upstream = 65").unwrap_err().to_string();
+        assert!(err.contains("warm_upstream 65") && err.contains("at most 64"), "{err}");
     }
 
     #[test]

@@ -48,7 +48,6 @@ pub fn render_config(config: &Config) -> String {
     let _ = writeln!(out, "user = {}", quote(&config.user));
     let _ = writeln!(out, "worker_threads = {}", config.worker_threads);
     let _ = writeln!(out, "warm_upstream = {}", config.warm_upstream);
-    let _ = writeln!(out, "relay = {}", quote(config.relay.as_str()));
     let _ = writeln!(out, "connect_timeout = {}", config.timeouts.connect.as_secs_f64());
     let _ = writeln!(
         out,

@@ -64,10 +64,6 @@ pub struct Decision {
     /// Of the bytes relayed, those moved by splice(2) through a pipe (the rest were copied
     /// through memory).
     pub bytes_spliced: u64,
-    /// Of the bytes relayed, those the kernel moved alone (sockmap).
-    pub bytes_in_kernel: u64,
-    /// How the tunnel's bytes moved: `kernel`, `splice`, `tls` (through the agent's TLS).
-    pub relay: Option<&'static str>,
     /// Whether the connection to the proxy came ready from the warm pool.
     pub upstream_warm: Option<bool>,
     pub error: Option<String>,
@@ -101,8 +97,6 @@ impl Decision {
             bytes_up: 0,
             bytes_down: 0,
             bytes_spliced: 0,
-            bytes_in_kernel: 0,
-            relay: None,
             upstream_warm: None,
             error: None,
             finished: false,
@@ -174,7 +168,6 @@ impl Decision {
                     target = %display_opt(&self.target),
                     status = %display_opt(&self.upstream_status),
                     upstream_conn = %self.upstream_warm.map_or("-", |warm| if warm { "warm" } else { "new" }),
-                    relay = %self.relay.unwrap_or("-"),
                     requests = self.requests,
                     bytes_up = self.bytes_up,
                     bytes_down = self.bytes_down,
@@ -210,7 +203,6 @@ impl Drop for Decision {
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             bytes_spliced: self.bytes_spliced,
-            bytes_in_kernel: self.bytes_in_kernel,
         });
     }
 }
