@@ -336,3 +336,83 @@ print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
     assert!(log.contains("GET http://origin.test/mptcp"), "{log}");
     assert_eq!(bed.agent().counter("redirected").unwrap(), 1);
 }
+
+/// Connections to squid's TLS port, established and owned by the homeserver host: the ones the
+/// agent holds (pooled or carrying tunnels).
+fn tls_connections_at_squid(bed: &Testbed) -> usize {
+    let out = bed
+        .proxy
+        .exec(
+            "ss",
+            &["-Htn", "state", "established", &format!("( sport = :{SQUID_TLS_PORT} )")],
+        )
+        .unwrap();
+    out.lines().filter(|l| l.contains(HS_IP)).count()
+}
+
+/// egress keeps connections to an `https://` proxy ready, past the TLS handshake: after the
+/// first tunnel, the next ones go down connections squid accepted before they were asked for,
+/// and still reach the origin (TLS to the origin inside TLS to squid). With the pool off,
+/// nothing is held open and every tunnel dials.
+#[test]
+fn tunnels_through_an_https_proxy_take_warm_connections() {
+    let mut bed = tls_testbed();
+    let ca = bed.certs.ca.to_string_lossy().into_owned();
+    let proxy = tls_proxy(SQUID_TLS_PORT);
+    for pool in [2usize, 0] {
+        let size = pool.to_string();
+        bed.start_agent(&[
+            "--https-proxy",
+            &proxy,
+            "--proxy-ca-file",
+            &ca,
+            "--warm-upstream",
+            &size,
+            "--ip-range-whitelist",
+            LAN,
+        ])
+        .unwrap();
+        for _ in 0..4 {
+            let result = bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap();
+            assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
+            // Time for the pool to be topped up behind the tunnel.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let decisions = bed.agent().wait_decisions(4).unwrap();
+        let conns: Vec<&str> = decisions
+            .iter()
+            .map(|d| {
+                d.split_whitespace()
+                    .find_map(|f| f.strip_prefix("upstream_conn="))
+                    .unwrap_or("?")
+            })
+            .collect();
+        let agent = bed.agent();
+        if pool > 0 {
+            assert_eq!(conns, ["new", "warm", "warm", "warm"], "{decisions:#?}");
+            agent
+                .wait_metric(
+                    "egress_upstream_connections_total",
+                    &[("connection", "warm")],
+                    3,
+                    std::time::Duration::from_secs(5),
+                )
+                .unwrap();
+        } else {
+            assert_eq!(conns, ["new"; 4], "{decisions:#?}");
+        }
+        // The pool's connections wait at squid, handshaken, with no tunnel in them (the
+        // tunnels' own connections close as their clients finish).
+        egress_testbed::wait::until(
+            &format!("{pool} idle TLS connections from the agent at squid"),
+            egress_testbed::wait::SHORT,
+            || Ok(tls_connections_at_squid(&bed)),
+            |n| *n == pool,
+        )
+        .unwrap();
+    }
+    let connect = format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}");
+    bed.wait_squid_log("8 tunnels in squid's log", |l| l.matches(&connect).count() == 8)
+        .unwrap();
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+}

@@ -194,6 +194,7 @@ impl State {
             .await
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
+        self.forward.proxy.top_up();
         Ok(sender)
     }
 

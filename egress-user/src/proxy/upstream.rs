@@ -188,27 +188,26 @@ impl ProxyClient {
     }
 
     /// How many ready connections the pool holds now (0 without a pool).
+    #[cfg(test)]
     pub fn warm_idle(&self) -> usize {
         self.warm.as_ref().map_or(0, |pool| pool.len())
     }
 
     /// A connection to the proxy for a new tunnel or request: a ready one from the pool when
-    /// there is one (`true`), else a new one. Either way the pool is topped up behind it.
+    /// there is one (`true`), else a new one. Call [`Self::top_up`] once it has proved itself.
     pub async fn connect(&self) -> Result<(UpstreamStream, bool), UpstreamError> {
-        let Some(pool) = &self.warm else {
-            return Ok((self.dial().await?, false));
-        };
-        let taken = pool.take();
-        self.refill(pool);
-        match taken {
+        match self.warm.as_ref().and_then(|pool| pool.take()) {
             Some(stream) => Ok((stream, true)),
             None => Ok((self.dial().await?, false)),
         }
     }
 
-    /// Starts background dials up to the pool's size (none for a while after one failed, so a
-    /// proxy that is down is not asked more often than clients ask).
-    fn refill(&self, pool: &Arc<WarmPool>) {
+    /// Starts background dials up to the pool's size. Called once the proxy has answered a
+    /// tunnel, so the dials (and their TLS handshakes, on the agent's one event loop) run while
+    /// that tunnel waits on the network rather than in front of it; and a proxy that is down
+    /// is never asked more often than clients ask (nor for a while after a dial failed).
+    pub fn top_up(&self) {
+        let Some(pool) = &self.warm else { return };
         for _ in 0..pool.reserve_dials() {
             let (client, pool) = (self.clone(), pool.clone());
             tokio::spawn(async move {
@@ -262,13 +261,15 @@ impl ProxyClient {
     /// nothing of the client's has been sent yet.
     pub async fn open_tunnel(&self, target: &str) -> Result<Tunnel, UpstreamError> {
         let (stream, warm) = self.connect().await?;
-        match self.handshake(stream, target, warm).await {
+        let tunnel = match self.handshake(stream, target, warm).await {
             Err(UpstreamError::Protocol(_)) if warm => {
                 let stream = self.dial().await?;
                 self.handshake(stream, target, false).await
             }
             result => result,
-        }
+        }?;
+        self.top_up();
+        Ok(tunnel)
     }
 
     async fn handshake(&self, stream: UpstreamStream, target: &str, warm: bool) -> Result<Tunnel, UpstreamError> {

@@ -74,10 +74,12 @@ impl WarmPool {
         None
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.idle().len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

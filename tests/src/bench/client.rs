@@ -57,6 +57,10 @@ pub struct ClientArgs {
     /// Application-level proxying: open a CONNECT tunnel through this proxy first.
     #[arg(long)]
     pub proxy: Option<SocketAddr>,
+    /// Speak TLS to the proxy (an `https://` proxy, like Synapse with one), verified against
+    /// `--ca` by the proxy's address.
+    #[arg(long)]
+    pub proxy_tls: bool,
     /// `user:password` for `Proxy-Authorization: Basic`.
     #[arg(long)]
     pub proxy_auth: Option<String>,
@@ -174,9 +178,16 @@ pub fn main(args: ClientArgs) -> Result<()> {
     })
 }
 
+/// A connection to the origin: plain TCP, or a tunnel inside TLS to an `https://` proxy.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+type BoxStream = Box<dyn Stream>;
+
 /// How to reach the origin: directly or through a CONNECT tunnel, and TLS to it.
 struct Client {
     first_hop: SocketAddr,
+    /// TLS to the proxy itself, for `https://` proxies (full handshakes, as Synapse does).
+    proxy_tls: Option<TlsConnector>,
     /// The CONNECT request head, for application-level proxying.
     connect_request: Option<Vec<u8>>,
     tls: TlsConnector,
@@ -209,8 +220,10 @@ impl Client {
             head.push_str("\r\n");
             head.into_bytes()
         });
+        let proxy_tls = args.proxy_tls.then(|| TlsConnector::from(Arc::new(config.clone())));
         Ok(Self {
             first_hop: args.proxy.unwrap_or(args.target),
+            proxy_tls,
             connect_request,
             tls: TlsConnector::from(Arc::new(config)),
             server_name: ServerName::try_from(args.sni.clone())?,
@@ -222,17 +235,24 @@ impl Client {
         })
     }
 
-    /// A TCP stream to the origin (through the proxy's tunnel when there is one).
-    async fn open(&self) -> Result<TcpStream> {
-        let mut tcp = TcpStream::connect(self.first_hop)
+    /// A stream to the origin (through the proxy's tunnel when there is one).
+    async fn open(&self) -> Result<BoxStream> {
+        let tcp = TcpStream::connect(self.first_hop)
             .await
             .with_context(|| format!("connecting to {}", self.first_hop))?;
         tcp.set_nodelay(true)?;
+        let mut stream: BoxStream = match &self.proxy_tls {
+            Some(tls) => {
+                let name = ServerName::IpAddress(self.first_hop.ip().into());
+                Box::new(tls.connect(name, tcp).await.context("TLS handshake with the proxy")?)
+            }
+            None => Box::new(tcp),
+        };
         if let Some(request) = &self.connect_request {
-            tcp.write_all(request).await?;
-            read_connect_answer(&mut tcp).await?;
+            stream.write_all(request).await?;
+            read_connect_answer(&mut stream).await?;
         }
-        Ok(tcp)
+        Ok(stream)
     }
 
     /// One HTTPS request on a new connection; returns the time to the first response byte.
@@ -266,7 +286,7 @@ impl Client {
     }
 
     /// A tunnel to the byte source that has carried `len` bytes back.
-    async fn pull(&self, len: u64) -> Result<TcpStream> {
+    async fn pull(&self, len: u64) -> Result<BoxStream> {
         let mut tcp = self.open().await?;
         tcp.write_all(&len.to_be_bytes()).await?;
         let mut buf = vec![0u8; 256 * 1024];
@@ -283,7 +303,7 @@ impl Client {
 }
 
 /// Reads the proxy's answer head (nothing follows it until we speak) and wants a 200.
-async fn read_connect_answer(tcp: &mut TcpStream) -> Result<()> {
+async fn read_connect_answer(tcp: &mut BoxStream) -> Result<()> {
     let mut head = Vec::new();
     let mut reader = BufReader::new(tcp);
     loop {
@@ -398,15 +418,16 @@ async fn idle(client: &Arc<Client>, count: usize) -> Result<Report> {
     println!("{}", serde_json::to_string(&report)?);
     let mut line = String::new();
     BufReader::new(tokio::io::stdin()).read_line(&mut line).await?;
-    // Still open: nothing to read and no end of stream (the sockets are non-blocking).
-    let mut byte = [std::mem::MaybeUninit::new(0u8)];
-    let alive = open
-        .iter()
-        .filter(|s| {
-            matches!(socket2::SockRef::from(*s).peek(&mut byte),
-                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        })
-        .count();
+    // Still open: nothing to read and no end of stream (a read without waiting is pending).
+    let mut byte = [0u8; 1];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut alive = 0;
+    for stream in open.iter_mut() {
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        if tokio::io::AsyncRead::poll_read(std::pin::Pin::new(stream), &mut cx, &mut buf).is_pending() {
+            alive += 1;
+        }
+    }
     drop(open);
     report.completed = alive as u64;
     println!("{}", serde_json::to_string(&report)?);

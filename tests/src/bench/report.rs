@@ -181,6 +181,23 @@ impl Results {
                 pass: at_least(got, 1.5),
             });
         }
+        // Synapse pays a TLS handshake with an https:// proxy per connection; egress need not.
+        let got = self.ratio("squidtls", "app", |p| Some(p.latency_us?.p50));
+        targets.push(Target {
+            what: "TTFB p50, egress ÷ application-level (squid https://)".into(),
+            got,
+            want: "≤ 0.9",
+            pass: at_most(got, 0.9),
+        });
+        for (key, name) in UPSTREAMS {
+            let got = self.path(&format!("egress/{key}")).and_then(|p| p.cpu_s_per_gib);
+            targets.push(Target {
+                what: format!("agent CPU per GiB relayed ({name}), s"),
+                got,
+                want: "≤ 0.05",
+                pass: at_most(got, 0.05),
+            });
+        }
         let got = self.connect.as_ref().map(|c| c.bypass_ns.p50 / c.plain_ns.p50);
         targets.push(Target {
             what: "connect() p50, in-kernel bypass ÷ no eBPF".into(),
@@ -513,6 +530,10 @@ const METHOD: &str = "
   *egress* in the intercepted cgroup with no proxy settings; *redsocks* (Debian's,
   `type = http-connect`) in a cgroup matched by an iptables `nat OUTPUT` REDIRECT rule
   (`-m cgroup --path`), present for the whole run so conntrack costs every path alike.
+- *squid https://*: squid's TLS port. Application-level, the client speaks TLS to squid itself
+  (a full handshake per connection, no resumption, as Synapse does), then CONNECT inside it;
+  egress is configured with the `https://` proxy and keeps its default warm pool of ready,
+  already-handshaken connections to it (`warm_upstream = 4`).
 - TTFB: sequential new connections, each timed from connect() to the first byte of the answer
   to `GET /` (full TLS handshake, no session resumption: first contact). Connections/s: 64
   workers each opening new connections, for a fixed time. Throughput: the byte source sends

@@ -7,7 +7,10 @@
 //!    redsocks;
 //! 2. a fast CONNECT proxy upstream (the agent's own overhead, not hidden behind squid):
 //!    application-level proxying, egress and redsocks again;
-//! 3. a fresh agent: RSS idle and with thousands of idle tunnels.
+//! 3. squid's TLS port (an `https://` proxy): application-level proxying (the client speaks
+//!    TLS to squid itself, a full handshake per connection, as Synapse does) and egress
+//!    (redsocks cannot speak TLS to a proxy);
+//! 4. a fresh agent: RSS idle and with thousands of idle tunnels.
 
 use std::{
     path::PathBuf,
@@ -16,7 +19,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use egress_testbed::{
-    LAN, LAN6, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, SQUID_PORT, Testbed,
+    LAN, LAN6, ORIGIN_IP, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, SQUID_PORT, SQUID_TLS_PORT,
+    Testbed,
     process::{Daemon, Enter},
     procfs,
 };
@@ -48,6 +52,8 @@ pub enum Part {
     Squid,
     /// The same against the fast CONNECT proxy.
     Fast,
+    /// Latency, connection rate and throughput through squid's TLS port (`https://` proxy).
+    SquidTls,
     /// connect() latency, in-kernel bypass and denial against no eBPF.
     Connect,
     /// Agent memory, idle and with idle tunnels.
@@ -115,6 +121,8 @@ enum Kind {
 enum Upstream {
     Squid,
     Fast,
+    /// squid's `https_port`.
+    SquidTls,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +136,7 @@ impl Peer {
         let upstream = match self.upstream {
             Upstream::Squid => "squid",
             Upstream::Fast => "fast proxy",
+            Upstream::SquidTls => "squid https://",
         };
         match self.kind {
             Kind::Direct => "direct (no proxy)".into(),
@@ -172,7 +181,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         ..Default::default()
     };
     let parts = if args.only.is_empty() {
-        vec![Part::Squid, Part::Fast, Part::Connect, Part::Idle]
+        vec![Part::Squid, Part::Fast, Part::SquidTls, Part::Connect, Part::Idle]
     } else {
         args.only.clone()
     };
@@ -198,7 +207,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 impl Bench {
     fn new() -> Result<Self> {
         let bin = peers::bench_bin()?;
-        let bed = Testbed::builder().squid().nginx().build()?;
+        let bed = Testbed::builder().squid_tls().nginx().build()?;
         // Tens of thousands of short connections leave TIME_WAIT behind; the same wider port
         // range and reuse in the client-side namespaces for every peer.
         for ns in [&bed.hs, &bed.proxy] {
@@ -301,6 +310,19 @@ impl Bench {
                 phase.elapsed().as_secs_f64()
             );
         }
+        if parts.contains(&Part::SquidTls) {
+            let phase = Instant::now();
+            self.start_agent(Upstream::SquidTls)?;
+            let tls_peers = [Kind::App, Kind::Egress].map(|kind| Peer {
+                kind,
+                upstream: Upstream::SquidTls,
+            });
+            results.paths.extend(self.measure_peers(plan, &tls_peers)?);
+            eprintln!(
+                "bench: squid https:// phase done ({:.0} s)",
+                phase.elapsed().as_secs_f64()
+            );
+        }
         if parts.contains(&Part::Idle) {
             let phase = Instant::now();
             self.start_agent(Upstream::Fast)?;
@@ -319,9 +341,13 @@ impl Bench {
         let proxy = match upstream {
             Upstream::Squid => self.bed.proxy_url(PROXY_PASSWORD),
             Upstream::Fast => format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{FAST_PROXY_PORT}"),
+            Upstream::SquidTls => format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{SQUID_TLS_PORT}"),
         };
         let bypass = format!("{BYPASS_IP}/32");
+        let ca = self.bed.certs.ca.to_string_lossy().into_owned();
         let args = [
+            "--proxy-ca-file",
+            &ca,
             "--https-proxy",
             &proxy,
             "--ip-range-whitelist",
@@ -331,6 +357,10 @@ impl Bench {
             "--no-proxy",
             &bypass,
         ];
+        // Extra agent flags from the environment, for before/after runs of one mechanism
+        // (e.g. `EGRESS_BENCH_AGENT_ARGS="--warm-upstream 0"`).
+        let extra = std::env::var("EGRESS_BENCH_AGENT_ARGS").unwrap_or_default();
+        let args: Vec<&str> = args.iter().copied().chain(extra.split_whitespace()).collect();
         self.bed.start_agent(&args)?;
         let pid = self.agent_pid()?;
         // The testbed starts it through sh and nsenter, both of which exec: the pid is the agent's.
@@ -369,6 +399,10 @@ impl Bench {
                 let proxy_port = match peer.upstream {
                     Upstream::Squid => SQUID_PORT,
                     Upstream::Fast => FAST_PROXY_PORT,
+                    Upstream::SquidTls => {
+                        args.push("--proxy-tls".to_owned());
+                        SQUID_TLS_PORT
+                    }
                 };
                 // Like Synapse: CONNECT by name for TLS; the byte source has no name.
                 let connect_to = if https {
@@ -388,7 +422,7 @@ impl Bench {
             }
             Kind::Egress => self.bed.cgroup.path.clone(),
             Kind::Redsocks => match peer.upstream {
-                Upstream::Squid => self.redsocks_squid.clients.path.clone(),
+                Upstream::Squid | Upstream::SquidTls => self.redsocks_squid.clients.path.clone(),
                 Upstream::Fast => self.redsocks_fast.clients.path.clone(),
             },
         };
@@ -529,7 +563,7 @@ impl Bench {
     fn cpu_of(&self, peer: Peer) -> Result<Option<f64>> {
         let pid = match (peer.kind, peer.upstream) {
             (Kind::Egress, _) => self.agent_pid()?,
-            (Kind::Redsocks, Upstream::Squid) => self.redsocks_squid.daemon.child.id(),
+            (Kind::Redsocks, Upstream::Squid | Upstream::SquidTls) => self.redsocks_squid.daemon.child.id(),
             (Kind::Redsocks, Upstream::Fast) => self.redsocks_fast.daemon.child.id(),
             _ => return Ok(None),
         };
