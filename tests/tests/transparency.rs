@@ -217,7 +217,8 @@ fn agent_inside_the_attached_cgroup_tree_never_redirects_itself() {
     let agent_cgroup = bed.cgroup.path.join("agent");
     std::fs::create_dir(&agent_cgroup).unwrap();
     bed.agent_cgroup = Some(agent_cgroup);
-    bed.start_default_agent().unwrap();
+    // No warm pool: every upstream connect is one a tunnel asked for, so they can be counted.
+    bed.start_agent_with(&["--warm-upstream", "0"]).unwrap();
     for port in [443, 8448] {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}:{port}/")).unwrap();
         assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
@@ -344,7 +345,12 @@ fn tls_connections_at_squid(bed: &Testbed) -> usize {
         .proxy
         .exec(
             "ss",
-            &["-Htn", "state", "established", &format!("( sport = :{SQUID_TLS_PORT} )")],
+            &[
+                "-Htn",
+                "state",
+                "established",
+                &format!("( sport = :{SQUID_TLS_PORT} )"),
+            ],
         )
         .unwrap();
     out.lines().filter(|l| l.contains(HS_IP)).count()

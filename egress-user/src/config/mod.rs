@@ -357,7 +357,11 @@ impl Config {
                 .unwrap_or(DefaultRoute::Proxy),
             kernel_log: args.kernel_log || file.kernel_log.unwrap_or(false),
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
-            warm_upstream: match args.warm_upstream.or(file.warm_upstream).unwrap_or(DEFAULT_WARM_UPSTREAM) {
+            warm_upstream: match args
+                .warm_upstream
+                .or(file.warm_upstream)
+                .unwrap_or(DEFAULT_WARM_UPSTREAM)
+            {
                 n if n > crate::proxy::warm::MAX_SIZE => bail!(
                     "warm_upstream {n}: at most {} idle connections per proxy",
                     crate::proxy::warm::MAX_SIZE
@@ -622,10 +626,17 @@ mod tests {
     fn warm_upstream_defaults_to_four_and_is_bounded() {
         let merge = |text: &str| Config::merge(file(text), SynapseSettings::default(), &args(), &[]);
         assert_eq!(merge("").unwrap().warm_upstream, DEFAULT_WARM_UPSTREAM);
-        assert_eq!(merge("warm_upstream = 0").unwrap().warm_upstream, 0, "0 turns it off");
+        assert_eq!(
+            merge("warm_upstream = 0").unwrap().warm_upstream,
+            0,
+            "0 turns it off"
+        );
         assert_eq!(merge("warm_upstream = 64").unwrap().warm_upstream, 64);
         let err = merge("warm_upstream = 65").unwrap_err().to_string();
-        assert!(err.contains("warm_upstream 65") && err.contains("at most 64"), "{err}");
+        assert!(
+            err.contains("warm_upstream 65") && err.contains("at most 64"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -272,7 +272,12 @@ impl ProxyClient {
         Ok(tunnel)
     }
 
-    async fn handshake(&self, stream: UpstreamStream, target: &str, warm: bool) -> Result<Tunnel, UpstreamError> {
+    async fn handshake(
+        &self,
+        stream: UpstreamStream,
+        target: &str,
+        warm: bool,
+    ) -> Result<Tunnel, UpstreamError> {
         let authorization = self.url.authorization();
         let exchange = connect_exchange(stream, target, authorization.as_deref());
         let (stream, early_data) = tokio::time::timeout(self.timeouts.handshake, exchange)
@@ -485,7 +490,11 @@ mod tests {
     async fn counting_proxy(
         hang_up: &'static [usize],
         mute: &'static [usize],
-    ) -> (ProxyUrl, Arc<std::sync::Mutex<Vec<(usize, String)>>>, Arc<std::sync::atomic::AtomicUsize>) {
+    ) -> (
+        ProxyUrl,
+        Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -508,7 +517,11 @@ mod tests {
                         }
                         head.push(byte[0]);
                     }
-                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
+                    let line = String::from_utf8_lossy(&head)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
                     log.lock().unwrap().push((index, line));
                     if mute.contains(&index) {
                         return;
@@ -534,7 +547,10 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("the pool never held {idle} connections (has {})", client.warm_idle());
+        panic!(
+            "the pool never held {idle} connections (has {})",
+            client.warm_idle()
+        );
     }
 
     /// The first tunnel dials; the pool then fills to its size in the background, and the next

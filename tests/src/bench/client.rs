@@ -220,7 +220,9 @@ impl Client {
             head.push_str("\r\n");
             head.into_bytes()
         });
-        let proxy_tls = args.proxy_tls.then(|| TlsConnector::from(Arc::new(config.clone())));
+        let proxy_tls = args
+            .proxy_tls
+            .then(|| TlsConnector::from(Arc::new(config.clone())));
         Ok(Self {
             first_hop: args.proxy.unwrap_or(args.target),
             proxy_tls,
@@ -244,7 +246,11 @@ impl Client {
         let mut stream: BoxStream = match &self.proxy_tls {
             Some(tls) => {
                 let name = ServerName::IpAddress(self.first_hop.ip().into());
-                Box::new(tls.connect(name, tcp).await.context("TLS handshake with the proxy")?)
+                Box::new(
+                    tls.connect(name, tcp)
+                        .await
+                        .context("TLS handshake with the proxy")?,
+                )
             }
             None => Box::new(tcp),
         };

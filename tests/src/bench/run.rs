@@ -341,7 +341,9 @@ impl Bench {
         let proxy = match upstream {
             Upstream::Squid => self.bed.proxy_url(PROXY_PASSWORD),
             Upstream::Fast => format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{FAST_PROXY_PORT}"),
-            Upstream::SquidTls => format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{SQUID_TLS_PORT}"),
+            Upstream::SquidTls => {
+                format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{SQUID_TLS_PORT}")
+            }
         };
         let bypass = format!("{BYPASS_IP}/32");
         let ca = self.bed.certs.ca.to_string_lossy().into_owned();
