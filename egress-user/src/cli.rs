@@ -257,6 +257,8 @@ fn run_doctor(args: &DoctorArgs) -> ExitCode {
         };
         let current = proxy::Current::new(Config {
             agent_mark: mark,
+            // Every probe dials: it checks the proxy, not connections kept ready.
+            warm_upstream: 0,
             ..config
         })?;
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -185,6 +185,11 @@ impl State {
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             return Err(UpstreamError::Status(response.status()));
         }
+        // The proxy works: keep connections to it ready (not after its own errors, so that a
+        // failing proxy is not dialled more often than clients ask).
+        if !response.status().is_server_error() {
+            self.forward.proxy.top_up();
+        }
         Ok(response)
     }
 
@@ -194,7 +199,6 @@ impl State {
             .await
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        self.forward.proxy.top_up();
         Ok(sender)
     }
 

@@ -57,9 +57,15 @@ impl Current {
                     .with_warm_pool(config.warm_upstream),
             ))
         };
+        let https_proxy = client(&config.https_proxy)?;
+        // One proxy for both: one client, so one pool of ready connections.
+        let http_proxy = match (&https_proxy, &config.http_proxy) {
+            (Some(https), Some(url)) if https.url == *url => Some(https.clone()),
+            _ => client(&config.http_proxy)?,
+        };
         Ok(Self {
-            https_proxy: client(&config.https_proxy)?,
-            http_proxy: client(&config.http_proxy)?,
+            https_proxy,
+            http_proxy,
             config,
         })
     }

@@ -50,6 +50,13 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether a pooled connection may have failed only because it waited too long: the
+    /// proxy closed it, never answered, or answered 408 Request Timeout.
+    fn went_stale(&self) -> bool {
+        matches!(self, Self::Protocol(_) | Self::HandshakeTimeout)
+            || self.status() == Some(StatusCode::REQUEST_TIMEOUT.as_u16())
+    }
+
     /// The proxy's HTTP status, when it answered with one.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -208,11 +215,16 @@ impl ProxyClient {
     /// is never asked more often than clients ask (nor for a while after a dial failed).
     pub fn top_up(&self) {
         let Some(pool) = &self.warm else { return };
-        for _ in 0..pool.reserve_dials() {
-            let (client, pool) = (self.clone(), pool.clone());
+        for slot in pool.reserve_dials() {
+            let client = self.clone();
             tokio::spawn(async move {
-                let dialled = client.dial().await.ok();
-                pool.dialled(dialled);
+                match client.dial().await {
+                    Ok(stream) => slot.fill(Some(stream)),
+                    Err(e) => {
+                        tracing::debug!("warm connection to proxy {}: {e}", client.url);
+                        slot.fill(None);
+                    }
+                }
             });
         }
     }
@@ -257,12 +269,13 @@ impl ProxyClient {
     }
 
     /// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through the proxy. A ready
-    /// connection the proxy closed meanwhile (no answer at all) is replaced by a new one, once:
-    /// nothing of the client's has been sent yet.
+    /// connection that fails before the proxy answered CONNECT (closed meanwhile, silent, or a
+    /// 408 the proxy sent because it waited too long) is replaced by a new one, once: nothing of
+    /// the client's has been sent yet.
     pub async fn open_tunnel(&self, target: &str) -> Result<Tunnel, UpstreamError> {
         let (stream, warm) = self.connect().await?;
         let tunnel = match self.handshake(stream, target, warm).await {
-            Err(UpstreamError::Protocol(_)) if warm => {
+            Err(e) if warm && e.went_stale() => {
                 let stream = self.dial().await?;
                 self.handshake(stream, target, false).await
             }
@@ -483,13 +496,26 @@ mod tests {
         }
     }
 
-    /// A fake proxy for many connections: answers each CONNECT with 200 and echoes, except
-    /// that connections whose index is in `hang_up` are closed at once, and those in `mute`
-    /// once their request arrives. Returns its URL, a log of (connection index, request line)
-    /// in arrival order, and the count of connections accepted.
+    /// What the fake proxy does with one connection.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Conduct {
+        /// Answers CONNECT with 200, then echoes.
+        Answer,
+        /// Closes it as soon as it is accepted.
+        HangUp,
+        /// Closes it once the request arrived, without answering.
+        Mute,
+        /// Takes the request and never answers.
+        Silent,
+        /// Answers 408 Request Timeout and closes.
+        RequestTimeout,
+    }
+
+    /// A fake proxy for many connections; `conduct` says what it does with the connection of
+    /// each index. Returns its URL, a log of (connection index, request line) in arrival order,
+    /// and the count of connections accepted.
     async fn counting_proxy(
-        hang_up: &'static [usize],
-        mute: &'static [usize],
+        conduct: fn(usize) -> Conduct,
     ) -> (
         ProxyUrl,
         Arc<std::sync::Mutex<Vec<(usize, String)>>>,
@@ -504,7 +530,8 @@ mod tests {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 let index = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if hang_up.contains(&index) {
+                let conduct = conduct(index);
+                if conduct == Conduct::HangUp {
                     continue;
                 }
                 let log = log.clone();
@@ -523,8 +550,17 @@ mod tests {
                         .unwrap_or("")
                         .to_owned();
                     log.lock().unwrap().push((index, line));
-                    if mute.contains(&index) {
-                        return;
+                    match conduct {
+                        Conduct::Mute => return,
+                        Conduct::Silent => {
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                            return;
+                        }
+                        Conduct::RequestTimeout => {
+                            let _ = stream.write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").await;
+                            return;
+                        }
+                        Conduct::Answer | Conduct::HangUp => {}
                     }
                     stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
                     let mut buf = [0u8; 64];
@@ -557,7 +593,7 @@ mod tests {
     /// tunnels go down connections the proxy accepted before they were asked for.
     #[tokio::test]
     async fn tunnels_take_ready_connections_from_the_warm_pool() {
-        let (url, requests, accepted) = counting_proxy(&[], &[]).await;
+        let (url, requests, accepted) = counting_proxy(|_| Conduct::Answer).await;
         let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(2);
         let first = client.open_tunnel("10.0.0.1:443").await.unwrap();
         assert!(!first.warm);
@@ -583,7 +619,8 @@ mod tests {
     #[tokio::test]
     async fn a_pooled_connection_closed_by_the_proxy_is_not_handed_out() {
         // Connection 1 (the pool's) is closed by the proxy as soon as it is accepted.
-        let (url, _requests, _accepted) = counting_proxy(&[1], &[]).await;
+        let (url, _requests, _accepted) =
+            counting_proxy(|i| if i == 1 { Conduct::HangUp } else { Conduct::Answer }).await;
         let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
         client.open_tunnel("10.0.0.1:443").await.unwrap();
         until_warm(&client, 1).await;
@@ -591,33 +628,63 @@ mod tests {
         let pool = client.warm.as_ref().unwrap();
         assert!(pool.take().is_none(), "a closed connection was handed out");
         assert!(pool.is_empty());
+        // A proxy closing idle connections this soon has them kept for the shortest time.
+        assert_eq!(pool.idle_limit(), super::super::warm::MIN_IDLE);
     }
 
-    /// A pooled connection that dies without answering CONNECT is replaced by a new one, once:
-    /// the tunnel still opens.
+    /// A pooled connection that fails before the proxy answered CONNECT (closed on it, never
+    /// answered, or answered 408 because it waited too long) is replaced by a new one, once: the
+    /// tunnel still opens. Any other answer on it (407 here) is final.
     #[tokio::test]
-    async fn a_pooled_connection_that_dies_on_connect_is_retried_on_a_new_one() {
-        // Connection 1 (the pool's) takes the request and closes.
-        let (url, requests, _accepted) = counting_proxy(&[], &[1]).await;
-        let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
-        client.open_tunnel("10.0.0.1:443").await.unwrap();
-        until_warm(&client, 1).await;
-        let tunnel = client.open_tunnel("10.0.0.2:443").await.unwrap();
-        assert!(!tunnel.warm, "the tunnel went down the retried, new connection");
-        let log = requests.lock().unwrap().clone();
-        let to_second: Vec<usize> = log
-            .iter()
-            .filter(|(_, line)| line.contains("10.0.0.2"))
-            .map(|(index, _)| *index)
-            .collect();
-        assert_eq!(to_second.len(), 2, "{log:?}");
-        assert_eq!(to_second[0], 1, "first down the pooled connection: {log:?}");
+    async fn a_pooled_connection_that_went_stale_is_retried_on_a_new_one() {
+        let cases: [fn(usize) -> Conduct; 3] = [
+            |i| if i == 1 { Conduct::Mute } else { Conduct::Answer },
+            |i| if i == 1 { Conduct::Silent } else { Conduct::Answer },
+            |i| {
+                if i == 1 {
+                    Conduct::RequestTimeout
+                } else {
+                    Conduct::Answer
+                }
+            },
+        ];
+        for conduct in cases {
+            // Connection 1 is the pool's.
+            let (url, requests, _accepted) = counting_proxy(conduct).await;
+            let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
+            client.open_tunnel("10.0.0.1:443").await.unwrap();
+            until_warm(&client, 1).await;
+            let tunnel = client.open_tunnel("10.0.0.2:443").await.unwrap();
+            assert!(!tunnel.warm, "the tunnel went down the retried, new connection");
+            let log = requests.lock().unwrap().clone();
+            let to_second: Vec<usize> = log
+                .iter()
+                .filter(|(_, line)| line.contains("10.0.0.2"))
+                .map(|(index, _)| *index)
+                .collect();
+            assert_eq!(to_second.len(), 2, "{log:?}");
+            assert_eq!(to_second[0], 1, "first down the pooled connection: {log:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_on_a_pooled_connection_is_not_retried() {
+        let (proxy, _task) =
+            fake_proxy(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n").await;
+        let client = ProxyClient::new(proxy, None, 0, TIMEOUTS).with_warm_pool(1);
+        // The fake proxy serves one connection: dialled and pooled, then taken.
+        let pool = client.warm.clone().unwrap();
+        for slot in pool.reserve_dials() {
+            slot.fill(Some(client.dial().await.unwrap()));
+        }
+        let err = client.open_tunnel("10.0.0.1:443").await.err().unwrap();
+        assert_eq!(err.status(), Some(407), "{err}");
     }
 
     /// No pool: every tunnel dials, and nothing is dialled ahead.
     #[tokio::test]
     async fn without_a_pool_nothing_is_dialled_ahead() {
-        let (url, _requests, accepted) = counting_proxy(&[], &[]).await;
+        let (url, _requests, accepted) = counting_proxy(|_| Conduct::Answer).await;
         let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(0);
         for _ in 0..3 {
             assert!(!client.open_tunnel("10.0.0.1:443").await.unwrap().warm);

@@ -1,10 +1,11 @@
 //! A small, bounded pool of idle connections to one upstream proxy, already connected (and,
 //! for `https://` proxies, past the TLS handshake), so a new tunnel skips those round trips.
 //!
-//! The pool fills on demand: taking a connection (or finding none) starts dials in the
-//! background up to the pool's size. Connections idle longer than [`IDLE`] are closed and not
-//! replaced, so a quiet host holds none. Nothing the client sent ever goes down a pooled
-//! connection before it is taken; a connection found closed or talking when taken is dropped.
+//! The pool fills on demand: once the proxy has answered a tunnel, dials start in the background
+//! up to the pool's size. Connections idle longer than [`IDLE`] are closed and not replaced, so a
+//! quiet host holds none; a proxy found closing idle connections sooner gets them kept for half
+//! the age at which it did. Nothing the client sent ever goes down a pooled connection before it
+//! is taken; a connection found closed or talking when taken is dropped.
 
 use std::{
     collections::VecDeque,
@@ -34,8 +35,13 @@ pub struct WarmPool {
     dialling: AtomicUsize,
     /// No background dials before this, after one failed.
     quiet_until: Mutex<Option<Instant>>,
+    /// How long a connection may wait: [`IDLE`], or less for a proxy seen closing them sooner.
+    idle_limit: Mutex<Duration>,
     expiry_started: AtomicBool,
 }
+
+/// The shortest idle limit a proxy can teach the pool.
+pub const MIN_IDLE: Duration = Duration::from_secs(1);
 
 /// How long background dials pause after one failed.
 const BACKOFF: Duration = Duration::from_secs(1);
@@ -54,6 +60,7 @@ impl WarmPool {
                 idle: Mutex::new(VecDeque::new()),
                 dialling: AtomicUsize::new(0),
                 quiet_until: Mutex::new(None),
+                idle_limit: Mutex::new(IDLE),
                 expiry_started: AtomicBool::new(false),
             })
         })
@@ -63,12 +70,27 @@ impl WarmPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently pooled connection that is still open and silent, if any.
+    pub fn idle_limit(&self) -> Duration {
+        *self.idle_limit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently pooled connection that is still open and silent, if any. One the
+    /// proxy closed while it waited teaches the pool to keep them for half as long as that.
     pub fn take(&self) -> Option<UpstreamStream> {
+        let limit = self.idle_limit();
         let mut idle = self.idle();
         while let Some(mut entry) = idle.pop_back() {
-            if entry.since.elapsed() < IDLE && still_open_and_silent(&mut entry.stream) {
+            let age = entry.since.elapsed();
+            if age >= limit {
+                continue;
+            }
+            if still_open_and_silent(&mut entry.stream) {
                 return Some(entry.stream);
+            }
+            let shorter = (age / 2).max(MIN_IDLE);
+            let mut limit = self.idle_limit.lock().unwrap_or_else(|e| e.into_inner());
+            if shorter < *limit {
+                *limit = shorter;
             }
         }
         None
@@ -84,9 +106,18 @@ impl WarmPool {
         self.len() == 0
     }
 
-    /// How many dials would bring the pool to its size, counting those under way; reserves
-    /// them (each must be ended with [`WarmPool::dialled`]).
-    pub fn reserve_dials(self: &Arc<Self>) -> usize {
+    /// Dials that would bring the pool to its size, counting those under way, reserved: each
+    /// slot returns to the pool when filled, or when dropped unfilled (a failed or panicked dial).
+    pub fn reserve_dials(self: &Arc<Self>) -> Vec<DialSlot> {
+        (0..self.reserve_count())
+            .map(|_| DialSlot {
+                pool: self.clone(),
+                done: false,
+            })
+            .collect()
+    }
+
+    fn reserve_count(self: &Arc<Self>) -> usize {
         if !self.expiry_started.swap(true, Ordering::Relaxed) {
             Self::spawn_expiry(self);
         }
@@ -114,7 +145,7 @@ impl WarmPool {
     }
 
     /// Ends one reserved dial, pooling its connection if it succeeded.
-    pub fn dialled(&self, stream: Option<UpstreamStream>) {
+    fn dialled(&self, stream: Option<UpstreamStream>) {
         if stream.is_none() {
             *self.quiet_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + BACKOFF);
         }
@@ -130,18 +161,19 @@ impl WarmPool {
         self.dialling.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Closes connections idle for longer than [`IDLE`]; returns how many are left.
+    /// Closes connections idle for longer than the idle limit; returns how many are left.
     pub fn expire(&self) -> usize {
+        let limit = self.idle_limit();
         let mut idle = self.idle();
-        idle.retain(|entry| entry.since.elapsed() < IDLE);
+        idle.retain(|entry| entry.since.elapsed() < limit);
         idle.len()
     }
 
-    /// Closes expired connections every [`IDLE`] / 4, until the pool itself is gone.
+    /// Closes expired connections every second, until the pool itself is gone.
     fn spawn_expiry(pool: &Arc<Self>) {
         let pool: Weak<Self> = Arc::downgrade(pool);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDLE / 4);
+            let mut tick = tokio::time::interval(MIN_IDLE);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -152,12 +184,66 @@ impl WarmPool {
     }
 }
 
-/// Whether a pooled connection is still open and has said nothing: reads without waiting.
-/// Pending (nothing to read) is the only good answer; for TLS this also takes in what the
-/// proxy sent after the handshake (TLS 1.3 session tickets), which is not application data.
+/// One reserved dial of a pool.
+pub struct DialSlot {
+    pool: Arc<WarmPool>,
+    done: bool,
+}
+
+impl DialSlot {
+    /// Ends the dial: pools its connection, or (None) pauses background dials for [`BACKOFF`].
+    pub fn fill(mut self, stream: Option<UpstreamStream>) {
+        self.done = true;
+        self.pool.dialled(stream);
+    }
+}
+
+impl Drop for DialSlot {
+    fn drop(&mut self) {
+        if !self.done {
+            self.pool.dialled(None);
+        }
+    }
+}
+
+/// Whether a pooled connection is still open and has said nothing. The socket is asked first
+/// (MSG_PEEK, without waiting): nothing to read is the good answer, end of stream or an error
+/// the bad one. Bytes waiting are a bad sign on plain TCP; over TLS they may be what the proxy
+/// sent after the handshake (TLS 1.3 session tickets), so TLS reads them without waiting, and
+/// only Pending (no application data) is good.
 fn still_open_and_silent(stream: &mut UpstreamStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::new(0u8)];
+    let peeked = socket2::SockRef::from(stream.tcp()).peek(&mut byte);
+    match peeked {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+        Ok(n) if n > 0 && matches!(stream, UpstreamStream::Tls(_)) => {}
+        _ => return false,
+    }
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
     let mut cx = Context::from_waker(Waker::noop());
     matches!(Pin::new(stream).poll_read(&mut cx, &mut buf), Poll::Pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dial that ends without filling its slot (failed, or its task panicked) gives the slot
+    /// back, after pausing background dials: the pool can still fill later.
+    #[tokio::test]
+    async fn unfilled_dial_slots_come_back_after_the_backoff() {
+        let pool = WarmPool::new(2).unwrap();
+        let slots = pool.reserve_dials();
+        assert_eq!(slots.len(), 2);
+        assert!(pool.reserve_dials().is_empty(), "both dials are under way");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = slots;
+            panic!("in the middle of a dial");
+        }));
+        assert!(panicked.is_err());
+        assert!(pool.reserve_dials().is_empty(), "paused after the failure");
+        tokio::time::sleep(BACKOFF + Duration::from_millis(100)).await;
+        assert_eq!(pool.reserve_dials().len(), 2);
+    }
 }
