@@ -75,7 +75,9 @@ impl WarmPool {
     }
 
     /// The most recently pooled connection that is still open and silent, if any. One the
-    /// proxy closed while it waited teaches the pool to keep them for half as long as that.
+    /// proxy closed while it waited teaches the pool to keep them for half as long as that; one
+    /// that lasted most of the limit lets it grow back by a quarter (up to [`IDLE`]), so a
+    /// proxy restart does not shorten it for good.
     pub fn take(&self) -> Option<UpstreamStream> {
         let limit = self.idle_limit();
         let mut idle = self.idle();
@@ -84,13 +86,17 @@ impl WarmPool {
             if age >= limit {
                 continue;
             }
-            if still_open_and_silent(&mut entry.stream) {
-                return Some(entry.stream);
+            let open = still_open_and_silent(&mut entry.stream);
+            let learned = if open {
+                (age >= limit * 3 / 4).then(|| (limit + limit / 4).min(IDLE))
+            } else {
+                Some((age / 2).max(MIN_IDLE).min(limit))
+            };
+            if let Some(learned) = learned {
+                *self.idle_limit.lock().unwrap_or_else(|e| e.into_inner()) = learned;
             }
-            let shorter = (age / 2).max(MIN_IDLE);
-            let mut limit = self.idle_limit.lock().unwrap_or_else(|e| e.into_inner());
-            if shorter < *limit {
-                *limit = shorter;
+            if open {
+                return Some(entry.stream);
             }
         }
         None
@@ -245,5 +251,55 @@ mod tests {
         assert!(pool.reserve_dials().is_empty(), "paused after the failure");
         tokio::time::sleep(BACKOFF + Duration::from_millis(100)).await;
         assert_eq!(pool.reserve_dials().len(), 2);
+    }
+
+    /// A connected pair on loopback: (the pool's end, the proxy's end).
+    async fn pair() -> (UpstreamStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (UpstreamStream::Plain(ours.unwrap()), theirs.unwrap().0)
+    }
+
+    fn pooled(pool: &WarmPool, stream: UpstreamStream, age: Duration) {
+        pool.idle().push_back(Idle {
+            stream,
+            since: Instant::now() - age,
+        });
+    }
+
+    /// The idle limit follows the proxy: a connection it closed at 4 s halves the limit to 2 s;
+    /// connections that last most of the limit let it grow back, up to [`IDLE`].
+    #[tokio::test]
+    async fn the_idle_limit_learns_from_the_proxy_and_grows_back() {
+        let pool = WarmPool::new(4).unwrap();
+        let (closed, proxy_end) = pair().await;
+        drop(proxy_end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pooled(&pool, closed, Duration::from_secs(4));
+        assert!(pool.take().is_none());
+        let halved = pool.idle_limit();
+        assert!(
+            halved >= Duration::from_secs(2) && halved < Duration::from_millis(2100),
+            "{halved:?}"
+        );
+
+        // Too old for the limit now: expired, not handed out.
+        let (old, _proxy_end) = pair().await;
+        pooled(&pool, old, Duration::from_millis(2500));
+        assert!(pool.take().is_none());
+
+        let mut limit = pool.idle_limit();
+        let mut kept = Vec::new();
+        while limit < IDLE {
+            let (lasting, proxy_end) = pair().await;
+            pooled(&pool, lasting, limit * 7 / 8);
+            assert!(pool.take().is_some());
+            kept.push(proxy_end);
+            let grown = pool.idle_limit();
+            assert!(grown > limit, "{grown:?} after {limit:?}");
+            limit = grown;
+        }
+        assert_eq!(limit, IDLE);
     }
 }
