@@ -381,8 +381,15 @@ fn tunnels_through_an_https_proxy_take_warm_connections() {
         for _ in 0..4 {
             let result = bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap();
             assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
-            // Time for the pool to be topped up behind the tunnel.
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            // The pool topped up behind the tunnel: its connections wait at squid, handshaken,
+            // with no tunnel in them (the tunnel's own closes as its client finishes).
+            egress_testbed::wait::until(
+                &format!("{pool} idle TLS connections from the agent at squid"),
+                egress_testbed::wait::SHORT,
+                || Ok(tls_connections_at_squid(&bed)),
+                |n| *n == pool,
+            )
+            .unwrap();
         }
         let decisions = bed.agent().wait_decisions(4).unwrap();
         let conns: Vec<&str> = decisions
@@ -407,15 +414,6 @@ fn tunnels_through_an_https_proxy_take_warm_connections() {
         } else {
             assert_eq!(conns, ["new"; 4], "{decisions:#?}");
         }
-        // The pool's connections wait at squid, handshaken, with no tunnel in them (the
-        // tunnels' own connections close as their clients finish).
-        egress_testbed::wait::until(
-            &format!("{pool} idle TLS connections from the agent at squid"),
-            egress_testbed::wait::SHORT,
-            || Ok(tls_connections_at_squid(&bed)),
-            |n| *n == pool,
-        )
-        .unwrap();
     }
     let connect = format!("CONNECT {ORIGIN_NAME}:8448 {PROXY_USER}");
     bed.wait_squid_log("8 tunnels in squid's log", |l| l.matches(&connect).count() == 8)
