@@ -528,11 +528,24 @@ mod tests {
     }
 
     fn observe(records: &mut Records, server: IpAddr, answer: bool, m: &Message, now: Instant) -> Outcome {
+        observe_in(records, NS, SOCKET, server, answer, m, now)
+    }
+
+    /// [`observe`] from a given namespace and socket.
+    fn observe_in(
+        records: &mut Records,
+        netns: u64,
+        socket: u64,
+        server: IpAddr,
+        answer: bool,
+        m: &Message,
+        now: Instant,
+    ) -> Outcome {
         let bytes = m.to_vec().unwrap();
         records.observe(
             Observed {
-                netns: NS,
-                socket: SOCKET,
+                netns,
+                socket,
                 server,
                 answer,
                 message: &bytes,
@@ -880,100 +893,36 @@ mod tests {
         // Namespaces are bounded too.
         for netns in 0..(MAX_NAMESPACES as u64 * 2) {
             let q = query(1, "x.example", RecordType::AAAA);
-            let bytes = q.to_vec().unwrap();
-            r.observe(
-                Observed {
-                    netns,
-                    socket: 1,
-                    server: SERVER,
-                    answer: false,
-                    message: &bytes,
-                },
-                now,
-            );
+            observe_in(&mut r, netns, 1, SERVER, false, &q, now);
             let reply = answer(
                 &q,
                 vec![a("x.example", &Ipv6Addr::LOCALHOST.to_string(), 60)],
                 vec![],
-            )
-            .to_vec()
-            .unwrap();
-            r.observe(
-                Observed {
-                    netns,
-                    socket: 1,
-                    server: SERVER,
-                    answer: true,
-                    message: &reply,
-                },
-                now,
             );
+            observe_in(&mut r, netns, 1, SERVER, true, &reply, now);
         }
         assert!(r.namespaces().len() <= MAX_NAMESPACES);
         // Queries never answered are bounded as well.
         let mut r = Records::default();
         for i in 0..(MAX_PENDING as u32 * 2) {
-            let q = query(i as u16, &format!("p{i}.example"), RecordType::A)
-                .to_vec()
-                .unwrap();
-            r.observe(
-                Observed {
-                    netns: NS,
-                    socket: u64::from(i),
-                    server: SERVER,
-                    answer: false,
-                    message: &q,
-                },
-                now,
-            );
+            let q = query(i as u16, &format!("p{i}.example"), RecordType::A);
+            observe_in(&mut r, NS, u64::from(i), SERVER, false, &q, now);
         }
         assert!(r.pending() <= MAX_PENDING);
         // One namespace's flood of unanswered queries leaves another's query waiting...
         let mut r = Records::default();
         let waiting = query(7, "matrix.example.org", RecordType::A);
-        let bytes = waiting.to_vec().unwrap();
-        r.observe(
-            Observed {
-                netns: 1,
-                socket: 1,
-                server: SERVER,
-                answer: false,
-                message: &bytes,
-            },
-            now,
-        );
+        observe_in(&mut r, 1, 1, SERVER, false, &waiting, now);
         for i in 0..(MAX_PENDING as u32 * 2) {
-            let q = query(i as u16, &format!("f{i}.example"), RecordType::A)
-                .to_vec()
-                .unwrap();
-            r.observe(
-                Observed {
-                    netns: 2,
-                    socket: u64::from(i),
-                    server: SERVER,
-                    answer: false,
-                    message: &q,
-                },
-                now,
-            );
+            let q = query(i as u16, &format!("f{i}.example"), RecordType::A);
+            observe_in(&mut r, 2, u64::from(i), SERVER, false, &q, now);
         }
         let reply = answer(
             &waiting,
             vec![a("matrix.example.org", "203.0.113.8", 300)],
             vec![],
-        )
-        .to_vec()
-        .unwrap();
-        let outcome = r.observe(
-            Observed {
-                netns: 1,
-                socket: 1,
-                server: SERVER,
-                answer: true,
-                message: &reply,
-            },
-            now,
         );
+        let outcome = observe_in(&mut r, 1, 1, SERVER, true, &reply, now);
         assert_eq!(outcome, Outcome::Learnt(1));
         // ...and the protected namespace is never pushed out by others.
         let mut r = Records::protecting(NS);
@@ -986,30 +935,9 @@ mod tests {
         );
         for netns in 100..(100 + MAX_NAMESPACES as u64 * 2) {
             let q = query(1, "x.example", RecordType::A);
-            let bytes = q.to_vec().unwrap();
-            r.observe(
-                Observed {
-                    netns,
-                    socket: 1,
-                    server: SERVER,
-                    answer: false,
-                    message: &bytes,
-                },
-                now,
-            );
-            let reply = answer(&q, vec![a("x.example", "203.0.113.2", 60)], vec![])
-                .to_vec()
-                .unwrap();
-            r.observe(
-                Observed {
-                    netns,
-                    socket: 1,
-                    server: SERVER,
-                    answer: true,
-                    message: &reply,
-                },
-                now,
-            );
+            observe_in(&mut r, netns, 1, SERVER, false, &q, now);
+            let reply = answer(&q, vec![a("x.example", "203.0.113.2", 60)], vec![]);
+            observe_in(&mut r, netns, 1, SERVER, true, &reply, now);
         }
         assert_eq!(
             r.resolved(NS, ip("203.0.113.1"), None, now)

@@ -167,12 +167,10 @@ impl WarmPool {
         self.dialling.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Closes connections idle for longer than the idle limit; returns how many are left.
-    pub fn expire(&self) -> usize {
+    /// Closes connections idle for longer than the idle limit.
+    fn expire(&self) {
         let limit = self.idle_limit();
-        let mut idle = self.idle();
-        idle.retain(|entry| entry.since.elapsed() < limit);
-        idle.len()
+        self.idle().retain(|entry| entry.since.elapsed() < limit);
     }
 
     /// Closes expired connections every second, until the pool itself is gone.
