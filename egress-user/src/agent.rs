@@ -80,6 +80,7 @@ fn keep_start_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
         containers,
         container_engine_socket,
         container_cgroup_parent,
+        pods,
         kernel_log,
         dns
     );

@@ -104,6 +104,25 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel.attach(&scope, &settings.pin_dir, kernel::Attachment::Scope)?;
         tracing::info!(container = %reference, scope = %scope.display(), "following a container (attached selectively)");
     }
+    if let Some(selection) = &config.pods {
+        let mut pods = containers::kubernetes::Pods::new(selection)?;
+        let (kubepods, unanswered) = {
+            let mut maps = kernel.scopes.lock().unwrap_or_else(|e| e.into_inner());
+            containers::follow_pods(&mut maps, &mut pods)?
+        };
+        if let Some(e) = unanswered {
+            tracing::warn!(
+                "pods: {e:#}; the pods under {} not classified yet stay refused until the API server answers",
+                kubepods.display()
+            );
+        }
+        kernel.attach(&kubepods, &settings.pin_dir, kernel::Attachment::Scope)?;
+        tracing::info!(
+            selector = %selection.selector,
+            scope = %kubepods.display(),
+            "following pods (attached selectively)"
+        );
+    }
     kernel.prune_scopes();
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
@@ -327,12 +346,16 @@ async fn serve_namespaces(agent: Arc<Agent>) {
         // Containers first: a new followed container's cgroup is classified before its
         // namespace gets a listener; passing ones get none.
         let (helper, following, maps_owner) = (namespaces.helper(), follower.clone(), shared.clone());
+        let pods = agent.current().config.pods.clone();
         let (skip, follow_error) = tokio::task::spawn_blocking(move || {
             let mut name_of = |id: &str| helper.container_name(id);
-            following
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .round(&maps_owner.kernel.scopes, &mut name_of)
+            let kernel = &maps_owner.kernel;
+            following.lock().unwrap_or_else(|e| e.into_inner()).round(
+                &kernel.scopes,
+                &mut name_of,
+                pods.as_ref(),
+                &|id| kernel.scope_linked(id),
+            )
         })
         .await
         .unwrap_or_else(|e| (Vec::new(), Some(e.into())));

@@ -3,6 +3,8 @@
 //! These tests build what a container engine builds, with namespaces and cgroups only: a
 //! network namespace per container behind the homeserver host (veth, routing, masquerade), and
 //! its processes in the intercepted cgroup. `docker.rs` runs the same against a real engine.
+//! Kubernetes pods are built the same way, as kubelet lays out their cgroups, with a stand-in
+//! for the API server.
 //!
 //! Root only.
 
@@ -25,13 +27,16 @@ fn netns_id(ns: &egress_testbed::topology::netns::Netns) -> u64 {
 /// A resident process in `ns` and the intercepted cgroup, as a container's main process is; the
 /// agent finds the namespace through it. Killed on drop.
 fn resident(bed: &Testbed, ns: &egress_testbed::topology::netns::Netns) -> Daemon {
-    let command = launch(
-        Some(&ns.name),
-        Enter::Net,
-        Some(&bed.cgroup.path),
-        "sleep",
-        &["120"],
-    );
+    resident_in(bed, ns, &bed.cgroup.path)
+}
+
+/// [`resident`] in cgroup `cgroup`.
+fn resident_in(
+    bed: &Testbed,
+    ns: &egress_testbed::topology::netns::Netns,
+    cgroup: &std::path::Path,
+) -> Daemon {
+    let command = launch(Some(&ns.name), Enter::Net, Some(cgroup), "sleep", &["120"]);
     Daemon::spawn(
         "resident",
         command,
@@ -238,4 +243,238 @@ fn the_agent_mark_set_inside_a_container_does_not_bypass_egress() {
         0,
         "the marked connect went straight to the origin"
     );
+}
+
+/// A bare TCP connect to the origin from `cgroup` (in the homeserver namespace): `connected`, or
+/// the errno's name.
+fn connect_from(bed: &Testbed, cgroup: &std::path::Path) -> String {
+    let script = "import errno, socket\n\
+try:\n    socket.create_connection(('10.248.0.30', 443), 5); print('connected')\n\
+except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
+    bed.run_in(cgroup, "/usr/bin/python3", &["-c", script])
+        .unwrap()
+        .stdout
+        .trim()
+        .to_owned()
+}
+
+/// curl of the origin from `ns` and `cgroup`, printing the status.
+fn curl(
+    bed: &Testbed,
+    ns: &egress_testbed::topology::netns::Netns,
+    cgroup: &std::path::Path,
+) -> egress_testbed::ClientResult {
+    let url = format!("https://{ORIGIN_NAME}/");
+    bed.curl_from(ns, cgroup, &["-o", "/dev/null", "-w", "%{http_code}", &url])
+        .unwrap()
+}
+
+#[test]
+fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass() {
+    use egress_testbed::peers::kubernetes::{Cluster, Qos};
+
+    let mut bed = Testbed::standard();
+    let mut cluster = Cluster::start(&bed).unwrap();
+    let synapse = [("app.kubernetes.io/name", "synapse")];
+    let selector = "app.kubernetes.io/name=synapse";
+    let a = cluster.add_pod(1, "synapse-0", Qos::Burstable, &synapse).unwrap();
+    let b = cluster
+        .add_pod(
+            2,
+            "postgres-0",
+            Qos::BestEffort,
+            &[("app.kubernetes.io/name", "postgres")],
+        )
+        .unwrap();
+    let c = cluster
+        .add_pod(3, "synapse-federation-sender-0", Qos::Guaranteed, &synapse)
+        .unwrap();
+    // egress itself runs in a pod of the same node, as the DaemonSet does (host network): it
+    // must reach the API server to classify anything, its own pod included.
+    // In a cgroup namespace of its own, as a container on cgroup v2 is by default, where
+    // /proc/self/cgroup shows only `/`.
+    let own = cluster
+        .add_pod(
+            9,
+            "egress-x7k2p",
+            Qos::Burstable,
+            &[("app.kubernetes.io/name", "egress")],
+        )
+        .unwrap();
+    bed.agent_cgroup = Some(cluster.pods[own].container.clone());
+    let in_cgroupns = bed.dir.join("egress-in-cgroupns");
+    std::fs::write(
+        &in_cgroupns,
+        format!(
+            "#!/bin/sh\nexec unshare --cgroup {} \"$@\"\n",
+            egress_testbed::egress_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&in_cgroupns, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let netns: Vec<_> = [1u8, 2, 3]
+        .iter()
+        .map(|i| bed.add_container_netns(*i).unwrap())
+        .collect();
+    let _residents: Vec<Daemon> = [a, b, c]
+        .iter()
+        .zip(&netns)
+        .map(|(pod, ns)| resident_in(&bed, ns, &cluster.pods[*pod].container))
+        .collect();
+
+    let mut args = bed.default_agent_args();
+    args.extend(cluster.agent_args(selector));
+    args.extend(["--no-proxy".to_owned(), "direct.test".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    bed.start_agent_bin(&in_cgroupns, &args).unwrap();
+    let root_cgroupns = std::fs::read_link("/proc/self/ns/cgroup").unwrap();
+    let agent_cgroupns =
+        std::fs::read_link(format!("/proc/{}/ns/cgroup", bed.agent().pid().unwrap())).unwrap();
+    assert_ne!(
+        agent_cgroupns, root_cgroupns,
+        "the agent is not in a cgroup namespace of its own"
+    );
+    assert!(
+        cluster
+            .requests()
+            .iter()
+            .any(|r| r == &format!("GET /api/v1/pods {selector} auth=ok")),
+        "{:?}",
+        cluster.requests()
+    );
+
+    // Selected, in a QoS class (a nested scope) and directly under kubepods: proxied.
+    for (pod, ns) in [(a, &netns[0]), (c, &netns[2])] {
+        let id = netns_id(ns);
+        bed.agent().logged(&format!("netns={id}")).unwrap();
+        let result = curl(&bed, ns, &cluster.pods[pod].container);
+        assert_eq!(result.stdout, "200", "{result:?}");
+        bed.agent()
+            .wait_decision(&[&format!("netns={id}"), "route=proxy-connect"])
+            .unwrap();
+    }
+    bed.squid_logged(&format!("CONNECT {ORIGIN_NAME}:443")).unwrap();
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        0,
+        "a selected pod went direct"
+    );
+    let log = bed.agent().log();
+    assert!(log.contains("pod matrix/synapse-0"), "{log}");
+    assert!(log.contains("pod matrix/synapse-federation-sender-0"), "{log}");
+
+    // Not selected: left alone (direct, as without egress), and no listener in its namespace.
+    let passed = bed.agent().counter("pass_unselected").unwrap();
+    assert_eq!(curl(&bed, &netns[1], &cluster.pods[b].container).stdout, "200");
+    assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
+    assert!(
+        !bed.agent()
+            .log()
+            .contains(&format!("netns={}", netns_id(&netns[1])))
+    );
+    let direct = bed.direct_packets_at_origin().unwrap();
+    assert!(direct > 0, "the pod not selected did not go direct");
+
+    // A selected pod started after egress: refused until classified, then proxied.
+    let d = cluster
+        .add_pod(4, "synapse-media-0", Qos::Burstable, &synapse)
+        .unwrap();
+    let ns_d = bed.add_container_netns(4).unwrap();
+    let _resident_d = resident_in(&bed, &ns_d, &cluster.pods[d].container);
+    let id_d = netns_id(&ns_d);
+    bed.agent().logged(&format!("netns={id_d}")).unwrap();
+    assert_eq!(curl(&bed, &ns_d, &cluster.pods[d].container).stdout, "200");
+    bed.agent()
+        .wait_decision(&[&format!("netns={id_d}"), "route=proxy-connect"])
+        .unwrap();
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        direct,
+        "the new pod went direct"
+    );
+
+    // A direct route (no_proxy) leaves from the pod's namespace: the helper's marked connect
+    // there is known as egress's own, though egress runs in a cgroup namespace.
+    let id_c = netns_id(&netns[2]);
+    let result = bed
+        .curl_from(
+            &netns[2],
+            &cluster.pods[c].container,
+            &[
+                "--resolve",
+                &format!("direct.test:80:{}", egress_testbed::ORIGIN_IP),
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://direct.test/",
+            ],
+        )
+        .unwrap();
+    assert_eq!(result.stdout, "200", "{result:?}");
+    let line = bed
+        .agent()
+        .wait_decision(&[&format!("netns={id_c}"), "route=direct"])
+        .unwrap();
+    assert!(line.contains("outcome=ok"), "{line}");
+
+    // Its label removed (`kubectl label pod synapse-0 app.kubernetes.io/name-`): passed from
+    // the next list on, and its namespace no longer served.
+    cluster.relabel(a, &[]).unwrap();
+    let stopped = format!("netns={}", netns_id(&netns[0]));
+    bed.agent()
+        .wait_log("the unlabelled pod's namespace to be let go", |log| {
+            log.lines()
+                .any(|l| l.contains("stopped serving") && l.contains(&stopped))
+        })
+        .unwrap();
+    let passed = bed.agent().counter("pass_unselected").unwrap();
+    assert_eq!(curl(&bed, &netns[0], &cluster.pods[a].container).stdout, "200");
+    assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
+
+    // While the API server refuses egress's token, a new pod cannot be classified: refused,
+    // never passed. Then it answers again, and the pod (not selected) is left alone.
+    std::fs::write(&cluster.token_file, "not-the-token\n").unwrap();
+    let e = cluster.add_pod(5, "other-0", Qos::BestEffort, &[]).unwrap();
+    bed.agent().logged("does not accept the token").unwrap();
+    let refused = bed.agent().counter("deny_unclassified").unwrap();
+    assert_eq!(connect_from(&bed, &cluster.pods[e].container), "EPERM");
+    assert!(bed.agent().counter("deny_unclassified").unwrap() > refused);
+    let log = bed.agent().log();
+    assert!(
+        !log.contains(egress_testbed::peers::kubernetes::TOKEN),
+        "the token was logged"
+    );
+    std::fs::write(&cluster.token_file, egress_testbed::peers::kubernetes::TOKEN).unwrap();
+    egress_testbed::wait::until(
+        "the new pod to be classified",
+        egress_testbed::wait::SHORT,
+        || Ok(connect_from(&bed, &cluster.pods[e].container)),
+        |r| r == "connected",
+    )
+    .unwrap();
+
+    // egress upgraded: the DaemonSet's new pod (a new cgroup, not classified) starts while the
+    // programs stay attached from the last run. It must pass its own pod before it can ask the
+    // API server anything, or reach squid.
+    bed.stop_agent();
+    let own = cluster
+        .add_pod(
+            10,
+            "egress-b9m4q",
+            Qos::Burstable,
+            &[("app.kubernetes.io/name", "egress")],
+        )
+        .unwrap();
+    bed.agent_cgroup = Some(cluster.pods[own].container.clone());
+    bed.start_agent_bin(&in_cgroupns, &args).unwrap();
+    bed.agent().logged(&format!("netns={id_d}")).unwrap();
+    let result = curl(&bed, &ns_d, &cluster.pods[d].container);
+    assert_eq!(result.stdout, "200", "{result:?}");
+    bed.agent()
+        .wait_decision(&[&format!("netns={id_d}"), "route=proxy-connect"])
+        .unwrap();
+    bed.agent()
+        .logged("egress's own pod: its connections pass")
+        .unwrap();
 }

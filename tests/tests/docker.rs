@@ -245,7 +245,9 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
         "{status:?}"
     );
     assert!(
-        status.stdout.contains("(selectively: followed containers only)"),
+        status
+            .stdout
+            .contains("(selectively: followed containers and pods only)"),
         "{status:?}"
     );
     assert_eq!(curl_origin(&docker, "synapse"), "200");

@@ -32,6 +32,27 @@ pub struct RunArgs {
     /// egress can start before the engine (at boot) [default: asked of the engine].
     #[arg(long, value_name = "PATH")]
     pub container_cgroup_parent: Option<PathBuf>,
+    /// Kubernetes pods to intercept, by label selector as `kubectl get pods -l` takes it (e.g.
+    /// app.kubernetes.io/name=synapse); their labels are asked of the API server.
+    #[arg(long, value_name = "SELECTOR")]
+    pub pod_selector: Option<String>,
+    /// Only pods of this namespace [default: all namespaces].
+    #[arg(long, value_name = "NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// kubelet's cgroup for pods [default: kubepods.slice, else kubepods, under the cgroup2
+    /// root].
+    #[arg(long, value_name = "PATH")]
+    pub kubepods_cgroup: Option<PathBuf>,
+    /// The Kubernetes API server, https://HOST[:PORT] [default: in a pod,
+    /// $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// Bearer token for the API server [default: the pod's service account token].
+    #[arg(long, value_name = "PATH")]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA certificates (PEM) of the API server [default: the pod's service account CA].
+    #[arg(long, value_name = "PATH")]
+    pub kube_ca_file: Option<PathBuf>,
     /// Import http_proxy, https_proxy, no_proxy_hosts, ip_range_blacklist and
     /// ip_range_whitelist from Synapse's homeserver.yaml (overridden by everything else).
     #[arg(long, value_name = "PATH")]

@@ -17,6 +17,7 @@ pub mod homeserver;
 pub mod proxy_url;
 
 use crate::{
+    containers::kubernetes::{self, PodSelection},
     kernel::cgroups,
     route::{
         plan::{DefaultRoute, Proxies, Rules},
@@ -63,6 +64,13 @@ pub struct FileConfig {
     pub containers: Option<Vec<String>>,
     pub container_engine_socket: Option<PathBuf>,
     pub container_cgroup_parent: Option<PathBuf>,
+    /// Kubernetes pods whose connections are intercepted, by label selector.
+    pub pod_selector: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub kubepods_cgroup: Option<PathBuf>,
+    pub kube_api: Option<String>,
+    pub kube_token_file: Option<PathBuf>,
+    pub kube_ca_file: Option<PathBuf>,
     /// Synapse's homeserver.yaml, to import its proxy and IP range settings from.
     pub homeserver_config: Option<PathBuf>,
     pub https_proxy: Option<String>,
@@ -122,6 +130,8 @@ pub struct Config {
     pub container_engine_socket: PathBuf,
     /// Where the engine puts containers, if configured (else asked of the engine).
     pub container_cgroup_parent: Option<PathBuf>,
+    /// Kubernetes pods followed by label, if configured.
+    pub pods: Option<PodSelection>,
     pub https_proxy: Option<ProxyUrl>,
     pub http_proxy: Option<ProxyUrl>,
     pub policy: Policy,
@@ -273,17 +283,27 @@ impl Config {
             (flags, _, _) => ip_ranges("--ip-range-whitelist", flags)?,
         };
 
-        // Targets: flags replace the file's (cgroups, units and containers together).
-        let (cgroups, units, containers) =
-            if !args.cgroups.is_empty() || !args.units.is_empty() || !args.containers.is_empty() {
-                (args.cgroups.clone(), args.units.clone(), args.containers.clone())
-            } else {
-                (
-                    file.cgroups.clone().unwrap_or_default(),
-                    file.units.clone().unwrap_or_default(),
-                    file.containers.clone().unwrap_or_default(),
-                )
-            };
+        // Targets: flags replace the file's (cgroups, units, containers and pods together).
+        let (cgroups, units, containers, pod_selector) = if !args.cgroups.is_empty()
+            || !args.units.is_empty()
+            || !args.containers.is_empty()
+            || args.pod_selector.is_some()
+        {
+            (
+                args.cgroups.clone(),
+                args.units.clone(),
+                args.containers.clone(),
+                args.pod_selector.clone(),
+            )
+        } else {
+            (
+                file.cgroups.clone().unwrap_or_default(),
+                file.units.clone().unwrap_or_default(),
+                file.containers.clone().unwrap_or_default(),
+                file.pod_selector.clone(),
+            )
+        };
+        let pods = pod_selection(pod_selector, &file, args, env)?;
         for container in &containers {
             crate::containers::validate_reference(container).context("config key containers")?;
         }
@@ -327,6 +347,7 @@ impl Config {
             containers,
             container_engine_socket,
             container_cgroup_parent,
+            pods,
             https_proxy,
             http_proxy,
             policy,
@@ -391,6 +412,55 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
         })
     }
+}
+
+/// The pod selection, when `pod_selector` is set: the API server from the settings, else from
+/// the environment of a pod.
+fn pod_selection(
+    selector: Option<String>,
+    file: &FileConfig,
+    args: &RunArgs,
+    env: &[(String, String)],
+) -> Result<Option<PodSelection>> {
+    let namespace = args.pod_namespace.clone().or(file.pod_namespace.clone());
+    let Some(selector) = selector else {
+        if namespace.is_some() {
+            bail!("pod_namespace is set but pod_selector is not: set the labels of the pods to intercept");
+        }
+        return Ok(None);
+    };
+    kubernetes::validate_selector(&selector)?;
+    if let Some(namespace) = &namespace {
+        kubernetes::validate_namespace(namespace)?;
+    }
+    let env_var = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    let api = args
+        .kube_api
+        .clone()
+        .or(file.kube_api.clone())
+        .or_else(|| kubernetes::in_cluster_api(&env_var))
+        .context("pod_selector: no Kubernetes API server (not in a pod, and kube_api is not set)")?;
+    kubernetes::parse_api(&api)?;
+    Ok(Some(PodSelection {
+        selector,
+        namespace,
+        api,
+        token_file: args
+            .kube_token_file
+            .clone()
+            .or(file.kube_token_file.clone())
+            .unwrap_or_else(|| PathBuf::from(kubernetes::TOKEN_FILE)),
+        ca_file: args
+            .kube_ca_file
+            .clone()
+            .or(file.kube_ca_file.clone())
+            .unwrap_or_else(|| PathBuf::from(kubernetes::CA_FILE)),
+        kubepods_cgroup: args.kubepods_cgroup.clone().or(file.kubepods_cgroup.clone()),
+    }))
 }
 
 fn dns_settings(file: &FileConfig, args: &RunArgs) -> Result<DnsSettings> {
@@ -637,6 +707,84 @@ mod tests {
             err.contains("warm_upstream 65") && err.contains("at most 64"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn pod_selection_from_the_file_the_flags_and_a_pods_environment() {
+        let no_targets = RunArgs::default();
+        let in_pod = env(&[
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+        ]);
+        let merge = |text: &str, args: &RunArgs, env: &[(String, String)]| {
+            Config::merge(file(text), SynapseSettings::default(), args, env)
+        };
+        let c = merge(
+            "pod_selector = \"app=synapse\"\npod_namespace = \"matrix\"",
+            &no_targets,
+            &in_pod,
+        )
+        .unwrap();
+        let pods = c.pods.unwrap();
+        assert_eq!(pods.selector, "app=synapse");
+        assert_eq!(pods.namespace.as_deref(), Some("matrix"));
+        assert_eq!(pods.api, "https://10.96.0.1:443");
+        assert_eq!(pods.token_file, PathBuf::from(kubernetes::TOKEN_FILE));
+        assert_eq!(pods.ca_file, PathBuf::from(kubernetes::CA_FILE));
+
+        // Target flags replace the file's targets, pods included.
+        let c = merge("pod_selector = \"app=synapse\"", &args(), &in_pod).unwrap();
+        assert_eq!(c.pods, None);
+        let mut flags = RunArgs {
+            pod_selector: Some("tier=homeserver".into()),
+            kube_api: Some("https://api.cluster.example:6443".into()),
+            ..RunArgs::default()
+        };
+        let c = merge("pod_selector = \"app=synapse\"", &flags, &in_pod).unwrap();
+        let pods = c.pods.unwrap();
+        assert_eq!(
+            (pods.selector.as_str(), pods.api.as_str()),
+            ("tier=homeserver", "https://api.cluster.example:6443")
+        );
+
+        let cases = [
+            (
+                "pod_selector = \"app=synapse\"",
+                &no_targets,
+                vec![],
+                "no Kubernetes API server",
+            ),
+            (
+                "pod_selector = \"app=syn&apse\"",
+                &no_targets,
+                in_pod.clone(),
+                "not a label selector",
+            ),
+            (
+                "pod_selector = \"a=b\"\npod_namespace = \"Matrix\"",
+                &no_targets,
+                in_pod.clone(),
+                "not a namespace name",
+            ),
+            (
+                "pod_namespace = \"matrix\"",
+                &no_targets,
+                in_pod.clone(),
+                "pod_selector is not",
+            ),
+            (
+                "pod_selector = \"a=b\"\nkube_api = \"http://10.96.0.1\"",
+                &no_targets,
+                vec![],
+                "expected https://",
+            ),
+        ];
+        for (text, args, env, needle) in cases {
+            let error = format!("{:#}", merge(text, args, &env).unwrap_err());
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+        flags.kube_api = None;
+        assert!(merge("", &flags, &[]).is_err());
     }
 
     #[test]

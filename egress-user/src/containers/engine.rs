@@ -1,10 +1,8 @@
 //! The container engine's API: Docker's, which Podman also serves (`podman system service`), on
 //! a Unix socket. Only two reads are needed (a container by name or id, and the engine's info),
-//! so this is a blocking HTTP/1.0 client (one request per connection, no chunked bodies) with
-//! httparse for the response head.
+//! made as [`super::api::get`] makes them.
 
 use std::{
-    io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -16,7 +14,7 @@ use serde::Deserialize;
 /// Docker's socket; Podman's is /run/podman/podman.sock.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// Largest response read (a container's inspect output is a few KiB).
-const MAX_RESPONSE: u64 = 4 << 20;
+const MAX_RESPONSE: usize = 4 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Engine {
@@ -95,49 +93,14 @@ impl Engine {
 
     /// GET `path`: the body on 200, None on 404, an error naming the status otherwise.
     fn get(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        let what = || format!("the container engine at {}", self.socket.display());
-        let mut stream = UnixStream::connect(&self.socket).with_context(what)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
+        let what = format!("the container engine at {}", self.socket.display());
+        let mut stream = UnixStream::connect(&self.socket).with_context(|| what.clone())?;
         stream.set_write_timeout(Some(TIMEOUT))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.0\r\nHost: engine\r\nAccept: application/json\r\n\r\n"
-        )
-        .with_context(what)?;
-        // One deadline for the whole answer: a reply that trickles in must not hold egress.
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        let mut response = Vec::new();
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                bail!("{}: no complete answer to GET {path} within {TIMEOUT:?}", what());
-            }
-            stream.set_read_timeout(Some(left))?;
-            let n = stream.read(&mut chunk).with_context(what)?;
-            if n == 0 {
-                break;
-            }
-            response.extend_from_slice(&chunk[..n]);
-            if response.len() as u64 > MAX_RESPONSE {
-                bail!(
-                    "{}: response to GET {path} larger than {MAX_RESPONSE} bytes",
-                    what()
-                );
-            }
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut head = httparse::Response::new(&mut headers);
-        let httparse::Status::Complete(body_start) = head
-            .parse(&response)
-            .with_context(|| format!("{}: malformed response to GET {path}", what()))?
-        else {
-            bail!("{}: incomplete response to GET {path}", what());
-        };
-        match head.code {
-            Some(200) => Ok(Some(response[body_start..].to_vec())),
-            Some(404) => Ok(None),
-            code => bail!("{}: GET {path} answered {code:?}", what()),
+        let answer = super::api::get(&mut stream, &what, "engine", path, "", TIMEOUT, MAX_RESPONSE)?;
+        match answer.status {
+            200 => Ok(Some(answer.body)),
+            404 => Ok(None),
+            code => bail!("{what}: GET {path} answered {code}"),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Following containers by name: `--container NAME|ID` (Docker, or Podman's Docker-compatible
-//! API).
+//! API), and Kubernetes pods by label (`pod_selector`, see [`kubernetes`]).
 //!
 //! A restarted or recreated container gets a new cgroup, so attaching to the container's own
 //! cgroup would leave it uncovered until egress noticed. Instead egress attaches its programs to
@@ -10,12 +10,15 @@
 //! the engine for the container's name. A followed container restarted or recreated under the
 //! same name is therefore refused for a moment and then intercepted; it is never passed.
 
+pub mod api;
 pub mod engine;
+pub mod kubernetes;
 
 use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +28,11 @@ use crate::kernel::{
     scopes::{Classification, ScopeMaps},
 };
 use engine::Engine;
+use kubernetes::{PodSelection, PodVerdict, Pods};
+
+/// The selected pods are listed again this often, so that a pod labelled (or unlabelled) while
+/// it runs is intercepted (or passed) from then on.
+const PODS_RESYNC: Duration = Duration::from_secs(10);
 
 /// A container as named in the configuration: a name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, as Docker
 /// and Podman allow) or an id (or a prefix of one, 12 hex digits at least).
@@ -161,21 +169,39 @@ pub fn scope_for(engine: &Engine, reference: &str) -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct Classified {
     pub cgroup: PathBuf,
-    pub container: Option<String>,
+    /// What it holds: `container NAME`, `pod NAMESPACE/NAME`, `pod UID` (not selected), a QoS
+    /// class.
+    pub holds: Option<String>,
     pub how: Classification,
 }
 
-/// Classifies every child cgroup of `scope` not classified yet (every one, with `again`).
-/// `name_of(id)` asks the engine for a container's name (None: no such container, which
-/// passes: not a container of this engine). A lookup that fails leaves the child as it was
-/// (unclassified: refused), to be tried again next time.
+/// Who says what a child cgroup holds.
+pub struct Lookups<'a> {
+    /// The engine: a container's name by its id (None: no such container, which passes: not a
+    /// container of this engine).
+    pub container_name: &'a mut dyn FnMut(&str) -> Result<Option<String>>,
+    /// The API server, when pods are selected.
+    pub pods: Option<&'a mut Pods>,
+    /// A pod not among those listed since this moment is listed again.
+    pub since: Instant,
+}
+
+/// Classifies every child cgroup of `scope` (at cgroup `level`) not classified yet (every one,
+/// with `again`). A lookup that fails leaves the child as it was (unclassified: refused), to be
+/// tried again next time. A QoS-class cgroup of kubelet's becomes a scope itself, its pods
+/// classified as its children.
 pub fn classify_children(
     maps: &mut ScopeMaps,
     scope: &Path,
+    level: u32,
     followed: &[String],
-    name_of: &mut dyn FnMut(&str) -> Result<Option<String>>,
+    lookups: &mut Lookups<'_>,
     again: bool,
 ) -> Result<Vec<Classified>> {
+    let scope_name = scope
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut present = BTreeMap::new();
     for entry in std::fs::read_dir(scope).with_context(|| format!("reading {}", scope.display()))? {
         let entry = entry?;
@@ -192,23 +218,46 @@ pub fn classify_children(
         if before.is_some() && !again {
             continue;
         }
-        let (container, how) = match container_id_in(dir_name) {
-            None => (None, Classification::Pass),
-            Some(container_id) => match name_of(container_id) {
-                Ok(Some(name)) => {
-                    let how = if is_followed(followed, container_id, &name) {
-                        Classification::Intercept
-                    } else {
-                        Classification::Pass
-                    };
-                    (Some(name), how)
-                }
-                Ok(None) => (None, Classification::Pass),
-                Err(e) => {
-                    failure = Some(e);
-                    continue;
-                }
-            },
+        let found = if kubernetes::is_qos_class(&scope_name, dir_name) {
+            // Only kubelet's own processes could sit in it; its children are the pods.
+            maps.add_scope(*id, level + 1)
+                .map(|()| (Some(format!("QoS class {dir_name}")), Classification::Pass))
+        } else if let Some(uid) = kubernetes::pod_uid_in(dir_name) {
+            match lookups.pods.as_deref_mut() {
+                None => Ok((None, Classification::Pass)),
+                Some(pods) => pods
+                    .verdict(&uid, lookups.since)
+                    .map(|verdict| match verdict {
+                        PodVerdict::Selected(name) => {
+                            (Some(format!("pod {name}")), Classification::Intercept)
+                        }
+                        PodVerdict::NotSelected => (Some(format!("pod {uid}")), Classification::Pass),
+                    })
+                    .context("asking the Kubernetes API server which pods pod_selector selects"),
+            }
+        } else if let Some(container_id) = container_id_in(dir_name) {
+            (lookups.container_name)(container_id)
+                .map(|name| match name {
+                    Some(name) => {
+                        let how = if is_followed(followed, container_id, &name) {
+                            Classification::Intercept
+                        } else {
+                            Classification::Pass
+                        };
+                        (Some(format!("container {name}")), how)
+                    }
+                    None => (None, Classification::Pass),
+                })
+                .context("asking the container engine which container a new cgroup holds")
+        } else {
+            Ok((None, Classification::Pass))
+        };
+        let (holds, how) = match found {
+            Ok(found) => found,
+            Err(e) => {
+                failure = Some(e);
+                continue;
+            }
         };
         if before == Some(how) {
             continue;
@@ -216,12 +265,12 @@ pub fn classify_children(
         maps.classify(*id, how)?;
         changes.push(Classified {
             cgroup: scope.join(dir_name),
-            container,
+            holds,
             how,
         });
     }
     if let Some(e) = failure {
-        return Err(e.context("asking the container engine which container a new cgroup holds"));
+        return Err(e);
     }
     Ok(changes)
 }
@@ -266,25 +315,83 @@ pub fn follow(maps: &mut ScopeMaps, engine: &Engine, reference: &str, scope: &Pa
     maps.follow(reference)?;
     let followed = maps.followed();
     let mut name_of = |id: &str| Ok(engine.inspect(id)?.map(|c| c.name));
+    let mut lookups = Lookups {
+        container_name: &mut name_of,
+        pods: None,
+        since: Instant::now(),
+    };
     // Also the children classified already: the container may be one passed so far.
-    for change in classify_children(maps, scope, &followed, &mut name_of, true)? {
+    for change in classify_children(maps, scope, level, &followed, &mut lookups, true)? {
         log_classified(&change);
     }
     Ok(())
 }
 
+/// Starts following the pods `pods` selects: the kubepods cgroup becomes a scope, egress's own
+/// pod (when egress runs in one) passes, so that it can reach the API server, and the pods are
+/// classified now, before the programs are attached there. Returns the kubepods cgroup, and
+/// what the API server could not be asked (the pods it concerns stay refused until it answers).
+pub fn follow_pods(maps: &mut ScopeMaps, pods: &mut Pods) -> Result<(PathBuf, Option<anyhow::Error>)> {
+    let kubepods =
+        kubernetes::kubepods_cgroup(&cgroup2_root()?, pods.selection().kubepods_cgroup.as_deref())?;
+    let level = cgroup_level(&kubepods)?;
+    if level == 0 {
+        bail!(
+            "kubepods_cgroup {}: the root cgroup is not kubelet's",
+            kubepods.display()
+        );
+    }
+    maps.add_scope(crate::kernel::cgroup_id(&kubepods)?, level)?;
+    if let Some(own) = cgroups::own_cgroup().and_then(|own| kubernetes::own_pod_cgroup(&kubepods, &own)) {
+        let id = crate::kernel::cgroup_id(&own)?;
+        if maps.classification(id).is_none() {
+            maps.classify(id, Classification::Pass)?;
+            tracing::info!(cgroup = %own.display(), "egress's own pod: its connections pass");
+        }
+    }
+    let mut no_engine = |_: &str| Ok(None);
+    let mut lookups = Lookups {
+        container_name: &mut no_engine,
+        pods: Some(pods),
+        since: Instant::now(),
+    };
+    let mut failure = None;
+    // The QoS cgroups become scopes as the first pass finds them; the second classifies their pods.
+    let mut scopes = vec![(kubepods.clone(), level)];
+    while let Some((scope, level)) = scopes.pop() {
+        match classify_children(maps, &scope, level, &[], &mut lookups, true) {
+            Ok(changes) => changes.iter().for_each(log_classified),
+            Err(e) => failure = Some(e),
+        }
+        if scope == kubepods {
+            let scope_name = scope
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            for entry in std::fs::read_dir(&scope)?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if kubernetes::is_qos_class(&scope_name, &name) {
+                    scopes.push((entry.path(), level + 1));
+                }
+            }
+        }
+    }
+    Ok((kubepods, failure))
+}
+
 pub fn log_classified(change: &Classified) {
-    let container = change.container.as_deref().unwrap_or("-");
+    let holds = change.holds.as_deref().unwrap_or("-");
     match change.how {
         Classification::Intercept => tracing::info!(
-            container,
+            holds,
             cgroup = %change.cgroup.display(),
-            "following a container: its connections are intercepted"
+            "following: its connections are intercepted"
         ),
         Classification::Pass => tracing::debug!(
-            container,
+            holds,
             cgroup = %change.cgroup.display(),
-            "not a followed container: its connections pass"
+            "not followed: its connections pass"
         ),
     }
 }
@@ -297,21 +404,31 @@ pub struct Follower {
     /// The followed references last round: when `egress attach --container` adds one, every
     /// child is looked at again (one classified as passing may be the new one).
     followed: Vec<String>,
+    pods: Option<Pods>,
+    /// Every child is to be looked at again (the selected pods changed).
+    reclassify: bool,
 }
 
 impl Follower {
-    /// One round. Returns the children classified as passing, whose processes egress leaves
-    /// alone (no listener in their namespaces), and what went wrong, if anything (children
-    /// that could not be classified stay refused).
+    /// One round. `pods`: the pod selection configured now. `linked(id)`: whether scope `id`
+    /// is attached itself (a nested scope, a QoS class, is not). Returns the children
+    /// classified as passing, whose processes egress leaves alone (no listener in their
+    /// namespaces), and what went wrong, if anything (children that could not be classified
+    /// stay refused).
     pub fn round(
         &mut self,
         maps: &std::sync::Mutex<ScopeMaps>,
         name_of: &mut dyn FnMut(&str) -> Result<Option<String>>,
+        pods: Option<&PodSelection>,
+        linked: &dyn Fn(u64) -> bool,
     ) -> (Vec<u64>, Option<anyhow::Error>) {
+        let mut error = None;
+        let since = Instant::now();
+        self.refresh_pods(pods).unwrap_or_else(|e| error = Some(e));
         let mut maps = maps.lock().unwrap_or_else(|e| e.into_inner());
         let scopes = maps.scopes();
         if scopes.is_empty() {
-            return (Vec::new(), None);
+            return (Vec::new(), error);
         }
         self.paths
             .retain(|id, _| scopes.iter().any(|s| s.cgroup_id == *id));
@@ -322,30 +439,76 @@ impl Follower {
                 self.paths.insert(scope.cgroup_id, path);
             }
         }
+        // A nested scope whose cgroup is gone (kubelet removed a QoS class) goes with it.
+        for scope in &scopes {
+            let present = self
+                .paths
+                .get(&scope.cgroup_id)
+                .is_some_and(|path| std::fs::metadata(path).is_ok_and(|m| m.ino() == scope.cgroup_id));
+            if !present && !linked(scope.cgroup_id) {
+                let _ = maps.remove_scope(scope.cgroup_id);
+                self.paths.remove(&scope.cgroup_id);
+            }
+        }
+        let scopes = maps.scopes();
         let mut followed = maps.followed();
         followed.sort();
-        let again = followed != self.followed;
-        let paths: Vec<PathBuf> = self.paths.values().cloned().collect();
-        let mut error = None;
-        for scope in &paths {
-            match classify_children(&mut maps, scope, &followed, name_of, again) {
+        let again = self.reclassify || followed != self.followed;
+        let paths: Vec<(PathBuf, u32)> = scopes
+            .iter()
+            .filter_map(|s| Some((self.paths.get(&s.cgroup_id)?.clone(), s.level)))
+            .collect();
+        let mut lookups = Lookups {
+            container_name: name_of,
+            pods: self.pods.as_mut(),
+            since,
+        };
+        for (scope, level) in &paths {
+            match classify_children(&mut maps, scope, *level, &followed, &mut lookups, again) {
                 Ok(changes) => changes.iter().for_each(log_classified),
                 Err(e) => error = Some(e),
             }
         }
         if error.is_none() {
             self.followed = followed;
+            self.reclassify = false;
         }
         // Only with every scope found: the children of one not found are not gone.
         if paths.len() == scopes.len() {
+            let paths: Vec<PathBuf> = paths.into_iter().map(|(path, _)| path).collect();
             forget_gone_children(&mut maps, &paths);
         }
+        // A nested scope (a QoS class) passes only the processes in it, not its pods.
+        let scope_ids: Vec<u64> = maps.scopes().iter().map(|s| s.cgroup_id).collect();
         let passing = maps
             .classified()
             .into_iter()
-            .filter(|child| maps.classification(*child) == Some(Classification::Pass))
+            .filter(|child| {
+                maps.classification(*child) == Some(Classification::Pass) && !scope_ids.contains(child)
+            })
             .collect();
         (passing, error)
+    }
+
+    /// The pod selection as configured now (a reload may change it), listed again when it
+    /// changed and every [`PODS_RESYNC`].
+    fn refresh_pods(&mut self, selection: Option<&PodSelection>) -> Result<()> {
+        let Some(selection) = selection else {
+            self.pods = None;
+            return Ok(());
+        };
+        if self.pods.as_ref().is_none_or(|p| p.selection() != selection) {
+            self.pods = Some(Pods::new(selection)?);
+            self.reclassify = true;
+        }
+        let pods = self.pods.as_mut().expect("just made");
+        if pods
+            .refresh(PODS_RESYNC)
+            .context("asking the Kubernetes API server which pods pod_selector selects")?
+        {
+            self.reclassify = true;
+        }
+        Ok(())
     }
 }
 

@@ -24,6 +24,29 @@ pub fn render_config(config: &Config) -> String {
     let mut out = String::new();
     let cgroups = config.cgroups.iter().map(|c| c.display().to_string()).collect();
     let _ = writeln!(out, "cgroups = {}", list(cgroups));
+    if !config.containers.is_empty() {
+        let _ = writeln!(out, "containers = {}", list(config.containers.clone()));
+    }
+    if let Some(pods) = &config.pods {
+        let _ = writeln!(out, "pod_selector = {}", quote(&pods.selector));
+        if let Some(namespace) = &pods.namespace {
+            let _ = writeln!(out, "pod_namespace = {}", quote(namespace));
+        }
+        let _ = writeln!(out, "kube_api = {}", quote(&pods.api));
+        let _ = writeln!(
+            out,
+            "kube_token_file = {}",
+            quote(&pods.token_file.display().to_string())
+        );
+        let _ = writeln!(
+            out,
+            "kube_ca_file = {}",
+            quote(&pods.ca_file.display().to_string())
+        );
+        if let Some(cgroup) = &pods.kubepods_cgroup {
+            let _ = writeln!(out, "kubepods_cgroup = {}", quote(&cgroup.display().to_string()));
+        }
+    }
     let _ = writeln!(out, "https_proxy = {}", proxy(&config.https_proxy));
     let _ = writeln!(out, "http_proxy = {}", proxy(&config.http_proxy));
     let p = &config.policy;

@@ -22,7 +22,7 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
         .unwrap_or_default();
     for id in kernel::pinned_cgroups(pin_dir)? {
         let how = if selective.contains(&id) {
-            " (selectively: followed containers only)"
+            " (selectively: followed containers and pods only)"
         } else {
             ""
         };
@@ -31,8 +31,27 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
             None => println!("attached cgroup id {id} (no longer exists)"),
         }
     }
-    for name in scopes.as_ref().map(|s| s.followed()).unwrap_or_default() {
-        println!("following container {name}");
+    if let Some(scopes) = &scopes {
+        for name in scopes.followed() {
+            println!("following container {name}");
+        }
+        if !selective.is_empty() {
+            // Nested scopes (kubelet's QoS classes) are not containers or pods.
+            let children: Vec<_> = scopes
+                .classified()
+                .into_iter()
+                .filter(|id| !selective.contains(id))
+                .filter_map(|id| scopes.classification(id))
+                .collect();
+            let intercepted = children
+                .iter()
+                .filter(|c| **c == kernel::scopes::Classification::Intercept)
+                .count();
+            println!(
+                "containers and pods under them: {intercepted} intercepted, {} passed",
+                children.len() - intercepted
+            );
+        }
     }
     for (name, value) in kernel::pinned_counters(pin_dir)? {
         println!("{name:>20} {value}");

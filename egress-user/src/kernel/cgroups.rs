@@ -144,6 +144,27 @@ pub fn cgroup_path_by_id(id: u64) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
+/// This process's cgroup v2 directory. /proc/self/cgroup names it, except in a cgroup namespace
+/// of its own (a container's default on cgroup v2, e.g. egress's DaemonSet pod), where it shows
+/// only `/`: then it is the cgroup whose `cgroup.procs` lists this process (readable there with
+/// the host's cgroup tree and PID namespace mounted).
+pub fn own_cgroup() -> Option<PathBuf> {
+    let pid = std::process::id().to_string();
+    let holds_us = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l == pid))
+    };
+    let root = cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)?;
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let named = root.join(relative.trim_start_matches('/'));
+    if holds_us(&named) {
+        return Some(named);
+    }
+    let mut found = Vec::new();
+    walk(&root, &|e| holds_us(&e.path()), 1, &mut found);
+    found.into_iter().next()
+}
+
 fn find(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
     walk(dir, &|e| e.file_name() == name, depth, found);
 }

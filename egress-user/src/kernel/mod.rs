@@ -297,13 +297,9 @@ fn remove_obsolete_pins(pin_dir: &Path) {
     }
 }
 
-/// The id of this process's cgroup v2 (its directory's inode), from /proc/self/cgroup.
+/// The id of this process's cgroup v2 (its directory's inode).
 fn own_cgroup_id() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let root = cgroups::cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)?;
-    let path = root.join(relative.trim_start_matches('/'));
-    Some(std::fs::metadata(path).ok()?.ino())
+    Some(std::fs::metadata(cgroups::own_cgroup()?).ok()?.ino())
 }
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`, Linux 5.14).
@@ -461,8 +457,16 @@ impl Kernel {
     /// looked at (bpffs mode 700 and the agent no longer root), by the links it holds.
     pub fn is_attached(&self, cgroup: &Path) -> bool {
         let Ok(id) = cgroup_id(cgroup) else { return false };
-        let name = format!("{id}-{}", programs::CONNECT4);
-        match std::fs::metadata(self.pin_dir.join(LINKS_DIR).join(&name)) {
+        self.has_link(&format!("{id}-{}", programs::CONNECT4))
+    }
+
+    /// Whether the cgroup `id` is attached as a scope itself (a nested scope is not).
+    pub fn scope_linked(&self, id: u64) -> bool {
+        self.has_link(&format!("{id}-{}", programs::CONNECT4_SCOPED))
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        match std::fs::metadata(self.pin_dir.join(LINKS_DIR).join(name)) {
             Ok(_) => true,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => self
                 .held_links
@@ -473,16 +477,26 @@ impl Kernel {
         }
     }
 
-    /// Forgets the scopes whose cgroup has no scoped link pinned any more (detached, or gone).
+    /// Forgets the scopes whose cgroup has no scoped link pinned any more (detached, or gone),
+    /// unless they are nested in one that has (kubelet's QoS classes in the kubepods cgroup).
     pub fn prune_scopes(&self) {
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        for scope in scopes.scopes() {
-            let pin = self.pin_dir.join(LINKS_DIR).join(format!(
-                "{}-{}",
-                scope.cgroup_id,
-                programs::CONNECT4_SCOPED
-            ));
-            if !pin.exists() {
+        let all = scopes.scopes();
+        let linked: Vec<u64> = all
+            .iter()
+            .map(|s| s.cgroup_id)
+            .filter(|id| self.scope_linked(*id))
+            .collect();
+        for scope in all {
+            if linked.contains(&scope.cgroup_id) {
+                continue;
+            }
+            let nested = cgroups::cgroup_path_by_id(scope.cgroup_id).is_some_and(|path| {
+                path.ancestors()
+                    .skip(1)
+                    .any(|dir| cgroup_id(dir).is_ok_and(|id| linked.contains(&id)))
+            });
+            if !nested {
                 let _ = scopes.remove_scope(scope.cgroup_id);
             }
         }

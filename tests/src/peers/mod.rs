@@ -1,9 +1,11 @@
 //! Real third-party peers the tests talk to: a test CA (openssl), squid with basic auth, nginx
 //! serving TLS, dnsmasq, and the origin's packet counter (nftables) that tells whether anything
-//! went direct. Synapse is in [`synapse`], the container engine in [`docker`].
+//! went direct. Synapse is in [`synapse`], the container engine in [`docker`], a stand-in for the
+//! Kubernetes API server in [`kubernetes`].
 
 pub mod docker;
 pub mod federation;
+pub mod kubernetes;
 pub mod synapse;
 
 use std::{

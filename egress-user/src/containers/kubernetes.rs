@@ -1,0 +1,630 @@
+//! Kubernetes pods chosen by a label selector (`pod_selector`), followed the way containers
+//! are (see the module above).
+//!
+//! kubelet puts each pod in a cgroup named after the pod's UID, under `kubepods.slice` (systemd
+//! cgroup driver) or `kubepods` (cgroupfs): Guaranteed pods directly, the others in the QoS-class
+//! cgroups `kubepods-burstable.slice` and `kubepods-besteffort.slice` (`burstable`,
+//! `besteffort`). egress attaches its programs to the kubepods cgroup as a scope, makes each QoS
+//! cgroup a nested scope as it finds it, and classifies every pod cgroup by asking the API
+//! server which pods the selector selects. A pod cgroup not classified yet is refused, as is
+//! one the API server could not be asked about.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use serde::Deserialize;
+
+/// Where kubelet mounts a pod's service account credentials.
+pub const TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The pods of one selector: a few KiB each.
+const MAX_ANSWER: usize = 32 << 20;
+/// After a failed list, the next waits this long (a new pod stays refused meanwhile).
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
+/// The kubelet annotation that gives a static pod's mirror the UID of the static pod, which
+/// names its cgroup.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// How egress finds and asks the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSelection {
+    /// A label selector, as `kubectl get pods -l` takes it.
+    pub selector: String,
+    /// Only pods of this namespace (else of all namespaces).
+    pub namespace: Option<String>,
+    /// The API server: `https://HOST[:PORT]`.
+    pub api: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    /// The kubepods cgroup, if configured (else found under the cgroup2 root).
+    pub kubepods_cgroup: Option<PathBuf>,
+}
+
+/// The API server in a pod: `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+pub fn in_cluster_api(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let host = env("KUBERNETES_SERVICE_HOST")?;
+    let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".to_owned());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Some(format!("https://{host}:{port}"))
+}
+
+/// A label selector's characters (the API server checks its grammar and says what is wrong).
+pub fn validate_selector(selector: &str) -> Result<()> {
+    let valid = !selector.trim().is_empty()
+        && selector.len() <= 1024
+        && selector
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=!,() ".contains(c));
+    if !valid {
+        bail!(
+            "pod_selector {selector:?}: not a label selector (e.g. app.kubernetes.io/name=synapse; \
+             letters, digits and - _ . / = ! , ( ) and spaces)"
+        );
+    }
+    Ok(())
+}
+
+/// A namespace name (an RFC 1123 label).
+pub fn validate_namespace(namespace: &str) -> Result<()> {
+    let valid = (1..=63).contains(&namespace.len())
+        && namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !namespace.starts_with('-')
+        && !namespace.ends_with('-');
+    if !valid {
+        bail!("pod_namespace {namespace:?}: not a namespace name (lower-case letters, digits and '-')");
+    }
+    Ok(())
+}
+
+/// `https://HOST[:PORT]` as host and port (443 by default).
+pub fn parse_api(api: &str) -> Result<(String, u16)> {
+    let rest = api
+        .strip_prefix("https://")
+        .with_context(|| format!("kube_api {api:?}: expected https://HOST[:PORT]"))?;
+    crate::hostport::parse_destination(rest.trim_end_matches('/'))
+        .with_context(|| format!("kube_api {api:?}: expected https://HOST[:PORT]"))
+}
+
+/// The pod UID in a pod cgroup's directory name: `kubepods-pod<uid>.slice`,
+/// `kubepods-burstable-pod<uid>.slice`, `kubepods-besteffort-pod<uid>.slice` (systemd driver,
+/// `-` in the UID written `_`), or `pod<uid>` (cgroupfs). A UID is a UUID, or 32 hex digits
+/// for a static pod.
+pub fn pod_uid_in(dir_name: &str) -> Option<String> {
+    let base = dir_name.strip_suffix(".slice").unwrap_or(dir_name);
+    let rest = ["kubepods-burstable-", "kubepods-besteffort-", "kubepods-"]
+        .iter()
+        .find_map(|prefix| base.strip_prefix(prefix))
+        .unwrap_or(base);
+    let uid = rest.strip_prefix("pod")?.replace('_', "-");
+    is_pod_uid(&uid).then_some(uid)
+}
+
+fn is_pod_uid(uid: &str) -> bool {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    match uid.len() {
+        36 => uid.bytes().enumerate().all(|(i, b)| {
+            if [8, 13, 18, 23].contains(&i) {
+                b == b'-'
+            } else {
+                hex(b)
+            }
+        }),
+        32 => uid.bytes().all(hex),
+        _ => false,
+    }
+}
+
+/// Whether `dir_name`, a child of the cgroup `scope_name`, is one of kubelet's QoS-class
+/// cgroups, whose children are pods.
+pub fn is_qos_class(scope_name: &str, dir_name: &str) -> bool {
+    match scope_name {
+        "kubepods.slice" => matches!(dir_name, "kubepods-burstable.slice" | "kubepods-besteffort.slice"),
+        "kubepods" => matches!(dir_name, "burstable" | "besteffort"),
+        _ => false,
+    }
+}
+
+/// The kubepods cgroup under the cgroup2 root `root`: the configured one, or the one kubelet
+/// made (systemd driver first).
+pub fn kubepods_cgroup(root: &Path, configured: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = configured {
+        if !path.is_dir() {
+            bail!("kubepods_cgroup {}: no such cgroup", path.display());
+        }
+        return Ok(path.to_owned());
+    }
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|name| root.join(name))
+        .find(|path| path.is_dir())
+        .with_context(|| {
+            format!(
+                "pod_selector: no kubepods.slice or kubepods cgroup under {} (is kubelet running \
+                 on this host? else set kubepods_cgroup)",
+                root.display()
+            )
+        })
+}
+
+/// The child of `scope` that holds process cgroup `own`, if `own` is in a pod under it.
+pub fn own_pod_cgroup(scope: &Path, own: &Path) -> Option<PathBuf> {
+    let relative = own.strip_prefix(scope).ok()?;
+    let mut path = scope.to_owned();
+    for part in relative.components() {
+        let name = part.as_os_str().to_string_lossy();
+        let parent_name = path.file_name()?.to_string_lossy().into_owned();
+        path.push(part);
+        if pod_uid_in(&name).is_some() || !is_qos_class(&parent_name, &name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct PodList {
+    items: Vec<Pod>,
+}
+
+#[derive(Deserialize)]
+struct Pod {
+    metadata: Metadata,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    uid: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// The API server's error body.
+#[derive(Deserialize)]
+struct Status {
+    #[serde(default)]
+    message: String,
+}
+
+/// The pods selected, by the UID their cgroups are named after, each with `namespace/name`.
+pub fn selected_pods(body: &[u8]) -> Result<BTreeMap<String, String>> {
+    let list: PodList = serde_json::from_slice(body).context("the API server's pod list")?;
+    let mut selected = BTreeMap::new();
+    for pod in list.items {
+        let name = format!("{}/{}", pod.metadata.namespace, pod.metadata.name);
+        if let Some(mirrored) = pod.metadata.annotations.get(MIRROR_ANNOTATION)
+            && is_pod_uid(mirrored)
+        {
+            selected.insert(mirrored.clone(), name.clone());
+        }
+        selected.insert(pod.metadata.uid, name);
+    }
+    Ok(selected)
+}
+
+/// A client of the API server for the one request egress makes.
+pub struct KubeApi {
+    host: String,
+    port: u16,
+    tls: Arc<ClientConfig>,
+    token_file: PathBuf,
+    path: String,
+}
+
+impl KubeApi {
+    pub fn new(selection: &PodSelection) -> Result<Self> {
+        let (host, port) = parse_api(&selection.api)?;
+        let mut roots = RootCertStore::empty();
+        crate::proxy::tls::add_pem_file(&mut roots, &selection.ca_file, "kube_ca_file")?;
+        let tls = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let selector =
+            percent_encoding::utf8_percent_encode(&selection.selector, percent_encoding::NON_ALPHANUMERIC);
+        let path = match &selection.namespace {
+            Some(namespace) => format!("/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"),
+            None => format!("/api/v1/pods?labelSelector={selector}"),
+        };
+        Ok(Self {
+            host,
+            port,
+            tls: Arc::new(tls),
+            token_file: selection.token_file.clone(),
+            path,
+        })
+    }
+
+    /// The pods the selector selects now (see [`selected_pods`]).
+    pub fn list(&self) -> Result<BTreeMap<String, String>> {
+        let what = format!("the Kubernetes API server at {}:{}", self.host, self.port);
+        // Read each time: kubelet rotates it.
+        let token = std::fs::read_to_string(&self.token_file)
+            .with_context(|| format!("kube_token_file {}", self.token_file.display()))?;
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!(
+                "kube_token_file {}: not a bearer token",
+                self.token_file.display()
+            );
+        }
+        let name = ServerName::try_from(self.host.clone())
+            .with_context(|| format!("kube_api host {}", self.host))?;
+        let address = (self.host.as_str(), self.port);
+        let socket = std::net::ToSocketAddrs::to_socket_addrs(&address)
+            .with_context(|| format!("{what}: resolving"))?
+            .next()
+            .with_context(|| format!("{what}: no address"))?;
+        let tcp = std::net::TcpStream::connect_timeout(&socket, TIMEOUT).with_context(|| what.clone())?;
+        tcp.set_write_timeout(Some(TIMEOUT))?;
+        let connection = rustls::ClientConnection::new(self.tls.clone(), name).context("TLS")?;
+        let mut stream = rustls::StreamOwned::new(connection, tcp);
+        let answer = super::api::get(
+            &mut stream,
+            &what,
+            &self.host,
+            &self.path,
+            &format!("Authorization: Bearer {token}\r\n"),
+            TIMEOUT,
+            MAX_ANSWER,
+        )?;
+        let message = || {
+            serde_json::from_slice::<Status>(&answer.body)
+                .map(|s| s.message)
+                .unwrap_or_default()
+        };
+        match answer.status {
+            200 => selected_pods(&answer.body).with_context(|| what.clone()),
+            401 => bail!(
+                "{what} does not accept the token in {} (401)",
+                self.token_file.display()
+            ),
+            403 => bail!(
+                "{what}: the service account may not list pods (403; grant `list` on pods, see \
+                 packaging/kubernetes): {}",
+                message()
+            ),
+            400 => bail!("{what} refused pod_selector (400): {}", message()),
+            code => bail!("{what}: listing pods answered {code}: {}", message()),
+        }
+    }
+}
+
+/// The selected pods as last listed, listed again when a pod cgroup is not among them (a new
+/// pod) and when the list is older than the caller wants.
+pub struct Pods {
+    lister: Box<dyn FnMut() -> Result<BTreeMap<String, String>> + Send>,
+    selection: PodSelection,
+    selected: BTreeMap<String, String>,
+    listed: Option<Instant>,
+    failed: Option<(Instant, String)>,
+}
+
+/// What the API server says of one pod cgroup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PodVerdict {
+    /// Selected: `namespace/name`.
+    Selected(String),
+    NotSelected,
+}
+
+impl Pods {
+    pub fn new(selection: &PodSelection) -> Result<Self> {
+        let api = KubeApi::new(selection)?;
+        Ok(Self::with_lister(selection, Box::new(move || api.list())))
+    }
+
+    fn with_lister(
+        selection: &PodSelection,
+        lister: Box<dyn FnMut() -> Result<BTreeMap<String, String>> + Send>,
+    ) -> Self {
+        Self {
+            lister,
+            selection: selection.clone(),
+            selected: BTreeMap::new(),
+            listed: None,
+            failed: None,
+        }
+    }
+
+    pub fn selection(&self) -> &PodSelection {
+        &self.selection
+    }
+
+    /// Lists again if the last list is older than `max_age` (or failed). Returns whether the
+    /// selection changed.
+    pub fn refresh(&mut self, max_age: Duration) -> Result<bool> {
+        if self.listed.is_some_and(|t| t.elapsed() < max_age) {
+            return Ok(false);
+        }
+        let before = self.selected.clone();
+        self.list()?;
+        Ok(before != self.selected)
+    }
+
+    /// Pod `uid`: selected or not, listing again unless listed since `since`.
+    pub fn verdict(&mut self, uid: &str, since: Instant) -> Result<PodVerdict> {
+        if let Some(name) = self.selected.get(uid) {
+            return Ok(PodVerdict::Selected(name.clone()));
+        }
+        if self.listed.is_none_or(|t| t < since) {
+            self.list()?;
+        }
+        Ok(match self.selected.get(uid) {
+            Some(name) => PodVerdict::Selected(name.clone()),
+            None => PodVerdict::NotSelected,
+        })
+    }
+
+    fn list(&mut self) -> Result<()> {
+        if let Some((when, error)) = &self.failed
+            && when.elapsed() < PAUSE_AFTER_FAILURE
+        {
+            bail!("{error}");
+        }
+        match (self.lister)() {
+            Ok(selected) => {
+                self.selected = selected;
+                self.listed = Some(Instant::now());
+                self.failed = None;
+                Ok(())
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.failed = Some((Instant::now(), error.clone()));
+                bail!("{error}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0f3c6a2e-4b1d-4c8e-9a7f-1e2d3c4b5a69";
+
+    #[test]
+    fn pod_uids_in_cgroup_names() {
+        let underscored = UID.replace('-', "_");
+        let static_uid = "4a1bd3c28e9f0b7a6c5d4e3f2a1b0c9d";
+        let undashed = UID.replace('-', "");
+        let cases = [
+            (format!("kubepods-pod{underscored}.slice"), Some(UID)),
+            (format!("kubepods-burstable-pod{underscored}.slice"), Some(UID)),
+            (format!("kubepods-besteffort-pod{underscored}.slice"), Some(UID)),
+            (format!("pod{UID}"), Some(UID)),
+            (format!("pod{static_uid}"), Some(static_uid)),
+            (format!("pod{undashed}"), Some(undashed.as_str())),
+            ("kubepods-burstable.slice".to_owned(), None),
+            ("burstable".to_owned(), None),
+            (format!("cri-containerd-{}.scope", "a".repeat(64)), None),
+            (format!("pod{}", UID.to_uppercase()), None),
+            (format!("pod{}", &UID[..35]), None),
+            (format!("pod{UID}x"), None),
+            (format!("kubepods-pod{}.slice", UID.replace('-', "/")), None),
+            ("pod".to_owned(), None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(pod_uid_in(&name).as_deref(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn qos_classes_by_driver() {
+        let cases = [
+            ("kubepods.slice", "kubepods-burstable.slice", true),
+            ("kubepods.slice", "kubepods-besteffort.slice", true),
+            ("kubepods", "burstable", true),
+            ("kubepods", "besteffort", true),
+            // Guaranteed pods sit directly under kubepods: no QoS cgroup of their own.
+            ("kubepods.slice", "kubepods-guaranteed.slice", false),
+            ("kubepods.slice", "burstable", false),
+            ("kubepods", "kubepods-burstable.slice", false),
+            ("system.slice", "burstable", false),
+        ];
+        for (scope, child, want) in cases {
+            assert_eq!(is_qos_class(scope, child), want, "{scope} {child}");
+        }
+    }
+
+    #[test]
+    fn the_agents_own_pod_under_the_scope() {
+        let scope = Path::new("/sys/fs/cgroup/kubepods.slice");
+        let pod = format!("kubepods-burstable-pod{}.slice", UID.replace('-', "_"));
+        let own = scope
+            .join("kubepods-burstable.slice")
+            .join(&pod)
+            .join("cri-containerd-ab.scope");
+        assert_eq!(
+            own_pod_cgroup(scope, &own),
+            Some(scope.join("kubepods-burstable.slice").join(&pod))
+        );
+        let guaranteed = scope.join(format!("kubepods-pod{}.slice", UID.replace('-', "_")));
+        assert_eq!(own_pod_cgroup(scope, &guaranteed.join("x")), Some(guaranteed));
+        assert_eq!(
+            own_pod_cgroup(scope, Path::new("/sys/fs/cgroup/system.slice/egress.service")),
+            None
+        );
+        assert_eq!(
+            own_pod_cgroup(scope, &scope.join("kubepods-burstable.slice")),
+            None
+        );
+    }
+
+    #[test]
+    fn selected_pods_by_uid_and_mirror() {
+        let body = format!(
+            r#"{{"kind":"PodList","items":[
+                {{"metadata":{{"uid":"{UID}","name":"synapse-0","namespace":"matrix","labels":{{"app":"synapse"}}}}}},
+                {{"metadata":{{"uid":"11111111-2222-3333-4444-555555555555","name":"static","namespace":"kube-system",
+                  "annotations":{{"kubernetes.io/config.mirror":"4a1bd3c28e9f0b7a6c5d4e3f2a1b0c9d"}}}}}}]}}"#
+        );
+        let selected = selected_pods(body.as_bytes()).unwrap();
+        assert_eq!(selected.get(UID).map(String::as_str), Some("matrix/synapse-0"));
+        assert_eq!(
+            selected
+                .get("4a1bd3c28e9f0b7a6c5d4e3f2a1b0c9d")
+                .map(String::as_str),
+            Some("kube-system/static")
+        );
+        assert_eq!(selected.len(), 3);
+        assert!(selected_pods(b"{\"kind\":\"Status\"}").is_err());
+    }
+
+    /// Pods listing through `answers` (one per list; an error where None), and how many lists
+    /// were made.
+    fn pods_answering(
+        answers: Vec<Option<Vec<&'static str>>>,
+    ) -> (Pods, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let lists = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = lists.clone();
+        let selection = PodSelection {
+            selector: "app=synapse".into(),
+            namespace: None,
+            api: "https://10.96.0.1".into(),
+            token_file: TOKEN_FILE.into(),
+            ca_file: CA_FILE.into(),
+            kubepods_cgroup: None,
+        };
+        let lister = move || {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match answers.get(n).cloned().flatten() {
+                Some(uids) => Ok(uids
+                    .into_iter()
+                    .map(|u| (u.to_owned(), format!("ns/{u}")))
+                    .collect()),
+                None => bail!("API server down"),
+            }
+        };
+        (Pods::with_lister(&selection, Box::new(lister)), lists)
+    }
+
+    #[test]
+    fn a_pod_not_in_the_last_list_is_listed_again_once_per_round() {
+        let load = |l: &std::sync::atomic::AtomicUsize| l.load(std::sync::atomic::Ordering::SeqCst);
+        let (mut pods, lists) = pods_answering(vec![Some(vec!["a"]), Some(vec!["a", "b"])]);
+        let round = Instant::now();
+        assert_eq!(
+            pods.verdict("a", round).unwrap(),
+            PodVerdict::Selected("ns/a".into())
+        );
+        assert_eq!(load(&lists), 1);
+        // Listed this round already: an unknown pod is not selected, without asking again.
+        assert_eq!(pods.verdict("b", round).unwrap(), PodVerdict::NotSelected);
+        assert_eq!(load(&lists), 1);
+        // Next round: a pod not in the list is asked about again, and the new list has it.
+        let next = Instant::now();
+        assert_eq!(
+            pods.verdict("b", next).unwrap(),
+            PodVerdict::Selected("ns/b".into())
+        );
+        assert_eq!(load(&lists), 2);
+        // A selected one needs no list.
+        assert_eq!(
+            pods.verdict("a", Instant::now()).unwrap(),
+            PodVerdict::Selected("ns/a".into())
+        );
+        assert_eq!(load(&lists), 2);
+    }
+
+    #[test]
+    fn a_failed_list_is_an_error_and_pauses_the_next() {
+        let (mut pods, lists) = pods_answering(vec![None, Some(vec!["a"])]);
+        let error = pods.verdict("a", Instant::now()).unwrap_err().to_string();
+        assert!(error.contains("API server down"), "{error}");
+        // Within the pause: the same error, no new list.
+        let error = pods.verdict("a", Instant::now()).unwrap_err().to_string();
+        assert!(error.contains("API server down"), "{error}");
+        assert_eq!(lists.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn refresh_says_whether_the_selection_changed() {
+        let (mut pods, lists) = pods_answering(vec![Some(vec!["a"]), Some(vec!["a"]), Some(vec!["b"])]);
+        assert!(pods.refresh(Duration::ZERO).unwrap());
+        assert!(!pods.refresh(Duration::ZERO).unwrap());
+        // Young enough: not listed.
+        assert!(!pods.refresh(Duration::from_secs(60)).unwrap());
+        assert_eq!(lists.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(pods.refresh(Duration::ZERO).unwrap());
+        assert_eq!(
+            pods.verdict("a", Instant::now() - Duration::from_secs(1))
+                .unwrap(),
+            PodVerdict::NotSelected
+        );
+    }
+
+    #[test]
+    fn selectors_namespaces_and_api_urls() {
+        for good in [
+            "app=synapse",
+            "app.kubernetes.io/name in (synapse, workers),tier!=db",
+            "!canary",
+        ] {
+            assert!(validate_selector(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "  ",
+            "app=synapse&x=y",
+            "app=syn\napse",
+            "a%20b",
+            &"a".repeat(1025),
+        ] {
+            let error = validate_selector(bad).unwrap_err().to_string();
+            assert!(error.contains("not a label selector"), "{bad:?}: {error}");
+        }
+        for good in ["matrix", "ess-1", "a"] {
+            assert!(validate_namespace(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Matrix", "-a", "a-", "a/b", "a.b", &"a".repeat(64)] {
+            assert!(validate_namespace(bad).is_err(), "{bad:?}");
+        }
+        let cases = [
+            ("https://10.96.0.1:443", Ok(("10.96.0.1", 443))),
+            ("https://10.96.0.1", Ok(("10.96.0.1", 443))),
+            ("https://[fd00::1]:6443/", Ok(("fd00::1", 6443))),
+            (
+                "https://kubernetes.default.svc:6443",
+                Ok(("kubernetes.default.svc", 6443)),
+            ),
+            ("http://10.96.0.1:443", Err("expected https://")),
+            ("https://user@10.96.0.1", Err("expected https://")),
+            ("https://10.96.0.1:0x", Err("expected https://")),
+        ];
+        for (api, want) in cases {
+            match want {
+                Ok((host, port)) => assert_eq!(parse_api(api).unwrap(), (host.to_owned(), port), "{api}"),
+                Err(needle) => {
+                    let error = parse_api(api).unwrap_err().to_string();
+                    assert!(error.contains(needle), "{api}: {error}");
+                }
+            }
+        }
+        let env = |name: &str| match name {
+            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_owned()),
+            "KUBERNETES_SERVICE_PORT" => Some("6443".to_owned()),
+            _ => None,
+        };
+        assert_eq!(in_cluster_api(&env).as_deref(), Some("https://[fd00::1]:6443"));
+        assert_eq!(in_cluster_api(&|_| None), None);
+    }
+}
