@@ -414,6 +414,38 @@ fn the_kubernetes_daemonset_is_privileged_with_host_pid_and_valid_egress_argumen
         "http://user:secret@proxy.test:3128",
     ];
     check.extend_from_slice(&args[1..]);
-    let out = egress(&check).unwrap();
+    // As in a pod, where the API server's address comes from the environment.
+    let mut command = std::process::Command::new(egress_testbed::egress_bin());
+    command
+        .args(&check)
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443");
+    let out = egress_testbed::process::output(command).unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("pod_selector = "), "{out:?}");
+    assert!(
+        out.stdout.contains("kube_api = \"https://10.96.0.1:443\""),
+        "{out:?}"
+    );
+
+    // The pod runs as a service account that may list pods.
+    let account = pod["serviceAccountName"].as_str().expect("a service account");
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .expect("a ClusterRoleBinding");
+    assert_eq!(binding["subjects"][0]["name"], account);
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == binding["roleRef"]["name"])
+        .expect("the bound ClusterRole");
+    let rule = &role["rules"][0];
+    assert_eq!(rule["resources"][0], "pods");
+    assert!(
+        rule["verbs"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("list")),
+        "{rule}"
+    );
 }
