@@ -23,7 +23,8 @@ pub mod maps {
     /// Cgroups attached selectively ([`super::Scope`]): the programs there intercept only the
     /// child cgroups classified [`super::SCOPE_INTERCEPT`] in `SCOPED`.
     pub const SCOPES: &str = "EGRESS_SCOPES";
-    /// Child cgroup id (under a scope) -> [`super::SCOPE_INTERCEPT`] or [`super::SCOPE_PASS`].
+    /// Child cgroup id (under a scope) -> [`super::SCOPE_INTERCEPT`], [`super::SCOPE_PASS`] or
+    /// [`super::SCOPE_NESTED`].
     /// A child not in the map is refused until the agent classifies it.
     pub const SCOPED: &str = "EGRESS_SCOPED";
     /// Names (or ids) of the containers followed ([`super::ContainerName`] -> 1). Not read by
@@ -146,6 +147,9 @@ pub struct Scope {
 
 pub const SCOPE_INTERCEPT: u32 = 1;
 pub const SCOPE_PASS: u32 = 2;
+/// A child that is a scope itself (kubelet's QoS classes): the kernel refuses a connect it would
+/// decide (any value but the two above), so that losing the nested scope's entry fails closed.
+pub const SCOPE_NESTED: u32 = 4;
 
 /// A followed container's name or id, NUL-padded.
 #[repr(C)]

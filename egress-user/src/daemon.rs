@@ -104,12 +104,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel.attach(&scope, &settings.pin_dir, kernel::Attachment::Scope)?;
         tracing::info!(container = %reference, scope = %scope.display(), "following a container (attached selectively)");
     }
+    let mut follower = containers::Follower::default();
     if let Some(selection) = &config.pods {
-        let mut pods = containers::kubernetes::Pods::new(selection)?;
-        let (kubepods, unanswered) = {
+        let mut pods = containers::kubernetes::Pods::new(selection, config.agent_mark)?;
+        let (kubepods, own_pod, unanswered) = {
             let mut maps = kernel.scopes.lock().unwrap_or_else(|e| e.into_inner());
             containers::follow_pods(&mut maps, &mut pods)?
         };
+        follower = containers::Follower::new(Some(pods), own_pod);
         if let Some(e) = unanswered {
             tracing::warn!(
                 "pods: {e:#}; the pods under {} not classified yet stay refused until the API server answers",
@@ -128,7 +130,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     kernel.keep_links();
     let user = config.user.clone();
     let worker_threads = config.worker_threads;
-    let agent = Agent::new(kernel, Some(Namespaces::new(helper)), config, args.clone(), env)?;
+    let agent = Agent::new(
+        kernel,
+        Some(Namespaces::new(helper, follower)),
+        config,
+        args.clone(),
+        env,
+    )?;
     privileges::drop_to(&user)?;
     agent.shared.kernel.check_access().with_context(|| {
         format!(
@@ -340,22 +348,19 @@ async fn serve_namespaces(agent: Arc<Agent>) {
         return;
     };
     let mut last_error = String::new();
-    let follower = Arc::new(std::sync::Mutex::new(containers::Follower::default()));
+    let follower = namespaces.follower();
     loop {
         let shared = agent.shared.clone();
         // Containers first: a new followed container's cgroup is classified before its
         // namespace gets a listener; passing ones get none.
         let (helper, following, maps_owner) = (namespaces.helper(), follower.clone(), shared.clone());
-        let pods = agent.current().config.pods.clone();
         let (skip, follow_error) = tokio::task::spawn_blocking(move || {
             let mut name_of = |id: &str| helper.container_name(id);
             let kernel = &maps_owner.kernel;
-            following.lock().unwrap_or_else(|e| e.into_inner()).round(
-                &kernel.scopes,
-                &mut name_of,
-                pods.as_ref(),
-                &|id| kernel.scope_linked(id),
-            )
+            following
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .round(&kernel.scopes, &mut name_of, &|id| kernel.scope_linked(id))
         })
         .await
         .unwrap_or_else(|e| (Vec::new(), Some(e.into())));

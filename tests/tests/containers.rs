@@ -432,6 +432,15 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
     assert_eq!(curl(&bed, &netns[0], &cluster.pods[a].container).stdout, "200");
     assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
 
+    // A cgroup under kubepods that is neither a pod nor a QoS class: refused, not passed.
+    let stray = cluster.kubepods.join("stray.slice");
+    std::fs::create_dir(&stray).unwrap();
+    bed.agent().logged("neither a pod nor a QoS class").unwrap();
+    let refused = bed.agent().counter("deny_unclassified").unwrap();
+    assert_eq!(connect_from(&bed, &stray), "EPERM");
+    assert!(bed.agent().counter("deny_unclassified").unwrap() > refused);
+    std::fs::remove_dir(&stray).unwrap();
+
     // While the API server refuses egress's token, a new pod cannot be classified: refused,
     // never passed. Then it answers again, and the pod (not selected) is left alone.
     std::fs::write(&cluster.token_file, "not-the-token\n").unwrap();

@@ -428,17 +428,23 @@ fn the_kubernetes_daemonset_is_privileged_with_host_pid_and_valid_egress_argumen
         "{out:?}"
     );
 
-    // The pod runs as a service account that may list pods.
+    // The pod runs as a service account that may list pods, in the namespace it looks at.
+    let namespace = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--pod-namespace="))
+        .expect("--pod-namespace");
     let account = pod["serviceAccountName"].as_str().expect("a service account");
     let binding = docs
         .iter()
-        .find(|d| d["kind"] == "ClusterRoleBinding")
-        .expect("a ClusterRoleBinding");
+        .find(|d| d["kind"] == "RoleBinding")
+        .expect("a RoleBinding");
+    assert_eq!(binding["metadata"]["namespace"], namespace);
     assert_eq!(binding["subjects"][0]["name"], account);
     let role = docs
         .iter()
-        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == binding["roleRef"]["name"])
-        .expect("the bound ClusterRole");
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == binding["roleRef"]["name"])
+        .expect("the bound Role");
+    assert_eq!(role["metadata"]["namespace"], namespace);
     let rule = &role["rules"][0];
     assert_eq!(rule["resources"][0], "pods");
     assert!(

@@ -33,12 +33,9 @@ pub fn get(
     timeout: Duration,
     max: usize,
 ) -> Result<Answer> {
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n{headers}\r\n"
-    )
-    .and_then(|()| stream.flush())
-    .with_context(|| format!("{what}: sending GET {path}"))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{headers}\r\n")
+        .and_then(|()| stream.flush())
+        .with_context(|| format!("{what}: sending GET {path}"))?;
     // One deadline for the whole answer: one that trickles in must not hold egress.
     let deadline = Instant::now() + timeout;
     let mut response = Vec::new();
@@ -203,7 +200,7 @@ mod tests {
         let sent = String::from_utf8(stream.sent).unwrap();
         assert_eq!(
             sent,
-            "GET /x?y=1 HTTP/1.0\r\nHost: api.test\r\nAccept: application/json\r\nAuthorization: Bearer t\r\n\r\n"
+            "GET /x?y=1 HTTP/1.0\r\nHost: api.test\r\nAuthorization: Bearer t\r\n\r\n"
         );
         result
     }

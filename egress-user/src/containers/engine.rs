@@ -96,7 +96,15 @@ impl Engine {
         let what = format!("the container engine at {}", self.socket.display());
         let mut stream = UnixStream::connect(&self.socket).with_context(|| what.clone())?;
         stream.set_write_timeout(Some(TIMEOUT))?;
-        let answer = super::api::get(&mut stream, &what, "engine", path, "", TIMEOUT, MAX_RESPONSE)?;
+        let answer = super::api::get(
+            &mut stream,
+            &what,
+            "engine",
+            path,
+            "Accept: application/json\r\n",
+            TIMEOUT,
+            MAX_RESPONSE,
+        )?;
         match answer.status {
             200 => Ok(Some(answer.body)),
             404 => Ok(None),

@@ -100,16 +100,20 @@ pub fn parse_api(api: &str) -> Result<(String, u16)> {
 
 /// The pod UID in a pod cgroup's directory name: `kubepods-pod<uid>.slice`,
 /// `kubepods-burstable-pod<uid>.slice`, `kubepods-besteffort-pod<uid>.slice` (systemd driver,
-/// `-` in the UID written `_`), or `pod<uid>` (cgroupfs). A UID is a UUID, or 32 hex digits
-/// for a static pod.
+/// `-` in the UID written `_`, and kubelet's `--cgroup-root` in front, e.g.
+/// `kubelet-kubepods-pod<uid>.slice`), or `pod<uid>` (cgroupfs). A UID is a UUID, or 32 hex
+/// digits for a static pod.
 pub fn pod_uid_in(dir_name: &str) -> Option<String> {
     let base = dir_name.strip_suffix(".slice").unwrap_or(dir_name);
-    let rest = ["kubepods-burstable-", "kubepods-besteffort-", "kubepods-"]
-        .iter()
-        .find_map(|prefix| base.strip_prefix(prefix))
-        .unwrap_or(base);
-    let uid = rest.strip_prefix("pod")?.replace('_', "-");
-    is_pod_uid(&uid).then_some(uid)
+    if !base.is_ascii() {
+        return None;
+    }
+    [36, 32].into_iter().find_map(|len| {
+        let (head, tail) = base.split_at(base.len().checked_sub(len)?);
+        let uid = tail.replace('_', "-");
+        let before = head.strip_suffix("pod")?;
+        (is_pod_uid(&uid) && (before.is_empty() || before.ends_with('-'))).then_some(uid)
+    })
 }
 
 fn is_pod_uid(uid: &str) -> bool {
@@ -127,14 +131,39 @@ fn is_pod_uid(uid: &str) -> bool {
     }
 }
 
-/// Whether `dir_name`, a child of the cgroup `scope_name`, is one of kubelet's QoS-class
-/// cgroups, whose children are pods.
-pub fn is_qos_class(scope_name: &str, dir_name: &str) -> bool {
-    match scope_name {
-        "kubepods.slice" => matches!(dir_name, "kubepods-burstable.slice" | "kubepods-besteffort.slice"),
-        "kubepods" => matches!(dir_name, "burstable" | "besteffort"),
-        _ => false,
+/// Whether cgroup `name` is kubelet's root for pods: `kubepods.slice` (systemd driver; with
+/// `--cgroup-root`, `<root>-kubepods.slice`) or `kubepods` (cgroupfs).
+pub fn is_kubepods(name: &str) -> bool {
+    name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice")
+}
+
+/// Whether `dir_name`, a child of kubelet's root for pods `kubepods_name`, is one of its
+/// QoS-class cgroups, whose children are pods.
+pub fn is_qos_class(kubepods_name: &str, dir_name: &str) -> bool {
+    if !is_kubepods(kubepods_name) {
+        return false;
     }
+    match kubepods_name.strip_suffix(".slice") {
+        Some(stem) => dir_name
+            .strip_prefix(stem)
+            .is_some_and(|rest| matches!(rest, "-burstable.slice" | "-besteffort.slice")),
+        None => matches!(dir_name, "burstable" | "besteffort"),
+    }
+}
+
+/// Whether the cgroup at `path` is kubelet's root for pods or one of its QoS classes: all its
+/// children are pods (or QoS classes), and nothing else is expected there.
+pub fn is_kube_scope(path: &Path) -> bool {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let own = name(path);
+    is_kubepods(&own)
+        || path
+            .parent()
+            .is_some_and(|parent| is_qos_class(&name(parent), &own))
 }
 
 /// The kubepods cgroup under the cgroup2 root `root`: the configured one, or the one kubelet
@@ -159,16 +188,20 @@ pub fn kubepods_cgroup(root: &Path, configured: Option<&Path>) -> Result<PathBuf
         })
 }
 
-/// The child of `scope` that holds process cgroup `own`, if `own` is in a pod under it.
-pub fn own_pod_cgroup(scope: &Path, own: &Path) -> Option<PathBuf> {
-    let relative = own.strip_prefix(scope).ok()?;
-    let mut path = scope.to_owned();
+/// The pod cgroup under `kubepods` (directly, or in a QoS class) that holds process cgroup
+/// `own`, if any.
+pub fn own_pod_cgroup(kubepods: &Path, own: &Path) -> Option<PathBuf> {
+    let relative = own.strip_prefix(kubepods).ok()?;
+    let mut path = kubepods.to_owned();
     for part in relative.components() {
-        let name = part.as_os_str().to_string_lossy();
+        let name = part.as_os_str().to_string_lossy().into_owned();
         let parent_name = path.file_name()?.to_string_lossy().into_owned();
         path.push(part);
-        if pod_uid_in(&name).is_some() || !is_qos_class(&parent_name, &name) {
+        if pod_uid_in(&name).is_some() {
             return Some(path);
+        }
+        if !is_qos_class(&parent_name, &name) {
+            return None;
         }
     }
     None
@@ -208,7 +241,10 @@ pub fn selected_pods(body: &[u8]) -> Result<BTreeMap<String, String>> {
     let mut selected = BTreeMap::new();
     for pod in list.items {
         let name = format!("{}/{}", pod.metadata.namespace, pod.metadata.name);
+        // A static pod's UID is a 32-digit hash: a UUID here would let a selected pod name
+        // another pod's cgroup.
         if let Some(mirrored) = pod.metadata.annotations.get(MIRROR_ANNOTATION)
+            && mirrored.len() == 32
             && is_pod_uid(mirrored)
         {
             selected.insert(mirrored.clone(), name.clone());
@@ -225,10 +261,17 @@ pub struct KubeApi {
     tls: Arc<ClientConfig>,
     token_file: PathBuf,
     path: String,
+    mark: u32,
 }
 
+/// Only the pods' metadata: the rest (specs, environments) is not egress's to read.
+const ACCEPT: &str =
+    "Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json\r\n";
+
 impl KubeApi {
-    pub fn new(selection: &PodSelection) -> Result<Self> {
+    /// `mark`: the agent mark, so that the kernel programs pass the request whatever the
+    /// classification of egress's own pod.
+    pub fn new(selection: &PodSelection, mark: u32) -> Result<Self> {
         let (host, port) = parse_api(&selection.api)?;
         let mut roots = RootCertStore::empty();
         crate::proxy::tls::add_pem_file(&mut roots, &selection.ca_file, "kube_ca_file")?;
@@ -249,6 +292,7 @@ impl KubeApi {
             tls: Arc::new(tls),
             token_file: selection.token_file.clone(),
             path,
+            mark,
         })
     }
 
@@ -272,7 +316,16 @@ impl KubeApi {
             .with_context(|| format!("{what}: resolving"))?
             .next()
             .with_context(|| format!("{what}: no address"))?;
-        let tcp = std::net::TcpStream::connect_timeout(&socket, TIMEOUT).with_context(|| what.clone())?;
+        let tcp = socket2::Socket::new(socket2::Domain::for_address(socket), socket2::Type::STREAM, None)?;
+        if self.mark != 0 {
+            tcp.set_mark(self.mark)
+                .context("marking the API server connection")?;
+        }
+        tcp.connect_timeout(&socket.into(), TIMEOUT)
+            .with_context(|| what.clone())?;
+        let tcp: std::net::TcpStream = tcp.into();
+        // Also the TLS handshake, which the first write drives, is bounded.
+        tcp.set_read_timeout(Some(TIMEOUT))?;
         tcp.set_write_timeout(Some(TIMEOUT))?;
         let connection = rustls::ClientConnection::new(self.tls.clone(), name).context("TLS")?;
         let mut stream = rustls::StreamOwned::new(connection, tcp);
@@ -281,13 +334,20 @@ impl KubeApi {
             &what,
             &self.host,
             &self.path,
-            &format!("Authorization: Bearer {token}\r\n"),
+            &format!("{ACCEPT}Authorization: Bearer {token}\r\n"),
             TIMEOUT,
             MAX_ANSWER,
         )?;
+        // The server's words, on one line and bounded: they go into egress's log.
         let message = || {
             serde_json::from_slice::<Status>(&answer.body)
-                .map(|s| s.message)
+                .map(|s| {
+                    s.message
+                        .chars()
+                        .filter(|c| !c.is_control())
+                        .take(300)
+                        .collect::<String>()
+                })
                 .unwrap_or_default()
         };
         match answer.status {
@@ -326,8 +386,8 @@ pub enum PodVerdict {
 }
 
 impl Pods {
-    pub fn new(selection: &PodSelection) -> Result<Self> {
-        let api = KubeApi::new(selection)?;
+    pub fn new(selection: &PodSelection, mark: u32) -> Result<Self> {
+        let api = KubeApi::new(selection, mark)?;
         Ok(Self::with_lister(selection, Box::new(move || api.list())))
     }
 
@@ -359,12 +419,19 @@ impl Pods {
         Ok(before != self.selected)
     }
 
-    /// Pod `uid`: selected or not, listing again unless listed since `since`.
-    pub fn verdict(&mut self, uid: &str, since: Instant) -> Result<PodVerdict> {
+    /// Pod `uid`: selected or not. For a cgroup seen for the first time at `new_since`, lists
+    /// again unless a list was asked for since then (kubelet makes a pod's cgroup after the API
+    /// server has the pod, so such a list has it); for one classified before, the last list
+    /// (read again every resync) answers.
+    pub fn verdict(&mut self, uid: &str, new_since: Option<Instant>) -> Result<PodVerdict> {
         if let Some(name) = self.selected.get(uid) {
             return Ok(PodVerdict::Selected(name.clone()));
         }
-        if self.listed.is_none_or(|t| t < since) {
+        let stale = match new_since {
+            Some(since) => self.listed.is_none_or(|t| t < since),
+            None => self.listed.is_none(),
+        };
+        if stale {
             self.list()?;
         }
         Ok(match self.selected.get(uid) {
@@ -379,10 +446,11 @@ impl Pods {
         {
             bail!("{error}");
         }
+        let asked = Instant::now();
         match (self.lister)() {
             Ok(selected) => {
                 self.selected = selected;
-                self.listed = Some(Instant::now());
+                self.listed = Some(asked);
                 self.failed = None;
                 Ok(())
             }
@@ -421,6 +489,12 @@ mod tests {
             (format!("pod{UID}x"), None),
             (format!("kubepods-pod{}.slice", UID.replace('-', "/")), None),
             ("pod".to_owned(), None),
+            (
+                format!("kubelet-kubepods-burstable-pod{underscored}.slice"),
+                Some(UID),
+            ),
+            (format!("xpod{UID}"), None),
+            (format!("kubepods-burstable-pod{underscored}ä.slice"), None),
         ];
         for (name, want) in cases {
             assert_eq!(pod_uid_in(&name).as_deref(), want, "{name}");
@@ -428,20 +502,42 @@ mod tests {
     }
 
     #[test]
-    fn qos_classes_by_driver() {
+    fn qos_classes_by_driver_and_cgroup_root() {
         let cases = [
             ("kubepods.slice", "kubepods-burstable.slice", true),
             ("kubepods.slice", "kubepods-besteffort.slice", true),
             ("kubepods", "burstable", true),
             ("kubepods", "besteffort", true),
+            // kubelet --cgroup-root=/kubelet (kind): the root's name in front of every name.
+            ("kubelet-kubepods.slice", "kubelet-kubepods-burstable.slice", true),
+            ("kubelet-kubepods.slice", "kubepods-burstable.slice", false),
             // Guaranteed pods sit directly under kubepods: no QoS cgroup of their own.
             ("kubepods.slice", "kubepods-guaranteed.slice", false),
             ("kubepods.slice", "burstable", false),
             ("kubepods", "kubepods-burstable.slice", false),
             ("system.slice", "burstable", false),
+            ("docker", "burstable", false),
         ];
         for (scope, child, want) in cases {
             assert_eq!(is_qos_class(scope, child), want, "{scope} {child}");
+        }
+        let kube = [
+            "/c/kubepods.slice",
+            "/c/kubepods.slice/kubepods-besteffort.slice",
+            "/c/kubepods/burstable",
+            "/c/kubelet.slice/kubelet-kubepods.slice",
+        ];
+        for path in kube {
+            assert!(is_kube_scope(Path::new(path)), "{path}");
+        }
+        let other = [
+            "/c/system.slice",
+            "/c/docker",
+            "/c/burstable",
+            "/c/system.slice/kubepods-burstable.slice",
+        ];
+        for path in other {
+            assert!(!is_kube_scope(Path::new(path)), "{path}");
         }
     }
 
@@ -467,6 +563,10 @@ mod tests {
             own_pod_cgroup(scope, &scope.join("kubepods-burstable.slice")),
             None
         );
+        // Never a whole QoS class or an unknown child.
+        let unknown = scope.join("kubepods-burstable.slice/other/x");
+        assert_eq!(own_pod_cgroup(scope, &unknown), None);
+        assert_eq!(own_pod_cgroup(scope, &scope.join("other.slice/x")), None);
     }
 
     #[test]
@@ -475,7 +575,9 @@ mod tests {
             r#"{{"kind":"PodList","items":[
                 {{"metadata":{{"uid":"{UID}","name":"synapse-0","namespace":"matrix","labels":{{"app":"synapse"}}}}}},
                 {{"metadata":{{"uid":"11111111-2222-3333-4444-555555555555","name":"static","namespace":"kube-system",
-                  "annotations":{{"kubernetes.io/config.mirror":"4a1bd3c28e9f0b7a6c5d4e3f2a1b0c9d"}}}}}}]}}"#
+                  "annotations":{{"kubernetes.io/config.mirror":"4a1bd3c28e9f0b7a6c5d4e3f2a1b0c9d"}}}}}},
+                {{"metadata":{{"uid":"22222222-2222-3333-4444-555555555555","name":"sly","namespace":"matrix",
+                  "annotations":{{"kubernetes.io/config.mirror":"99999999-2222-3333-4444-555555555555"}}}}}}]}}"#
         );
         let selected = selected_pods(body.as_bytes()).unwrap();
         assert_eq!(selected.get(UID).map(String::as_str), Some("matrix/synapse-0"));
@@ -485,7 +587,9 @@ mod tests {
                 .map(String::as_str),
             Some("kube-system/static")
         );
-        assert_eq!(selected.len(), 3);
+        // A mirror annotation naming a UUID (another pod's cgroup) is not believed.
+        assert!(!selected.contains_key("99999999-2222-3333-4444-555555555555"));
+        assert_eq!(selected.len(), 4);
         assert!(selected_pods(b"{\"kind\":\"Status\"}").is_err());
     }
 
@@ -523,35 +627,38 @@ mod tests {
         let (mut pods, lists) = pods_answering(vec![Some(vec!["a"]), Some(vec!["a", "b"])]);
         let round = Instant::now();
         assert_eq!(
-            pods.verdict("a", round).unwrap(),
+            pods.verdict("a", Some(round)).unwrap(),
             PodVerdict::Selected("ns/a".into())
         );
         assert_eq!(load(&lists), 1);
         // Listed this round already: an unknown pod is not selected, without asking again.
-        assert_eq!(pods.verdict("b", round).unwrap(), PodVerdict::NotSelected);
+        assert_eq!(pods.verdict("b", Some(round)).unwrap(), PodVerdict::NotSelected);
         assert_eq!(load(&lists), 1);
         // Next round: a pod not in the list is asked about again, and the new list has it.
         let next = Instant::now();
         assert_eq!(
-            pods.verdict("b", next).unwrap(),
+            pods.verdict("b", Some(next)).unwrap(),
             PodVerdict::Selected("ns/b".into())
         );
         assert_eq!(load(&lists), 2);
         // A selected one needs no list.
         assert_eq!(
-            pods.verdict("a", Instant::now()).unwrap(),
+            pods.verdict("a", Some(Instant::now())).unwrap(),
             PodVerdict::Selected("ns/a".into())
         );
+        assert_eq!(load(&lists), 2);
+        // A pod classified before (looked at again) is answered from the last list.
+        assert_eq!(pods.verdict("c", None).unwrap(), PodVerdict::NotSelected);
         assert_eq!(load(&lists), 2);
     }
 
     #[test]
     fn a_failed_list_is_an_error_and_pauses_the_next() {
         let (mut pods, lists) = pods_answering(vec![None, Some(vec!["a"])]);
-        let error = pods.verdict("a", Instant::now()).unwrap_err().to_string();
+        let error = pods.verdict("a", Some(Instant::now())).unwrap_err().to_string();
         assert!(error.contains("API server down"), "{error}");
         // Within the pause: the same error, no new list.
-        let error = pods.verdict("a", Instant::now()).unwrap_err().to_string();
+        let error = pods.verdict("a", Some(Instant::now())).unwrap_err().to_string();
         assert!(error.contains("API server down"), "{error}");
         assert_eq!(lists.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -565,11 +672,7 @@ mod tests {
         assert!(!pods.refresh(Duration::from_secs(60)).unwrap());
         assert_eq!(lists.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(pods.refresh(Duration::ZERO).unwrap());
-        assert_eq!(
-            pods.verdict("a", Instant::now() - Duration::from_secs(1))
-                .unwrap(),
-            PodVerdict::NotSelected
-        );
+        assert_eq!(pods.verdict("a", None).unwrap(), PodVerdict::NotSelected);
     }
 
     #[test]

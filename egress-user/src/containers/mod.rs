@@ -28,7 +28,7 @@ use crate::kernel::{
     scopes::{Classification, ScopeMaps},
 };
 use engine::Engine;
-use kubernetes::{PodSelection, PodVerdict, Pods};
+use kubernetes::{PodVerdict, Pods};
 
 /// The selected pods are listed again this often, so that a pod labelled (or unlabelled) while
 /// it runs is intercepted (or passed) from then on.
@@ -182,14 +182,14 @@ pub struct Lookups<'a> {
     pub container_name: &'a mut dyn FnMut(&str) -> Result<Option<String>>,
     /// The API server, when pods are selected.
     pub pods: Option<&'a mut Pods>,
-    /// A pod not among those listed since this moment is listed again.
-    pub since: Instant,
+    /// egress's own pod, which always passes (see [`follow_pods`]).
+    pub own_pod: Option<u64>,
 }
 
 /// Classifies every child cgroup of `scope` (at cgroup `level`) not classified yet (every one,
 /// with `again`). A lookup that fails leaves the child as it was (unclassified: refused), to be
-/// tried again next time. A QoS-class cgroup of kubelet's becomes a scope itself, its pods
-/// classified as its children.
+/// tried again next time. Under kubelet's cgroups, a QoS class becomes a scope itself (its pods
+/// classified as its children), and a child that is neither that nor a pod stays refused.
 pub fn classify_children(
     maps: &mut ScopeMaps,
     scope: &Path,
@@ -202,6 +202,10 @@ pub fn classify_children(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let kube = kubernetes::is_kube_scope(scope);
+    // Before the directory is read: a pod whose cgroup is there was known to the API server
+    // by then.
+    let seen = Instant::now();
     let mut present = BTreeMap::new();
     for entry in std::fs::read_dir(scope).with_context(|| format!("reading {}", scope.display()))? {
         let entry = entry?;
@@ -215,18 +219,19 @@ pub fn classify_children(
     let mut failure = None;
     for (id, dir_name) in &present {
         let before = maps.classification(*id);
-        if before.is_some() && !again {
-            continue;
-        }
-        let found = if kubernetes::is_qos_class(&scope_name, dir_name) {
-            // Only kubelet's own processes could sit in it; its children are the pods.
+        let found = if kube && kubernetes::is_qos_class(&scope_name, dir_name) {
+            // Every round: a nested scope's entry must come back if it was lost. Refused itself
+            // should it ever decide (its entry lost after all).
             maps.add_scope(*id, level + 1)
-                .map(|()| (Some(format!("QoS class {dir_name}")), Classification::Pass))
-        } else if let Some(uid) = kubernetes::pod_uid_in(dir_name) {
-            match lookups.pods.as_deref_mut() {
-                None => Ok((None, Classification::Pass)),
-                Some(pods) => pods
-                    .verdict(&uid, lookups.since)
+                .map(|()| (Some(format!("QoS class {dir_name}")), Classification::Nested))
+        } else if before.is_some() && !again {
+            continue;
+        } else if lookups.own_pod == Some(*id) {
+            Ok((Some("egress's own pod".to_owned()), Classification::Pass))
+        } else if kube {
+            match (kubernetes::pod_uid_in(dir_name), lookups.pods.as_deref_mut()) {
+                (Some(uid), Some(pods)) => pods
+                    .verdict(&uid, before.is_none().then_some(seen))
                     .map(|verdict| match verdict {
                         PodVerdict::Selected(name) => {
                             (Some(format!("pod {name}")), Classification::Intercept)
@@ -234,6 +239,16 @@ pub fn classify_children(
                         PodVerdict::NotSelected => (Some(format!("pod {uid}")), Classification::Pass),
                     })
                     .context("asking the Kubernetes API server which pods pod_selector selects"),
+                (Some(_), None) => Err(anyhow::anyhow!(
+                    "{}: a pod, but no pod_selector is configured: the pods under {} stay refused \
+                     (configure pod_selector, or `egress detach --cgroup` the kubepods cgroup)",
+                    dir_name,
+                    scope.display()
+                )),
+                (None, _) => Err(anyhow::anyhow!(
+                    "{}: neither a pod nor a QoS class of kubelet's: refused",
+                    scope.join(dir_name).display()
+                )),
             }
         } else if let Some(container_id) = container_id_in(dir_name) {
             (lookups.container_name)(container_id)
@@ -318,7 +333,7 @@ pub fn follow(maps: &mut ScopeMaps, engine: &Engine, reference: &str, scope: &Pa
     let mut lookups = Lookups {
         container_name: &mut name_of,
         pods: None,
-        since: Instant::now(),
+        own_pod: None,
     };
     // Also the children classified already: the container may be one passed so far.
     for change in classify_children(maps, scope, level, &followed, &mut lookups, true)? {
@@ -328,10 +343,15 @@ pub fn follow(maps: &mut ScopeMaps, engine: &Engine, reference: &str, scope: &Pa
 }
 
 /// Starts following the pods `pods` selects: the kubepods cgroup becomes a scope, egress's own
-/// pod (when egress runs in one) passes, so that it can reach the API server, and the pods are
-/// classified now, before the programs are attached there. Returns the kubepods cgroup, and
-/// what the API server could not be asked (the pods it concerns stay refused until it answers).
-pub fn follow_pods(maps: &mut ScopeMaps, pods: &mut Pods) -> Result<(PathBuf, Option<anyhow::Error>)> {
+/// pod (when egress runs in one: the DaemonSet) passes, so that it can reach the API server
+/// while the programs are attached from an earlier run, and the pods are classified now, before
+/// the programs are attached there. Returns the kubepods cgroup, egress's own pod cgroup (id),
+/// and what the API server could not be asked (the pods it concerns stay refused until it
+/// answers).
+pub fn follow_pods(
+    maps: &mut ScopeMaps,
+    pods: &mut Pods,
+) -> Result<(PathBuf, Option<u64>, Option<anyhow::Error>)> {
     let kubepods =
         kubernetes::kubepods_cgroup(&cgroup2_root()?, pods.selection().kubepods_cgroup.as_deref())?;
     let level = cgroup_level(&kubepods)?;
@@ -341,19 +361,26 @@ pub fn follow_pods(maps: &mut ScopeMaps, pods: &mut Pods) -> Result<(PathBuf, Op
             kubepods.display()
         );
     }
+    if !kubernetes::is_kube_scope(&kubepods) {
+        bail!(
+            "kubepods_cgroup {}: not named as kubelet names its cgroup for pods (kubepods.slice, \
+             <root>-kubepods.slice or kubepods)",
+            kubepods.display()
+        );
+    }
     maps.add_scope(crate::kernel::cgroup_id(&kubepods)?, level)?;
+    let mut own_pod = None;
     if let Some(own) = cgroups::own_cgroup().and_then(|own| kubernetes::own_pod_cgroup(&kubepods, &own)) {
         let id = crate::kernel::cgroup_id(&own)?;
-        if maps.classification(id).is_none() {
-            maps.classify(id, Classification::Pass)?;
-            tracing::info!(cgroup = %own.display(), "egress's own pod: its connections pass");
-        }
+        maps.classify(id, Classification::Pass)?;
+        tracing::info!(cgroup = %own.display(), "egress's own pod: its connections pass");
+        own_pod = Some(id);
     }
     let mut no_engine = |_: &str| Ok(None);
     let mut lookups = Lookups {
         container_name: &mut no_engine,
         pods: Some(pods),
-        since: Instant::now(),
+        own_pod,
     };
     let mut failure = None;
     // The QoS cgroups become scopes as the first pass finds them; the second classifies their pods.
@@ -377,7 +404,7 @@ pub fn follow_pods(maps: &mut ScopeMaps, pods: &mut Pods) -> Result<(PathBuf, Op
             }
         }
     }
-    Ok((kubepods, failure))
+    Ok((kubepods, own_pod, failure))
 }
 
 pub fn log_classified(change: &Classified) {
@@ -393,6 +420,11 @@ pub fn log_classified(change: &Classified) {
             cgroup = %change.cgroup.display(),
             "not followed: its connections pass"
         ),
+        Classification::Nested => tracing::debug!(
+            holds,
+            cgroup = %change.cgroup.display(),
+            "a nested scope: its children are classified in turn"
+        ),
     }
 }
 
@@ -404,27 +436,44 @@ pub struct Follower {
     /// The followed references last round: when `egress attach --container` adds one, every
     /// child is looked at again (one classified as passing may be the new one).
     followed: Vec<String>,
+    /// The selected pods (made at start, while egress could still read its credentials).
     pods: Option<Pods>,
+    own_pod: Option<u64>,
     /// Every child is to be looked at again (the selected pods changed).
     reclassify: bool,
 }
 
 impl Follower {
-    /// One round. `pods`: the pod selection configured now. `linked(id)`: whether scope `id`
-    /// is attached itself (a nested scope, a QoS class, is not). Returns the children
-    /// classified as passing, whose processes egress leaves alone (no listener in their
-    /// namespaces), and what went wrong, if anything (children that could not be classified
-    /// stay refused).
+    pub fn new(pods: Option<Pods>, own_pod: Option<u64>) -> Self {
+        Self {
+            pods,
+            own_pod,
+            reclassify: true,
+            ..Self::default()
+        }
+    }
+
+    /// One round. `linked(id)`: whether scope `id` is attached itself (a nested scope, a QoS
+    /// class, is not). Returns the children classified as passing, whose processes egress
+    /// leaves alone (no listener in their namespaces), and what went wrong, if anything
+    /// (children that could not be classified stay refused).
     pub fn round(
         &mut self,
         maps: &std::sync::Mutex<ScopeMaps>,
         name_of: &mut dyn FnMut(&str) -> Result<Option<String>>,
-        pods: Option<&PodSelection>,
         linked: &dyn Fn(u64) -> bool,
     ) -> (Vec<u64>, Option<anyhow::Error>) {
         let mut error = None;
-        let since = Instant::now();
-        self.refresh_pods(pods).unwrap_or_else(|e| error = Some(e));
+        // The selected pods are listed again every PODS_RESYNC, for pods whose labels changed.
+        if let Some(pods) = &mut self.pods {
+            match pods.refresh(PODS_RESYNC) {
+                Ok(changed) => self.reclassify |= changed,
+                Err(e) => {
+                    error =
+                        Some(e.context("asking the Kubernetes API server which pods pod_selector selects"))
+                }
+            }
+        }
         let mut maps = maps.lock().unwrap_or_else(|e| e.into_inner());
         let scopes = maps.scopes();
         if scopes.is_empty() {
@@ -441,11 +490,15 @@ impl Follower {
         }
         // A nested scope whose cgroup is gone (kubelet removed a QoS class) goes with it.
         for scope in &scopes {
-            let present = self
+            let gone = self
                 .paths
                 .get(&scope.cgroup_id)
-                .is_some_and(|path| std::fs::metadata(path).is_ok_and(|m| m.ino() == scope.cgroup_id));
-            if !present && !linked(scope.cgroup_id) {
+                .is_some_and(|path| match std::fs::metadata(path) {
+                    Ok(meta) => meta.ino() != scope.cgroup_id,
+                    Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                });
+            if gone && !linked(scope.cgroup_id) {
+                maps.unclassify(scope.cgroup_id);
                 let _ = maps.remove_scope(scope.cgroup_id);
                 self.paths.remove(&scope.cgroup_id);
             }
@@ -461,7 +514,7 @@ impl Follower {
         let mut lookups = Lookups {
             container_name: name_of,
             pods: self.pods.as_mut(),
-            since,
+            own_pod: self.own_pod,
         };
         for (scope, level) in &paths {
             match classify_children(&mut maps, scope, *level, &followed, &mut lookups, again) {
@@ -478,37 +531,12 @@ impl Follower {
             let paths: Vec<PathBuf> = paths.into_iter().map(|(path, _)| path).collect();
             forget_gone_children(&mut maps, &paths);
         }
-        // A nested scope (a QoS class) passes only the processes in it, not its pods.
-        let scope_ids: Vec<u64> = maps.scopes().iter().map(|s| s.cgroup_id).collect();
         let passing = maps
             .classified()
             .into_iter()
-            .filter(|child| {
-                maps.classification(*child) == Some(Classification::Pass) && !scope_ids.contains(child)
-            })
+            .filter(|child| maps.classification(*child) == Some(Classification::Pass))
             .collect();
         (passing, error)
-    }
-
-    /// The pod selection as configured now (a reload may change it), listed again when it
-    /// changed and every [`PODS_RESYNC`].
-    fn refresh_pods(&mut self, selection: Option<&PodSelection>) -> Result<()> {
-        let Some(selection) = selection else {
-            self.pods = None;
-            return Ok(());
-        };
-        if self.pods.as_ref().is_none_or(|p| p.selection() != selection) {
-            self.pods = Some(Pods::new(selection)?);
-            self.reclassify = true;
-        }
-        let pods = self.pods.as_mut().expect("just made");
-        if pods
-            .refresh(PODS_RESYNC)
-            .context("asking the Kubernetes API server which pods pod_selector selects")?
-        {
-            self.reclassify = true;
-        }
-        Ok(())
     }
 }
 

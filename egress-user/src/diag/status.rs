@@ -40,8 +40,8 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
             let children: Vec<_> = scopes
                 .classified()
                 .into_iter()
-                .filter(|id| !selective.contains(id))
                 .filter_map(|id| scopes.classification(id))
+                .filter(|c| *c != kernel::scopes::Classification::Nested)
                 .collect();
             let intercepted = children
                 .iter()

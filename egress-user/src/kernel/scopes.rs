@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use egress_common::{ContainerName, MAX_SCOPES, SCOPE_INTERCEPT, SCOPE_PASS, Scope, maps};
+use egress_common::{ContainerName, MAX_SCOPES, SCOPE_INTERCEPT, SCOPE_NESTED, SCOPE_PASS, Scope, maps};
 
 pub struct ScopeMaps {
     scopes: Array<MapData, Scope>,
@@ -24,6 +24,8 @@ pub struct ScopeMaps {
 pub enum Classification {
     Intercept,
     Pass,
+    /// A scope itself (a QoS class of kubelet's): its children are classified in turn.
+    Nested,
 }
 
 impl Classification {
@@ -31,6 +33,7 @@ impl Classification {
         match self {
             Self::Intercept => SCOPE_INTERCEPT,
             Self::Pass => SCOPE_PASS,
+            Self::Nested => SCOPE_NESTED,
         }
     }
 }
@@ -114,6 +117,7 @@ impl ScopeMaps {
         match self.scoped.get(&child, 0).ok()? {
             SCOPE_INTERCEPT => Some(Classification::Intercept),
             SCOPE_PASS => Some(Classification::Pass),
+            SCOPE_NESTED => Some(Classification::Nested),
             _ => None,
         }
     }

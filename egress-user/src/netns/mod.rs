@@ -49,14 +49,17 @@ struct Served {
 
 pub struct Namespaces {
     helper: Arc<Helper>,
+    /// Which containers and pods under the scopes are followed: looked at before each scan.
+    follower: Arc<Mutex<crate::containers::Follower>>,
     served: Mutex<BTreeMap<NetnsId, Served>>,
     failed: Mutex<BTreeMap<NetnsId, Instant>>,
 }
 
 impl Namespaces {
-    pub fn new(helper: Helper) -> Self {
+    pub fn new(helper: Helper, follower: crate::containers::Follower) -> Self {
         Self {
             helper: Arc::new(helper),
+            follower: Arc::new(Mutex::new(follower)),
             served: Mutex::default(),
             failed: Mutex::default(),
         }
@@ -168,6 +171,10 @@ impl Namespaces {
     }
 
     /// The helper, for asking the container engine (see [`helper::Helper::container_name`]).
+    pub fn follower(&self) -> Arc<Mutex<crate::containers::Follower>> {
+        self.follower.clone()
+    }
+
     pub fn helper(&self) -> Arc<Helper> {
         self.helper.clone()
     }
