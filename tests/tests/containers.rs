@@ -248,14 +248,8 @@ fn the_agent_mark_set_inside_a_container_does_not_bypass_egress() {
 /// A bare TCP connect to the origin from `cgroup` (in the homeserver namespace): `connected`, or
 /// the errno's name.
 fn connect_from(bed: &Testbed, cgroup: &std::path::Path) -> String {
-    let script = "import errno, socket\n\
-try:\n    socket.create_connection(('10.248.0.30', 443), 5); print('connected')\n\
-except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
-    bed.run_in(cgroup, "/usr/bin/python3", &["-c", script])
+    bed.tcp_connect_in(cgroup, egress_testbed::ORIGIN_IP, 443)
         .unwrap()
-        .stdout
-        .trim()
-        .to_owned()
 }
 
 /// curl of the origin from `ns` and `cgroup`, printing the status.

@@ -325,14 +325,8 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
     std::fs::create_dir(&unknown).unwrap();
     let refused = bed.agent().counter("deny_unclassified").unwrap();
     let connect = |cgroup: &std::path::Path| {
-        let script = "import errno, socket\n\
-try:\n    socket.create_connection(('10.248.0.30', 443), 5); print('connected')\n\
-except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
-        bed.run_in(cgroup, "/usr/bin/python3", &["-c", script])
+        bed.tcp_connect_in(cgroup, egress_testbed::ORIGIN_IP, 443)
             .unwrap()
-            .stdout
-            .trim()
-            .to_owned()
     };
     bed.agent().logged("asking the container engine").unwrap();
     assert_eq!(connect(&unknown), "EPERM");

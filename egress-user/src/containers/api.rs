@@ -69,8 +69,15 @@ pub fn get(
     }
 }
 
-/// The answer, if its head is in and it says how long its body is and all of that is in.
-fn complete(response: &[u8], what: &str, path: &str) -> Result<Option<Answer>> {
+/// A response head: the status, where the body starts, and its Content-Length if it has one.
+struct Head {
+    status: u16,
+    body_start: usize,
+    length: Option<usize>,
+}
+
+/// The head, once all of it is in.
+fn head(response: &[u8], what: &str, path: &str) -> Result<Option<Head>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut head = httparse::Response::new(&mut headers);
     let httparse::Status::Complete(body_start) = head
@@ -90,37 +97,36 @@ fn complete(response: &[u8], what: &str, path: &str) -> Result<Option<Answer>> {
                 .with_context(|| format!("{what}: bad Content-Length in the answer to GET {path}"))
         })
         .transpose()?;
-    let status = head.code.unwrap_or(0);
-    match length {
-        Some(length) if response.len() - body_start >= length => Ok(Some(Answer {
-            status,
-            body: response[body_start..body_start + length].to_vec(),
-        })),
-        _ => Ok(None),
-    }
+    Ok(Some(Head {
+        status: head.code.unwrap_or(0),
+        body_start,
+        length,
+    }))
+}
+
+/// The answer, if its head is in and it says how long its body is and all of that is in.
+fn complete(response: &[u8], what: &str, path: &str) -> Result<Option<Answer>> {
+    Ok(head(response, what, path)?.and_then(|head| {
+        let length = head.length?;
+        (response.len() - head.body_start >= length).then(|| Answer {
+            status: head.status,
+            body: response[head.body_start..head.body_start + length].to_vec(),
+        })
+    }))
 }
 
 /// The answer at the end of the stream: what `complete` would not take yet is whole now,
 /// unless it announced more than came.
 fn ended(response: &[u8], what: &str, path: &str) -> Result<Answer> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut head = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(body_start) = head
-        .parse(response)
-        .with_context(|| format!("{what}: malformed answer to GET {path}"))?
-    else {
+    let Some(head) = head(response, what, path)? else {
         bail!("{what}: incomplete answer to GET {path}");
     };
-    if head
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("content-length"))
-    {
+    if head.length.is_some() {
         bail!("{what}: the answer to GET {path} ended before its Content-Length");
     }
     Ok(Answer {
-        status: head.code.unwrap_or(0),
-        body: response[body_start..].to_vec(),
+        status: head.status,
+        body: response[head.body_start..].to_vec(),
     })
 }
 

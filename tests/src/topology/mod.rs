@@ -522,10 +522,15 @@ impl Testbed {
     /// A bare TCP connect from inside the cgroup. stdout is `connected`, or the error's
     /// errno name (`ECONNREFUSED`, `EPERM`, ...), so tests can tell refusal from denial.
     pub fn tcp_connect(&self, ip: &str, port: u16) -> Result<String> {
+        self.tcp_connect_in(&self.cgroup.path, ip, port)
+    }
+
+    /// [`Self::tcp_connect`] from cgroup `cgroup`.
+    pub fn tcp_connect_in(&self, cgroup: &Path, ip: &str, port: u16) -> Result<String> {
         let script = "import errno, socket, sys\n\
 try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5); print('connected')\n\
 except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
-        let result = self.run_in_cgroup("python3", &["-c", script, ip, &port.to_string()])?;
+        let result = self.run_in(cgroup, "python3", &["-c", script, ip, &port.to_string()])?;
         Ok(result.stdout.trim().to_owned())
     }
 
