@@ -104,7 +104,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         kernel.attach(&scope, &settings.pin_dir, kernel::Attachment::Scope)?;
         tracing::info!(container = %reference, scope = %scope.display(), "following a container (attached selectively)");
     }
-    let mut follower = containers::Follower::default();
+    let mut follower = containers::Follower::new(None, None);
     if let Some(selection) = &config.pods {
         let mut pods = containers::kubernetes::Pods::new(selection, config.agent_mark)?;
         let (kubepods, own_pod, unanswered) = {

@@ -35,6 +35,43 @@ pub mod fuzzing {
     pub use crate::proxy::upstream::{UpstreamError, connect_exchange};
     pub use crate::route::{plan::Sniffed, policy::NoProxy};
 
+    /// An answer of the container engine or the Kubernetes API server, replayed and then
+    /// closed: its status and body length, if it was taken; the body is then read as a pod
+    /// list.
+    pub fn api_answer(bytes: &[u8]) -> Option<(u16, usize)> {
+        use std::io::{Read, Write};
+
+        use crate::containers::{api, kubernetes};
+        struct Replay<'a>(&'a [u8]);
+        impl Read for Replay<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                self.0.read(buf)
+            }
+        }
+        impl Write for Replay<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl api::TimedRead for Replay<'_> {
+            fn set_read_limit(&mut self, _: std::time::Duration) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let limit = std::time::Duration::from_secs(5);
+        let answer = api::get(&mut Replay(bytes), "fuzz", "api", "/", "", limit, 1 << 20).ok()?;
+        let _ = kubernetes::selected_pods(&answer.body);
+        Some((answer.status, answer.body.len()))
+    }
+
+    /// The pod UID egress reads in a cgroup directory's name (see `containers::kubernetes`).
+    pub fn pod_uid_in(dir_name: &str) -> Option<String> {
+        crate::containers::kubernetes::pod_uid_in(dir_name)
+    }
+
     /// A DNS message from an application (or a forger): seen as a query and then as its own
     /// answer by the record, and handled by synthetic DNS. Returns the synthetic reply, if any.
     pub fn dns_message(bytes: &[u8]) -> Option<Vec<u8>> {

@@ -375,6 +375,7 @@ pub struct Pods {
     selected: BTreeMap<String, String>,
     listed: Option<Instant>,
     failed: Option<(Instant, String)>,
+    changed: bool,
 }
 
 /// What the API server says of one pod cgroup.
@@ -401,6 +402,7 @@ impl Pods {
             selected: BTreeMap::new(),
             listed: None,
             failed: None,
+            changed: false,
         }
     }
 
@@ -408,15 +410,18 @@ impl Pods {
         &self.selection
     }
 
-    /// Lists again if the last list is older than `max_age` (or failed). Returns whether the
-    /// selection changed.
-    pub fn refresh(&mut self, max_age: Duration) -> Result<bool> {
+    /// Lists again if the last list is older than `max_age` (or failed).
+    pub fn refresh(&mut self, max_age: Duration) -> Result<()> {
         if self.listed.is_some_and(|t| t.elapsed() < max_age) {
-            return Ok(false);
+            return Ok(());
         }
-        let before = self.selected.clone();
-        self.list()?;
-        Ok(before != self.selected)
+        self.list()
+    }
+
+    /// Whether the selection changed since this was last asked, by any list (also one a new
+    /// pod made): the pods classified before must then be looked at again.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// Pod `uid`: selected or not. For a cgroup seen for the first time at `new_since`, lists
@@ -449,6 +454,7 @@ impl Pods {
         let asked = Instant::now();
         match (self.lister)() {
             Ok(selected) => {
+                self.changed |= selected != self.selected;
                 self.selected = selected;
                 self.listed = Some(asked);
                 self.failed = None;
@@ -664,14 +670,30 @@ mod tests {
     }
 
     #[test]
-    fn refresh_says_whether_the_selection_changed() {
-        let (mut pods, lists) = pods_answering(vec![Some(vec!["a"]), Some(vec!["a"]), Some(vec!["b"])]);
-        assert!(pods.refresh(Duration::ZERO).unwrap());
-        assert!(!pods.refresh(Duration::ZERO).unwrap());
+    fn every_list_that_changes_the_selection_is_reported_once() {
+        let answers = vec![
+            Some(vec!["a"]),
+            Some(vec!["a"]),
+            Some(vec!["a", "b"]),
+            Some(vec!["b"]),
+        ];
+        let (mut pods, lists) = pods_answering(answers);
+        pods.refresh(Duration::ZERO).unwrap();
+        assert!(pods.take_changed());
+        assert!(!pods.take_changed(), "reported once");
+        pods.refresh(Duration::ZERO).unwrap();
+        assert!(!pods.take_changed(), "the same list");
         // Young enough: not listed.
-        assert!(!pods.refresh(Duration::from_secs(60)).unwrap());
+        pods.refresh(Duration::from_secs(60)).unwrap();
         assert_eq!(lists.load(std::sync::atomic::Ordering::SeqCst), 2);
-        assert!(pods.refresh(Duration::ZERO).unwrap());
+        // A list a new pod made (b was labelled meanwhile) counts too; the next resync, which
+        // finds the same, must not hide it.
+        assert_eq!(
+            pods.verdict("c", Some(Instant::now())).unwrap(),
+            PodVerdict::NotSelected
+        );
+        pods.refresh(Duration::ZERO).unwrap();
+        assert!(pods.take_changed());
         assert_eq!(pods.verdict("a", None).unwrap(), PodVerdict::NotSelected);
     }
 

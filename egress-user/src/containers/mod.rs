@@ -33,6 +33,9 @@ use kubernetes::{PodVerdict, Pods};
 /// The selected pods are listed again this often, so that a pod labelled (or unlabelled) while
 /// it runs is intercepted (or passed) from then on.
 const PODS_RESYNC: Duration = Duration::from_secs(10);
+/// Looking at every child again (engine or API server answers for each) is retried no more
+/// often than this while it fails.
+const AGAIN_PAUSE: Duration = Duration::from_secs(2);
 
 /// A container as named in the configuration: a name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, as Docker
 /// and Podman allow) or an id (or a prefix of one, 12 hex digits at least).
@@ -239,16 +242,25 @@ pub fn classify_children(
                         PodVerdict::NotSelected => (Some(format!("pod {uid}")), Classification::Pass),
                     })
                     .context("asking the Kubernetes API server which pods pod_selector selects"),
-                (Some(_), None) => Err(anyhow::anyhow!(
-                    "{}: a pod, but no pod_selector is configured: the pods under {} stay refused \
-                     (configure pod_selector, or `egress detach --cgroup` the kubepods cgroup)",
-                    dir_name,
-                    scope.display()
-                )),
-                (None, _) => Err(anyhow::anyhow!(
-                    "{}: neither a pod nor a QoS class of kubelet's: refused",
-                    scope.join(dir_name).display()
-                )),
+                // These are refused now, also if they passed before (under an earlier
+                // configuration or version).
+                (Some(_), None) => {
+                    maps.unclassify(*id);
+                    Err(anyhow::anyhow!(
+                        "{}: a pod, but no pod_selector is configured: the pods under {} stay \
+                         refused (configure pod_selector, or `egress detach --cgroup` the kubepods \
+                         cgroup)",
+                        dir_name,
+                        scope.display()
+                    ))
+                }
+                (None, _) => {
+                    maps.unclassify(*id);
+                    Err(anyhow::anyhow!(
+                        "{}: neither a pod nor a QoS class of kubelet's: refused",
+                        scope.join(dir_name).display()
+                    ))
+                }
             }
         } else if let Some(container_id) = container_id_in(dir_name) {
             (lookups.container_name)(container_id)
@@ -277,7 +289,10 @@ pub fn classify_children(
         if before == Some(how) {
             continue;
         }
-        maps.classify(*id, how)?;
+        if let Err(e) = maps.classify(*id, how) {
+            failure = Some(e);
+            continue;
+        }
         changes.push(Classified {
             cgroup: scope.join(dir_name),
             holds,
@@ -441,6 +456,7 @@ pub struct Follower {
     own_pod: Option<u64>,
     /// Every child is to be looked at again (the selected pods changed).
     reclassify: bool,
+    last_again: Option<Instant>,
 }
 
 impl Follower {
@@ -466,13 +482,10 @@ impl Follower {
         let mut error = None;
         // The selected pods are listed again every PODS_RESYNC, for pods whose labels changed.
         if let Some(pods) = &mut self.pods {
-            match pods.refresh(PODS_RESYNC) {
-                Ok(changed) => self.reclassify |= changed,
-                Err(e) => {
-                    error =
-                        Some(e.context("asking the Kubernetes API server which pods pod_selector selects"))
-                }
+            if let Err(e) = pods.refresh(PODS_RESYNC) {
+                error = Some(e.context("asking the Kubernetes API server which pods pod_selector selects"));
             }
+            self.reclassify |= pods.take_changed();
         }
         let mut maps = maps.lock().unwrap_or_else(|e| e.into_inner());
         let scopes = maps.scopes();
@@ -506,7 +519,13 @@ impl Follower {
         let scopes = maps.scopes();
         let mut followed = maps.followed();
         followed.sort();
-        let again = self.reclassify || followed != self.followed;
+        // While an error persists, every child is looked at again only every AGAIN_PAUSE: new
+        // ones are classified every round regardless.
+        let again = (self.reclassify || followed != self.followed)
+            && self.last_again.is_none_or(|t| t.elapsed() >= AGAIN_PAUSE);
+        if again {
+            self.last_again = Some(Instant::now());
+        }
         let paths: Vec<(PathBuf, u32)> = scopes
             .iter()
             .filter_map(|s| Some((self.paths.get(&s.cgroup_id)?.clone(), s.level)))
@@ -522,9 +541,13 @@ impl Follower {
                 Err(e) => error = Some(e),
             }
         }
-        if error.is_none() {
+        if again && error.is_none() {
             self.followed = followed;
             self.reclassify = false;
+        }
+        // A list made for a new pod during the round may have changed the selection.
+        if let Some(pods) = &mut self.pods {
+            self.reclassify |= pods.take_changed();
         }
         // Only with every scope found: the children of one not found are not gone.
         if paths.len() == scopes.len() {
