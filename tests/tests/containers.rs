@@ -353,6 +353,14 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
         0,
         "a selected pod went direct"
     );
+    // Two selected pods; the one not selected and egress's own pass; QoS classes are neither.
+    let status = bed.agent().status().unwrap();
+    assert!(
+        status
+            .stdout
+            .contains("containers and pods under them: 2 intercepted, 2 passed"),
+        "{status:?}"
+    );
     let log = bed.agent().log();
     assert!(log.contains("pod matrix/synapse-0"), "{log}");
     assert!(log.contains("pod matrix/synapse-federation-sender-0"), "{log}");

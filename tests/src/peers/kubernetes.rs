@@ -3,7 +3,7 @@
 //! equality label selectors, over a pod list the test rewrites as pods come, go and change
 //! labels. And the cgroups kubelet makes for pods, with the systemd driver's names.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use serde_json::json;
@@ -217,9 +217,5 @@ impl Cluster {
             .filter(|l| l.starts_with("GET "))
             .map(str::to_owned)
             .collect()
-    }
-
-    pub fn kubepods(&self) -> &Path {
-        &self.kubepods
     }
 }
