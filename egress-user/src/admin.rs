@@ -17,7 +17,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::{agent::Agent, proxy::Current};
+use crate::agent::{Agent, Routing};
 
 const PROBE_CACHE: Duration = Duration::from_secs(5);
 /// Admin connections served at once; one more is closed at once (nothing queues behind idle
@@ -36,7 +36,7 @@ struct HealthCache {
 
 struct Probe {
     at: Instant,
-    of: Weak<Current>,
+    of: Weak<Routing>,
     result: Result<(), String>,
 }
 
@@ -77,9 +77,8 @@ async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}\n")),
         },
         "/metrics" => {
-            let shared = &agent.shared;
-            let kernel = shared.kernel.counters().unwrap_or_default();
-            let mut response = text(StatusCode::OK, shared.metrics.encode(&kernel));
+            let kernel = agent.kernel.counters().unwrap_or_default();
+            let mut response = text(StatusCode::OK, agent.metrics.encode(&kernel));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -116,10 +115,9 @@ fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
             }
         }
     }
-    let shared = &agent.shared;
-    let resolved = address.map(|ip| shared.resolved(shared.kernel.own_netns(), ip, name));
+    let resolved = address.map(|ip| agent.names.resolved(agent.kernel.own_netns(), ip, name));
     let mut report = String::new();
-    if let Some(synthetic) = &shared.synthetic
+    if let Some(synthetic) = &agent.names.synthetic
         && let Some(ip) = address.filter(|ip| synthetic.contains(*ip))
     {
         let named = synthetic
@@ -127,7 +125,7 @@ fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
             .unwrap_or_else(|| "nothing (not handed out)".to_owned());
         report.push_str(&format!("synthetic address {ip} stands for {named}\n"));
     }
-    report.push_str(&shared.dns.report(address, name));
+    report.push_str(&agent.names.record.report(address, name));
     let body = serde_json::json!({
         "resolved": resolved,
         "report": report,
@@ -146,25 +144,25 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 async fn health(agent: &Agent, cache: &HealthCache) -> Result<String, String> {
-    let current = agent.current();
-    let config = &current.config;
-    let kernel = &agent.shared.kernel;
+    let routing = agent.routing();
+    let settings = &routing.settings;
+    let kernel = &agent.kernel;
     if !kernel.pins_present() {
         return Err(format!(
             "pins under {} are gone (bpffs unmounted?): interception lasts only while this agent runs",
-            config.pin_dir.display()
+            settings.pins.bpffs_dir.display()
         ));
     }
-    for cgroup in &config.cgroups {
+    for cgroup in &settings.targets.cgroups {
         if !kernel.is_attached(cgroup) {
             return Err(format!("not attached to cgroup {}", cgroup.display()));
         }
     }
-    upstream_reachable(&current, cache).await?;
-    let proxies: Vec<String> = current.proxies().iter().map(|p| p.url.to_string()).collect();
+    upstream_reachable(&routing, cache).await?;
+    let proxies: Vec<String> = routing.proxies().iter().map(|p| p.url.to_string()).collect();
     Ok(format!(
         "attached to {} cgroup(s); upstream reachable: {}",
-        config.cgroups.len(),
+        settings.targets.cgroups.len(),
         if proxies.is_empty() {
             "none configured (direct)".to_owned()
         } else {
@@ -173,7 +171,7 @@ async fn health(agent: &Agent, cache: &HealthCache) -> Result<String, String> {
     ))
 }
 
-async fn upstream_reachable(current: &Arc<Current>, cache: &HealthCache) -> Result<(), String> {
+async fn upstream_reachable(current: &Arc<Routing>, cache: &HealthCache) -> Result<(), String> {
     if let Some(probe) = &*cache.last.lock().unwrap_or_else(|e| e.into_inner())
         && probe.at.elapsed() < PROBE_CACHE
         && Weak::ptr_eq(&probe.of, &Arc::downgrade(current))

@@ -2,12 +2,17 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    config::{Config, DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR, flags::RunArgs},
-    daemon, diag, kernel, proxy,
+    config::{
+        self, RunArgs, Settings,
+        settings::{Engine, PinDir, Targets},
+    },
+    daemon, diag, kernel,
     redact::redact_credentials,
+    upstream::Upstreams,
+    workloads,
 };
 
 #[derive(Parser, Debug)]
@@ -49,7 +54,7 @@ pub enum Command {
     /// applied, the proxy's answer to CONNECT, the certificate, the federation version answer.
     Doctor(Box<DoctorArgs>),
     /// Add cgroups to the running instance, without restarting it or touching connections.
-    Attach(CgroupArgs),
+    Attach(AttachArgs),
     /// Remove the interception: detach the programs and delete everything pinned; with
     /// --cgroup, only from those cgroups (established connections are not disturbed).
     Detach(DetachArgs),
@@ -87,25 +92,16 @@ pub struct DoctorArgs {
     pub run: RunArgs,
 }
 
+/// `egress attach`: the same target flags as `egress run`'s.
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["cgroups", "units", "containers"])))]
-pub struct CgroupArgs {
-    /// cgroup (v2) directory; repeatable.
-    #[arg(long = "cgroup", value_name = "PATH")]
-    pub cgroups: Vec<PathBuf>,
-    /// systemd unit (its cgroup); repeatable. In a unit's ExecStartPre= the cgroup exists
-    /// already, so interception is in place before the service's first connect.
-    #[arg(long = "unit", value_name = "UNIT")]
-    pub units: Vec<String>,
-    /// Docker or Podman container, by name or id; repeatable. Followed across restarts and
-    /// recreation under the same name (the running agent keeps following it).
-    #[arg(long = "container", value_name = "NAME|ID")]
-    pub containers: Vec<String>,
-    /// The container engine's API socket (Podman: /run/podman/podman.sock).
-    #[arg(long, value_name = "PATH", default_value = crate::containers::engine::DEFAULT_SOCKET)]
-    pub container_engine_socket: PathBuf,
+pub struct AttachArgs {
     #[command(flatten)]
-    pub pin: PinDir,
+    pub targets: Targets,
+    #[command(flatten)]
+    pub engine: Engine,
+    #[command(flatten)]
+    pub pins: PinDir,
 }
 
 #[derive(Args, Debug)]
@@ -114,28 +110,48 @@ pub struct DetachArgs {
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
     #[command(flatten)]
-    pub pin: PinDir,
+    pub pins: PinDir,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The running agent's admin address, asked for /health.
-    #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_ADMIN_ADDR)]
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9478")]
     pub admin_addr: std::net::SocketAddr,
     #[command(flatten)]
-    pub pin: PinDir,
+    pub pins: PinDir,
 }
 
-#[derive(Args, Debug)]
-pub struct PinDir {
-    /// bpffs directory holding egress's pinned programs and maps.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-    pub bpffs_dir: PathBuf,
+/// The command line, parsed: clap's own reading of the environment is off (the environment is
+/// a configuration layer of its own, see `config::sources`), and the settings remember which of
+/// them were given.
+fn parse() -> Result<Cli, clap::Error> {
+    let command = Cli::command().mut_subcommands(|sub| sub.mut_args(|arg| arg.env(None)));
+    let matches = command.try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let Some((_, sub)) = matches.subcommand() {
+        let given = config::sources::given_on_command_line(sub);
+        match &mut cli.command {
+            Command::Run(args) | Command::CheckConfig(args) => args.given = given,
+            Command::Explain(args) => args.run.given = given,
+            Command::Doctor(args) => args.run.given = given,
+            _ => {}
+        }
+    }
+    Ok(cli)
+}
+
+/// The settings of `egress run` for `args`, from every source, with units resolved.
+fn load(args: &RunArgs) -> anyhow::Result<Settings> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let mut settings = config::load(args, &env)?;
+    workloads::cgroups::resolve_units(&mut settings)?;
+    Ok(settings)
 }
 
 /// Runs the command given on the command line.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
             // clap quotes what it could not parse: a misplaced proxy URL would show its password.
@@ -151,60 +167,31 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => daemon::run(&args),
-        Command::Attach(args) => {
-            let units = args.units.iter().map(|u| kernel::cgroups::resolve_unit(u));
-            let engine = crate::containers::engine::Engine::new(&args.container_engine_socket);
-            units
-                .collect::<anyhow::Result<Vec<_>>>()
-                .and_then(|unit_cgroups| {
-                    args.cgroups.iter().chain(&unit_cgroups).try_for_each(|cgroup| {
-                        kernel::attach_to_running(
-                            &args.pin.bpffs_dir,
-                            cgroup,
-                            kernel::Attachment::Full,
-                            |_| Ok(()),
-                        )?;
-                        println!("attached {}", cgroup.display());
-                        Ok(())
-                    })
-                })
-                .and_then(|()| {
-                    args.containers.iter().try_for_each(|reference| {
-                        let scope = crate::containers::scope_for(&engine, reference)?;
-                        kernel::attach_to_running(
-                            &args.pin.bpffs_dir,
-                            &scope,
-                            kernel::Attachment::Scope,
-                            |maps| crate::containers::follow(maps, &engine, reference, &scope),
-                        )?;
-                        println!(
-                            "following container {reference} (attached to {})",
-                            scope.display()
-                        );
-                        Ok(())
-                    })
-                })
-        }
+        Command::Attach(args) => workloads::attach_to_running(
+            &args.pins.bpffs_dir,
+            &args.targets,
+            &args.engine.container_engine_socket,
+        )
+        .map(|done| done.iter().for_each(|line| println!("{line}"))),
         Command::Detach(args) if !args.cgroups.is_empty() => args.cgroups.iter().try_for_each(|cgroup| {
-            let removed = kernel::detach_cgroup(&args.pin.bpffs_dir, cgroup)?;
+            let removed = workloads::detach_cgroup(&args.pins.bpffs_dir, cgroup)?;
             println!("detached {} ({removed} links removed)", cgroup.display());
             Ok(())
         }),
-        Command::Detach(args) => match kernel::detach(&args.pin.bpffs_dir) {
+        Command::Detach(args) => match kernel::detach(&args.pins.bpffs_dir) {
             Ok(true) => {
-                println!("detached: removed {}", args.pin.bpffs_dir.display());
+                println!("detached: removed {}", args.pins.bpffs_dir.display());
                 Ok(())
             }
             Ok(false) => {
-                println!("nothing to detach at {}", args.pin.bpffs_dir.display());
+                println!("nothing to detach at {}", args.pins.bpffs_dir.display());
                 Ok(())
             }
             Err(e) => Err(e),
         },
-        Command::Status(args) => diag::status::status(&args.pin.bpffs_dir, args.admin_addr),
+        Command::Status(args) => diag::status::status(&args.pins.bpffs_dir, args.admin_addr),
         Command::CheckConfig(args) => {
-            let env: Vec<(String, String)> = std::env::vars().collect();
-            Config::load(&args, &env).map(|config| print!("{}", diag::check_config::render_config(&config)))
+            load(&args).map(|settings| print!("{}", diag::check_config::check_config(&settings)))
         }
         Command::Explain(args) => explain(&args),
         Command::Doctor(args) => return run_doctor(&args),
@@ -219,8 +206,7 @@ pub fn main() -> ExitCode {
 }
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let config = Config::load(&args.run, &env)?;
+    let settings = load(&args.run)?;
     let (host, port) = crate::hostport::parse_destination(&args.destination)?;
     let ip = match (args.ip, host.parse::<std::net::IpAddr>()) {
         (Some(ip), _) | (None, Ok(ip)) => ip,
@@ -230,23 +216,22 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("{host} has no address (give one with --ip)"))?
             .ip(),
     };
-    let record = diag::explain::agent_record(config.admin_addr, &host, ip);
-    print!("{}", diag::explain::explain(&config, &host, port, ip, &record));
+    let record = diag::explain::agent_record(settings.admin_addr.0, &host, ip);
+    print!("{}", diag::explain::explain(&settings, &host, port, ip, &record));
     Ok(())
 }
 
 /// Exit status 0 when the federation version endpoint answered through egress, 1 otherwise.
 fn run_doctor(args: &DoctorArgs) -> ExitCode {
     let report = (|| -> anyhow::Result<diag::doctor::report::Report> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
-        let config = Config::load(&args.run, &env)?;
+        let settings = load(&args.run)?;
         if !(args.timeout > 0.0 && args.timeout.is_finite()) {
             anyhow::bail!("--timeout {}: must be a positive number of seconds", args.timeout);
         }
         // The mark keeps the doctor's own connections out of interception should it run inside
         // an intercepted cgroup; setting it needs CAP_NET_ADMIN, so only root uses it.
         let mark = if nix::unistd::geteuid().is_root() {
-            config.agent_mark
+            settings.agent_mark.0
         } else {
             0
         };
@@ -255,16 +240,13 @@ fn run_doctor(args: &DoctorArgs) -> ExitCode {
             timeout: std::time::Duration::from_secs_f64(args.timeout),
             mark,
         };
-        let current = proxy::Current::new(Config {
-            agent_mark: mark,
-            // Every probe dials: it checks the proxy, not connections kept ready.
-            warm_upstream: 0,
-            ..config
-        })?;
+        // Every probe dials: it checks the proxy, not connections kept ready.
+        let upstreams = Upstreams::new(&settings, mark, false)?;
+        let routing = crate::agent::Routing::with_upstreams(settings, upstreams);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        Ok(runtime.block_on(diag::doctor::diagnose(&current, &args.server_name, &options)))
+        Ok(runtime.block_on(diag::doctor::diagnose(&routing, &args.server_name, &options)))
     })();
     match report {
         Ok(report) => {

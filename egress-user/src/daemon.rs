@@ -12,11 +12,11 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 use crate::{
     admin,
     agent::Agent,
-    config::{Config, flags::RunArgs},
-    containers,
+    config::{self, RunArgs, Settings},
+    dns,
     kernel::{self, Kernel, KernelSettings, privileges},
-    netns::{self, ClientNetns, Namespaces},
     proxy::accept,
+    workloads::{self, ClientNetns, Workloads, helper::Helper},
 };
 
 type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -31,24 +31,32 @@ struct Listeners {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let mut config = Config::load(args, &env)?;
-    config.settle_dns()?;
-    if config.cgroups.is_empty() {
+    let mut settings = config::load(args, &env)?;
+    workloads::cgroups::resolve_units(&mut settings)?;
+    let resolver = match settings.synthetic_dns() {
+        true => Some(config::dns_resolver(&settings)?),
+        false => None,
+    };
+    if settings.targets.cgroups.is_empty()
+        && settings.targets.containers.is_empty()
+        && settings.pod_selector.is_none()
+    {
         tracing::warn!("no cgroup configured: nothing is intercepted until `egress attach --unit/--cgroup`");
     }
-    for cgroup in &config.cgroups {
-        kernel::cgroup_id(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
+    for cgroup in &settings.targets.cgroups {
+        kernel::cgroup_id(cgroup)?;
     }
 
     kernel::requirements::check(&kernel::requirements::running_release())?;
     raise_fd_limit();
-    warn_if_unprivileged_port(config.listen_port);
-    let settings = KernelSettings {
-        pin_dir: config.pin_dir.clone(),
-        listen_port: config.listen_port,
-        agent_mark: config.agent_mark,
-        kernel_log: config.kernel_log,
-        dns_synthetic: config.dns.mode == crate::config::DnsMode::Synthetic,
+    warn_if_unprivileged_port(settings.listen_port.0);
+    let kernel_settings = KernelSettings {
+        pin_dir: settings.pins.bpffs_dir.clone(),
+        listen_port: settings.listen_port.0,
+        agent_mark: settings.agent_mark.0,
+        kernel_log: settings.kernel_log,
+        dns_synthetic: settings.synthetic_dns(),
+        agent_cgroup: workloads::cgroups::own_cgroup_id().unwrap_or(0),
     };
     let netns = kernel::netns_cookie(&socket2::Socket::new(
         socket2::Domain::IPV4,
@@ -58,87 +66,43 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Loading clears what a dead agent left in the kernel for this namespace; only then do the
     // listeners take connections. They listen before anything is attached, so the first
     // redirected connect already finds them.
-    let mut kernel = Kernel::load(&settings, netns)?;
+    let mut kernel = Kernel::load(&kernel_settings, netns)?;
     // Forked now, while single-threaded and root, and before the listeners exist (it must not
     // hold them).
-    let helper = netns::helper::Helper::spawn(netns::helper::HelperSettings {
-        pin_dir: config.pin_dir.clone(),
-        engine_socket: config.container_engine_socket.clone(),
-        listen_port: config.listen_port,
-        agent_mark: config.agent_mark,
+    let helper = Helper::spawn(workloads::helper::HelperSettings {
+        pin_dir: settings.pins.bpffs_dir.clone(),
+        engine_socket: settings.engine.container_engine_socket.clone(),
+        listen_port: settings.listen_port.0,
+        agent_mark: settings.agent_mark.0,
     })?;
     tracing::debug!(pid = helper.pid(), "namespace helper started");
-    let listeners = bind(&config)?;
+    let listeners = bind(&settings)?;
     let logger = kernel.take_logger();
     // Ranges before links: a newly attached cgroup is never without its deny set.
-    kernel.set_ranges(
-        &config.policy.kernel_deny_nets(),
-        &config.policy.kernel_bypass_nets(),
-    )?;
-    for cgroup in &config.cgroups {
-        kernel.attach(cgroup, &settings.pin_dir, kernel::Attachment::Full)?;
-        tracing::info!(cgroup = %cgroup.display(), "attached");
-    }
-    let engine = containers::engine::Engine::new(&config.container_engine_socket);
-    for reference in &config.containers {
-        // With the engine's cgroup parent configured, egress needs no engine to start (it may
-        // start before the engine, at boot): children stay refused until the engine answers.
-        let scope = match &config.container_cgroup_parent {
-            Some(parent) => parent.clone(),
-            None => {
-                containers::scope_for(&engine, reference).with_context(|| format!("container {reference}"))?
-            }
-        };
-        let followed = {
-            let mut maps = kernel.scopes.lock().unwrap_or_else(|e| e.into_inner());
-            containers::follow(&mut maps, &engine, reference, &scope)
-        };
-        match followed {
-            Ok(()) => {}
-            Err(e) if config.container_cgroup_parent.is_some() => tracing::warn!(
-                "container {reference}: {e:#}; the containers under {} stay refused until the engine answers",
-                scope.display()
-            ),
-            Err(e) => return Err(e.context(format!("container {reference}"))),
-        }
-        kernel.attach(&scope, &settings.pin_dir, kernel::Attachment::Scope)?;
-        tracing::info!(container = %reference, scope = %scope.display(), "following a container (attached selectively)");
-    }
-    let mut follower = containers::Follower::new(None, None);
-    if let Some(selection) = &config.pods {
-        let mut pods = containers::kubernetes::Pods::new(selection, config.agent_mark)?;
-        let (kubepods, own_pod, unanswered) = {
-            let mut maps = kernel.scopes.lock().unwrap_or_else(|e| e.into_inner());
-            containers::follow_pods(&mut maps, &mut pods)?
-        };
-        follower = containers::Follower::new(Some(pods), own_pod);
-        if let Some(e) = unanswered {
-            tracing::warn!(
-                "pods: {e:#}; the pods under {} not classified yet stay refused until the API server answers",
-                kubepods.display()
-            );
-        }
-        kernel.attach(&kubepods, &settings.pin_dir, kernel::Attachment::Scope)?;
-        tracing::info!(
-            selector = %selection.selector,
-            scope = %kubepods.display(),
-            "following pods (attached selectively)"
-        );
-    }
-    kernel.prune_scopes();
+    let policy = settings.policy();
+    kernel.set_ranges(&policy.kernel_deny_nets(), &policy.kernel_bypass_nets())?;
+    let workloads = Workloads::start(&mut kernel, &settings, helper)?;
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
-    let user = config.user.clone();
-    let worker_threads = config.worker_threads;
-    let agent = Agent::new(
-        kernel,
-        Some(Namespaces::new(helper, follower)),
-        config,
-        args.clone(),
-        env,
-    )?;
+    let names = dns::Names {
+        record: Arc::new(dns::Watch::new(kernel.take_dns_events(), kernel.own_netns())),
+        synthetic: resolver.map(|resolver| {
+            Arc::new(dns::server::Synthesizer::new(dns::server::SynthesizerParts {
+                range: settings.synthetic_range.0,
+                pinned: kernel.take_synthetic(),
+                clients: kernel.take_dns_clients(),
+                netns: kernel.own_netns(),
+                no_proxy: policy.no_proxy.clone(),
+                resolver,
+                mark: settings.agent_mark.0,
+            }))
+        }),
+    };
+    let user = settings.user.clone();
+    let worker_threads = settings.worker_threads;
+    let agent = Agent::new(kernel, workloads, names, settings, args.clone(), env)?;
     privileges::drop_to(&user)?;
-    agent.shared.kernel.check_access().with_context(|| {
+    agent.kernel.check_access().with_context(|| {
         format!(
             "after dropping privileges to user {user:?} the agent cannot use its BPF maps: this \
              kernel or its security policy denies bpf() to processes without CAP_BPF \
@@ -216,7 +180,7 @@ fn raise_fd_limit() {
 /// The listeners. The kernel redirects only to a listener that carries the agent mark (setting
 /// it takes CAP_NET_ADMIN), so another user who binds the port gets nothing. Both loopback
 /// listeners or none: egress never runs half-listening.
-fn bind(config: &Config) -> Result<Listeners> {
+fn bind(settings: &Settings) -> Result<Listeners> {
     use socket2::{Domain, Socket, Type};
     let listen = |addr: std::net::SocketAddr, mark: Option<u32>| -> std::io::Result<StdListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -230,20 +194,20 @@ fn bind(config: &Config) -> Result<Listeners> {
         socket.set_nonblocking(true)?;
         Ok(socket.into())
     };
-    let mark = Some(config.agent_mark);
+    let mark = Some(settings.agent_mark.0);
+    let port = settings.listen_port.0;
     let in_use = |addr| {
         format!(
             "listening on {addr}: the port is taken (another egress, or another program squatting \
-             on it: find it with `ss -ltnp 'sport = :{}'`); egress does not run half-listening",
-            config.listen_port
+             on it: find it with `ss -ltnp 'sport = :{port}'`); egress does not run half-listening"
         )
     };
-    let v4_addr = std::net::SocketAddr::from(([127, 0, 0, 1], config.listen_port));
+    let v4_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let v4 = listen(v4_addr, mark).with_context(|| in_use(v4_addr))?;
     // IPv6 connects are redirected to [::1]. A host without IPv6 on loopback has no [::1] to
     // bind, and the kernel then refuses those connects (no egress listener); a [::1] that
     // someone else holds is an error.
-    let v6_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, config.listen_port));
+    let v6_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
     let v6 = match listen(v6_addr, mark) {
         Ok(l) => Some(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -254,21 +218,20 @@ fn bind(config: &Config) -> Result<Listeners> {
             None
         }
     };
-    let admin = listen(config.admin_addr, None)
-        .with_context(|| format!("listening on admin_addr {}", config.admin_addr))?;
+    let admin_addr = settings.admin_addr.0;
+    let admin = listen(admin_addr, None).with_context(|| format!("listening on admin_addr {admin_addr}"))?;
     let mut dns = Vec::new();
-    if config.dns.mode == crate::config::DnsMode::Synthetic {
+    if settings.synthetic_dns() {
         let udp = |addr: std::net::SocketAddr| -> std::io::Result<std::net::UdpSocket> {
             let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-            socket.set_mark(config.agent_mark)?;
+            socket.set_mark(settings.agent_mark.0)?;
             socket.bind(&addr.into())?;
             socket.set_nonblocking(true)?;
             Ok(socket.into())
         };
         let taken = |addr| {
             format!(
-                "listening for DNS on {addr} (udp): the port is taken (find it with `ss -lunp 'sport = :{}'`)",
-                config.listen_port
+                "listening for DNS on {addr} (udp): the port is taken (find it with `ss -lunp 'sport = :{port}'`)"
             )
         };
         dns.push(udp(v4_addr).with_context(|| taken(v4_addr))?);
@@ -285,41 +248,37 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     }
     let v4 = TcpListener::from_std(listeners.v4)?;
     agent
-        .shared
-        .dns
+        .names
+        .record
         .spawn()
         .context("polling the kernel's DNS ring buffer")?;
     let own = ClientNetns {
-        cookie: agent.shared.kernel.own_netns(),
+        cookie: agent.kernel.own_netns(),
         id: None,
     };
     if let Some(v6) = listeners.v6 {
-        tokio::spawn(accept::serve(
-            TcpListener::from_std(v6)?,
-            agent.shared.clone(),
-            own,
-        ));
+        tokio::spawn(accept::serve(TcpListener::from_std(v6)?, agent.clone(), own));
     }
     for socket in listeners.dns {
-        tokio::spawn(crate::dns::server::serve(
+        tokio::spawn(dns::server::serve(
             tokio::net::UdpSocket::from_std(socket)?,
-            agent.shared.clone(),
+            agent.names.clone(),
         ));
     }
-    tokio::spawn(serve_namespaces(agent.clone()));
+    tokio::spawn(serve_workloads(agent.clone()));
     tokio::spawn(admin::serve(
         TcpListener::from_std(listeners.admin)?,
         agent.clone(),
     ));
     tokio::spawn(keep_links(agent.clone()));
-    let current = agent.current();
-    let config = &current.config;
+    let routing = agent.routing();
+    let settings = &routing.settings;
     tracing::info!(
-        listen = %format!("127.0.0.1:{}", config.listen_port),
-        admin = %config.admin_addr,
-        https_proxy = %display_proxy(&config.https_proxy),
-        http_proxy = %display_proxy(&config.http_proxy),
-        pin_dir = %config.pin_dir.display(),
+        listen = %format!("127.0.0.1:{}", settings.listen_port),
+        admin = %settings.admin_addr,
+        https_proxy = %display_proxy(&settings.https_proxy),
+        http_proxy = %display_proxy(&settings.http_proxy),
+        pin_dir = %settings.pins.bpffs_dir.display(),
         "egress ready"
     );
     // Type=notify: units ordered after egress.service start once interception is in place.
@@ -331,7 +290,7 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     tokio::spawn(trim_memory(agent.clone()));
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
-        result = accept::serve(v4, agent.shared.clone(), own) => result?,
+        result = accept::serve(v4, agent.clone(), own) => result?,
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = sigterm.recv() => tracing::info!("terminated"),
     }
@@ -342,42 +301,16 @@ async fn serve(agent: Arc<Agent>, listeners: Listeners, logger: Option<KernelLog
     Ok(())
 }
 
-/// Keeps a listener in every network namespace of an intercepted process (see [`netns`]).
-async fn serve_namespaces(agent: Arc<Agent>) {
-    let Some(namespaces) = &agent.shared.namespaces else {
-        return;
-    };
-    let mut last_error = String::new();
-    let follower = namespaces.follower();
-    loop {
-        let shared = agent.shared.clone();
-        // Containers first: a new followed container's cgroup is classified before its
-        // namespace gets a listener; passing ones get none.
-        let (helper, following, maps_owner) = (namespaces.helper(), follower.clone(), shared.clone());
-        let (skip, follow_error) = tokio::task::spawn_blocking(move || {
-            let mut name_of = |id: &str| helper.container_name(id);
-            let kernel = &maps_owner.kernel;
-            following
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .round(&kernel.scopes, &mut name_of, &|id| kernel.scope_linked(id))
+/// Keeps the workloads served: classifies new containers and pods, and keeps a listener in
+/// every network namespace of an intercepted process (see [`workloads`]).
+async fn serve_workloads(agent: Arc<Agent>) {
+    let serving = agent.clone();
+    agent
+        .workloads
+        .keep_serving(&agent.kernel, move |netns, listener| {
+            tokio::spawn(accept::serve(listener, serving.clone(), netns)).abort_handle()
         })
-        .await
-        .unwrap_or_else(|e| (Vec::new(), Some(e.into())));
-        let result = namespaces
-            .reconcile(&agent.shared.kernel, skip, |netns, listener| {
-                tokio::spawn(accept::serve(listener, shared.clone(), netns)).abort_handle()
-            })
-            .await
-            .and(follow_error.map_or(Ok(()), Err));
-        // Logged when it changes, not every round.
-        let error = result.err().map(|e| format!("{e:#}")).unwrap_or_default();
-        if !error.is_empty() && error != last_error {
-            tracing::error!("looking for the network namespaces of intercepted processes: {error}");
-        }
-        last_error = error;
-        tokio::time::sleep(netns::SCAN_INTERVAL).await;
-    }
+        .await;
 }
 
 /// glibc's malloc keeps memory freed by a burst of connections; hand it back once the number of
@@ -386,7 +319,7 @@ async fn trim_memory(agent: Arc<Agent>) {
     let mut previous = 0;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-        let active = agent.shared.metrics.active_connections();
+        let active = agent.metrics.active_connections();
         if active + 256 < previous {
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
@@ -417,12 +350,12 @@ async fn reload_on_sighup(agent: Arc<Agent>) {
 async fn keep_links(agent: Arc<Agent>) {
     let mut warned = false;
     loop {
-        let pins_present = agent.shared.kernel.keep_links();
+        let pins_present = agent.kernel.keep_links();
         if !pins_present && !warned {
             tracing::error!(
                 "the pinned links under {} are gone (bpffs unmounted?): the programs stay attached \
                  while this agent runs, but a restart would lose them; remount bpffs and restart egress",
-                agent.current().config.pin_dir.display()
+                agent.routing().settings.pins.bpffs_dir.display()
             );
         }
         warned = !pins_present;
@@ -430,9 +363,9 @@ async fn keep_links(agent: Arc<Agent>) {
     }
 }
 
-fn display_proxy(proxy: &Option<crate::config::proxy_url::ProxyUrl>) -> String {
+fn display_proxy(proxy: &crate::config::proxy_url::ProxySetting) -> String {
     proxy
-        .as_ref()
+        .url()
         .map_or_else(|| "none (direct)".to_owned(), ToString::to_string)
 }
 

@@ -1,27 +1,35 @@
 //! egress: a transparent egress proxy for Matrix homeserver hosts.
 //!
-//! The tree follows the data path. `kernel` loads and attaches the eBPF programs that redirect
-//! the homeserver's connects; `proxy` is what a redirected connection goes through (accept,
-//! sniff, upstream or forward, relay, decision log), asking `route` where it may go; `netns`
-//! gives it listeners in the network namespaces of containers; `config`
-//! is where the rules come from. `agent`, `daemon`, `admin` and `metrics` run it all as a
-//! service; `diag` explains it to admins; `cli` ties commands to modules.
+//! One owner per concern, and imports go one way, down this list (`cargo xtask test` fails on
+//! an import cycle between these modules):
+//!
+//! - `cli` ties commands to modules; `daemon` runs `egress run`; `admin` serves /health and
+//!   /metrics; `diag` explains egress to admins (check-config, explain, status, doctor);
+//! - `proxy`: the data path, accept → sniff → plan → upstream → relay → decision;
+//! - `agent`: the running agent's state, which the data path reads, and reloading it;
+//! - `workloads`: what is served and how: cgroups, units, containers, pods, their network
+//!   namespaces and listeners;
+//! - `dns`: the names behind addresses (the record of DNS answers, synthetic DNS);
+//! - `upstream`: the proxies: TLS to them, ready connections, CONNECT;
+//! - `kernel`: loading, attaching and pinning the eBPF programs, and their maps;
+//! - `config`: every setting declared once, and the sources it is read from;
+//! - `route`: the pure routing decision (policy and plan); `metrics`, `hostport`, `redact`.
 
 mod admin;
 mod agent;
 mod cli;
 mod config;
-mod containers;
 mod daemon;
 mod diag;
 mod dns;
 mod hostport;
 mod kernel;
 mod metrics;
-mod netns;
 mod proxy;
 mod redact;
 mod route;
+mod upstream;
+mod workloads;
 
 pub use cli::main;
 
@@ -32,8 +40,8 @@ pub mod fuzzing {
     pub use crate::config::proxy_url::ProxyUrl;
     pub use crate::hostport::valid_hostname;
     pub use crate::proxy::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
-    pub use crate::proxy::upstream::{UpstreamError, connect_exchange};
     pub use crate::route::{plan::Sniffed, policy::NoProxy};
+    pub use crate::upstream::{UpstreamError, connect_exchange};
 
     /// An answer of the container engine or the Kubernetes API server, replayed and then
     /// closed: its status and body length, if it was taken; the body is then read as a pod
@@ -41,7 +49,7 @@ pub mod fuzzing {
     pub fn api_answer(bytes: &[u8]) -> Option<(u16, usize)> {
         use std::io::{Read, Write};
 
-        use crate::containers::{api, kubernetes};
+        use crate::workloads::{api, kubernetes};
         struct Replay<'a>(&'a [u8]);
         impl Read for Replay<'_> {
             fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -69,7 +77,7 @@ pub mod fuzzing {
 
     /// The pod UID egress reads in a cgroup directory's name (see `containers::kubernetes`).
     pub fn pod_uid_in(dir_name: &str) -> Option<String> {
-        crate::containers::kubernetes::pod_uid_in(dir_name)
+        crate::workloads::kubernetes::pod_uid_in(dir_name)
     }
 
     /// A DNS message from an application (or a forger): seen as a query and then as its own

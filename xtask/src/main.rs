@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | run | test | bench | fuzz | soak | deb`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench | fuzz | soak | deb | docs`.
 
 mod bench;
 mod deb;
 mod demo;
 mod fuzz;
+mod imports;
 mod kernel;
 mod previous;
 mod setup;
@@ -69,6 +70,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Write the configuration reference (docs/configuration.md) from the settings'
+    /// declarations; `cargo xtask test` fails while the committed one is stale.
+    Docs,
     /// Run each fuzz target (cargo-fuzz, nightly) for SECONDS, from the seed corpora.
     Fuzz {
         #[arg(long, default_value_t = 60)]
@@ -105,6 +109,8 @@ fn main() -> Result<()> {
             args,
         } => {
             require_root()?;
+            // Before anything slow: the agent's modules import one another one way only.
+            imports::check(&workspace_root().join("egress-user/src"))?;
             setup::setup(true)?;
             build()?;
             if let Some(version) = kernel {
@@ -175,6 +181,27 @@ fn main() -> Result<()> {
             setup::setup(true)?;
             build()?;
             bench::run(&workspace_root(), &egress_bin(), quick)
+        }
+        Task::Docs => {
+            setup::setup(false)?;
+            setup::sh(
+                "cargo",
+                &[
+                    "test",
+                    "--release",
+                    "--locked",
+                    "-p",
+                    "egress-user",
+                    "--lib",
+                    "the_committed_reference_is_current",
+                ],
+                &[
+                    ("EGRESS_UPDATE_DOCS", "1"),
+                    ("EGRESS_TOOLS_DIR", &setup::tools_dir().to_string_lossy()),
+                ],
+            )?;
+            println!("wrote docs/configuration.md");
+            Ok(())
         }
         Task::Fuzz { seconds, targets } => {
             setup::setup(false)?;

@@ -167,31 +167,72 @@ impl fmt::Display for ProxyUrl {
     }
 }
 
+/// An upstream proxy setting as Synapse reads `https_proxy`: a proxy URL, or blank for none (the
+/// connections it would carry go direct). Shown redacted; serialized whole, for layering the
+/// configuration sources only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxySetting(pub Option<ProxyUrl>);
+
+impl ProxySetting {
+    pub fn url(&self) -> Option<&ProxyUrl> {
+        self.0.as_ref()
+    }
+}
+
+impl std::str::FromStr for ProxySetting {
+    type Err = ProxyUrlError;
+    fn from_str(s: &str) -> Result<Self, ProxyUrlError> {
+        if s.trim().is_empty() {
+            return Ok(Self(None));
+        }
+        ProxyUrl::parse(s).map(|url| Self(Some(url)))
+    }
+}
+
+impl fmt::Display for ProxySetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(url) => url.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+impl serde::Serialize for ProxySetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(url) => s.serialize_str(&url.secret_text()),
+            None => s.serialize_str(""),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ProxySetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl ProxyUrl {
+    /// The whole URL, password included: only for passing the setting between configuration
+    /// layers, never for output.
+    fn secret_text(&self) -> String {
+        let scheme = match self.scheme {
+            ProxyScheme::Http => "http",
+            ProxyScheme::Https => "https",
+        };
+        match &self.credentials {
+            Some(c) => format!("{scheme}://{c}@{}", self.authority()),
+            None => format!("{scheme}://{}", self.authority()),
+        }
+    }
+}
+
 impl fmt::Debug for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ProxyUrl({self})")
     }
-}
-
-/// Reads a proxy variable from the environment the way Python's `getproxies_environment` does:
-/// the name is matched case-insensitively, and the all-lowercase spelling wins when several
-/// are set. Empty values count as unset.
-pub fn proxy_from_env<I>(vars: I, name: &str) -> Option<String>
-where
-    I: IntoIterator<Item = (String, String)>,
-{
-    let name = name.to_ascii_lowercase();
-    let mut found: Option<String> = None;
-    for (key, value) in vars {
-        if !key.eq_ignore_ascii_case(&name) || value.is_empty() {
-            continue;
-        }
-        if key == name {
-            return Some(value);
-        }
-        found.get_or_insert(value);
-    }
-    found
 }
 
 #[cfg(test)]
@@ -343,39 +384,5 @@ mod tests {
         let url = ProxyUrl::parse("https://alice:s3cret@[::1]:3129").unwrap();
         assert_eq!(url.to_string(), "https://alice:***@[::1]:3129");
         assert!(!format!("{url:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn env_lookup_is_case_insensitive_and_lowercase_wins() {
-        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        type Vars<'a> = &'a [(&'a str, &'a str)];
-        let cases: &[(Vars, Option<&str>)] = &[
-            (&[], None),
-            (&[("HTTPS_PROXY", "upper")], Some("upper")),
-            (&[("https_proxy", "lower")], Some("lower")),
-            (
-                &[("HTTPS_PROXY", "upper"), ("https_proxy", "lower")],
-                Some("lower"),
-            ),
-            (
-                &[("https_proxy", "lower"), ("HTTPS_PROXY", "upper")],
-                Some("lower"),
-            ),
-            (&[("Https_Proxy", "mixed")], Some("mixed")),
-            (&[("https_proxy", ""), ("HTTPS_PROXY", "upper")], Some("upper")),
-            (&[("http_proxy", "other")], None),
-        ];
-        for (vars, expected) in cases {
-            assert_eq!(
-                proxy_from_env(env(vars), "https_proxy").as_deref(),
-                *expected,
-                "{vars:?}"
-            );
-        }
     }
 }

@@ -9,10 +9,13 @@ use std::{
 };
 
 use crate::{
-    config::{Config, proxy_url::ProxyUrl},
+    config::{Settings, proxy_url::ProxyUrl},
     diag::status::ask_agent,
     kernel::verdict::{KernelVerdict, kernel_verdict},
-    route::plan::{Action, Plan, Resolved, Sniffed, plan},
+    route::{
+        plan::{Action, Plan, Resolved, Sniffed, plan},
+        policy::Policy,
+    },
 };
 
 /// What the running agent's DNS record says about a destination.
@@ -72,24 +75,27 @@ pub fn traffic_kinds(name: Option<&str>) -> [(&'static str, Sniffed); 3] {
 
 /// The plans `explain` shows for a redirected connection to `dst` naming `name`.
 pub fn plans<'a>(
-    config: &'a Config,
+    settings: &'a Settings,
+    policy: &Policy,
     name: Option<&str>,
     dst: SocketAddr,
     resolved: &Resolved,
 ) -> Vec<(&'static str, Plan<'a, ProxyUrl>)> {
+    let rules = settings.rules(policy);
     traffic_kinds(name)
         .into_iter()
         .map(|(label, sniffed)| {
             (
                 label,
-                plan(&config.rules(), config.proxies(), dst, &sniffed, resolved),
+                plan(&rules, settings.proxy_urls(), dst, &sniffed, resolved),
             )
         })
         .collect()
 }
 
 /// What would happen to a connection to `host:port` at address `ip`, for each kind of traffic.
-pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr, record: &AgentRecord) -> String {
+pub fn explain(settings: &Settings, host: &str, port: u16, ip: IpAddr, record: &AgentRecord) -> String {
+    let policy = settings.policy();
     let name = (host.parse::<IpAddr>().is_err()).then_some(host);
     let dst = SocketAddr::new(ip, port);
     let mut out = String::new();
@@ -97,7 +103,8 @@ pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr, record: &Agen
     if let Some(name) = name {
         let _ = writeln!(out, "name: {name}");
     }
-    let kernel = match kernel_verdict(&config.policy, ip) {
+    let verdict = kernel_verdict(&policy, ip);
+    let kernel = match &verdict {
         KernelVerdict::Deny(rule) => {
             format!("connect() fails with EPERM at once ({rule}); nothing leaves the host")
         }
@@ -107,10 +114,10 @@ pub fn explain(config: &Config, host: &str, port: u16, ip: IpAddr, record: &Agen
     };
     let _ = writeln!(out, "kernel: {kernel}");
     let _ = write!(out, "DNS record (running agent):\n{}", indent(&record.report));
-    if kernel_verdict(&config.policy, ip) != KernelVerdict::Redirect {
+    if verdict != KernelVerdict::Redirect {
         return out;
     }
-    for (label, plan) in plans(config, name, dst, &record.resolved) {
+    for (label, plan) in plans(settings, &policy, name, dst, &record.resolved) {
         let what = match &plan.action {
             Action::Deny => "deny: connection reset".to_owned(),
             Action::Direct { to } => format!("direct to {to}"),
@@ -132,11 +139,11 @@ fn indent(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{hostport, proxy::Current};
+    use crate::{agent::Routing, hostport};
 
     #[test]
     fn explains_each_route() {
-        let c = Config::from_toml(
+        let c = Settings::from_toml(
             "https_proxy = \"http://u:secret@proxy:3128\"\nno_proxy = [\"internal.example\", \"192.0.2.0/24\"]\n\
              ip_range_whitelist = [\"192.0.2.0/24\"]",
         );
@@ -219,20 +226,21 @@ mod tests {
             ("v6.example", "[2606:4700::1111]:443"),
         ];
         for text in configs {
-            let config = Config::from_toml(text);
-            let current = Current::new(Config::from_toml(text)).unwrap();
+            let settings = Settings::from_toml(text);
+            let policy = settings.policy();
+            let current = Routing::new(Settings::from_toml(text)).unwrap();
             for (host, dst) in destinations {
                 let dst: SocketAddr = dst.parse().unwrap();
                 let name = hostport::valid_hostname(host)
                     .then_some(host)
                     .filter(|h| h.parse::<IpAddr>().is_err());
-                let explained = plans(&config, name, dst, &Resolved::default());
+                let explained = plans(&settings, &policy, name, dst, &Resolved::default());
                 for ((label, sniffed), (explained_label, explained)) in
                     traffic_kinds(name).into_iter().zip(explained)
                 {
                     assert_eq!(label, explained_label);
                     let agent = plan(
-                        &current.config.rules(),
+                        &current.rules(),
                         current.proxies(),
                         dst,
                         &sniffed,

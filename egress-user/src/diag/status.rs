@@ -15,7 +15,7 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
     }
     println!("pinned at {}", pin_dir.display());
     // Pinned by versions without containers support: then there is nothing selective.
-    let scopes = kernel::scopes::ScopeMaps::from_pins(pin_dir).ok();
+    let scopes = crate::workloads::scopes::ScopeMaps::from_pins(pin_dir).ok();
     let selective: Vec<u64> = scopes
         .as_ref()
         .map(|s| s.scopes().iter().map(|s| s.cgroup_id).collect())
@@ -26,7 +26,7 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
         } else {
             ""
         };
-        match kernel::cgroups::cgroup_path_by_id(id) {
+        match crate::workloads::cgroups::cgroup_path_by_id(id) {
             Some(path) => println!("attached cgroup {} (id {id}){how}", path.display()),
             None => println!("attached cgroup id {id} (no longer exists)"),
         }
@@ -41,11 +41,11 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
                 .classified()
                 .into_iter()
                 .filter_map(|id| scopes.classification(id))
-                .filter(|c| *c != kernel::scopes::Classification::Nested)
+                .filter(|c| *c != crate::workloads::scopes::Classification::Nested)
                 .collect();
             let intercepted = children
                 .iter()
-                .filter(|c| **c == kernel::scopes::Classification::Intercept)
+                .filter(|c| **c == crate::workloads::scopes::Classification::Intercept)
                 .count();
             println!(
                 "containers and pods under them: {intercepted} intercepted, {} passed",

@@ -1,10 +1,43 @@
 //! Names behind addresses: the record of the intercepted processes' own DNS answers (see
-//! [`watch`] for how they arrive, [`record`] for what is kept), which the routing plan asks which
-//! name a connection to an address goes by.
+//! [`watch`] for how they arrive, [`record`] for what is kept), and synthetic DNS ([`synthetic`],
+//! served by [`server`]). [`Names`] answers the routing plan's question: which name does a
+//! connection to this address go by?
 
 pub mod record;
 pub mod server;
 pub mod synthetic;
 pub mod watch;
 
+use std::{net::IpAddr, sync::Arc};
+
+use crate::route::plan::{ClientName, Resolved};
 pub use watch::Watch;
+
+/// What the agent knows of the names behind addresses.
+pub struct Names {
+    /// The record of the intercepted processes' DNS answers.
+    pub record: Arc<Watch>,
+    /// Synthetic DNS, when configured.
+    pub synthetic: Option<Arc<server::Synthesizer>>,
+}
+
+impl Names {
+    /// What the application in `netns` resolved about `address` (and the client's `name`): from
+    /// the synthetic mappings for a synthetic address, else from the record of its DNS answers.
+    pub fn resolved(&self, netns: u64, address: IpAddr, name: Option<&str>) -> Resolved {
+        let Some(synthetic) = self.synthetic.as_ref().filter(|s| s.contains(address)) else {
+            return self.record.resolved(netns, address, name);
+        };
+        let dialled_name = synthetic.name_of(address);
+        let client = match (name, &dialled_name) {
+            (None, _) => ClientName::Unrecorded,
+            (Some(n), Some(d)) if n.trim_end_matches('.').eq_ignore_ascii_case(d) => ClientName::Resolved,
+            (Some(_), _) => ClientName::Elsewhere,
+        };
+        Resolved {
+            client,
+            dialled_name,
+            synthetic: true,
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -15,8 +15,11 @@ use hickory_proto::op::{Message, ResponseCode};
 use ipnet::Ipv4Net;
 use tokio::{net::UdpSocket, sync::Semaphore};
 
-use super::synthetic::{Allocator, Handling, handle, response};
-use crate::{proxy::Shared, route::policy::NoProxy};
+use super::{
+    Names,
+    synthetic::{Allocator, Handling, handle, response},
+};
+use crate::{kernel::DnsClients, route::policy::NoProxy};
 
 /// Queries answered at once; more are dropped (the client asks again).
 const MAX_IN_FLIGHT: usize = 256;
@@ -26,21 +29,41 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Synthesizer {
     allocator: Mutex<Allocator>,
     pinned: Mutex<Option<BpfHashMap<MapData, u32, SynthName>>>,
+    /// The sources the kernel redirected here: the only ones answered.
+    clients: Option<DnsClients>,
+    /// The agent's own network namespace, the only one synthetic DNS serves.
+    netns: u64,
+    /// no_proxy names are forwarded, not synthesized: the policy in force (a reload changes it).
+    no_proxy: RwLock<Arc<NoProxy>>,
     pub resolver: SocketAddr,
     mark: u32,
+}
+
+/// What synthetic DNS is made of, fixed at start.
+pub struct SynthesizerParts {
+    pub range: Ipv4Net,
+    pub pinned: Option<BpfHashMap<MapData, u32, SynthName>>,
+    pub clients: Option<DnsClients>,
+    pub netns: u64,
+    pub no_proxy: NoProxy,
+    pub resolver: SocketAddr,
+    pub mark: u32,
 }
 
 impl Synthesizer {
     /// Takes over the mappings pinned by earlier agents (those outside `range`, after a change of
     /// range, are dropped).
-    pub fn new(
-        range: Ipv4Net,
-        pinned: Option<BpfHashMap<MapData, u32, SynthName>>,
-        resolver: SocketAddr,
-        mark: u32,
-    ) -> Self {
+    pub fn new(parts: SynthesizerParts) -> Self {
+        let SynthesizerParts {
+            range,
+            mut pinned,
+            clients,
+            netns,
+            no_proxy,
+            resolver,
+            mark,
+        } = parts;
         let mut allocator = Allocator::new(range);
-        let mut pinned = pinned;
         if let Some(map) = pinned.as_mut() {
             let entries: Vec<(u32, SynthName)> = map.iter().filter_map(Result::ok).collect();
             let mut dropped = 0;
@@ -62,9 +85,28 @@ impl Synthesizer {
         Self {
             allocator: Mutex::new(allocator),
             pinned: Mutex::new(pinned),
+            clients,
+            netns,
+            no_proxy: RwLock::new(Arc::new(no_proxy)),
             resolver,
             mark,
         }
+    }
+
+    /// Puts a reloaded policy's no_proxy in force.
+    pub fn set_no_proxy(&self, no_proxy: NoProxy) {
+        *self.no_proxy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(no_proxy);
+    }
+
+    fn no_proxy(&self) -> Arc<NoProxy> {
+        self.no_proxy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the kernel sent a query from `peer` here.
+    fn redirected(&self, peer: SocketAddr) -> bool {
+        self.clients
+            .as_ref()
+            .is_some_and(|clients| clients.redirected(self.netns, peer.port()))
     }
 
     pub fn contains(&self, addr: IpAddr) -> bool {
@@ -107,7 +149,10 @@ fn name_text(name: &SynthName) -> Option<String> {
 }
 
 /// Answers the queries arriving on `socket` (in the agent's own network namespace).
-pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
+pub async fn serve(socket: UdpSocket, names: Arc<Names>) {
+    let Some(synthesizer) = names.synthetic.clone() else {
+        return;
+    };
     let socket = Arc::new(socket);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut buf = vec![0u8; 4096];
@@ -121,10 +166,7 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             }
         };
         // Only queries the kernel redirected: not a local user's, sent straight to this port.
-        if !shared
-            .kernel
-            .is_dns_client(shared.kernel.own_netns(), peer.port())
-        {
+        if !synthesizer.redirected(peer) {
             tracing::debug!("synthetic DNS: a query from {peer} was not redirected by egress; ignored");
             continue;
         }
@@ -133,9 +175,9 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             continue;
         };
         let query = buf[..n].to_vec();
-        let (socket, shared) = (socket.clone(), shared.clone());
+        let (socket, names, synthesizer) = (socket.clone(), names.clone(), synthesizer.clone());
         tokio::spawn(async move {
-            if let Some(reply) = answer(&shared, &query).await
+            if let Some(reply) = answer(&synthesizer, &names, &query).await
                 && let Err(e) = socket.send_to(&reply, peer).await
             {
                 tracing::debug!("synthetic DNS: answering {peer}: {e}");
@@ -145,21 +187,16 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     }
 }
 
-async fn answer(shared: &Shared, bytes: &[u8]) -> Option<Vec<u8>> {
-    let synthesizer = shared.synthetic.as_ref()?;
+async fn answer(synthesizer: &Synthesizer, names: &Names, bytes: &[u8]) -> Option<Vec<u8>> {
     // Not a DNS message: no answer, as a resolver would do.
     let query = Message::from_vec(bytes).ok()?;
-    let current = shared.current();
-    match synthesizer.handle(&query, &current.config.policy.no_proxy) {
+    match synthesizer.handle(&query, &synthesizer.no_proxy()) {
         Handling::Answer(message) | Handling::Allocated(message, ..) => message.to_vec().ok(),
         Handling::Forward => match forward(synthesizer.resolver, bytes, synthesizer.mark).await {
             Ok(reply) => {
-                shared.dns.learn(
-                    shared.kernel.own_netns(),
-                    synthesizer.resolver.ip(),
-                    bytes,
-                    &reply,
-                );
+                names
+                    .record
+                    .learn(synthesizer.netns, synthesizer.resolver.ip(), bytes, &reply);
                 Some(reply)
             }
             Err(e) => {
@@ -194,19 +231,4 @@ async fn forward(resolver: SocketAddr, query: &[u8], mark: u32) -> std::io::Resu
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"))?
-}
-
-/// The first nameserver of /etc/resolv.conf: the default internal resolver.
-pub fn system_resolver() -> anyhow::Result<SocketAddr> {
-    let (config, _) = hickory_resolver::system_conf::read_system_conf()
-        .map_err(|e| anyhow::anyhow!("dns_mode = \"synthetic\": reading /etc/resolv.conf for the internal resolver: {e}; set dns_resolver"))?;
-    config
-        .name_servers()
-        .first()
-        .map(|ns| ns.socket_addr)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "dns_mode = \"synthetic\": /etc/resolv.conf names no nameserver; set dns_resolver"
-            )
-        })
 }

@@ -23,8 +23,6 @@ use ipnet::Ipv4Net;
 
 use crate::{hostport, route::policy::NoProxy};
 
-/// The default synthetic range.
-pub const DEFAULT_RANGE: &str = "240.64.0.0/16";
 /// TTL of synthetic answers. The mapping outlives it (and agent restarts): applications keep
 /// addresses longer than they should.
 pub const TTL: u32 = 300;

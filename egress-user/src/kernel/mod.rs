@@ -6,10 +6,8 @@
 //! refused: no hole opens. A new agent reuses the pinned maps and swaps in its own links;
 //! only `egress detach` removes the directory and with it the interception.
 
-pub mod cgroups;
 pub mod privileges;
 pub mod requirements;
-pub mod scopes;
 pub mod verdict;
 
 use std::{
@@ -52,7 +50,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     programs::RECVMSG4,
     programs::RECVMSG6,
 ];
-/// The same for a selectively attached cgroup (a container engine's parent, see [`scopes`]).
+/// The same for a selectively attached cgroup (a container engine's parent, see
+/// `workloads::scopes`).
 const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 8] = [
     programs::CONNECT4_SCOPED,
     programs::CONNECT6_SCOPED,
@@ -85,6 +84,9 @@ pub struct KernelSettings {
     pub kernel_log: bool,
     /// Synthetic DNS: the intercepted processes' DNS goes to the agent.
     pub dns_synthetic: bool,
+    /// The id of the agent's own cgroup (0 if unknown): in namespaces other than its own, only
+    /// its tasks' marked sockets are believed.
+    pub agent_cgroup: u64,
 }
 
 /// The deny and bypass tries, updated together.
@@ -110,14 +112,15 @@ pub struct Kernel {
     /// losing the pins (bpffs unmounted) must not detach anything.
     held_links: Mutex<std::collections::BTreeMap<std::ffi::OsString, std::os::fd::OwnedFd>>,
     pin_dir: PathBuf,
-    /// Selectively attached container engine cgroups (see [`scopes`]).
-    pub scopes: Mutex<scopes::ScopeMaps>,
+    /// Maps the agent hands to their owners elsewhere (the selective-attachment maps to
+    /// `workloads::scopes`), until they take them.
+    handed: Mutex<std::collections::BTreeMap<&'static str, aya::maps::Map>>,
     /// The DNS messages of intercepted processes, until `dns::Watch` takes them.
     dns_events: Mutex<Option<RingBuf<MapData>>>,
     /// The synthetic DNS mappings, until `dns::server` takes them.
     synthetic: Mutex<Option<HashMap<MapData, u32, SynthName>>>,
-    /// Synthetic DNS: the sources of the queries the kernel redirected.
-    dns_clients: HashMap<MapData, DnsClient, u8>,
+    /// Synthetic DNS: the sources of the queries the kernel redirected, until `dns` takes them.
+    dns_clients: Mutex<Option<DnsClients>>,
     ebpf: Ebpf,
 }
 
@@ -158,7 +161,7 @@ impl Kernel {
             .context("recording the agent's network namespace for the kernel programs")?;
         let mut agent_cgroup: Array<_, u64> = Array::try_from(map_mut(&mut ebpf, maps::AGENT_CGROUP)?)?;
         agent_cgroup
-            .set(0, own_cgroup_id().unwrap_or(0), 0)
+            .set(0, settings.agent_cgroup, 0)
             .context("recording the agent's cgroup for the kernel programs")?;
         let mut orig_dst: HashMap<_, ConnKey, SockAddr> =
             HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
@@ -173,16 +176,19 @@ impl Kernel {
         let bypass4 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS4)?)?;
         let deny6 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY6)?)?;
         let bypass6 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS6)?)?;
-        let scopes = scopes::ScopeMaps::take(&mut ebpf)?;
+        let mut handed = std::collections::BTreeMap::new();
+        for name in [maps::SCOPES, maps::SCOPED, maps::FOLLOWED] {
+            handed.insert(name, take_map(&mut ebpf, name)?);
+        }
         let dns_events = RingBuf::try_from(take_map(&mut ebpf, maps::DNS_EVENTS)?)?;
         let synthetic = HashMap::try_from(take_map(&mut ebpf, maps::SYNTHETIC)?)?;
         let dns_clients = HashMap::try_from(take_map(&mut ebpf, maps::DNS_CLIENTS)?)?;
         remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
-            scopes: Mutex::new(scopes),
+            handed: Mutex::new(handed),
             dns_events: Mutex::new(Some(dns_events)),
             synthetic: Mutex::new(Some(synthetic)),
-            dns_clients,
+            dns_clients: Mutex::new(Some(DnsClients { map: dns_clients })),
             orig_dst: Mutex::new(orig_dst),
             netns,
             served: Mutex::new(served),
@@ -200,20 +206,23 @@ impl Kernel {
         })
     }
 
+    /// The map `name` (one of the maps handed over, see [`Self::handed`]), once.
+    pub fn take_map(&self, name: &str) -> Result<aya::maps::Map> {
+        self.handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .with_context(|| format!("map {name} was taken already"))
+    }
+
     /// The ring buffer of DNS messages (once).
     pub fn take_dns_events(&self) -> Option<RingBuf<MapData>> {
         self.dns_events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Whether the kernel redirected a DNS query from UDP port `port` in namespace `netns` to the
-    /// agent (synthetic DNS): anyone may send to the agent's DNS port, only these are answered.
-    pub fn is_dns_client(&self, netns: u64, port: u16) -> bool {
-        let client = DnsClient {
-            netns,
-            port: u32::from(port),
-            _pad: 0,
-        };
-        self.dns_clients.get(&client, 0).is_ok()
+    /// The sources of the DNS queries the kernel redirects to the agent (once).
+    pub fn take_dns_clients(&self) -> Option<DnsClients> {
+        self.dns_clients.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// The pinned synthetic DNS mappings (once).
@@ -236,6 +245,24 @@ impl Kernel {
     /// without a moment in which the cgroup is not intercepted.
     pub fn attach(&mut self, cgroup: &Path, pin_dir: &Path, how: Attachment) -> Result<()> {
         attach_programs(&mut self.ebpf, cgroup, pin_dir, how)
+    }
+}
+
+/// Synthetic DNS: the sources of the queries the kernel redirected to the agent's DNS listener.
+pub struct DnsClients {
+    map: HashMap<MapData, DnsClient, u8>,
+}
+
+impl DnsClients {
+    /// Whether the kernel redirected a DNS query from UDP port `port` in namespace `netns` to the
+    /// agent: anyone may send to the agent's DNS port, only these are answered.
+    pub fn redirected(&self, netns: u64, port: u16) -> bool {
+        let client = DnsClient {
+            netns,
+            port: u32::from(port),
+            _pad: 0,
+        };
+        self.map.get(&client, 0).is_ok()
     }
 }
 
@@ -297,11 +324,6 @@ fn remove_obsolete_pins(pin_dir: &Path) {
     }
 }
 
-/// The id of this process's cgroup v2 (its directory's inode).
-fn own_cgroup_id() -> Option<u64> {
-    Some(std::fs::metadata(cgroups::own_cgroup()?).ok()?.ino())
-}
-
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`, Linux 5.14).
 pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> Result<u64> {
     let mut cookie = 0u64;
@@ -323,31 +345,45 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> Result<u64> {
     Ok(cookie)
 }
 
-/// `egress attach`: adds `cgroup` to the instance pinned at `pin_dir`, whose running agent
-/// serves it from then on; nothing that is already connected is touched. `prepare` runs on the
-/// instance's selective-attachment maps first (for `--container`).
-pub fn attach_to_running(
-    pin_dir: &Path,
-    cgroup: &Path,
-    how: Attachment,
-    prepare: impl FnOnce(&mut scopes::ScopeMaps) -> Result<()>,
-) -> Result<()> {
-    if !pin_dir.join(maps::CONFIG).exists() {
-        bail!(
-            "no egress instance at {}: start `egress run` first",
-            pin_dir.display()
-        );
+/// A running instance's programs, loaded again over its pinned maps (for `egress attach`).
+pub struct Instance {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Instance {
+    /// The instance pinned at `pin_dir`, which a running `egress run` configured.
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        if !pin_dir.join(maps::CONFIG).exists() {
+            bail!(
+                "no egress instance at {}: start `egress run` first",
+                pin_dir.display()
+            );
+        }
+        let mut ebpf = load_object(pin_dir)?;
+        let config: Array<_, AgentConfig> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)?;
+        if config.get(&0, 0)?.ready == 0 {
+            bail!(
+                "the egress instance at {} was never configured by `egress run`",
+                pin_dir.display()
+            );
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
     }
-    let mut ebpf = load_object(pin_dir)?;
-    let config: Array<_, AgentConfig> = Array::try_from(map_mut(&mut ebpf, maps::CONFIG)?)?;
-    if config.get(&0, 0)?.ready == 0 {
-        bail!(
-            "the egress instance at {} was never configured by `egress run`",
-            pin_dir.display()
-        );
+
+    /// One of the instance's (pinned) maps.
+    pub fn take_map(&mut self, name: &str) -> Result<aya::maps::Map> {
+        take_map(&mut self.ebpf, name)
     }
-    prepare(&mut scopes::ScopeMaps::take(&mut ebpf)?)?;
-    attach_programs(&mut ebpf, cgroup, pin_dir, how)
+
+    /// Attaches the programs to `cgroup`; its processes are served by the running agent from
+    /// then on, and nothing already connected is touched.
+    pub fn attach(&mut self, cgroup: &Path, how: Attachment) -> Result<()> {
+        attach_programs(&mut self.ebpf, cgroup, &self.pin_dir, how)
+    }
 }
 
 /// Whether a bpf filesystem is mounted on `pin_dir` or one of its parents (from
@@ -368,13 +404,9 @@ fn pins_mounted(pin_dir: &Path) -> bool {
     })
 }
 
-/// `egress detach --cgroup`: removes the links of one cgroup (and its scope, if it was attached
-/// selectively); returns how many were removed.
+/// `egress detach --cgroup`: removes the links of one cgroup; returns how many were removed.
 pub fn detach_cgroup(pin_dir: &Path, cgroup: &Path) -> Result<usize> {
     let id = cgroup_id(cgroup)?;
-    if let Ok(mut scopes) = scopes::ScopeMaps::from_pins(pin_dir) {
-        scopes.remove_scope(id)?;
-    }
     let prefix = format!("{id}-");
     let mut removed = 0;
     for entry in std::fs::read_dir(pin_dir.join(LINKS_DIR))? {
@@ -474,31 +506,6 @@ impl Kernel {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains_key(std::ffi::OsStr::new(&name)),
             Err(_) => false,
-        }
-    }
-
-    /// Forgets the scopes whose cgroup has no scoped link pinned any more (detached, or gone),
-    /// unless they are nested in one that has (kubelet's QoS classes in the kubepods cgroup).
-    pub fn prune_scopes(&self) {
-        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let all = scopes.scopes();
-        let linked: Vec<u64> = all
-            .iter()
-            .map(|s| s.cgroup_id)
-            .filter(|id| self.scope_linked(*id))
-            .collect();
-        for scope in all {
-            if linked.contains(&scope.cgroup_id) {
-                continue;
-            }
-            let nested = cgroups::cgroup_path_by_id(scope.cgroup_id).is_some_and(|path| {
-                path.ancestors()
-                    .skip(1)
-                    .any(|dir| cgroup_id(dir).is_ok_and(|id| linked.contains(&id)))
-            });
-            if !nested {
-                let _ = scopes.remove_scope(scope.cgroup_id);
-            }
         }
     }
 

@@ -17,20 +17,20 @@ use tokio::{
 };
 
 use super::{
-    Shared,
     decision::Decision,
     forward::{self, Forward},
     relay::{self, reset},
     sniff::{self, Sniff},
-    upstream::{self, ProxyClient, Role, UpstreamStream},
 };
 use crate::{
-    netns::ClientNetns,
+    agent::Agent,
     route::plan::{Action, Plan, Sniffed, plan},
+    upstream::{self, ProxyClient, Role, UpstreamStream},
+    workloads::ClientNetns,
 };
 
 /// Serves the listener of the namespace `netns`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, netns: ClientNetns) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>, netns: ClientNetns) -> std::io::Result<()> {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -43,47 +43,47 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, netns: ClientNetn
         };
         // A relay must not add Nagle delays: the application already chose when to send.
         let _ = client.set_nodelay(true);
-        let shared = shared.clone();
+        let agent = agent.clone();
         tokio::spawn(async move {
-            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = agent.next_id.fetch_add(1, Ordering::Relaxed);
             // Logs and counts when dropped: also if this task panics or is cancelled.
-            let mut decision = Decision::open(shared.metrics.clone(), id, peer);
+            let mut decision = Decision::open(agent.metrics.clone(), id, peer);
             decision.netns = netns.id;
-            handle(&shared, client, peer, netns, &mut decision).await;
+            handle(&agent, client, peer, netns, &mut decision).await;
             decision.finish();
         });
     }
 }
 
 async fn handle(
-    shared: &Shared,
+    agent: &Agent,
     mut client: TcpStream,
     peer: SocketAddr,
     netns: ClientNetns,
     decision: &mut Decision,
 ) {
-    let current = shared.current();
-    let config = &current.config;
-    let Some(original) = shared.kernel.take_original_dst(netns.cookie, peer) else {
+    let routing = agent.routing();
+    let settings = &routing.settings;
+    let Some(original) = agent.kernel.take_original_dst(netns.cookie, peer) else {
         decision.fail("connection was not redirected by egress (no original destination)");
         return reset(client);
     };
     decision.original_dst = Some(original);
 
-    let (first_bytes, sniffed) = match read_first_bytes(&mut client, config.peek_timeout).await {
+    let (first_bytes, sniffed) = match read_first_bytes(&mut client, settings.peek_timeout.get()).await {
         Ok(read) => read,
         Err(e) => return decision.fail(format!("reading from client: {e}")),
     };
     decision.protocol = Some(sniffed.protocol());
     decision.name = sniffed.name().map(str::to_owned);
 
-    let resolved = shared.resolved(netns.cookie, original.ip(), sniffed.name());
+    let resolved = agent.names.resolved(netns.cookie, original.ip(), sniffed.name());
     let Plan {
         action,
         rule,
         name,
         named_by,
-    } = plan(&config.rules(), current.proxies(), original, &sniffed, &resolved);
+    } = plan(&routing.rules(), routing.proxies(), original, &sniffed, &resolved);
     decision.resolved_name = resolved.dialled_name;
     decision.named_by = Some(named_by);
     decision.route_name = name;
@@ -92,9 +92,10 @@ async fn handle(
         Action::Deny => reset(client),
         Action::Direct { to } => {
             let started = Instant::now();
-            match connect_direct(shared, netns, to, config.agent_mark, config.timeouts.connect).await {
+            let timeout = settings.connect_timeout.get();
+            match connect_direct(agent, netns, to, settings.agent_mark.0, timeout).await {
                 Ok(stream) => {
-                    shared.metrics.upstream_latency(started.elapsed());
+                    agent.metrics.upstream_latency(started.elapsed());
                     relay::relay(
                         client,
                         UpstreamStream::Plain(stream),
@@ -116,7 +117,7 @@ async fn handle(
                 authority,
                 approved_host: sniffed.name().map(str::to_owned),
             };
-            let header_timeout = config.timeouts.request_header;
+            let header_timeout = settings.request_header_timeout.get();
             Box::pin(forward::serve(
                 client,
                 first_bytes.freeze(),
@@ -127,7 +128,7 @@ async fn handle(
             .await;
         }
         Action::Connect { proxy, target } => {
-            tunnel(shared, proxy, &target, client, first_bytes.freeze(), decision).await;
+            tunnel(agent, proxy, &target, client, first_bytes.freeze(), decision).await;
         }
     }
 }
@@ -135,25 +136,26 @@ async fn handle(
 /// A direct connection leaves from the client's own network namespace, so that it is routed and
 /// addressed as the application expects (a database container on the same bridge network).
 async fn connect_direct(
-    shared: &Shared,
+    agent: &Agent,
     netns: ClientNetns,
     to: SocketAddr,
     mark: u32,
     timeout: Duration,
 ) -> Result<TcpStream, String> {
-    let (Some(id), Some(namespaces)) = (netns.id, &shared.namespaces) else {
+    let Some(id) = netns.id else {
         return upstream::connect_marked(Role::Destination, to, mark, timeout)
             .await
             .map_err(|e| e.to_string());
     };
-    namespaces
+    agent
+        .workloads
         .connect(id, to, timeout)
         .await
         .map_err(|e| format!("{e:#}"))
 }
 
 async fn tunnel(
-    shared: &Shared,
+    agent: &Agent,
     proxy: &ProxyClient,
     target: &str,
     client: TcpStream,
@@ -165,8 +167,8 @@ async fn tunnel(
     // whole life (thousands of idle tunnels).
     match Box::pin(proxy.open_tunnel(target)).await {
         Ok(tunnel) => {
-            shared.metrics.upstream_latency(started.elapsed());
-            shared.metrics.upstream_connection(tunnel.warm);
+            agent.metrics.upstream_latency(started.elapsed());
+            agent.metrics.upstream_connection(tunnel.warm);
             decision.upstream_warm = Some(tunnel.warm);
             decision.upstream_status = Some(200);
             relay::relay(client, tunnel.stream, first_bytes, tunnel.early_data, decision).await;

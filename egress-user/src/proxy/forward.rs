@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 use super::{
     decision::Decision,
     relay::{ByteCounts, PrefixedIo},
-    upstream::{ProxyClient, UpstreamError},
 };
+use crate::upstream::{ProxyClient, UpstreamError};
 
 /// Where and how one client connection's requests are forwarded.
 pub struct Forward {

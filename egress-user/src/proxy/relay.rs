@@ -17,7 +17,8 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{decision::Decision, splice, upstream::UpstreamStream};
+use super::{decision::Decision, splice};
+use crate::upstream::UpstreamStream;
 
 /// Closes with RST (SO_LINGER 0), so the client sees a reset rather than an orderly end of
 /// stream it could mistake for a complete answer.

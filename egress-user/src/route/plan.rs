@@ -28,7 +28,7 @@ pub enum Sniffed {
 
 /// What to do with a connection whose first bytes are neither a TLS ClientHello nor an HTTP/1
 /// request within the peek window (e.g. protocols where the server speaks first).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultRoute {
     /// CONNECT through https_proxy (by IP), like TLS.
@@ -366,7 +366,7 @@ fn refuse_name(policy: &Policy, name: &str) -> Option<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, proxy_url::ProxyUrl};
+    use crate::config::{Settings, proxy_url::ProxyUrl};
 
     fn tls(sni: Option<&str>) -> Sniffed {
         Sniffed::Tls {
@@ -471,11 +471,12 @@ mod tests {
                 "connect localhost.example:443 via tls-proxy:3128 [proxy]"),
         ];
         for (text, dst, sniffed, expected) in cases {
-            let config = Config::from_toml(text);
+            let settings = Settings::from_toml(text);
+            let policy = settings.policy();
             let dst: SocketAddr = dst.parse().unwrap();
             let plan = plan(
-                &config.rules(),
-                config.proxies(),
+                &settings.rules(&policy),
+                settings.proxy_urls(),
                 dst,
                 sniffed,
                 &Resolved::default(),
@@ -555,9 +556,16 @@ mod tests {
                 TargetName::Client),
         ]);
         for (text, dst, sniffed, resolved, expected, named_by) in &cases {
-            let config = Config::from_toml(text);
+            let settings = Settings::from_toml(text);
+            let policy = settings.policy();
             let dst: SocketAddr = dst.parse().unwrap();
-            let plan = plan(&config.rules(), config.proxies(), dst, sniffed, resolved);
+            let plan = plan(
+                &settings.rules(&policy),
+                settings.proxy_urls(),
+                dst,
+                sniffed,
+                resolved,
+            );
             assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?} {resolved:?}");
             assert_eq!(plan.named_by, *named_by, "{dst} {sniffed:?} {resolved:?}");
         }
@@ -565,11 +573,13 @@ mod tests {
 
     #[test]
     fn rule_kinds_name_what_decided() {
-        let config = Config::from_toml("https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"deny\"");
+        let settings =
+            Settings::from_toml("https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"deny\"");
+        let policy = settings.policy();
         let kind = |dst: &str, sniffed: Sniffed| {
             plan(
-                &config.rules(),
-                config.proxies(),
+                &settings.rules(&policy),
+                settings.proxy_urls(),
                 dst.parse().unwrap(),
                 &sniffed,
                 &Resolved::default(),

@@ -131,8 +131,35 @@ pub enum PolicyError {
     BadNoProxyPort { entry: String, port: String },
     #[error("no_proxy entry `{entry}`: {reason}")]
     BadNoProxyHost { entry: String, reason: &'static str },
-    #[error("no_proxy entry `{entry}`: {error}")]
+    #[error("no_proxy entry `{entry}`: {}", .error.why())]
     BadNoProxyRange { entry: String, error: Box<PolicyError> },
+}
+
+impl PolicyError {
+    /// Why, without the value: for messages that show the value already (clap's).
+    pub fn why(&self) -> String {
+        match self {
+            Self::NotIpRange { .. } => "not an IP address or CIDR range".into(),
+            Self::BadPrefix { max, .. } => format!("the prefix length must be a number from 0 to {max}"),
+            Self::HostBitsSet { network, .. } => {
+                format!("has bits set after the prefix length; the range is `{network}`")
+            }
+            Self::EmptyNoProxyEntry => "empty no_proxy entry".into(),
+            Self::BadNoProxyPort { port, .. } => format!("port `{port}` is not a number from 1 to 65535"),
+            Self::BadNoProxyHost { reason, .. } => (*reason).into(),
+            Self::BadNoProxyRange { error, .. } => error.why(),
+        }
+    }
+}
+
+/// An address range given as a flag (clap shows the value itself).
+pub fn ip_range_arg(s: &str) -> Result<IpNet, String> {
+    parse_ip_range(s).map_err(|e| e.why())
+}
+
+/// A no_proxy entry given as a flag (clap shows the value itself).
+pub fn no_proxy_arg(s: &str) -> Result<NoProxyEntry, String> {
+    NoProxyEntry::parse(s).map_err(|e| e.why())
 }
 
 /// One `no_proxy` entry.
@@ -154,7 +181,7 @@ impl NoProxyEntry {
     /// leading `*.` is taken as the same thing rather than refused); IPv4 and IPv6 addresses and
     /// CIDR ranges, IPv6 optionally bracketed; any of these except `*` with `:port`, IPv6 then in
     /// brackets (`[2001:db8::1]:8448`), since an unbracketed one is read as a whole address.
-    fn parse(raw: &str) -> Result<Self, PolicyError> {
+    pub fn parse(raw: &str) -> Result<Self, PolicyError> {
         let entry = raw.trim();
         if entry.is_empty() {
             return Err(PolicyError::EmptyNoProxyEntry);
@@ -264,6 +291,44 @@ impl fmt::Display for NoProxyEntry {
     }
 }
 
+impl std::str::FromStr for NoProxyEntry {
+    type Err = PolicyError;
+    fn from_str(s: &str) -> Result<Self, PolicyError> {
+        Self::parse(s)
+    }
+}
+
+impl serde::Serialize for NoProxyEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NoProxyEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Lists of address ranges as settings carry them: written as text, parsed with
+/// [`parse_ip_range`] (so `10.0.0.1/8` is refused, a bare address is one host).
+pub mod ip_ranges {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|text| super::parse_ip_range(text).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
 /// The destinations that bypass the upstream proxy (Synapse's `no_proxy_hosts`, the `no_proxy`
 /// environment variable), in the order given.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -272,6 +337,10 @@ pub struct NoProxy {
 }
 
 impl NoProxy {
+    pub fn new(entries: Vec<NoProxyEntry>) -> Self {
+        Self { entries }
+    }
+
     /// One entry per item (a TOML list, a repeated flag). Items are trimmed; an empty item is an
     /// error here, since in a list it is a mistake rather than an artefact of splitting.
     pub fn parse_list<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, PolicyError> {
@@ -1067,7 +1136,7 @@ mod tests {
             NoProxy::parse_list(["a.com", "10.0.0.0/33"])
                 .unwrap_err()
                 .to_string(),
-            "no_proxy entry `10.0.0.0/33`: `10.0.0.0/33`: the prefix length must be a number from 0 to 32"
+            "no_proxy entry `10.0.0.0/33`: the prefix length must be a number from 0 to 32"
         );
     }
 

@@ -23,7 +23,7 @@ use self::{
     probe::Probe,
     report::{Federation, Report, Status},
 };
-use crate::proxy::Current;
+use crate::agent::Routing;
 
 /// At most this many addresses of one host are tried.
 const MAX_ADDRESSES: usize = 3;
@@ -43,7 +43,7 @@ struct Endpoint {
     host_header: String,
 }
 
-pub async fn diagnose(current: &Current, server_name: &str, options: &Options) -> Report {
+pub async fn diagnose(routing: &Routing, server_name: &str, options: &Options) -> Report {
     let mut report = Report::new(server_name);
     let server = match ServerName::parse(server_name) {
         Ok(server) => server,
@@ -60,7 +60,7 @@ pub async fn diagnose(current: &Current, server_name: &str, options: &Options) -
         }
     };
     let probe = Probe {
-        current,
+        routing,
         tls,
         timeout: options.timeout,
         mark: options.mark,
@@ -93,8 +93,8 @@ pub async fn diagnose(current: &Current, server_name: &str, options: &Options) -
                 json!({"host": name}),
             );
             match well_known(&probe, &dns, &name, &mut report).await {
-                Some(delegated) => delegated_endpoint(current, &dns, &delegated, &mut report).await,
-                None => srv_endpoint(current, &dns, &name, &mut report).await,
+                Some(delegated) => delegated_endpoint(routing, &dns, &delegated, &mut report).await,
+                None => srv_endpoint(routing, &dns, &name, &mut report).await,
             }
         }
     };
@@ -177,7 +177,7 @@ async fn well_known(probe: &Probe<'_>, dns: &Dns, name: &str, report: &mut Repor
 /// Steps 3.1-3.5: the delegated name's IP literal, explicit port, SRV records, or 8448. The
 /// certificate must be valid for the delegated name.
 async fn delegated_endpoint(
-    current: &Current,
+    routing: &Routing,
     dns: &Dns,
     delegated: &ServerName,
     report: &mut Report,
@@ -193,13 +193,13 @@ async fn delegated_endpoint(
             tls_name: delegated.tls_name(),
             host_header,
         },
-        FirstStep::Lookup { name } => srv_endpoint(current, dns, &name, report).await,
+        FirstStep::Lookup { name } => srv_endpoint(routing, dns, &name, report).await,
     }
 }
 
 /// SRV `_matrix-fed._tcp.name`, then `_matrix._tcp.name`, else name:8448. Host header and
 /// certificate stay `name` whatever the SRV target is.
-async fn srv_endpoint(current: &Current, dns: &Dns, name: &str, report: &mut Report) -> Endpoint {
+async fn srv_endpoint(routing: &Routing, dns: &Dns, name: &str, report: &mut Report) -> Endpoint {
     for srv_name in srv_names(name) {
         match dns.srv(&srv_name).await {
             Ok(targets) => {
@@ -210,7 +210,8 @@ async fn srv_endpoint(current: &Current, dns: &Dns, name: &str, report: &mut Rep
                     format!("{srv_name} -> {}", all.join(", ")),
                     json!({"name": srv_name, "targets": all}),
                 );
-                if first.host != name && current.proxies().https.is_some() && !current.config.connect_by_ip {
+                if first.host != name && routing.proxies().https.is_some() && !routing.settings.connect_by_ip
+                {
                     report.add(
                         "srv",
                         Status::Warn,

@@ -21,19 +21,17 @@ use tokio_rustls::TlsConnector;
 
 use super::report::{Report, Status};
 use crate::{
+    agent::Routing,
     kernel::verdict::{KernelVerdict, kernel_verdict},
-    proxy::{
-        Current,
-        upstream::{self, Role, UpstreamError, UpstreamStream},
-    },
     route::plan::{Action, Sniffed, plan},
+    upstream::{self, Role, UpstreamError, UpstreamStream},
 };
 
 /// Answers larger than this are not read further (.well-known and version answers are tiny).
 const MAX_BODY: usize = 64 * 1024;
 
 pub struct Probe<'a> {
-    pub current: &'a Current,
+    pub routing: &'a Routing,
     pub tls: TlsConnector,
     pub timeout: Duration,
     /// Mark for the doctor's own connections (0: none).
@@ -137,10 +135,10 @@ impl Probe<'_> {
         addr: SocketAddr,
         tls_name: &str,
     ) -> Option<UpstreamStream> {
-        let config = &self.current.config;
+        let routing = self.routing;
         let data =
             |route: &str, rule: &str| json!({"address": addr.to_string(), "route": route, "rule": rule});
-        match kernel_verdict(&config.policy, addr.ip()) {
+        match kernel_verdict(&routing.policy, addr.ip()) {
             KernelVerdict::Deny(rule) => {
                 let rule = rule.to_string();
                 report.add(
@@ -164,7 +162,7 @@ impl Probe<'_> {
         };
         // What the running agent learnt from the homeserver's own lookups of this address (the
         // doctor's lookups are not in it): the agent would plan with that.
-        let (admin, name, ip) = (config.admin_addr, tls_name.to_owned(), addr.ip());
+        let (admin, name, ip) = (routing.settings.admin_addr.0, tls_name.to_owned(), addr.ip());
         let record =
             tokio::task::spawn_blocking(move || crate::diag::explain::agent_record(admin, &name, ip))
                 .await
@@ -175,8 +173,8 @@ impl Probe<'_> {
             json!({"address": addr.to_string(), "record": record.report}),
         );
         let plan = plan(
-            &config.rules(),
-            self.current.proxies(),
+            &routing.rules(),
+            routing.proxies(),
             addr,
             &sniffed,
             &record.resolved,
@@ -322,7 +320,7 @@ pub fn origin_tls(ca_files: &[PathBuf]) -> Result<TlsConnector> {
     let mut roots = RootCertStore::empty();
     let (system, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     for path in ca_files {
-        crate::proxy::tls::add_pem_file(&mut roots, path, "--ca-file")?;
+        crate::upstream::tls::add_pem_file(&mut roots, path, "--ca-file")?;
     }
     if system == 0 && ca_files.is_empty() {
         bail!("no system CA certificates found (install ca-certificates, or give --ca-file)");

@@ -11,8 +11,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-/// Docker's socket; Podman's is /run/podman/podman.sock.
-pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// Largest response read (a container's inspect output is a few KiB).
 const MAX_RESPONSE: usize = 4 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);

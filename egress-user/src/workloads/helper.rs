@@ -345,10 +345,10 @@ impl HelperState {
         match *request {
             Request::Scan { ref skip } => Ok((Reply::Namespaces(self.scan(skip)?), Vec::new())),
             Request::ContainerName { ref id } => {
-                if crate::containers::container_id_in(id) != Some(id.as_str()) {
+                if super::containers::container_id_in(id) != Some(id.as_str()) {
                     bail!("not a container id: {id:?}");
                 }
-                let engine = crate::containers::engine::Engine::new(&self.settings.engine_socket);
+                let engine = super::engine::Engine::new(&self.settings.engine_socket);
                 Ok((Reply::Container(engine.inspect(id)?.map(|c| c.name)), Vec::new()))
             }
             Request::Listen { netns } => {
@@ -422,7 +422,7 @@ impl HelperState {
         if !missing.is_empty() && self.last_resolve.is_none_or(|t| t.elapsed() >= RESOLVE_AGAIN) {
             self.last_resolve = Some(Instant::now());
             for id in missing {
-                if let Some(path) = kernel::cgroups::cgroup_path_by_id(id) {
+                if let Some(path) = super::cgroups::cgroup_path_by_id(id) {
                     self.cgroup_paths.insert(id, path);
                 }
             }

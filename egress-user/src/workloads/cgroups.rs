@@ -39,6 +39,53 @@ fn unescape_mountinfo(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// The cgroup v2 directory of process `pid`.
+pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("reading /proc/{pid}/cgroup"))?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .with_context(|| format!("process {pid} has no cgroup v2 path"))?;
+    Ok(cgroup2_root()?.join(relative.trim_start_matches('/')))
+}
+
+/// Where cgroup2 is mounted on this host.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    cgroup2_mount(&mountinfo).context("no cgroup2 filesystem is mounted")
+}
+
+/// The depth of cgroup directory `path` below the cgroup2 root (the root is level 0), as the
+/// kernel's `bpf_get_current_ancestor_cgroup_id` counts.
+pub fn cgroup_level(path: &Path) -> Result<u32> {
+    let root = cgroup2_root()?;
+    let relative = path.strip_prefix(&root).with_context(|| {
+        format!(
+            "{} is not under the cgroup2 root {}",
+            path.display(),
+            root.display()
+        )
+    })?;
+    Ok(relative.components().count() as u32)
+}
+
+/// The id of this process's cgroup v2 (its directory's inode).
+pub fn own_cgroup_id() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Some(std::fs::metadata(own_cgroup()?).ok()?.ino())
+}
+
+/// Resolves the units in `settings` to their cgroups, added to its cgroups (units must be
+/// running: systemd makes a unit's cgroup only while it runs).
+pub fn resolve_units(settings: &mut crate::config::Settings) -> Result<()> {
+    for unit in std::mem::take(&mut settings.targets.units) {
+        let cgroup = resolve_unit(&unit)?;
+        settings.targets.cgroups.push(cgroup);
+    }
+    Ok(())
+}
+
 /// Resolves using /proc/self/mountinfo.
 pub fn resolve_unit(unit: &str) -> Result<PathBuf> {
     unit_name(unit)?; // a bad name is reported as such, even on a host without cgroup2

@@ -1,6 +1,10 @@
-//! The upstream proxy: TCP (and TLS for `https://` proxies) to it, and tunnels through it with
-//! `CONNECT host:port` + `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream
-//! is then handed back for relaying.
+//! The upstream proxies: how egress reaches them (TCP, and TLS for `https://` proxies, see
+//! [`tls`]), keeps connections to them ready ([`warm`]), and opens tunnels through them with
+//! `CONNECT host:port` + `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream is
+//! then handed back to the data path for relaying.
+
+pub mod tls;
+pub mod warm;
 
 use std::{
     io,
@@ -21,11 +25,15 @@ use tokio::{
 };
 use tokio_rustls::client::TlsStream;
 
-use super::{tls::ProxyTls, warm::WarmPool};
-use crate::config::{
-    Timeouts,
-    proxy_url::{ProxyScheme, ProxyUrl},
+use crate::{
+    config::{
+        Settings, Timeouts,
+        proxy_url::{ProxyScheme, ProxyUrl},
+    },
+    route::plan::Proxies,
 };
+use tls::ProxyTls;
+use warm::WarmPool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -304,6 +312,49 @@ impl ProxyClient {
     }
 }
 
+/// The upstream proxies of one configuration: a client for each configured proxy.
+pub struct Upstreams {
+    https: Option<ProxyClient>,
+    http: Option<ProxyClient>,
+}
+
+impl Upstreams {
+    /// Clients for the proxies `settings` name, verified against their CA settings, whose
+    /// sockets carry `mark` (0: none); each keeps `settings.warm_upstream` connections ready
+    /// (`warm`: whether to keep any at all).
+    pub fn new(settings: &Settings, mark: u32, warm: bool) -> anyhow::Result<Self> {
+        let pool = if warm { settings.warm_upstream.get() } else { 0 };
+        let client = |url: Option<&ProxyUrl>| -> anyhow::Result<Option<ProxyClient>> {
+            let Some(url) = url else { return Ok(None) };
+            let tls = match url.scheme {
+                ProxyScheme::Https => Some(ProxyTls::new(
+                    settings.proxy_ca_file.as_deref(),
+                    settings.insecure_skip_proxy_tls_verify,
+                )?),
+                ProxyScheme::Http => None,
+            };
+            Ok(Some(
+                ProxyClient::new(url.clone(), tls, mark, settings.timeouts()).with_warm_pool(pool),
+            ))
+        };
+        let https = client(settings.https_proxy.url())?;
+        // One proxy for both: one client, so one pool of ready connections.
+        let http = match (&https, settings.http_proxy.url()) {
+            (Some(https), Some(url)) if https.url == *url => Some(https.clone()),
+            (_, url) => client(url)?,
+        };
+        Ok(Self { https, http })
+    }
+
+    /// The clients, as the routing plan chooses from them.
+    pub fn proxies(&self) -> Proxies<'_, ProxyClient> {
+        Proxies {
+            https: self.https.as_ref(),
+            http: self.http.as_ref(),
+        }
+    }
+}
+
 /// The CONNECT exchange over any stream: sends `CONNECT target` (with `authorization` as
 /// Proxy-Authorization), and on a 2xx answer gives back the stream and the bytes the proxy sent
 /// after its answer head. Public for the fuzz target that feeds it arbitrary answers.
@@ -360,7 +411,6 @@ mod tests {
     const TIMEOUTS: Timeouts = Timeouts {
         connect: Duration::from_secs(2),
         handshake: Duration::from_millis(500),
-        request_header: Duration::from_secs(60),
     };
 
     /// A one-connection fake proxy on loopback: returns the request head it read, after
@@ -629,7 +679,7 @@ mod tests {
         assert!(pool.take().is_none(), "a closed connection was handed out");
         assert!(pool.is_empty());
         // A proxy closing idle connections this soon has them kept for the shortest time.
-        assert_eq!(pool.idle_limit(), super::super::warm::MIN_IDLE);
+        assert_eq!(pool.idle_limit(), warm::MIN_IDLE);
     }
 
     /// A pooled connection that fails before the proxy answered CONNECT (closed on it, never

@@ -5,12 +5,11 @@
 //! container's 127.0.0.1. So every namespace with intercepted processes needs an egress listener
 //! of its own, made inside it (istio/ztunnel's in-pod model) and served by the agent's event loop.
 //!
-//! [`Namespaces::reconcile`] runs every [`SCAN_INTERVAL`]: the [`helper`] finds the namespaces of
-//! the processes in the attached cgroups, makes listeners in the new ones, and the kernel is told
-//! to redirect there only once the listener exists. Until then connects from that namespace are
-//! refused (EPERM), never passed. A namespace whose processes are all gone loses its listener.
-
-pub mod helper;
+//! [`Namespaces::reconcile`] runs every [`SCAN_INTERVAL`]: the [`helper`](super::helper) finds the
+//! namespaces of the processes in the attached cgroups, makes listeners in the new ones, and the
+//! kernel is told to redirect there only once the listener exists. Until then connects from that
+//! namespace are refused (EPERM), never passed. A namespace whose processes are all gone loses
+//! its listener.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,8 +24,8 @@ use tokio::{
     task::AbortHandle,
 };
 
+use super::helper::{Helper, NetnsId};
 use crate::kernel::Kernel;
-use helper::{Helper, NetnsId};
 
 /// How often the attached cgroups are looked at for new namespaces. A container's first connect
 /// within this time after it starts is refused (and retried by most clients).
@@ -47,35 +46,26 @@ struct Served {
     accepting: Vec<AbortHandle>,
 }
 
+/// The namespaces served, and those where egress could not listen.
+#[derive(Default)]
 pub struct Namespaces {
-    helper: Arc<Helper>,
-    /// Which containers and pods under the scopes are followed: looked at before each scan.
-    follower: Arc<Mutex<crate::containers::Follower>>,
     served: Mutex<BTreeMap<NetnsId, Served>>,
     failed: Mutex<BTreeMap<NetnsId, Instant>>,
 }
 
 impl Namespaces {
-    pub fn new(helper: Helper, follower: crate::containers::Follower) -> Self {
-        Self {
-            helper: Arc::new(helper),
-            follower: Arc::new(Mutex::new(follower)),
-            served: Mutex::default(),
-            failed: Mutex::default(),
-        }
-    }
-
     /// Brings the listeners in line with the namespaces of the intercepted processes, leaving
     /// out those of processes in the cgroups `skip` (containers not followed). `accept` starts
     /// serving a new listener and returns the handle that stops it.
     pub async fn reconcile(
         &self,
+        helper: &Arc<Helper>,
         kernel: &Kernel,
         skip: Vec<u64>,
-        accept: impl Fn(ClientNetns, TcpListener) -> AbortHandle,
+        accept: &impl Fn(ClientNetns, TcpListener) -> AbortHandle,
     ) -> Result<()> {
-        let helper = self.helper.clone();
-        let found = tokio::task::spawn_blocking(move || helper.scan(skip)).await??;
+        let scanner = helper.clone();
+        let found = tokio::task::spawn_blocking(move || scanner.scan(skip)).await??;
         let found_ids: BTreeSet<NetnsId> = found.iter().map(|(id, _)| *id).collect();
 
         let gone: Vec<(NetnsId, Served)> = {
@@ -93,8 +83,8 @@ impl Namespaces {
             // Refused in the kernel first, then the listener closes: no connect finds it closed.
             kernel.unserve_netns(served.cookie);
             served.accepting.iter().for_each(AbortHandle::abort);
-            let helper = self.helper.clone();
-            let _ = tokio::task::spawn_blocking(move || helper.forget(id)).await;
+            let forgetting = helper.clone();
+            let _ = tokio::task::spawn_blocking(move || forgetting.forget(id)).await;
             tracing::info!(
                 netns = id,
                 "stopped serving a network namespace: no intercepted process is left in it"
@@ -119,7 +109,7 @@ impl Namespaces {
             {
                 continue;
             }
-            match self.serve(kernel, id, &accept).await {
+            match self.serve(helper, kernel, id, accept).await {
                 Ok(cookie) => {
                     tracing::info!(netns = id, pid, cookie, "serving a network namespace");
                 }
@@ -142,12 +132,13 @@ impl Namespaces {
 
     async fn serve(
         &self,
+        helper: &Arc<Helper>,
         kernel: &Kernel,
         id: NetnsId,
         accept: &impl Fn(ClientNetns, TcpListener) -> AbortHandle,
     ) -> Result<u64> {
-        let helper = self.helper.clone();
-        let listeners = tokio::task::spawn_blocking(move || helper.listen(id)).await??;
+        let listening = helper.clone();
+        let listeners = tokio::task::spawn_blocking(move || listening.listen(id)).await??;
         let client = ClientNetns {
             cookie: listeners.cookie,
             id: Some(id),
@@ -169,31 +160,27 @@ impl Namespaces {
         );
         Ok(listeners.cookie)
     }
+}
 
-    /// The helper, for asking the container engine (see [`helper::Helper::container_name`]).
-    pub fn follower(&self) -> Arc<Mutex<crate::containers::Follower>> {
-        self.follower.clone()
+/// A direct connection to `to` from inside namespace `id`, started by the helper and completed
+/// here within `timeout`.
+pub async fn connect(
+    helper: &Arc<Helper>,
+    id: NetnsId,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let helper = helper.clone();
+    let stream = tokio::task::spawn_blocking(move || helper.connect(id, to))
+        .await?
+        .with_context(|| format!("connecting to {to} from network namespace {id}"))?;
+    let stream = TcpStream::from_std(stream)?;
+    match tokio::time::timeout(timeout, stream.writable()).await {
+        Err(_) => anyhow::bail!("connecting to {to} from network namespace {id}: timed out"),
+        Ok(ready) => ready?,
     }
-
-    pub fn helper(&self) -> Arc<Helper> {
-        self.helper.clone()
+    if let Some(e) = stream.take_error()? {
+        return Err(e).with_context(|| format!("connecting to {to} from network namespace {id}"));
     }
-
-    /// A direct connection to `to` from inside namespace `id`, started by the helper and
-    /// completed here within `timeout`.
-    pub async fn connect(&self, id: NetnsId, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-        let helper = self.helper.clone();
-        let stream = tokio::task::spawn_blocking(move || helper.connect(id, to))
-            .await?
-            .with_context(|| format!("connecting to {to} from network namespace {id}"))?;
-        let stream = TcpStream::from_std(stream)?;
-        match tokio::time::timeout(timeout, stream.writable()).await {
-            Err(_) => anyhow::bail!("connecting to {to} from network namespace {id}: timed out"),
-            Ok(ready) => ready?,
-        }
-        if let Some(e) = stream.take_error()? {
-            return Err(e).with_context(|| format!("connecting to {to} from network namespace {id}"));
-        }
-        Ok(stream)
-    }
+    Ok(stream)
 }

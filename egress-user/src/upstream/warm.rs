@@ -20,13 +20,12 @@ use std::{
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-use super::upstream::UpstreamStream;
+use super::UpstreamStream;
+use crate::config::settings::MAX_WARM_UPSTREAM;
 
 /// How long a pooled connection may wait to be used. Below the idle timeouts proxies apply to
 /// connections that have sent no request yet (squid's `request_start_timeout`, 5 minutes).
 pub const IDLE: Duration = Duration::from_secs(30);
-/// The largest pool the configuration may ask for, per proxy.
-pub const MAX_SIZE: usize = 64;
 
 pub struct WarmPool {
     size: usize,
@@ -56,7 +55,7 @@ impl WarmPool {
     pub fn new(size: usize) -> Option<Arc<Self>> {
         (size > 0).then(|| {
             Arc::new(Self {
-                size: size.min(MAX_SIZE),
+                size: size.min(MAX_WARM_UPSTREAM),
                 idle: Mutex::new(VecDeque::new()),
                 dialling: AtomicUsize::new(0),
                 quiet_until: Mutex::new(None),

@@ -20,9 +20,6 @@ use anyhow::{Context, Result, bail};
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use serde::Deserialize;
 
-/// Where kubelet mounts a pod's service account credentials.
-pub const TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-pub const CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// The pods of one selector: a few KiB each.
 const MAX_ANSWER: usize = 32 << 20;
@@ -39,63 +36,25 @@ pub struct PodSelection {
     pub selector: String,
     /// Only pods of this namespace (else of all namespaces).
     pub namespace: Option<String>,
-    /// The API server: `https://HOST[:PORT]`.
-    pub api: String,
+    pub api: crate::config::values::KubeApi,
     pub token_file: PathBuf,
     pub ca_file: PathBuf,
     /// The kubepods cgroup, if configured (else found under the cgroup2 root).
     pub kubepods_cgroup: Option<PathBuf>,
 }
 
-/// The API server in a pod: `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
-pub fn in_cluster_api(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-    let host = env("KUBERNETES_SERVICE_HOST")?;
-    let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".to_owned());
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    Some(format!("https://{host}:{port}"))
-}
-
-/// A label selector's characters (the API server checks its grammar and says what is wrong).
-pub fn validate_selector(selector: &str) -> Result<()> {
-    let valid = !selector.trim().is_empty()
-        && selector.len() <= 1024
-        && selector
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=!,() ".contains(c));
-    if !valid {
-        bail!(
-            "pod_selector {selector:?}: not a label selector (e.g. app.kubernetes.io/name=synapse; \
-             letters, digits and - _ . / = ! , ( ) and spaces)"
-        );
+impl PodSelection {
+    /// The pods `settings` select, if any (`config::load` checked the API server is known).
+    pub fn of(settings: &crate::config::Settings) -> Option<Self> {
+        Some(Self {
+            selector: settings.pod_selector.as_ref()?.0.clone(),
+            namespace: settings.pod_namespace.as_ref().map(|n| n.0.clone()),
+            api: settings.kube_api.clone()?,
+            token_file: settings.kube_token_file.clone(),
+            ca_file: settings.kube_ca_file.clone(),
+            kubepods_cgroup: settings.kubepods_cgroup.clone(),
+        })
     }
-    Ok(())
-}
-
-/// A namespace name (an RFC 1123 label).
-pub fn validate_namespace(namespace: &str) -> Result<()> {
-    let valid = (1..=63).contains(&namespace.len())
-        && namespace
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !namespace.starts_with('-')
-        && !namespace.ends_with('-');
-    if !valid {
-        bail!("pod_namespace {namespace:?}: not a namespace name (lower-case letters, digits and '-')");
-    }
-    Ok(())
-}
-
-/// `https://HOST[:PORT]` as host and port (443 by default).
-pub fn parse_api(api: &str) -> Result<(String, u16)> {
-    let rest = api
-        .strip_prefix("https://")
-        .with_context(|| format!("kube_api {api:?}: expected https://HOST[:PORT]"))?;
-    crate::hostport::parse_destination(rest.trim_end_matches('/'))
-        .with_context(|| format!("kube_api {api:?}: expected https://HOST[:PORT]"))
 }
 
 /// The pod UID in a pod cgroup's directory name: `kubepods-pod<uid>.slice`,
@@ -272,9 +231,9 @@ impl KubeApi {
     /// `mark`: the agent mark, so that the kernel programs pass the request whatever the
     /// classification of egress's own pod.
     pub fn new(selection: &PodSelection, mark: u32) -> Result<Self> {
-        let (host, port) = parse_api(&selection.api)?;
+        let (host, port) = (selection.api.host.clone(), selection.api.port);
         let mut roots = RootCertStore::empty();
-        crate::proxy::tls::add_pem_file(&mut roots, &selection.ca_file, "kube_ca_file")?;
+        crate::upstream::tls::add_pem_file(&mut roots, &selection.ca_file, "kube_ca_file")?;
         let tls = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
@@ -609,9 +568,9 @@ mod tests {
         let selection = PodSelection {
             selector: "app=synapse".into(),
             namespace: None,
-            api: "https://10.96.0.1".into(),
-            token_file: TOKEN_FILE.into(),
-            ca_file: CA_FILE.into(),
+            api: "https://10.96.0.1".parse().unwrap(),
+            token_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            ca_file: "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into(),
             kubepods_cgroup: None,
         };
         let lister = move || {
@@ -695,61 +654,5 @@ mod tests {
         pods.refresh(Duration::ZERO).unwrap();
         assert!(pods.take_changed());
         assert_eq!(pods.verdict("a", None).unwrap(), PodVerdict::NotSelected);
-    }
-
-    #[test]
-    fn selectors_namespaces_and_api_urls() {
-        for good in [
-            "app=synapse",
-            "app.kubernetes.io/name in (synapse, workers),tier!=db",
-            "!canary",
-        ] {
-            assert!(validate_selector(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            "  ",
-            "app=synapse&x=y",
-            "app=syn\napse",
-            "a%20b",
-            &"a".repeat(1025),
-        ] {
-            let error = validate_selector(bad).unwrap_err().to_string();
-            assert!(error.contains("not a label selector"), "{bad:?}: {error}");
-        }
-        for good in ["matrix", "ess-1", "a"] {
-            assert!(validate_namespace(good).is_ok(), "{good}");
-        }
-        for bad in ["", "Matrix", "-a", "a-", "a/b", "a.b", &"a".repeat(64)] {
-            assert!(validate_namespace(bad).is_err(), "{bad:?}");
-        }
-        let cases = [
-            ("https://10.96.0.1:443", Ok(("10.96.0.1", 443))),
-            ("https://10.96.0.1", Ok(("10.96.0.1", 443))),
-            ("https://[fd00::1]:6443/", Ok(("fd00::1", 6443))),
-            (
-                "https://kubernetes.default.svc:6443",
-                Ok(("kubernetes.default.svc", 6443)),
-            ),
-            ("http://10.96.0.1:443", Err("expected https://")),
-            ("https://user@10.96.0.1", Err("expected https://")),
-            ("https://10.96.0.1:0x", Err("expected https://")),
-        ];
-        for (api, want) in cases {
-            match want {
-                Ok((host, port)) => assert_eq!(parse_api(api).unwrap(), (host.to_owned(), port), "{api}"),
-                Err(needle) => {
-                    let error = parse_api(api).unwrap_err().to_string();
-                    assert!(error.contains(needle), "{api}: {error}");
-                }
-            }
-        }
-        let env = |name: &str| match name {
-            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_owned()),
-            "KUBERNETES_SERVICE_PORT" => Some("6443".to_owned()),
-            _ => None,
-        };
-        assert_eq!(in_cluster_api(&env).as_deref(), Some("https://[fd00::1]:6443"));
-        assert_eq!(in_cluster_api(&|_| None), None);
     }
 }

@@ -7,10 +7,7 @@
 //! --container` and a restarted agent share through the pins.
 
 use anyhow::{Context, Result, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap, MapData},
-};
+use aya::maps::{Array, HashMap, MapData};
 use egress_common::{ContainerName, MAX_SCOPES, SCOPE_INTERCEPT, SCOPE_NESTED, SCOPE_PASS, Scope, maps};
 
 pub struct ScopeMaps {
@@ -39,12 +36,17 @@ impl Classification {
 }
 
 impl ScopeMaps {
-    /// Takes the three maps out of a loaded object (whose maps are the pinned ones).
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the eBPF object"))
-        };
+    /// Takes the three maps from the running agent's kernel programs.
+    pub fn take(kernel: &crate::kernel::Kernel) -> Result<Self> {
+        Self::from_maps(|name| kernel.take_map(name))
+    }
+
+    /// Takes the three maps from a running instance's programs loaded again (`egress attach`).
+    pub fn from_instance(instance: &mut crate::kernel::Instance) -> Result<Self> {
+        Self::from_maps(|name| instance.take_map(name))
+    }
+
+    fn from_maps(mut take: impl FnMut(&str) -> Result<aya::maps::Map>) -> Result<Self> {
         Ok(Self {
             scopes: Array::try_from(take(maps::SCOPES)?)?,
             scoped: HashMap::try_from(take(maps::SCOPED)?)?,
