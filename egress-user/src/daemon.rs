@@ -349,8 +349,13 @@ async fn reload_on_sighup(agent: Arc<Agent>) {
 /// Holds the links while the agent runs (see `Kernel::keep_links`), checking every 2 s.
 async fn keep_links(agent: Arc<Agent>) {
     let mut warned = false;
+    let mut first = true;
     loop {
         let pins_present = agent.kernel.keep_links();
+        if pins_present && (first || warned) {
+            tracing::debug!("the pinned links are in place");
+        }
+        first = false;
         if !pins_present && !warned {
             tracing::error!(
                 "the pinned links under {} are gone (bpffs unmounted?): the programs stay attached \

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 /// Whether `name` is acceptable as a host in a CONNECT line / absolute URI: DNS name (letters,
 /// digits, '-', '_', '.', labels 1..=63, total <= 253, optional trailing dot stripped by
@@ -57,7 +57,7 @@ pub fn parse_destination(dest: &str) -> Result<(String, u16)> {
         Some((host, port)) => (
             host,
             port.parse::<u16>()
-                .with_context(|| format!("{dest}: bad port '{port}'"))?,
+                .map_err(|_| anyhow::anyhow!("{dest}: the port is not a number from 1 to 65535"))?,
         ),
         None => (dest, 443),
     };

@@ -66,58 +66,62 @@ impl Agent {
         }
     }
 
-    /// Everything this run logged so far (and nothing an earlier run did).
+    /// Everything this run logged so far (and nothing an earlier run did), as text: for
+    /// assertion messages. Tests look at [`Self::lines`] and [`Self::decisions`].
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until this run's log satisfies `done`; returns the log.
-    pub fn wait_log(&self, what: &str, done: impl Fn(&str) -> bool) -> Result<String> {
-        wait::until(
+    /// This run's log lines, parsed (the testbed runs the agent with `--log-format json`).
+    pub fn lines(&self) -> Vec<LogLine> {
+        self.log().lines().filter_map(LogLine::parse).collect()
+    }
+
+    /// This run's decision records: one per connection, written when it ends.
+    pub fn decisions(&self) -> Vec<LogLine> {
+        self.lines().into_iter().filter(LogLine::is_decision).collect()
+    }
+
+    /// Waits until this run logged a line that `matches`; returns it.
+    pub fn wait_line(&self, what: &str, matches: impl Fn(&LogLine) -> bool) -> Result<LogLine> {
+        let lines = wait::until(
             &format!("the agent's log: {what}"),
             wait::SHORT,
-            || Ok(self.log()),
-            |l| done(l),
-        )
+            || Ok(self.lines()),
+            |lines| lines.iter().any(&matches),
+        )?;
+        Ok(lines.into_iter().find(|l| matches(l)).expect("found above"))
     }
 
-    /// Waits until this run's log contains `needle`; returns the log.
-    pub fn logged(&self, needle: &str) -> Result<String> {
-        self.wait_log(needle, |l| l.contains(needle))
+    /// Waits until this run logged a line whose message contains `text`; returns it.
+    pub fn logged(&self, text: &str) -> Result<LogLine> {
+        self.wait_line(text, |l| l.message().contains(text))
     }
 
-    /// Waits until this run logged a decision line containing every one of `needles`, and
-    /// returns that line. (Decision lines carry `route=` in text and `"route":` in JSON; their
-    /// level depends on the outcome, so it is not looked at.)
-    pub fn wait_decision(&self, needles: &[&str]) -> Result<String> {
-        let find = |log: &str| {
-            log.lines()
-                .find(|l| is_decision(l) && needles.iter().all(|n| l.contains(n)))
-                .map(str::to_owned)
-        };
-        let log = self.wait_log(&format!("a decision line with {needles:?}"), |l| {
-            find(l).is_some()
-        })?;
-        Ok(find(&log).expect("found above"))
+    /// Waits until this run logged a decision record with every `(field, value)` of `fields`;
+    /// returns it.
+    pub fn wait_decision(&self, fields: &[(&str, &dyn std::fmt::Display)]) -> Result<LogLine> {
+        let wanted: Vec<(&str, String)> = fields.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        self.wait_line(&format!("a decision with {wanted:?}"), |l| {
+            l.is_decision() && wanted.iter().all(|(key, value)| l.get(key) == *value)
+        })
     }
 
-    /// Waits until this run has logged `n` decision lines; returns them.
-    pub fn wait_decisions(&self, n: usize) -> Result<Vec<String>> {
+    /// Waits until this run serves the network namespace `netns` (a listener of its own there).
+    pub fn serving(&self, netns: u64) -> Result<LogLine> {
+        self.wait_line(&format!("serving network namespace {netns}"), |l| {
+            l.message() == "serving a network namespace" && l.number("netns") == netns
+        })
+    }
+
+    /// Waits until this run has logged `n` decision records; returns them.
+    pub fn wait_decisions(&self, n: usize) -> Result<Vec<LogLine>> {
         wait::until(
-            &format!("{n} decision lines in the agent's log"),
+            &format!("{n} decision records in the agent's log"),
             wait::SHORT,
             || Ok(self.decisions()),
             |d| d.len() == n,
         )
-    }
-
-    /// This run's decision lines.
-    pub fn decisions(&self) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|l| is_decision(l))
-            .map(str::to_owned)
-            .collect()
     }
 
     /// A command running `program args...` in the agent's network namespace, outside the
@@ -175,21 +179,73 @@ impl Agent {
     /// pinned maps with `egress status` run on the host: outside the agent's namespace, so that
     /// reading a counter does not make the agent probe its upstream (as /health does).
     pub fn counter(&self, name: &str) -> Result<u64> {
+        self.counters()?
+            .remove(name)
+            .with_context(|| format!("no kernel counter {name}"))
+    }
+
+    /// Every kernel decision counter, by name (see [`Self::counter`]).
+    pub fn counters(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let pin_dir = self.pin_dir.to_string_lossy();
         let status = process::egress(&["status", "--bpffs-dir", &pin_dir])?;
-        status
+        let counters: std::collections::BTreeMap<String, u64> = status
             .stdout
             .lines()
-            .find_map(|l| {
+            .filter_map(|l| {
                 let mut words = l.split_whitespace();
-                (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+                let (name, value) = (words.next()?, words.next()?);
+                Some((name.to_owned(), value.parse().ok()?))
             })
-            .with_context(|| format!("no counter {name} in {status:?}"))
+            .collect();
+        if counters.is_empty() {
+            bail!("no kernel counters in {status:?}");
+        }
+        Ok(counters)
     }
 }
 
-/// Whether a log line is a decision line (text or JSON format).
-fn is_decision(line: &str) -> bool {
-    (line.contains(" conn=") && line.contains(" route="))
-        || (line.contains("\"conn\":") && line.contains("\"route\":"))
+/// One line of the agent's JSON log: its level, target, message and fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogLine(serde_json::Map<String, serde_json::Value>);
+
+impl LogLine {
+    fn parse(line: &str) -> Option<Self> {
+        match serde_json::from_str(line) {
+            Ok(serde_json::Value::Object(fields)) => Some(Self(fields)),
+            _ => None,
+        }
+    }
+
+    /// A field as text (numbers too); "" when absent.
+    pub fn get(&self, key: &str) -> String {
+        match self.0.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        }
+    }
+
+    /// A numeric field; 0 when absent.
+    pub fn number(&self, key: &str) -> u64 {
+        self.0.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0)
+    }
+
+    pub fn message(&self) -> String {
+        self.get("message")
+    }
+
+    pub fn level(&self) -> String {
+        self.get("level")
+    }
+
+    /// A connection's decision record (one per connection, see the agent's `proxy::decision`).
+    pub fn is_decision(&self) -> bool {
+        self.get("target") == "egress::decision"
+    }
+}
+
+impl std::fmt::Display for LogLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", serde_json::Value::Object(self.0.clone()))
+    }
 }

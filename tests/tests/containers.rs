@@ -54,7 +54,7 @@ fn a_container_started_after_egress_reaches_the_origin_only_through_squid() {
     let id = netns_id(&ct);
     let main = resident(&bed, &ct);
     bed.agent()
-        .logged(&format!("netns={id}"))
+        .serving(id)
         .expect("the agent serves the container's namespace");
 
     let url = format!("https://{ORIGIN_NAME}/");
@@ -68,9 +68,9 @@ fn a_container_started_after_egress_reaches_the_origin_only_through_squid() {
     assert_eq!(result.stdout, "200", "curl from the container: {result:?}");
     let line = bed
         .agent()
-        .wait_decision(&[&format!("netns={id}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &id), ("route", &"proxy-connect")])
         .unwrap();
-    assert!(line.contains(&format!("target={ORIGIN_NAME}:443")), "{line}");
+    assert_eq!(line.get("target"), format!("{ORIGIN_NAME}:443"), "{line}");
     bed.squid_logged(&format!("CONNECT {ORIGIN_NAME}:443")).unwrap();
     assert_eq!(
         bed.direct_packets_at_origin().unwrap(),
@@ -119,7 +119,7 @@ fn direct_connections_leave_from_the_containers_namespace() {
         .unwrap();
     let id = netns_id(&ct);
     let _main = resident(&bed, &ct);
-    bed.agent().logged(&format!("netns={id}")).unwrap();
+    bed.agent().serving(id).unwrap();
 
     let result = bed
         .curl_from(
@@ -132,10 +132,10 @@ fn direct_connections_leave_from_the_containers_namespace() {
     assert_eq!(result.stdout, "client 10.250.0.1", "{result:?}");
     let line = bed
         .agent()
-        .wait_decision(&[&format!("netns={id}"), "route=direct"])
+        .wait_decision(&[("netns", &id), ("route", &"direct")])
         .unwrap();
-    assert!(line.contains("outcome=ok"), "{line}");
-    assert!(line.contains("no_proxy"), "{line}");
+    assert_eq!(line.get("outcome"), "ok", "{line}");
+    assert_eq!(line.get("rule_kind"), "no_proxy", "{line}");
 }
 
 /// Listens on 127.0.0.1:argv[1] and prints `listening`, then `accepted` per connection.
@@ -167,8 +167,8 @@ fn a_squatted_container_namespace_is_refused_not_passed() {
     bed.start_default_agent().unwrap();
     let id = netns_id(&ct);
     let _main = resident(&bed, &ct);
-    let log = bed.agent().logged("cannot serve the network namespace").unwrap();
-    assert!(log.contains(&format!("netns={id}")), "{log}");
+    let line = bed.agent().logged("cannot serve the network namespace").unwrap();
+    assert_eq!(line.number("netns"), id, "{line}");
 
     let before = bed.agent().counter("deny_no_listener").unwrap();
     let script = "import errno, socket\n\
@@ -215,7 +215,7 @@ fn the_agent_mark_set_inside_a_container_does_not_bypass_egress() {
     let ct = bed.add_container_netns(4).unwrap();
     let id = netns_id(&ct);
     let _main = resident(&bed, &ct);
-    bed.agent().logged(&format!("netns={id}")).unwrap();
+    bed.agent().serving(id).unwrap();
 
     let before = bed.agent().counter("pass_agent").unwrap();
     let result = egress_testbed::process::output(launch(
@@ -235,7 +235,7 @@ fn the_agent_mark_set_inside_a_container_does_not_bypass_egress() {
     assert_eq!(result.stdout.trim(), "connected", "{result:?}");
     // It reached egress, not the origin.
     bed.agent()
-        .wait_decision(&[&format!("netns={id}"), "original_dst=10.248.0.30:443"])
+        .wait_decision(&[("netns", &id), ("original_dst", &"10.248.0.30:443")])
         .unwrap();
     assert_eq!(bed.agent().counter("pass_agent").unwrap(), before);
     assert_eq!(
@@ -340,11 +340,11 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
     // Selected, in a QoS class (a nested scope) and directly under kubepods: proxied.
     for (pod, ns) in [(a, &netns[0]), (c, &netns[2])] {
         let id = netns_id(ns);
-        bed.agent().logged(&format!("netns={id}")).unwrap();
+        bed.agent().serving(id).unwrap();
         let result = curl(&bed, ns, &cluster.pods[pod].container);
         assert_eq!(result.stdout, "200", "{result:?}");
         bed.agent()
-            .wait_decision(&[&format!("netns={id}"), "route=proxy-connect"])
+            .wait_decision(&[("netns", &id), ("route", &"proxy-connect")])
             .unwrap();
     }
     bed.squid_logged(&format!("CONNECT {ORIGIN_NAME}:443")).unwrap();
@@ -361,18 +361,28 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
             .contains("containers and pods under them: 2 intercepted, 2 passed"),
         "{status:?}"
     );
-    let log = bed.agent().log();
-    assert!(log.contains("pod matrix/synapse-0"), "{log}");
-    assert!(log.contains("pod matrix/synapse-federation-sender-0"), "{log}");
+    let intercepted: Vec<String> = bed
+        .agent()
+        .lines()
+        .iter()
+        .filter(|l| l.message() == "following: its connections are intercepted")
+        .map(|l| l.get("holds"))
+        .collect();
+    for pod in ["pod matrix/synapse-0", "pod matrix/synapse-federation-sender-0"] {
+        assert!(intercepted.iter().any(|h| h == pod), "{intercepted:?}");
+    }
 
     // Not selected: left alone (direct, as without egress), and no listener in its namespace.
     let passed = bed.agent().counter("pass_unselected").unwrap();
     assert_eq!(curl(&bed, &netns[1], &cluster.pods[b].container).stdout, "200");
     assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
+    let passed_netns = netns_id(&netns[1]);
     assert!(
         !bed.agent()
-            .log()
-            .contains(&format!("netns={}", netns_id(&netns[1])))
+            .lines()
+            .iter()
+            .any(|l| l.message() == "serving a network namespace" && l.number("netns") == passed_netns),
+        "a listener was made in the namespace of a pod not selected"
     );
     let direct = bed.direct_packets_at_origin().unwrap();
     assert!(direct > 0, "the pod not selected did not go direct");
@@ -384,10 +394,10 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
     let ns_d = bed.add_container_netns(4).unwrap();
     let _resident_d = resident_in(&bed, &ns_d, &cluster.pods[d].container);
     let id_d = netns_id(&ns_d);
-    bed.agent().logged(&format!("netns={id_d}")).unwrap();
+    bed.agent().serving(id_d).unwrap();
     assert_eq!(curl(&bed, &ns_d, &cluster.pods[d].container).stdout, "200");
     bed.agent()
-        .wait_decision(&[&format!("netns={id_d}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &id_d), ("route", &"proxy-connect")])
         .unwrap();
     assert_eq!(
         bed.direct_packets_at_origin().unwrap(),
@@ -416,18 +426,17 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
     assert_eq!(result.stdout, "200", "{result:?}");
     let line = bed
         .agent()
-        .wait_decision(&[&format!("netns={id_c}"), "route=direct"])
+        .wait_decision(&[("netns", &id_c), ("route", &"direct")])
         .unwrap();
-    assert!(line.contains("outcome=ok"), "{line}");
+    assert_eq!(line.get("outcome"), "ok", "{line}");
 
     // Its label removed (`kubectl label pod synapse-0 app.kubernetes.io/name-`): passed from
     // the next list on, and its namespace no longer served.
     cluster.relabel(a, &[]).unwrap();
-    let stopped = format!("netns={}", netns_id(&netns[0]));
+    let stopped = netns_id(&netns[0]);
     bed.agent()
-        .wait_log("the unlabelled pod's namespace to be let go", |log| {
-            log.lines()
-                .any(|l| l.contains("stopped serving") && l.contains(&stopped))
+        .wait_line("the unlabelled pod's namespace to be let go", |l| {
+            l.message().starts_with("stopped serving") && l.number("netns") == stopped
         })
         .unwrap();
     let passed = bed.agent().counter("pass_unselected").unwrap();
@@ -479,11 +488,11 @@ fn pods_selected_by_label_reach_the_origin_only_through_squid_while_others_pass(
         .unwrap();
     bed.agent_cgroup = Some(cluster.pods[own].container.clone());
     bed.start_agent_bin(&in_cgroupns, &args).unwrap();
-    bed.agent().logged(&format!("netns={id_d}")).unwrap();
+    bed.agent().serving(id_d).unwrap();
     let result = curl(&bed, &ns_d, &cluster.pods[d].container);
     assert_eq!(result.stdout, "200", "{result:?}");
     bed.agent()
-        .wait_decision(&[&format!("netns={id_d}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &id_d), ("route", &"proxy-connect")])
         .unwrap();
     bed.agent()
         .logged("egress's own pod: its connections pass")

@@ -70,7 +70,7 @@ fn curl_origin(docker: &Docker, name: &str) -> String {
 fn wait_served(bed: &Testbed, docker: &Docker, name: &str) -> u64 {
     let id = docker.netns_id(name).unwrap();
     bed.agent()
-        .logged(&format!("netns={id}"))
+        .serving(id)
         .unwrap_or_else(|e| panic!("the agent does not serve container {name}: {e:#}"));
     id
 }
@@ -89,27 +89,31 @@ fn containers_on_a_user_defined_network_reach_the_origin_only_through_squid() {
     let first = wait_served(&bed, &docker, "synapse");
     assert_eq!(curl_origin(&docker, "synapse"), "200");
     bed.agent()
-        .wait_decision(&[&format!("netns={first}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &first), ("route", &"proxy-connect")])
         .unwrap();
     bed.squid_logged(&format!("CONNECT {ORIGIN_NAME}:443")).unwrap();
 
     // Restarted: a new network namespace (its inode number may be the old one's), served too.
-    let served = |log: &str| {
-        log.lines()
-            .filter(|l| l.contains("serving a network namespace") && !l.contains("stopped serving"))
+    let served = |agent: &egress_testbed::agent::Agent| {
+        agent
+            .lines()
+            .iter()
+            .filter(|l| l.message() == "serving a network namespace")
             .count()
     };
-    let before = served(&bed.agent().log());
+    let before = served(bed.agent());
     docker.run(&["restart", "-t", "1", "synapse"]).unwrap();
-    bed.agent()
-        .wait_log("the restarted container's namespace served", |log| {
-            served(log) > before
-        })
-        .unwrap();
+    egress_testbed::wait::until(
+        "the restarted container's namespace served",
+        egress_testbed::wait::SHORT,
+        || Ok(served(bed.agent())),
+        |n| *n > before,
+    )
+    .unwrap();
     let second = wait_served(&bed, &docker, "synapse");
     assert_eq!(curl_origin(&docker, "synapse"), "200");
     bed.agent()
-        .wait_decision(&[&format!("netns={second}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &second), ("route", &"proxy-connect")])
         .unwrap();
 
     // A second container started after egress.
@@ -117,7 +121,7 @@ fn containers_on_a_user_defined_network_reach_the_origin_only_through_squid() {
     let third = wait_served(&bed, &docker, "bridge");
     assert_eq!(curl_origin(&docker, "bridge"), "200");
     bed.agent()
-        .wait_decision(&[&format!("netns={third}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &third), ("route", &"proxy-connect")])
         .unwrap();
 
     assert_eq!(
@@ -201,9 +205,9 @@ fn a_container_reaches_a_database_container_directly_from_its_own_address() {
     assert_eq!(response, "client 10.252.0.40");
     let line = bed
         .agent()
-        .wait_decision(&[&format!("netns={id}"), "route=direct"])
+        .wait_decision(&[("netns", &id), ("route", &"direct")])
         .unwrap();
-    assert!(line.contains("no_proxy"), "{line}");
+    assert_eq!(line.get("rule_kind"), "no_proxy", "{line}");
 }
 
 /// A container command that tries the origin from its very first moment: 30 attempts, 0.1 s
@@ -252,7 +256,7 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
     );
     assert_eq!(curl_origin(&docker, "synapse"), "200");
     bed.agent()
-        .wait_decision(&[&format!("netns={synapse}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &synapse), ("route", &"proxy-connect")])
         .unwrap();
 
     // Not followed: left alone (direct, as without egress), and no listener in its namespace.
@@ -260,7 +264,13 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
     assert_eq!(curl_origin(&docker, "other"), "200");
     assert!(bed.agent().counter("pass_unselected").unwrap() > passed);
     let other = docker.netns_id("other").unwrap();
-    assert!(!bed.agent().log().contains(&format!("netns={other}")));
+    assert!(
+        !bed.agent()
+            .decisions()
+            .iter()
+            .any(|d| d.get("netns") == other.to_string()),
+        "a connection of the container not followed reached egress"
+    );
     let url = format!("https://{ORIGIN_NAME}/");
     let from_service = bed
         .curl_in(&service.path, &["-o", "/dev/null", "-w", "%{http_code}", &url])
@@ -268,9 +278,9 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
     assert_eq!(from_service.stdout, "200", "{from_service:?}");
     let line = bed
         .agent()
-        .wait_decision(&["netns=- ", "route=proxy-connect"])
+        .wait_decision(&[("netns", &"-"), ("route", &"proxy-connect")])
         .unwrap();
-    assert!(line.contains(&format!("target={ORIGIN_NAME}:443")), "{line}");
+    assert!(line.get("target") == format!("{ORIGIN_NAME}:443"), "{line}");
     let direct = bed.direct_packets_at_origin().unwrap();
     assert!(direct > 0, "the other container went direct");
 
@@ -356,10 +366,10 @@ fn a_followed_container_is_intercepted_across_restart_and_recreation_while_other
         ])
         .unwrap();
     assert_eq!(attach.code, Some(0), "{attach:?}");
-    bed.agent().logged(&format!("netns={other}")).unwrap();
+    bed.agent().serving(other).unwrap();
     assert_eq!(curl_origin(&docker, "other"), "200");
     bed.agent()
-        .wait_decision(&[&format!("netns={other}"), "route=proxy-connect"])
+        .wait_decision(&[("netns", &other), ("route", &"proxy-connect")])
         .unwrap();
 }
 
@@ -530,10 +540,10 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
     docker.run(&["stop", "-t", "10", "matrix-synapse"]).unwrap();
     let line = bed
         .agent()
-        .wait_decision(&[&format!("netns={netns}"), "target=example.test:8448"])
+        .wait_decision(&[("netns", &netns), ("target", &"example.test:8448")])
         .unwrap();
     assert!(
-        line.contains("route=proxy-connect") && line.contains("status=200"),
+        line.get("route") == "proxy-connect" && line.get("status") == "200",
         "{line}"
     );
     bed.squid_logged("CONNECT example.test:8448").unwrap();

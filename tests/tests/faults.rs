@@ -96,36 +96,40 @@ fn misbehaving_upstreams_reset_the_client_promptly_and_nothing_goes_direct() {
         (
             format!("http://{PROXY_IP}:4001"),
             "ConnectionResetError",
-            "did not answer CONNECT in time",
+            ("error", "did not answer CONNECT in time"),
         ),
-        (format!("http://{PROXY_IP}:4002"), "ConnectionResetError", "relay"),
+        (
+            format!("http://{PROXY_IP}:4002"),
+            "ConnectionResetError",
+            ("error", "relay"),
+        ),
         (
             format!("http://{PROXY_IP}:4003"),
             "ConnectionResetError",
-            "CONNECT exchange with proxy failed",
+            ("error", "CONNECT exchange with proxy failed"),
         ),
         (
             format!("http://{PROXY_IP}:4004"),
             "ConnectionResetError",
-            "CONNECT exchange with proxy failed",
+            ("error", "CONNECT exchange with proxy failed"),
         ),
         (
             format!("http://{PROXY_IP}:4005"),
             "ConnectionResetError",
-            "status=403",
+            ("status", "403"),
         ),
         (
             format!("http://{PROXY_IP}:4006"),
             "ConnectionResetError",
-            "status=502",
+            ("status", "502"),
         ),
         (
             format!("https://{PROXY_IP}:4007"),
             "ConnectionResetError",
-            "TLS with proxy",
+            ("error", "TLS with proxy"),
         ),
     ];
-    for (proxy, client_sees, logged) in cases {
+    for (proxy, client_sees, (field, says)) in cases {
         bed.start_agent(&[
             "--https-proxy",
             &proxy,
@@ -156,9 +160,11 @@ fn misbehaving_upstreams_reset_the_client_promptly_and_nothing_goes_direct() {
         // This run's one decision line (not an earlier run's) says what went wrong.
         let line = bed
             .agent()
-            .wait_decision(&[logged])
+            .wait_line(&format!("a decision whose {field} says {says}"), |l| {
+                l.is_decision() && l.get(field).contains(says)
+            })
             .unwrap_or_else(|e| panic!("{proxy}: {e}"));
-        assert!(line.contains("outcome=error"), "{proxy}: {line}");
+        assert!(line.get("outcome") == "error", "{proxy}: {line}");
         assert_eq!(bed.agent().decisions(), [line], "{proxy}");
     }
     assert_eq!(
@@ -220,8 +226,9 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
     // A bad file: logged, and the old configuration stays in force (kernel and agent).
     write("https_proxy = \"socks5://nope:1080\"\n");
     hup();
-    let log = bed.agent().logged("reload failed").unwrap();
-    assert!(log.contains("reload failed") && log.contains("socks5"), "{log}");
+    let line = bed.agent().logged("reload failed").unwrap();
+    assert!(line.message().contains("socks5"), "{line}");
+    assert_eq!(line.level(), "ERROR", "{line}");
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
@@ -233,22 +240,33 @@ fn sighup_reloads_the_configuration_and_a_bad_file_keeps_the_old_one() {
         "https_proxy = \"{proxy}\"\nip_range_whitelist = [\"{LAN}\"]\nno_proxy = [\"{ORIGIN_NAME}:8448\"]\nlisten_port = 15099\n"
     ));
     hup();
-    let log = bed.agent().logged("configuration reloaded").unwrap();
-    assert!(log.contains("listen_port changed; this takes a restart"), "{log}");
+    bed.agent().logged("configuration reloaded").unwrap();
+    bed.agent()
+        .logged("listen_port changed; this takes a restart")
+        .unwrap();
     assert_eq!(
         bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap().code,
         Some(0)
     );
-    let log = bed.agent().logged("route=direct").unwrap();
-    assert!(log.contains("no_proxy origin.test:8448"), "{log}");
+    let line = bed.agent().wait_decision(&[("route", &"direct")]).unwrap();
+    assert!(line.get("rule").contains("no_proxy origin.test:8448"), "{line}");
 
     // Then the whitelist goes: the kernel's deny set follows at once.
     write(&format!("https_proxy = \"{proxy}\"\n"));
     hup();
-    bed.agent()
-        .wait_log("a second reload", |l| {
-            l.matches("configuration reloaded").count() == 2
-        })
-        .unwrap();
+    egress_testbed::wait::until(
+        "a second reload",
+        egress_testbed::wait::SHORT,
+        || {
+            Ok(bed
+                .agent()
+                .lines()
+                .iter()
+                .filter(|l| l.message() == "configuration reloaded")
+                .count())
+        },
+        |n| *n == 2,
+    )
+    .unwrap();
     assert_eq!(bed.tcp_connect(ORIGIN_IP, 443).unwrap(), "EPERM");
 }

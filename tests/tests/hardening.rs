@@ -96,11 +96,7 @@ fn a_squatter_on_the_listener_port_gets_nothing_and_egress_refuses_to_share_it()
     // On a port anyone may bind (as an admin may configure), the kernel still redirects only to
     // egress's own listener.
     bed.start_agent_with(&["--listen-port", "15001"]).unwrap();
-    assert!(
-        bed.agent().log().contains("is one any local user may bind"),
-        "{}",
-        bed.agent().log()
-    );
+    bed.agent().logged("is one any local user may bind").unwrap();
     bed.stop_agent(); // the programs stay attached
     let before = bed.agent().counter("deny_not_agent_listener").unwrap();
 
@@ -218,10 +214,10 @@ fn forged_original_destinations_are_reset_with_the_reason() {
         // been served there with the same local address.)
         let line = bed
             .agent()
-            .wait_decision(&[&format!("client=127.0.0.1:{port} "), "netns=- "])
+            .wait_decision(&[("client", &format!("127.0.0.1:{port}")), ("netns", &"-")])
             .unwrap();
         assert!(
-            line.contains("route=none") && line.contains("no original destination"),
+            line.get("route") == "none" && line.get("error").contains("no original destination"),
             "{line}"
         );
     }
@@ -252,14 +248,14 @@ fn names_in_host_cannot_route_around_the_blacklist() {
         let name = host.trim_start_matches('[').trim_end_matches(']');
         let line = bed
             .agent()
-            .wait_decision(&["route=deny", &format!("name={name} ")])
+            .wait_decision(&[("route", &"deny"), ("name", &name)])
             .unwrap();
         let expected = if host == ORIGIN_IP_2 {
             format!("ip_range_blacklist 10.0.0.0/8 for the name {ORIGIN_IP_2}")
         } else {
             format!("local name {name}")
         };
-        assert!(line.contains(&expected), "{line}");
+        assert!(line.get("rule").contains(&expected), "{line}");
     }
     assert!(!bed.squid_access_log().contains(ORIGIN_IP_2));
     assert!(!bed.squid_access_log().contains("localhost"));

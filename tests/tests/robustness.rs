@@ -3,8 +3,6 @@
 //!
 //! Root only.
 
-use std::time::Duration;
-
 use egress_testbed::{LAN, ORIGIN_NAME, PROXY_IP, PROXY_PASSWORD, PROXY_USER, Testbed, process};
 
 #[test]
@@ -36,8 +34,9 @@ fn bpffs_unmounted_under_a_running_agent_keeps_interception() {
     let (code, body) = bed.agent().admin_get("/health").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("bpffs unmounted"), "{body}");
-    let log = bed.agent().logged("are gone").unwrap();
-    assert!(log.contains("pinned links") && log.contains("are gone"), "{log}");
+    let line = bed.agent().logged("are gone").unwrap();
+    assert!(line.message().contains("pinned links"), "{line}");
+    assert_eq!(line.level(), "ERROR", "{line}");
 }
 
 #[test]
@@ -52,8 +51,16 @@ fn a_root_only_bpffs_as_systemd_mounts_it_is_handled_by_the_unprivileged_agent()
         bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap().code,
         Some(0)
     );
-    std::thread::sleep(Duration::from_millis(2500)); // a round of the link keeper
-    assert!(!bed.agent().log().contains("are gone"), "{}", bed.agent().log());
+    // The link keeper's first round, as the unprivileged agent, found them in place.
+    bed.agent().logged("the pinned links are in place").unwrap();
+    assert!(
+        !bed.agent()
+            .lines()
+            .iter()
+            .any(|l| l.message().contains("are gone")),
+        "{}",
+        bed.agent().log()
+    );
 
     // And an unmount is still noticed, and survived.
     process::run("umount", &[&mount.to_string_lossy()]).unwrap();
@@ -127,8 +134,11 @@ fn credentials_never_appear_in_logs_or_outputs() {
         }
         outputs.push(bed.agent().admin_get("/health").unwrap().1);
         outputs.push(bed.agent().admin_get("/metrics").unwrap().1);
-        // Each run has a log of its own: keep it once both decisions are written.
-        bed.agent().wait_decisions(2).unwrap();
+        // Each run has a log of its own: keep it once both connections are counted (and so
+        // logged: a connection's line is written before it is counted).
+        bed.agent()
+            .wait_metric("egress_connections_total", &[], 2, egress_testbed::wait::SHORT)
+            .unwrap();
         outputs.push(bed.agent().log());
     }
     // Failures: wrong credentials (407) on both routes, and an unreachable proxy.
@@ -150,7 +160,7 @@ fn credentials_never_appear_in_logs_or_outputs() {
     outputs.push(bed.agent().admin_get("/health").unwrap().1);
     let failures = bed.agent().wait_decisions(2).unwrap();
     assert!(
-        failures.iter().all(|l| l.contains("status=407")),
+        failures.iter().all(|l| l.get("status") == "407"),
         "the failures did happen: {failures:#?}"
     );
     bed.stop_agent();

@@ -61,11 +61,13 @@ fn https_proxy_is_verified_against_the_ca_file_and_carries_both_protocols() {
         squid.contains(&format!("GET http://{ORIGIN_NAME}/plain {PROXY_USER}")),
         "{squid}"
     );
-    let log = bed.agent().log();
-    assert!(
-        log.contains(&format!("upstream={PROXY_IP}:{SQUID_TLS_PORT}")),
-        "{log}"
-    );
+    for decision in bed.agent().wait_decisions(2).unwrap() {
+        assert_eq!(
+            decision.get("upstream"),
+            format!("{PROXY_IP}:{SQUID_TLS_PORT}"),
+            "{decision}"
+        );
+    }
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
 
@@ -95,9 +97,13 @@ fn failed_proxy_certificate_checks_reset_the_client_and_say_why() {
         // This run's decision line names the failed TLS check.
         let line = bed
             .agent()
-            .wait_decision(&["TLS with proxy", reason])
+            .wait_line(&format!("a decision naming {reason}"), |l| {
+                l.is_decision()
+                    && l.get("error").contains("TLS with proxy")
+                    && l.get("error").contains(reason)
+            })
             .unwrap_or_else(|e| panic!("port {port}: {e}"));
-        assert!(line.contains("outcome=error"), "port {port}: {line}");
+        assert!(line.get("outcome") == "error", "port {port}: {line}");
     }
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
     assert!(!bed.squid_access_log().contains("TCP_TUNNEL"));
@@ -114,11 +120,11 @@ fn failed_proxy_certificate_checks_reset_the_client_and_say_why() {
     .unwrap();
     let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
     assert_eq!(result.code, Some(0), "{result:?}");
-    assert!(
-        bed.agent()
-            .log()
-            .contains("TLS VERIFICATION OF THE UPSTREAM PROXY IS DISABLED")
-    );
+    let warning = bed
+        .agent()
+        .logged("TLS VERIFICATION OF THE UPSTREAM PROXY IS DISABLED")
+        .unwrap();
+    assert_eq!(warning.level(), "WARN", "{warning}");
 }
 
 #[test]
@@ -143,9 +149,12 @@ fn ipv6_goes_through_the_proxy_with_a_bracketed_connect() {
     let origin = bed.origin_logged(PROXY_IP6).unwrap();
     assert!(origin.starts_with(&format!("{PROXY_IP6} 8448 ")), "{origin}");
     // The decision line is written when the agent has closed both sides: poll for it.
-    let needle = format!("original_dst=[{ORIGIN_IP6}]:8448");
-    let log = bed.agent().logged(&needle).unwrap();
-    assert!(log.contains(&needle), "{log}");
+    bed.agent()
+        .wait_decision(&[
+            ("original_dst", &format!("[{ORIGIN_IP6}]:8448")),
+            ("route", &"proxy-connect"),
+        ])
+        .unwrap();
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 
     // The IPv4 LAN is not whitelisted here: IPv4 to it, also IPv4-mapped, is denied in the kernel.
@@ -392,14 +401,7 @@ fn tunnels_through_an_https_proxy_take_warm_connections() {
             .unwrap();
         }
         let decisions = bed.agent().wait_decisions(4).unwrap();
-        let conns: Vec<&str> = decisions
-            .iter()
-            .map(|d| {
-                d.split_whitespace()
-                    .find_map(|f| f.strip_prefix("upstream_conn="))
-                    .unwrap_or("?")
-            })
-            .collect();
+        let conns: Vec<String> = decisions.iter().map(|d| d.get("upstream_conn")).collect();
         let agent = bed.agent();
         if pool > 0 {
             assert_eq!(conns, ["new", "warm", "warm", "warm"], "{decisions:#?}");

@@ -51,11 +51,14 @@ fn tls_on_443_and_8448_goes_through_squid_with_credentials() {
         "packets went direct to the origin"
     );
 
-    let log = bed.agent().log();
-    assert!(log.contains(&format!("original_dst={ORIGIN_IP}:443")), "{log}");
-    assert!(
-        log.contains("route=proxy-connect") && log.contains("status=200"),
-        "{log}"
+    let line = bed
+        .agent()
+        .wait_decision(&[("original_dst", &format!("{ORIGIN_IP}:443"))])
+        .unwrap();
+    assert_eq!(
+        (line.get("route"), line.get("status")),
+        ("proxy-connect".into(), "200".into()),
+        "{line}"
     );
 }
 
@@ -97,12 +100,12 @@ fn wrong_proxy_credentials_reset_the_client_and_log_407() {
         result.stderr.contains("reset by peer") || result.stderr.contains("Connection reset"),
         "client should see a reset: {result:?}"
     );
-    let log = bed.agent().logged("status=407").unwrap();
+    let line = bed.agent().wait_decision(&[("status", &"407")]).unwrap();
+    assert_eq!(line.get("outcome"), "error", "{line}");
     assert!(
-        log.contains("status=407"),
-        "decision log should name the 407:\n{log}"
+        line.get("error").contains("407 Proxy Authentication Required"),
+        "{line}"
     );
-    assert!(log.contains("outcome=error"), "{log}");
     assert!(bed.squid_access_log().contains("TCP_DENIED/407"));
     assert_eq!(bed.origin_access_log(), "");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
@@ -124,11 +127,14 @@ fn unreachable_proxy_resets_the_client_promptly() {
         "reset took {:?}",
         started.elapsed()
     );
-    let log = bed.agent().logged("connecting to proxy").unwrap();
-    assert!(
-        log.contains("connecting to proxy") && log.contains("refused"),
-        "{log}"
-    );
+    let line = bed
+        .agent()
+        .wait_line("the refused proxy's decision", |l| {
+            l.is_decision() && l.get("error").contains("connecting to proxy")
+        })
+        .unwrap();
+    assert!(line.get("error").contains("refused"), "{line}");
+    assert_eq!(line.get("outcome"), "error", "{line}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
 

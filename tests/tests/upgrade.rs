@@ -72,7 +72,10 @@ fn the_new_release_takes_over_from_the_previous_one_under_load_with_nothing_dire
         "the new release did not proxy: {after:?}"
     );
     bed.agent()
-        .wait_decision(&["route=proxy-connect", &format!("target={ORIGIN_NAME}:443")])
+        .wait_decision(&[
+            ("route", &"proxy-connect"),
+            ("target", &format!("{ORIGIN_NAME}:443")),
+        ])
         .unwrap();
     assert_eq!(
         bed.direct_packets_at_origin().unwrap(),

@@ -54,7 +54,18 @@ pub fn run(egress_bin: &Path, once: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(300));
         let decisions = bed.agent().decisions();
         for line in decisions.iter().skip(seen_log) {
-            println!("egress  {}", line.trim());
+            let fields = [
+                "original_dst",
+                "name",
+                "route",
+                "rule",
+                "upstream",
+                "target",
+                "status",
+                "outcome",
+            ];
+            let shown: Vec<String> = fields.iter().map(|f| format!("{f}={}", line.get(f))).collect();
+            println!("egress  {}", shown.join(" "));
         }
         seen_log = decisions.len();
         let squid = bed.squid_access_log();

@@ -23,12 +23,14 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Debian packages the VM needs (kmod: a new machine has no depmod, which virtme-ng uses).
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 /// The tests run when none are named (and by CI): the tunnel through squid, failing closed, and
-/// loopback; every policy route; IPv6; the served namespaces of containers; and the DNS programs.
+/// loopback; every policy route; the kernel's verdict on every kind of destination (the
+/// destinations table); IPv6; the served namespaces of containers; and the DNS programs.
 /// `FILE:FILTER,FILTER` runs the tests of FILE whose names contain a FILTER. What is left out
 /// takes long under emulation (tunnel's 40 concurrent connections, Synapse), not a newer kernel.
 const SMOKE: &[&str] = &[
     "tunnel:tls_on_443_and_8448,stopped_or_killed_agent_fails_closed,loopback_connections",
     "policy",
+    "kernel_model",
     "transparency:ipv6_",
     "containers",
     "dns:forged_dns_answers,protocols_without_sni_or_host",

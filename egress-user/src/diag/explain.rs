@@ -108,7 +108,10 @@ pub fn explain(settings: &Settings, host: &str, port: u16, ip: IpAddr, record: &
         KernelVerdict::Deny(rule) => {
             format!("connect() fails with EPERM at once ({rule}); nothing leaves the host")
         }
-        KernelVerdict::Loopback => "not intercepted: loopback is always left alone".to_owned(),
+        KernelVerdict::Loopback => {
+            "not intercepted: loopback (and the unspecified address, this host) is always left alone"
+                .to_owned()
+        }
         KernelVerdict::Bypass => "not intercepted: goes direct (no_proxy address range)".to_owned(),
         KernelVerdict::Redirect => "redirected to the agent".to_owned(),
     };
@@ -202,6 +205,38 @@ mod tests {
             text.contains("TLS (SNI): direct to") && text.contains("no_proxy internal.example"),
             "{text}"
         );
+    }
+
+    /// `egress explain` tells the kernel's verdict of every row of the destinations table.
+    #[test]
+    fn explain_gives_the_kernels_verdict_for_every_destination() {
+        let table = crate::kernel::verdict::table::read();
+        let settings = Settings::from_toml(&crate::kernel::verdict::table::policy_file(&table));
+        for row in &table.row {
+            let text = explain(
+                &settings,
+                &row.address.to_string(),
+                443,
+                row.address,
+                &AgentRecord::default(),
+            );
+            let kernel = text
+                .lines()
+                .find(|l| l.starts_with("kernel: "))
+                .unwrap_or_default();
+            let said = if kernel.contains("EPERM") {
+                "deny"
+            } else if kernel.contains("not intercepted: loopback") {
+                "loopback"
+            } else if kernel.contains("not intercepted: goes direct") {
+                "bypass"
+            } else if kernel.contains("redirected to the agent") {
+                "redirect"
+            } else {
+                "?"
+            };
+            assert_eq!(said, row.verdict, "{} ({}): {text}", row.address, row.what);
+        }
     }
 
     /// The agent plans with the proxy clients it built; `explain` with the configured URLs. For

@@ -327,6 +327,11 @@ impl Testbed {
         let cgroup = self.cgroup.path.to_string_lossy().into_owned();
         let pin_dir = self.pin_dir.to_string_lossy().into_owned();
         let mut all = vec!["run", "--cgroup", &cgroup, "--bpffs-dir", &pin_dir];
+        // JSON, so that tests read records, not text (see `Agent::decisions`), unless a test
+        // asks for a format itself.
+        if !args.contains(&"--log-format") {
+            all.extend(["--log-format", "json"]);
+        }
         all.extend_from_slice(args);
         let mut command = process::launch(
             Some(&self.hs.name),
