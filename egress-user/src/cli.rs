@@ -280,6 +280,8 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // A decision record has a field named `target` (the CONNECT target, see
+        // `proxy::decision`): tracing's own target would take its place in a flattened object.
+        LogFormat::Json => builder.json().flatten_event(true).with_target(false).init(),
     }
 }

@@ -240,7 +240,7 @@ impl LogLine {
 
     /// A connection's decision record (one per connection, see the agent's `proxy::decision`).
     pub fn is_decision(&self) -> bool {
-        self.get("target") == "egress::decision"
+        self.message() == "decision" && self.0.contains_key("conn")
     }
 }
 

@@ -347,6 +347,7 @@ fn status_names_attached_cgroups_and_json_logs_parse() {
     let line = bed.agent().wait_decision(&[("route", &"proxy-connect")]).unwrap();
     for (field, value) in [
         ("name", "origin.test"),
+        ("target", "origin.test:443"),
         ("original_dst", "10.248.0.30:443"),
         ("outcome", "ok"),
     ] {

@@ -94,6 +94,14 @@ pub fn build(root: &Path, bin: &Path) -> Result<PathBuf> {
     for file in ["README.md", "SECURITY.md"] {
         fs::copy(root.join(file), docs.join(file))?;
     }
+    // The reference the README points to, under the same relative path.
+    let reference = dir("usr/share/doc/egress/docs")?;
+    for entry in fs::read_dir(root.join("docs"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "md") {
+            fs::copy(&path, reference.join(path.file_name().expect("a file name")))?;
+        }
+    }
 
     let debian = dir("DEBIAN")?;
     let size_kib = dir_size(&stage)? / 1024;
