@@ -30,9 +30,16 @@ pub mod maps {
     /// Names (or ids) of the containers followed ([`super::ContainerName`] -> 1). Not read by
     /// the kernel: pinned so that `egress attach --container` and agent restarts share it.
     pub const FOLLOWED: &str = "EGRESS_FOLLOW";
+    /// Socket cookie of a connection the agent accepted -> its original destination: bound
+    /// when the connection is established at the agent's listener (sock_ops on the passive
+    /// side), moved there from `ORIGINAL_DST`, so that no later socket can claim it.
+    pub const ACCEPTED_DST: &str = "EGRESS_ACCEPTED_DST";
+    /// Socket storage marking egress's own listeners (TCP, and the synthetic DNS sockets): the
+    /// kernel redirects only to a socket that has it, which only a holder of this map can give.
+    pub const LISTENERS: &str = "EGRESS_LISTENERS";
     /// Maps earlier versions pinned under these names, with another layout; removed once this
     /// version's programs are attached.
-    pub const OBSOLETE: [&str; 2] = ["EGRESS_COUNTERS", "EGRESS_ORIG_DST"];
+    pub const OBSOLETE: [&str; 3] = ["EGRESS_COUNTERS", "EGRESS_ORIG_DST", "EGRESS_DNS_CLIENTS"];
     /// LPM trie of IPv4 destinations whose connect() fails with EPERM (blacklist minus whitelist).
     pub const DENY4: &str = "EGRESS_DENY4";
     /// LPM trie of IPv4 destinations passed direct without the agent (no_proxy IPs and CIDRs).
@@ -52,9 +59,13 @@ pub mod maps {
     /// Synthetic DNS: socket cookie -> [`super::DnsRedirect`], for the sockets whose queries went
     /// to the agent (recvmsg restores the resolver's address from it).
     pub const DNS_REDIRECTS: &str = "EGRESS_DNS_REDIR";
-    /// Synthetic DNS: [`super::DnsClient`] -> 1, the sources of queries the kernel redirected; the
-    /// agent answers no one else.
-    pub const DNS_CLIENTS: &str = "EGRESS_DNS_CLIENTS";
+    /// Synthetic DNS: [`super::DnsPeer`] (the source of a query the kernel redirected) -> the
+    /// cookie of the socket that sent it; the agent answers no one else. An entry goes with its
+    /// socket (cgroup/sock_release), so a port reused by anyone else is not believed.
+    pub const DNS_PEERS: &str = "EGRESS_DNS_PEERS";
+    /// Synthetic DNS: socket cookie -> its [`super::DnsPeer`], for removing that entry when the
+    /// socket is released (the release hook cannot read the socket's address).
+    pub const DNS_PEER_OF: &str = "EGRESS_DNS_PEER_OF";
 }
 
 /// Capacity of each deny/bypass trie.
@@ -70,18 +81,29 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "egress_getpeername4";
     pub const GETPEERNAME6: &str = "egress_getpeername6";
     pub const SOCK_OPS: &str = "egress_sock_ops";
+    /// sock_ops on the agent's own cgroup: binds original destinations to accepted sockets.
+    pub const SOCK_OPS_ACCEPT: &str = "egress_sock_ops_accept";
     /// cgroup/sendmsg4|6: note the sockets that send DNS queries (unconnected UDP).
     pub const SENDMSG4: &str = "egress_sendmsg4";
     pub const SENDMSG6: &str = "egress_sendmsg6";
     pub const SENDMSG4_SCOPED: &str = "egress_sendmsg4_scoped";
     pub const SENDMSG6_SCOPED: &str = "egress_sendmsg6_scoped";
-    /// cgroup_skb ingress/egress: copy the DNS packets of noted sockets to the agent.
-    pub const DNS_INGRESS: &str = "egress_dns_in";
-    pub const DNS_EGRESS: &str = "egress_dns_out";
+    /// cgroup_skb ingress/egress: copy the DNS packets of noted sockets to the agent; on the
+    /// way out, also drop TCP packets carrying IPv4 options or IPv6 routing headers.
+    pub const SKB_INGRESS: &str = "egress_skb_in";
+    pub const SKB_EGRESS: &str = "egress_skb_out";
     /// cgroup/recvmsg4|6: answers from the agent's DNS listener (synthetic DNS) appear to come
     /// from the resolver the application asked.
     pub const RECVMSG4: &str = "egress_recvmsg4";
     pub const RECVMSG6: &str = "egress_recvmsg6";
+    /// cgroup/setsockopt: refuses the socket options that change where a TCP packet goes after
+    /// connect() decided (routing headers, IPv4 source routes, destination options).
+    pub const SETSOCKOPT: &str = "egress_setsockopt";
+    pub const SETSOCKOPT_SCOPED: &str = "egress_setsockopt_scoped";
+    /// cgroup/sock_release: forgets a released socket's synthetic DNS permission.
+    pub const SOCK_RELEASE: &str = "egress_sock_release";
+    /// Programs of earlier versions, whose pinned links a new version replaces by its own.
+    pub const OBSOLETE: [&str; 2] = ["egress_dns_in", "egress_dns_out"];
 }
 
 pub const AF_INET: u16 = 2;
@@ -183,12 +205,12 @@ pub struct DnsRedirect {
 }
 
 /// A redirected DNS query's source, as the agent's DNS listener sees it: the namespace and the
-/// client's UDP port (host order).
+/// client's address and UDP port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DnsClient {
+pub struct DnsPeer {
     pub netns: u64,
-    pub port: u32,
+    pub addr: SockAddr,
     pub _pad: u32,
 }
 
@@ -285,8 +307,16 @@ pub mod counter {
     pub const DNS_LOST: u32 = 15;
     /// Synthetic DNS: a DNS query sent to the agent's DNS listener instead of its resolver.
     pub const DNS_REDIRECTED: u32 = 16;
+    /// Refused with EPERM: a socket option that would send TCP packets elsewhere than connect()
+    /// decided (routing header, IPv4 source route, destination or hop-by-hop options).
+    pub const DENY_SOCKOPT: u32 = 17;
+    /// Dropped: a TCP packet leaving with IPv4 options or an IPv6 routing or destination-options
+    /// header (set by a way the setsockopt hook does not see, such as a 32-bit process).
+    pub const DROP_IP_OPTIONS: u32 = 18;
+    /// An original destination bound to the connection the agent accepted.
+    pub const ORIGDST_BOUND: u32 = 19;
     /// Used slots; the map has [`SLOTS`] so that later versions can add counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
     pub const SLOTS: u32 = 32;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
@@ -308,6 +338,9 @@ pub mod counter {
         "dns_captured",
         "dns_lost",
         "dns_redirected",
+        "deny_sockopt",
+        "drop_ip_options",
+        "origdst_bound",
     ];
 }
 
@@ -321,5 +354,5 @@ mod pod {
     unsafe impl aya::Pod for super::ContainerName {}
     unsafe impl aya::Pod for super::SynthName {}
     unsafe impl aya::Pod for super::DnsRedirect {}
-    unsafe impl aya::Pod for super::DnsClient {}
+    unsafe impl aya::Pod for super::DnsPeer {}
 }

@@ -10,9 +10,17 @@
 //! set); otherwise the connect fails with EPERM, so a squatter on the port never gets anything.
 //!
 //! `egress_sock_ops` runs when the kernel has chosen the local port (TCP_CONNECT_CB) and files the
-//! original destination under the network namespace and the connection's local address, which is
-//! exactly the peer address the agent sees on accept() in that namespace. It also asks for state
-//! callbacks, to forget both entries when the socket closes, accepted or not.
+//! original destination under the network namespace and the connection's local address. When the
+//! connection is established at the agent's listener (PASSIVE_ESTABLISHED_CB, on the accepted
+//! socket: the program is attached to the agent's own cgroup too), the destination moves to that
+//! accepted socket's cookie, which the agent reads with SO_COOKIE: from then on it belongs to the
+//! connection, and no later socket can claim it, whatever the timing. When the client socket
+//! closes, whatever is still filed under its address goes with it.
+//!
+//! `egress_setsockopt` refuses, on intercepted TCP sockets, the options that would send packets
+//! elsewhere than connect() decided (IPv6 routing headers and destination options, IPv4 source
+//! routes), and `egress_skb_out` drops TCP packets that carry them anyway (set where the hook does
+//! not run: 32-bit processes' setsockopt skips it).
 //!
 //! `egress_getpeername4|6` keep the redirect invisible: the application's getpeername() returns
 //! the address it connected to, not the agent's.
@@ -29,21 +37,24 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr, bpf_sock_tuple,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr,
+        bpf_sock_tuple,
     },
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_load_bytes,
+        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get,
+        bpf_skb_load_bytes,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use egress_common::{
     AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY,
-    DNS_RING_BYTES, DnsClient, DnsEvent, DnsRedirect, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_REDIRECTS,
+    DNS_RING_BYTES, DnsEvent, DnsPeer, DnsRedirect, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_REDIRECTS,
     MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS, MAX_SYNTHETIC,
     NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, SynthName, counter,
 };
@@ -55,10 +66,24 @@ const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const TCP_FIN_WAIT1: u32 = 4;
-const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
-const TCP_CLOSING: u32 = 11;
+const IPPROTO_TCP_U8: u8 = 6;
+/// Socket option levels and names (linux/in.h, linux/in6.h) that change where a TCP packet goes.
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const IP_OPTIONS: i32 = 4;
+const IPV6_2292HOPOPTS: i32 = 3;
+const IPV6_2292DSTOPTS: i32 = 4;
+const IPV6_2292RTHDR: i32 = 5;
+const IPV6_2292PKTOPTIONS: i32 = 6;
+const IPV6_HOPOPTS: i32 = 54;
+const IPV6_RTHDRDSTOPTS: i32 = 55;
+const IPV6_RTHDR: i32 = 57;
+const IPV6_DSTOPTS: i32 = 59;
+/// IPv6 extension headers: hop-by-hop, routing, destination options.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_DEST: u8 = 60;
 const LOOPBACK4: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
 const LOOPBACK6: [u32; 4] = [0, 0, 0, 1u32.to_be()];
 const MAPPED_PREFIX: u32 = 0xffffu32.to_be();
@@ -78,11 +103,22 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::SLOTS, 0);
 static SOCKET_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(262144, 0);
 
 /// Network namespace + client-side local address of a redirected connection -> original
-/// destination. Unique while the connection exists, so concurrent connects and port reuse cannot
-/// mix up entries, and another namespace cannot write or read this one's. The agent deletes each
-/// entry once read; the socket's close deletes it otherwise (LRU bounds the map regardless).
+/// destination, from connect until the connection is established at the agent (then it moves to
+/// `ACCEPTED_DST`) or the client socket closes. Unique while the client socket exists, which
+/// holds that address; another namespace cannot write or read this one's.
 #[map(name = "EGRESS_CONN_DST")]
 static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::pinned(65536, 0);
+
+/// Cookie of the socket the agent accepted -> the original destination of its connection. The
+/// agent deletes each entry once read (SO_COOKIE); the accepted socket's close otherwise.
+#[map(name = "EGRESS_ACCEPTED_DST")]
+static ACCEPTED_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
+
+/// egress's own listeners (and synthetic DNS sockets), marked by the agent: the kernel redirects
+/// only to a socket that carries this, which no other process can give a socket (it takes access
+/// to this map, root's). Pinned by the loader (`map_pin_path`), shared with `egress attach`.
+#[btf_map]
+static EGRESS_LISTENERS: SkStorage<u32> = SkStorage::new();
 
 /// Network namespaces (by cookie) in which egress listens; the agent fills it.
 #[map(name = "EGRESS_NETNS")]
@@ -114,10 +150,14 @@ static DNS_EVENTS: RingBuf = RingBuf::pinned(DNS_RING_BYTES, 0);
 #[map(name = "EGRESS_DNS_REDIR")]
 static DNS_REDIRECTS: LruHashMap<u64, DnsRedirect> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
 
-/// Synthetic DNS: the sources of redirected queries, written by `egress_dns_out` as they leave;
-/// the agent answers only these.
-#[map(name = "EGRESS_DNS_CLIENTS")]
-static DNS_CLIENTS: LruHashMap<DnsClient, u8> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
+/// Synthetic DNS: the sources of redirected queries (-> the sending socket's cookie), written by
+/// `egress_skb_out` as they leave; the agent answers only these. `egress_sock_release` removes a
+/// socket's entry with the socket, before its port is free for anyone else.
+#[map(name = "EGRESS_DNS_PEERS")]
+static DNS_PEERS: LruHashMap<DnsPeer, u64> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
+
+#[map(name = "EGRESS_DNS_PEER_OF")]
+static DNS_PEER_OF: LruHashMap<u64, DnsPeer> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
 
 /// Written and read by the agent only (see egress_common::maps::SYNTHETIC); allocated on use.
 #[map(name = "EGRESS_SYNTH")]
@@ -448,8 +488,20 @@ fn agent_listens(ctx: &SockAddrContext, port: u16, mark: u32, ipv6: bool, udp: b
         count(counter::DENY_NO_LISTENER);
         return false;
     }
-    // A UDP socket has no listening state; bound on egress's address and port suffices.
-    let ours = unsafe { (udp || (*sk).state == BPF_TCP_LISTEN) && (*sk).mark == mark };
+    // A UDP socket has no listening state; bound on egress's address and port suffices. The mark
+    // alone is not egress's: CAP_NET_RAW sets it (Docker gives containers that). Only a socket
+    // the agent marked in its socket storage is.
+    let ours = unsafe {
+        (udp || (*sk).state == BPF_TCP_LISTEN)
+            && (*sk).mark == mark
+            && !bpf_sk_storage_get(
+                core::ptr::addr_of!(EGRESS_LISTENERS).cast_mut().cast(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                0,
+            )
+            .is_null()
+    };
     unsafe { bpf_sk_release(sk as *mut core::ffi::c_void) };
     if !ours {
         count(counter::DENY_NOT_AGENT_LISTENER);
@@ -703,16 +755,55 @@ fn redirected_dns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<SockAddr>
 }
 
 #[cgroup_skb(ingress)]
-pub fn egress_dns_in(ctx: SkBuffContext) -> i32 {
+pub fn egress_skb_in(ctx: SkBuffContext) -> i32 {
     capture_dns(&ctx, DNS_ANSWER);
     1
 }
 
 #[cgroup_skb(egress)]
-pub fn egress_dns_out(ctx: SkBuffContext) -> i32 {
+pub fn egress_skb_out(ctx: SkBuffContext) -> i32 {
+    if rerouted_tcp(&ctx) {
+        count(counter::DROP_IP_OPTIONS);
+        return 0;
+    }
     note_dns_client(&ctx);
     capture_dns(&ctx, DNS_QUERY);
     1
+}
+
+/// Whether a leaving packet is TCP carrying IPv4 options or an IPv6 routing or destination-options
+/// header: what source routing is made of. connect() decided on the destination in the IP header;
+/// these would send the packet elsewhere. Such options can be set where the setsockopt hook does
+/// not look (a 32-bit process's setsockopt skips it); TCP never needs them.
+#[inline(always)]
+fn rerouted_tcp(ctx: &SkBuffContext) -> bool {
+    match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => {
+            let Ok(version_ihl) = ctx.load::<u8>(0) else { return false };
+            version_ihl & 0x0f > 5 && ctx.load::<u8>(9) == Ok(IPPROTO_TCP_U8)
+        }
+        ETH_P_IPV6 => {
+            // Walk up to three extension headers to the transport protocol.
+            let Ok(mut next) = ctx.load::<u8>(6) else { return false };
+            let mut at = 40usize;
+            let mut routed = false;
+            let mut i = 0;
+            while i < 3 {
+                if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
+                    break;
+                }
+                routed |= next != NEXTHDR_HOP;
+                let (Ok(following), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
+                    return routed;
+                };
+                next = following;
+                at += (len as usize + 1) * 8;
+                i += 1;
+            }
+            routed && next == IPPROTO_TCP_U8
+        }
+        _ => false,
+    }
 }
 
 /// Whether the packet is UDP over IPv6, and where its UDP header starts (`skb->data` is at the
@@ -738,7 +829,7 @@ fn note_dns_client(ctx: &SkBuffContext) {
     if cfg.flags & FLAG_DNS_SYNTHETIC == 0 {
         return;
     }
-    let Some((_, udp)) = udp_header(ctx) else { return };
+    let Some((ipv6, udp)) = udp_header(ctx) else { return };
     if ctx.load::<u16>(udp + 2).map(u16::from_be) != Ok(cfg.listen_port) {
         return;
     }
@@ -747,12 +838,23 @@ fn note_dns_client(ctx: &SkBuffContext) {
     let Some(redirect) = (unsafe { DNS_REDIRECTS.get(&socket) }) else {
         return;
     };
-    let client = DnsClient {
+    // The source as the agent's listener will see it: address and port.
+    let port = u16::from_be(sport);
+    let addr = if ipv6 {
+        let Ok(ip) = ctx.load::<[u32; 4]>(8) else { return };
+        SockAddr::v6(ip, port)
+    } else {
+        let Ok(ip) = ctx.load::<u32>(12) else { return };
+        SockAddr::v4(ip, port)
+    };
+    let peer = DnsPeer {
         netns: redirect.netns,
-        port: u16::from_be(sport) as u32,
+        addr,
         _pad: 0,
     };
-    let _ = DNS_CLIENTS.insert(&client, &1, BPF_ANY as u64);
+    if DNS_PEERS.insert(&peer, &socket, BPF_ANY as u64).is_ok() {
+        let _ = DNS_PEER_OF.insert(&socket, &peer, BPF_ANY as u64);
+    }
 }
 
 /// Copies a DNS message (UDP from port 53 arriving, or to port 53 leaving) of a noted socket into
@@ -821,6 +923,71 @@ fn capture_dns(ctx: &SkBuffContext, kind: u16) {
     count(counter::DNS_CAPTURED);
 }
 
+#[cgroup_sockopt(setsockopt)]
+pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
+    setsockopt(&ctx, false)
+}
+
+/// setsockopt for a container engine's parent cgroup: only followed containers are refused.
+#[cgroup_sockopt(setsockopt)]
+pub fn egress_setsockopt_scoped(ctx: SockoptContext) -> i32 {
+    setsockopt(&ctx, true)
+}
+
+/// Refuses (EPERM) on intercepted TCP sockets the options that change where packets go after
+/// connect() decided: IPv6 routing headers (a type-4 segment list names any address, and the
+/// kernel sends the SYN to its first segment), IPv4 source routes (`IP_OPTIONS` with LSRR/SSRR,
+/// also on dual-stack sockets), destination and hop-by-hop options, and the RFC 2292 forms
+/// (`IPV6_2292PKTOPTIONS` installs a routing header too). Everything else passes untouched.
+#[inline(always)]
+fn setsockopt(ctx: &SockoptContext, scoped: bool) -> i32 {
+    let opt = unsafe { &mut *ctx.sockopt };
+    let (level, name) = (opt.level, opt.optname);
+    let reroutes = (level == SOL_IP && name == IP_OPTIONS)
+        || (level == SOL_IPV6
+            && (name == IPV6_RTHDR
+                || name == IPV6_2292RTHDR
+                || name == IPV6_2292PKTOPTIONS
+                || name == IPV6_DSTOPTS
+                || name == IPV6_RTHDRDSTOPTS
+                || name == IPV6_2292DSTOPTS
+                || name == IPV6_HOPOPTS
+                || name == IPV6_2292HOPOPTS));
+    if reroutes {
+        let sk = unsafe { opt.__bindgen_anon_1.sk };
+        let tcp = unsafe { (*sk).type_ } == SOCK_STREAM;
+        // Under a scope, only followed containers' sockets (and unclassified ones) are refused.
+        let passed = scoped && scope_verdict() == SCOPE_PASS;
+        if tcp && !passed {
+            count(counter::DENY_SOCKOPT);
+            return DENY;
+        }
+    }
+    // The kernel reads the caller's own buffer: a program that leaves `optlen` alone makes an
+    // option longer than a page fail with EFAULT on Linux 6.1.
+    opt.optlen = 0;
+    ALLOW
+}
+
+/// A socket of an intercepted process is released: its synthetic DNS permission goes with it,
+/// before its port is free for anyone else to bind.
+#[cgroup_sock(sock_release)]
+pub fn egress_sock_release(ctx: SockContext) -> i32 {
+    if unsafe { (*ctx.sock).type_ } != SOCK_DGRAM {
+        return ALLOW;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(peer) = unsafe { DNS_PEER_OF.get(&cookie) } {
+        let peer = *peer;
+        // The entry may have gone to a newer socket of the same address meanwhile: not that one.
+        if unsafe { DNS_PEERS.get(&peer) }.is_some_and(|&owner| owner == cookie) {
+            let _ = DNS_PEERS.remove(&peer);
+        }
+        let _ = DNS_PEER_OF.remove(&cookie);
+    }
+    ALLOW
+}
+
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -850,26 +1017,68 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// On the intercepted cgroups: the client side of a redirected connection.
 #[sock_ops]
 pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => record_original_dst(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            // Only redirected sockets ask for state callbacks.
+            // Only redirected client sockets ask for these.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SOCKET_DST.remove(cookie);
-            // A client that sent its bytes and closed in order (FIN) may still wait in the
-            // agent's accept queue, which takes the entry on accept (and a starting agent
-            // clears what a dead one left). Any other end (refused, reset, timed out) means
-            // the agent never gets this connection: its entry goes with it.
-            let old = ctx.arg(0);
-            if old != TCP_FIN_WAIT1 && old != TCP_FIN_WAIT2 && old != TCP_CLOSING {
-                let _ = ORIG_DST.remove(&conn_key(&ctx));
-            }
+            // A destination still filed under the client's address was never bound to a
+            // connection the agent accepted: it goes with the socket, whatever state it closed
+            // from, so that nobody who takes the address later can claim it.
+            let _ = ORIG_DST.remove(&conn_key(&ctx, false));
         }
         _ => {}
     }
     0
+}
+
+/// On the agent's own cgroup: the accepted side. (Where the two cgroups nest, both programs run
+/// for a socket; each acts only on its own side's events.)
+#[sock_ops]
+pub fn egress_sock_ops_accept(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => bind_original_dst(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            // Only accepted sockets with a bound destination ask for these: closed before the
+            // agent read it.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = ACCEPTED_DST.remove(&cookie);
+        }
+        _ => {}
+    }
+    0
+}
+
+/// A connection established at a listener (the agent's: this program is attached to the agent's
+/// cgroup, and its listeners' accepted sockets are there): if it is to egress's port on loopback
+/// and its client filed an original destination, the destination moves to this accepted socket.
+#[inline(always)]
+fn bind_original_dst(ctx: &SockOpsContext) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    if ctx.local_port() != cfg.listen_port as u32 {
+        return;
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() || unsafe { (*sk).mark } != cfg.agent_mark {
+        return;
+    }
+    let key = conn_key(ctx, true);
+    let Some(original) = (unsafe { ORIG_DST.get(&key) }) else {
+        return;
+    };
+    let original = *original;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ACCEPTED_DST.insert(&cookie, &original, BPF_ANY as u64).is_err() {
+        return;
+    }
+    let _ = ORIG_DST.remove(&key);
+    count(counter::ORIGDST_BOUND);
+    // Ask for state changes, to forget the entry if the socket closes before the agent reads it.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 #[inline(always)]
@@ -890,20 +1099,28 @@ fn record_original_dst(ctx: &SockOpsContext) {
         return;
     };
     let original = *original;
-    if ORIG_DST.insert(&conn_key(ctx), &original, BPF_ANY as u64).is_ok() {
+    if ORIG_DST.insert(&conn_key(ctx, false), &original, BPF_ANY as u64).is_ok() {
         count(counter::ORIGDST_RECORDED);
     }
     // Ask for state changes, to forget the socket when it closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
-/// The socket's network namespace and local address: what the agent sees as the peer of the
-/// connection it accepts there.
+/// A connection's network namespace and client address, the key its original destination is
+/// filed under: the client socket's local address (`remote` false), which is the remote address
+/// of the socket the agent accepted (`remote` true).
 #[inline(always)]
-fn conn_key(ctx: &SockOpsContext) -> ConnKey {
-    let port = ctx.local_port() as u16;
+fn conn_key(ctx: &SockOpsContext, remote: bool) -> ConnKey {
+    let (port, ip4, ip6) = if remote {
+        // bpf_sock_ops.remote_port is a 32-bit field in network byte order (the kernel shifts the
+        // 16-bit port up on little-endian hosts): as ntohl() reads it.
+        let port = u32::from_be(ctx.remote_port()) as u16;
+        (port, ctx.remote_ip4(), unsafe { &(*ctx.ops).remote_ip6 })
+    } else {
+        (ctx.local_port() as u16, ctx.local_ip4(), unsafe { &(*ctx.ops).local_ip6 })
+    };
     let addr = if ctx.family() == AF_INET6 as u32 {
-        let ip = read_ip6(unsafe { &(*ctx.ops).local_ip6 });
+        let ip = read_ip6(ip6);
         // A dual-stack socket talking IPv4: the agent accepts it on its IPv4 listener.
         if is_mapped(&ip) {
             SockAddr::v4(ip[3], port)
@@ -911,7 +1128,7 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
             SockAddr::v6(ip, port)
         }
     } else {
-        SockAddr::v4(ctx.local_ip4(), port)
+        SockAddr::v4(ip4, port)
     };
     ConnKey {
         netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },

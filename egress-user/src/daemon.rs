@@ -77,6 +77,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
     })?;
     tracing::debug!(pid = helper.pid(), "namespace helper started");
     let listeners = bind(&settings)?;
+    // Only sockets the agent marks are taken for egress's by the kernel programs.
+    for socket in [Some(&listeners.v4), listeners.v6.as_ref()].into_iter().flatten() {
+        kernel.mark_listener(socket)?;
+    }
+    for socket in &listeners.dns {
+        kernel.mark_listener(socket)?;
+    }
+    // The connections the listeners accept are in the agent's own cgroup: the kernel binds their
+    // original destinations to them there, as they are established.
+    let own_cgroup =
+        workloads::cgroups::own_cgroup().context("finding the agent's own cgroup (cgroup v2)")?;
+    kernel.attach_own_cgroup(&own_cgroup)?;
     let logger = kernel.take_logger();
     // Ranges before links: a newly attached cgroup is never without its deny set.
     let policy = settings.policy();
@@ -90,7 +102,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Arc::new(dns::server::Synthesizer::new(dns::server::SynthesizerParts {
                 range: settings.synthetic_range.0,
                 pinned: kernel.take_synthetic(),
-                clients: kernel.take_dns_clients(),
+                clients: kernel.take_dns_peers(),
                 netns: kernel.own_netns(),
                 no_proxy: policy.no_proxy.clone(),
                 resolver,

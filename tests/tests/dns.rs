@@ -554,6 +554,77 @@ fn synthetic_dns_lets_synapse_preview_and_federate_without_external_dns() {
     assert!(bed.agent().counter("dns_redirected").unwrap() >= 3);
 }
 
+/// The permission to use synthetic DNS belongs to the socket the kernel redirected, not to its
+/// port: a homeserver process asks one name from UDP port 5399 and exits; a local user outside
+/// the cgroup then binds that port and asks the agent's DNS port directly. It gets no answer and
+/// no address (the agent says it ignored the query), and the homeserver's next name gets the next
+/// address.
+#[test]
+fn a_dns_port_reused_after_its_socket_closed_gets_no_synthetic_answers() {
+    let mut bed = Testbed::builder().squid().build().unwrap();
+    let _resolver = InternalResolver::start(&bed);
+    start_agent(&mut bed, SYNTHETIC);
+    let ask = |name: &str, to: &str| {
+        format!(
+            r#"
+import socket, struct
+labels = b"".join(bytes([len(l)]) + l.encode() for l in "{name}".split("."))
+q = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + labels + b"\x00" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 5399)); s.settimeout(3)
+s.sendto(q, ("127.0.0.1", {to}))
+try:
+    a = s.recv(512); print(socket.inet_ntoa(a[-4:]))
+except socket.timeout:
+    print("no answer")
+"#
+        )
+    };
+    let homeserver = process::output(bed.hs_command(
+        Some(&bed.cgroup.path),
+        "python3",
+        &["-c", &ask("first.example.test", "53")],
+    ))
+    .unwrap();
+    let first: std::net::Ipv4Addr = homeserver
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{homeserver:?}"));
+    assert!(first.to_string().starts_with("240.64."), "{homeserver:?}");
+
+    // The homeserver's process is gone, and with it its socket: the port is anyone's.
+    let outsider = process::output(bed.hs_command(
+        None,
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &ask("squatter.example.test", "1001"),
+        ],
+    ))
+    .unwrap();
+    bed.agent()
+        .logged("a query from 127.0.0.1:5399 was not redirected by egress; ignored")
+        .unwrap();
+    assert_eq!(outsider.stdout.trim(), "no answer", "{outsider:?}");
+
+    let next = process::output(bed.hs_command(
+        Some(&bed.cgroup.path),
+        "python3",
+        &["-c", &ask("second.example.test", "53")],
+    ))
+    .unwrap();
+    let second: std::net::Ipv4Addr = next.stdout.trim().parse().unwrap_or_else(|_| panic!("{next:?}"));
+    assert_eq!(
+        u32::from(second),
+        u32::from(first) + 1,
+        "an address went to the outsider"
+    );
+}
+
 /// Synthetic mappings outlive the agent: an application that keeps an address past a restart
 /// still reaches the name behind it, and the name keeps its address. While no agent runs, DNS
 /// from the cgroup goes nowhere (never to the host's resolver). no_proxy names get their real

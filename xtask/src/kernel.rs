@@ -24,16 +24,18 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 /// The tests run when none are named (and by CI): the tunnel through squid, failing closed, and
 /// loopback; every policy route; the kernel's verdict on every kind of destination (the
-/// destinations table); IPv6; the served namespaces of containers; and the DNS programs.
+/// destinations table); the side doors of the handoff (routing headers, claimed destinations,
+/// squatters); IPv6; the served namespaces of containers; and the DNS programs.
 /// `FILE:FILTER,FILTER` runs the tests of FILE whose names contain a FILTER. What is left out
 /// takes long under emulation (tunnel's 40 concurrent connections, Synapse), not a newer kernel.
 const SMOKE: &[&str] = &[
     "tunnel:tls_on_443_and_8448,stopped_or_killed_agent_fails_closed,loopback_connections",
     "policy",
     "kernel_model",
+    "side_doors",
     "transparency:ipv6_",
     "containers",
-    "dns:forged_dns_answers,protocols_without_sni_or_host",
+    "dns:forged_dns_answers,protocols_without_sni_or_host,a_dns_port_reused",
 ];
 
 /// The script the guest runs: the mounts and modules a fresh guest lacks, then each test binary.

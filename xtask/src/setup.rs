@@ -27,6 +27,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // A real container engine for the container tests (started by the tests themselves, inside
     // a test namespace).
     "docker.io",
+    // A 32-bit test program (its setsockopt is a compat syscall, which skips the cgroup hook).
+    "gcc-multilib",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

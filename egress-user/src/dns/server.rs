@@ -19,7 +19,7 @@ use super::{
     Names,
     synthetic::{Allocator, Handling, handle, response},
 };
-use crate::{kernel::DnsClients, route::policy::NoProxy};
+use crate::{kernel::DnsPeers, route::policy::NoProxy};
 
 /// Queries answered at once; more are dropped (the client asks again).
 const MAX_IN_FLIGHT: usize = 256;
@@ -30,7 +30,7 @@ pub struct Synthesizer {
     allocator: Mutex<Allocator>,
     pinned: Mutex<Option<BpfHashMap<MapData, u32, SynthName>>>,
     /// The sources the kernel redirected here: the only ones answered.
-    clients: Option<DnsClients>,
+    clients: Option<DnsPeers>,
     /// The agent's own network namespace, the only one synthetic DNS serves.
     netns: u64,
     /// no_proxy names are forwarded, not synthesized: the policy in force (a reload changes it).
@@ -43,7 +43,7 @@ pub struct Synthesizer {
 pub struct SynthesizerParts {
     pub range: Ipv4Net,
     pub pinned: Option<BpfHashMap<MapData, u32, SynthName>>,
-    pub clients: Option<DnsClients>,
+    pub clients: Option<DnsPeers>,
     pub netns: u64,
     pub no_proxy: NoProxy,
     pub resolver: SocketAddr,
@@ -106,7 +106,7 @@ impl Synthesizer {
     fn redirected(&self, peer: SocketAddr) -> bool {
         self.clients
             .as_ref()
-            .is_some_and(|clients| clients.redirected(self.netns, peer.port()))
+            .is_some_and(|clients| clients.redirected(self.netns, peer))
     }
 
     pub fn contains(&self, addr: IpAddr) -> bool {

@@ -25,11 +25,14 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockopt, SockOps,
+        links::FdLink,
+    },
 };
 use egress_common::{AF_INET, AF_INET6};
 use egress_common::{
-    AgentConfig, ConnKey, DnsClient, NETNS_OWN, NETNS_SERVED, SockAddr, SynthName, counter, maps, programs,
+    AgentConfig, ConnKey, DnsPeer, NETNS_OWN, NETNS_SERVED, SockAddr, SynthName, counter, maps, programs,
 };
 use ipnet::IpNet;
 
@@ -62,12 +65,14 @@ const SCOPED_SOCK_ADDR_PROGRAMS: [&str; 8] = [
     programs::RECVMSG4,
     programs::RECVMSG6,
 ];
-/// The packet programs that copy noted DNS sockets' messages (see `dns::watch`), on every
-/// attached cgroup: they act only on sockets the sock_addr programs noted.
-const DNS_PACKET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
-    (programs::DNS_INGRESS, CgroupSkbAttachType::Ingress),
-    (programs::DNS_EGRESS, CgroupSkbAttachType::Egress),
+/// The packet programs on every attached cgroup: they copy the DNS messages of sockets the
+/// sock_addr programs noted (see `dns::watch`), and drop TCP packets carrying source routes.
+const PACKET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
+    (programs::SKB_EGRESS, CgroupSkbAttachType::Egress),
 ];
+/// cgroup/setsockopt, for full and selective attachments.
+const SETSOCKOPT_PROGRAMS: [&str; 2] = [programs::SETSOCKOPT, programs::SETSOCKOPT_SCOPED];
 
 /// How a cgroup is attached: everything in it intercepted, or only the followed containers
 /// among its children.
@@ -99,7 +104,13 @@ struct Ranges {
 
 /// The loaded programs' maps, as the agent uses them while it runs.
 pub struct Kernel {
-    orig_dst: Mutex<HashMap<MapData, ConnKey, SockAddr>>,
+    /// Original destinations bound to the connections the agent accepted, by socket cookie.
+    accepted_dst: Mutex<HashMap<MapData, u64, SockAddr>>,
+    /// The socket storage that marks egress's own listeners.
+    listeners: Mutex<aya::maps::SkStorage<MapData, u32>>,
+    /// sock_ops on the agent's own cgroup, where its listeners' accepted sockets are: it binds
+    /// original destinations to them. Held, not pinned: it serves only this agent's listeners.
+    own_sock_ops: Mutex<Option<FdLink>>,
     /// The network namespace of the agent's listeners (its cookie).
     netns: u64,
     served: Mutex<HashMap<MapData, u64, u32>>,
@@ -120,7 +131,7 @@ pub struct Kernel {
     /// The synthetic DNS mappings, until `dns::server` takes them.
     synthetic: Mutex<Option<HashMap<MapData, u32, SynthName>>>,
     /// Synthetic DNS: the sources of the queries the kernel redirected, until `dns` takes them.
-    dns_clients: Mutex<Option<DnsClients>>,
+    dns_peers: Mutex<Option<DnsPeers>>,
     ebpf: Ebpf,
 }
 
@@ -163,14 +174,21 @@ impl Kernel {
         agent_cgroup
             .set(0, settings.agent_cgroup, 0)
             .context("recording the agent's cgroup for the kernel programs")?;
-        let mut orig_dst: HashMap<_, ConnKey, SockAddr> =
-            HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
         // Entries left by connections a dead agent never accepted: none of them can be taken
         // by this agent's listeners, which do not listen yet.
+        let mut orig_dst: HashMap<_, ConnKey, SockAddr> =
+            HashMap::try_from(take_map(&mut ebpf, maps::ORIGINAL_DST)?)?;
         let stale: Vec<ConnKey> = orig_dst.keys().filter_map(Result::ok).collect();
         for key in stale {
             let _ = orig_dst.remove(&key);
         }
+        let mut accepted_dst: HashMap<_, u64, SockAddr> =
+            HashMap::try_from(take_map(&mut ebpf, maps::ACCEPTED_DST)?)?;
+        let stale: Vec<u64> = accepted_dst.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = accepted_dst.remove(&key);
+        }
+        let listeners = aya::maps::SkStorage::try_from(take_map(&mut ebpf, maps::LISTENERS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?;
         let deny4 = LpmTrie::try_from(take_map(&mut ebpf, maps::DENY4)?)?;
         let bypass4 = LpmTrie::try_from(take_map(&mut ebpf, maps::BYPASS4)?)?;
@@ -182,14 +200,16 @@ impl Kernel {
         }
         let dns_events = RingBuf::try_from(take_map(&mut ebpf, maps::DNS_EVENTS)?)?;
         let synthetic = HashMap::try_from(take_map(&mut ebpf, maps::SYNTHETIC)?)?;
-        let dns_clients = HashMap::try_from(take_map(&mut ebpf, maps::DNS_CLIENTS)?)?;
+        let dns_peers = HashMap::try_from(take_map(&mut ebpf, maps::DNS_PEERS)?)?;
         remove_obsolete_pins(&settings.pin_dir);
         Ok(Self {
             handed: Mutex::new(handed),
             dns_events: Mutex::new(Some(dns_events)),
             synthetic: Mutex::new(Some(synthetic)),
-            dns_clients: Mutex::new(Some(DnsClients { map: dns_clients })),
-            orig_dst: Mutex::new(orig_dst),
+            dns_peers: Mutex::new(Some(DnsPeers { map: dns_peers })),
+            accepted_dst: Mutex::new(accepted_dst),
+            listeners: Mutex::new(listeners),
+            own_sock_ops: Mutex::default(),
             netns,
             served: Mutex::new(served),
             applied: Mutex::default(),
@@ -221,8 +241,33 @@ impl Kernel {
     }
 
     /// The sources of the DNS queries the kernel redirects to the agent (once).
-    pub fn take_dns_clients(&self) -> Option<DnsClients> {
-        self.dns_clients.lock().unwrap_or_else(|e| e.into_inner()).take()
+    pub fn take_dns_peers(&self) -> Option<DnsPeers> {
+        self.dns_peers.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Marks `socket` as egress's own listener (TCP) or DNS socket (UDP): the kernel redirects
+    /// only to sockets so marked, which takes access to the map (root's, or this agent's).
+    pub fn mark_listener(&self, socket: &impl std::os::fd::AsRawFd) -> Result<()> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(socket, 1, 0)
+            .context("marking egress's listener for the kernel programs")
+    }
+
+    /// Attaches sock_ops to the agent's own cgroup, where the sockets its listeners accept are:
+    /// it binds each redirected connection's original destination to the accepted socket as it
+    /// is established. Held by this agent, not pinned: it serves only its listeners.
+    pub fn attach_own_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_fd =
+            File::open(cgroup).with_context(|| format!("opening the agent's cgroup {}", cgroup.display()))?;
+        let sock_ops: &mut SockOps = program(&mut self.ebpf, programs::SOCK_OPS_ACCEPT)?.try_into()?;
+        let id = sock_ops
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching sock_ops to the agent's cgroup {}", cgroup.display()))?;
+        let link: FdLink = sock_ops.take_link(id)?.try_into()?;
+        *self.own_sock_ops.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+        Ok(())
     }
 
     /// The pinned synthetic DNS mappings (once).
@@ -248,21 +293,23 @@ impl Kernel {
     }
 }
 
-/// Synthetic DNS: the sources of the queries the kernel redirected to the agent's DNS listener.
-pub struct DnsClients {
-    map: HashMap<MapData, DnsClient, u8>,
+/// Synthetic DNS: the sources of the queries the kernel redirected to the agent's DNS listener,
+/// each while the socket that sent it lives.
+pub struct DnsPeers {
+    map: HashMap<MapData, DnsPeer, u64>,
 }
 
-impl DnsClients {
-    /// Whether the kernel redirected a DNS query from UDP port `port` in namespace `netns` to the
-    /// agent: anyone may send to the agent's DNS port, only these are answered.
-    pub fn redirected(&self, netns: u64, port: u16) -> bool {
-        let client = DnsClient {
+impl DnsPeers {
+    /// Whether the kernel redirected a DNS query from `peer` in namespace `netns` to the agent,
+    /// from a socket that still exists: anyone may send to the agent's DNS port, and anyone may
+    /// bind a port once its socket is gone; only these are answered.
+    pub fn redirected(&self, netns: u64, peer: SocketAddr) -> bool {
+        let peer = DnsPeer {
             netns,
-            port: u32::from(port),
+            addr: to_sock_addr(peer),
             _pad: 0,
         };
-        self.map.get(&client, 0).is_ok()
+        self.map.get(&peer, 0).is_ok()
     }
 }
 
@@ -272,8 +319,11 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
     std::fs::create_dir_all(pin_dir.join(LINKS_DIR))
         .with_context(|| format!("creating {}", pin_dir.display()))?;
     check_pinned_layout(pin_dir)?;
+    let listeners = pin_dir.join(maps::LISTENERS);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        // A BTF map: pinned by path (shared with `egress attach` and restarts alike).
+        .map_pin_path(maps::LISTENERS, listeners.as_path())
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (are you root, with a BPF-enabled kernel?)")?;
     for name in SCOPED_SOCK_ADDR_PROGRAMS.into_iter().chain(SOCK_ADDR_PROGRAMS) {
@@ -282,12 +332,24 @@ fn load_object(pin_dir: &Path) -> Result<Ebpf> {
             prog.load().with_context(|| format!("loading program {name}"))?;
         }
     }
-    for (name, _) in DNS_PACKET_PROGRAMS {
+    for (name, _) in PACKET_PROGRAMS {
         let prog: &mut CgroupSkb = program(&mut ebpf, name)?.try_into()?;
         prog.load().with_context(|| format!("loading program {name}"))?;
     }
-    let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?.try_into()?;
-    sock_ops.load().context("loading the sock_ops program")?;
+    for name in SETSOCKOPT_PROGRAMS {
+        let prog: &mut CgroupSockopt = program(&mut ebpf, name)?.try_into()?;
+        prog.load().with_context(|| format!("loading program {name}"))?;
+    }
+    let release: &mut CgroupSock = program(&mut ebpf, programs::SOCK_RELEASE)?.try_into()?;
+    release
+        .load()
+        .with_context(|| format!("loading program {}", programs::SOCK_RELEASE))?;
+    for name in [programs::SOCK_OPS, programs::SOCK_OPS_ACCEPT] {
+        let sock_ops: &mut SockOps = program(&mut ebpf, name)?.try_into()?;
+        sock_ops
+            .load()
+            .with_context(|| format!("loading program {name}"))?;
+    }
     Ok(ebpf)
 }
 
@@ -341,6 +403,26 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> Result<u64> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error())
             .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14 or later)");
+    }
+    Ok(cookie)
+}
+
+/// The cookie of `socket` (`SO_COOKIE`, Linux 4.12): what the kernel programs call it.
+pub fn socket_cookie(socket: &impl std::os::fd::AsFd) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local u64 of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket.as_fd()),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
 }
@@ -437,7 +519,7 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path, how: Attachme
         replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
     }
 
-    for (name, attach_type) in DNS_PACKET_PROGRAMS {
+    for (name, attach_type) in PACKET_PROGRAMS {
         let prog: &mut CgroupSkb = program(ebpf, name)?.try_into()?;
         let id = prog
             .attach(&cgroup_fd, attach_type, CgroupAttachMode::Single)
@@ -446,13 +528,91 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path, how: Attachme
         replace_pinned_link(link, &links.join(format!("{cgroup_id}-{name}")))?;
     }
 
+    let setsockopt = match how {
+        Attachment::Full => programs::SETSOCKOPT,
+        Attachment::Scope => programs::SETSOCKOPT_SCOPED,
+    };
+    let prog: &mut CgroupSockopt = program(ebpf, setsockopt)?.try_into()?;
+    let link = link_create(
+        std::os::fd::AsFd::as_fd(prog.fd()?),
+        &cgroup_fd,
+        BPF_CGROUP_SETSOCKOPT,
+    )
+    .with_context(|| format!("attaching {setsockopt} to {}", cgroup.display()))?;
+    replace_pinned_link_fd(link, &links.join(format!("{cgroup_id}-{setsockopt}")))?;
+
+    let release: &mut CgroupSock = program(ebpf, programs::SOCK_RELEASE)?.try_into()?;
+    let id = release
+        .attach(&cgroup_fd, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching {} to {}", programs::SOCK_RELEASE, cgroup.display()))?;
+    let link: FdLink = release.take_link(id)?.try_into()?;
+    replace_pinned_link(
+        link,
+        &links.join(format!("{cgroup_id}-{}", programs::SOCK_RELEASE)),
+    )?;
+
     let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?.try_into()?;
     let id = sock_ops
         .attach(&cgroup_fd, CgroupAttachMode::Single)
         .with_context(|| format!("attaching sock_ops to {}", cgroup.display()))?;
     let link: FdLink = sock_ops.take_link(id)?.try_into()?;
     replace_pinned_link(link, &links.join(format!("{cgroup_id}-{}", programs::SOCK_OPS)))?;
+
+    // Links of programs an earlier version had in their place, and of the other kind of
+    // attachment: the new ones are in, the old ones go.
+    let other = match how {
+        Attachment::Full => programs::SETSOCKOPT_SCOPED,
+        Attachment::Scope => programs::SETSOCKOPT,
+    };
+    for obsolete in programs::OBSOLETE.into_iter().chain([other]) {
+        let pin = links.join(format!("{cgroup_id}-{obsolete}"));
+        if pin.exists() {
+            detach_pinned(&pin)?;
+        }
+    }
     Ok(())
+}
+
+/// `bpf_attach_type` of cgroup/setsockopt (aya 0.14 gives no pinnable link for it).
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+
+/// A BPF link of `prog` to `cgroup` (BPF_LINK_CREATE).
+fn link_create(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: &File,
+    attach_type: u32,
+) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 4],
+    }
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+        _rest: [0; 4],
+    };
+    // SAFETY: attr is a zero-padded bpf_attr prefix for BPF_LINK_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &attr,
+            std::mem::size_of::<LinkCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_LINK_CREATE");
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 impl Kernel {
@@ -523,19 +683,15 @@ impl Kernel {
         self.netns
     }
 
-    /// The destination the client asked for, for a connection accepted from `peer` by the
-    /// listener in network namespace `netns`. Each entry is read once and deleted; a connection
-    /// the kernel did not redirect there (a direct connect to the listener, or from another
-    /// namespace) has none.
-    pub fn take_original_dst(&self, netns: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = ConnKey {
-            netns,
-            addr: to_sock_addr(peer),
-            _pad: 0,
-        };
-        let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
-        let original = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
+    /// The destination the client asked for, for the accepted connection `socket`: bound to it
+    /// in the kernel as it was established (see `egress_sock_ops`). Read once and deleted; a
+    /// connection the kernel did not redirect there (a direct connect to the listener, from
+    /// anywhere) has none.
+    pub fn take_original_dst(&self, socket: &impl std::os::fd::AsFd) -> Option<SocketAddr> {
+        let cookie = socket_cookie(socket).ok()?;
+        let mut map = self.accepted_dst.lock().unwrap_or_else(|e| e.into_inner());
+        let original = map.get(&cookie, 0).ok()?;
+        let _ = map.remove(&cookie);
         from_sock_addr(&original)
     }
 
@@ -592,12 +748,12 @@ impl Kernel {
             .unwrap_or_else(|e| e.into_inner())
             .insert(self.netns, NETNS_SERVED | NETNS_OWN, 0)
             .context("writing the served-namespaces map")?;
-        let probe = ConnKey::default();
+        // No socket has cookie 0.
         match self
-            .orig_dst
+            .accepted_dst
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&probe)
+            .remove(&0)
         {
             // No entry has this key: the deletion must fail with ENOENT, not EPERM.
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -753,6 +909,42 @@ fn remove_pins(dir: &Path) -> Result<()> {
         }
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// [`replace_pinned_link`] for a link made by [`link_create`].
+fn replace_pinned_link_fd(link: std::os::fd::OwnedFd, path: &Path) -> Result<()> {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct ObjPinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push("_new");
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let c_path = std::ffi::CString::new(staging.as_os_str().as_bytes())?;
+    let attr = ObjPinAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: link.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_PIN; the path outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr,
+            std::mem::size_of::<ObjPinAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning link at {}", staging.display()));
+    }
+    std::fs::rename(&staging, path).with_context(|| format!("pinning link at {}", path.display()))
 }
 
 /// Pins `link` at `path`. An existing pin there is replaced atomically (rename over it), so the

@@ -49,22 +49,16 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>, netns: ClientNetns)
             // Logs and counts when dropped: also if this task panics or is cancelled.
             let mut decision = Decision::open(agent.metrics.clone(), id, peer);
             decision.netns = netns.id;
-            handle(&agent, client, peer, netns, &mut decision).await;
+            handle(&agent, client, netns, &mut decision).await;
             decision.finish();
         });
     }
 }
 
-async fn handle(
-    agent: &Agent,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    netns: ClientNetns,
-    decision: &mut Decision,
-) {
+async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decision: &mut Decision) {
     let routing = agent.routing();
     let settings = &routing.settings;
-    let Some(original) = agent.kernel.take_original_dst(netns.cookie, peer) else {
+    let Some(original) = agent.kernel.take_original_dst(&client) else {
         decision.fail("connection was not redirected by egress (no original destination)");
         return reset(client);
     };

@@ -143,6 +143,11 @@ impl Namespaces {
             cookie: listeners.cookie,
             id: Some(id),
         };
+        // egress's own listeners: the kernel redirects only to sockets marked so.
+        kernel.mark_listener(&listeners.v4)?;
+        if let Some(v6) = &listeners.v6 {
+            kernel.mark_listener(v6)?;
+        }
         let mut accepting = vec![accept(client, TcpListener::from_std(listeners.v4)?)];
         if let Some(v6) = listeners.v6 {
             accepting.push(accept(client, TcpListener::from_std(v6)?));
