@@ -15,6 +15,7 @@ use crate::{
     config::{self, RunArgs, Settings},
     dns,
     kernel::{self, Kernel, KernelSettings, privileges},
+    metrics::Metrics,
     proxy::accept,
     workloads::{self, ClientNetns, Workloads, helper::Helper},
 };
@@ -96,6 +97,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let workloads = Workloads::start(&mut kernel, &settings, helper)?;
     // Hold the links now, while root may still open their pins (see `Kernel::keep_links`).
     kernel.keep_links();
+    let metrics = Arc::new(Metrics::new());
     let names = dns::Names {
         record: Arc::new(dns::Watch::new(kernel.take_dns_events(), kernel.own_netns())),
         synthetic: resolver.map(|resolver| {
@@ -107,12 +109,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 no_proxy: policy.no_proxy.clone(),
                 resolver,
                 mark: settings.agent_mark.0,
+                metrics: metrics.clone(),
             }))
         }),
     };
     let user = settings.user.clone();
     let worker_threads = settings.worker_threads;
-    let agent = Agent::new(kernel, workloads, names, settings, args.clone(), env)?;
+    let agent = Agent::new(kernel, workloads, names, metrics, settings, args.clone(), env)?;
     privileges::drop_to(&user)?;
     agent.kernel.check_access().with_context(|| {
         format!(

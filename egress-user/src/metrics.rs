@@ -22,6 +22,19 @@ pub struct Closed {
     pub bytes_spliced: u64,
 }
 
+/// What became of a query to synthetic DNS.
+#[derive(Clone, Copy, Debug)]
+pub enum DnsOutcome {
+    /// Answered here (a synthetic address, or an answer such as NXDOMAIN for a bad name).
+    Synthesized,
+    /// Answered by the internal resolver.
+    Forwarded,
+    /// The internal resolver did not answer; SERVFAIL.
+    Failed,
+    /// Not redirected by egress; no answer.
+    Ignored,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnectionLabels {
     route: &'static str,
@@ -45,6 +58,11 @@ struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KernelLabels {
     decision: &'static str,
 }
@@ -57,6 +75,7 @@ pub struct Metrics {
     relay_bytes: Family<MethodLabels, Counter>,
     upstream_seconds: Histogram,
     upstream_connections: Family<PoolLabels, Counter>,
+    dns_queries: Family<DnsLabels, Counter>,
     kernel: Family<KernelLabels, Counter>,
 }
 
@@ -108,6 +127,14 @@ impl Metrics {
             "Connections to upstream proxies taken for tunnels: warm (ready from the pool) or new",
             upstream_connections.clone(),
         );
+        let dns_queries = Family::<DnsLabels, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "Queries to synthetic DNS: synthesized, forwarded (no_proxy names, other types), \
+             failed (the resolver did not answer), or ignored (not redirected by egress: a local \
+             user sending to the port, or a socket that is gone)",
+            dns_queries.clone(),
+        );
         let kernel = Family::<KernelLabels, Counter>::default();
         registry.register(
             "kernel_decisions",
@@ -122,6 +149,7 @@ impl Metrics {
             relay_bytes,
             upstream_seconds,
             upstream_connections,
+            dns_queries,
             kernel,
         }
     }
@@ -132,6 +160,17 @@ impl Metrics {
         self.upstream_connections
             .get_or_create(&PoolLabels { connection })
             .inc();
+    }
+
+    /// Counts a query to synthetic DNS by what became of it.
+    pub fn dns_query(&self, outcome: DnsOutcome) {
+        let outcome = match outcome {
+            DnsOutcome::Synthesized => "synthesized",
+            DnsOutcome::Forwarded => "forwarded",
+            DnsOutcome::Failed => "failed",
+            DnsOutcome::Ignored => "ignored",
+        };
+        self.dns_queries.get_or_create(&DnsLabels { outcome }).inc();
     }
 
     pub fn connection_opened(&self) {
@@ -215,6 +254,9 @@ mod tests {
         metrics.upstream_connection(true);
         metrics.upstream_connection(true);
         metrics.upstream_connection(false);
+        metrics.dns_query(DnsOutcome::Ignored);
+        metrics.dns_query(DnsOutcome::Ignored);
+        metrics.dns_query(DnsOutcome::Synthesized);
         let text = metrics.encode(&[("redirected", 7), ("deny_blacklist", 2)]);
         for line in [
             "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\",rule_kind=\"proxy\"} 2",
@@ -230,6 +272,8 @@ mod tests {
             "egress_upstream_connect_seconds_count 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.005\"} 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.0025\"} 0",
+            "egress_dns_queries_total{outcome=\"ignored\"} 2",
+            "egress_dns_queries_total{outcome=\"synthesized\"} 1",
             "egress_kernel_decisions_total{decision=\"redirected\"} 7",
             "egress_kernel_decisions_total{decision=\"deny_blacklist\"} 2",
         ] {

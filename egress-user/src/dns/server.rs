@@ -19,7 +19,11 @@ use super::{
     Names,
     synthetic::{Allocator, Handling, handle, response},
 };
-use crate::{kernel::DnsPeers, route::policy::NoProxy};
+use crate::{
+    kernel::DnsPeers,
+    metrics::{DnsOutcome, Metrics},
+    route::policy::NoProxy,
+};
 
 /// Queries answered at once; more are dropped (the client asks again).
 const MAX_IN_FLIGHT: usize = 256;
@@ -37,6 +41,7 @@ pub struct Synthesizer {
     no_proxy: RwLock<Arc<NoProxy>>,
     pub resolver: SocketAddr,
     mark: u32,
+    metrics: Arc<Metrics>,
 }
 
 /// What synthetic DNS is made of, fixed at start.
@@ -48,6 +53,7 @@ pub struct SynthesizerParts {
     pub no_proxy: NoProxy,
     pub resolver: SocketAddr,
     pub mark: u32,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Synthesizer {
@@ -62,6 +68,7 @@ impl Synthesizer {
             no_proxy,
             resolver,
             mark,
+            metrics,
         } = parts;
         let mut allocator = Allocator::new(range);
         if let Some(map) = pinned.as_mut() {
@@ -90,6 +97,7 @@ impl Synthesizer {
             no_proxy: RwLock::new(Arc::new(no_proxy)),
             resolver,
             mark,
+            metrics,
         }
     }
 
@@ -167,6 +175,7 @@ pub async fn serve(socket: UdpSocket, names: Arc<Names>) {
         };
         // Only queries the kernel redirected: not a local user's, sent straight to this port.
         if !synthesizer.redirected(peer) {
+            synthesizer.metrics.dns_query(DnsOutcome::Ignored);
             tracing::debug!("synthetic DNS: a query from {peer} was not redirected by egress; ignored");
             continue;
         }
@@ -191,15 +200,20 @@ async fn answer(synthesizer: &Synthesizer, names: &Names, bytes: &[u8]) -> Optio
     // Not a DNS message: no answer, as a resolver would do.
     let query = Message::from_vec(bytes).ok()?;
     match synthesizer.handle(&query, &synthesizer.no_proxy()) {
-        Handling::Answer(message) | Handling::Allocated(message, ..) => message.to_vec().ok(),
+        Handling::Answer(message) | Handling::Allocated(message, ..) => {
+            synthesizer.metrics.dns_query(DnsOutcome::Synthesized);
+            message.to_vec().ok()
+        }
         Handling::Forward => match forward(synthesizer.resolver, bytes, synthesizer.mark).await {
             Ok(reply) => {
+                synthesizer.metrics.dns_query(DnsOutcome::Forwarded);
                 names
                     .record
                     .learn(synthesizer.netns, synthesizer.resolver.ip(), bytes, &reply);
                 Some(reply)
             }
             Err(e) => {
+                synthesizer.metrics.dns_query(DnsOutcome::Failed);
                 tracing::warn!(
                     "synthetic DNS: the internal resolver {}: {e}",
                     synthesizer.resolver

@@ -13,7 +13,16 @@ pub const FEATURES: &[(&str, (u32, u32))] = &[
         "bpf_get_netns_cookie and bpf_get_current_ancestor_cgroup_id in cgroup/connect programs",
         (5, 7),
     ),
+    (
+        "cgroup/setsockopt hooks (routing headers refused) and socket storage in cgroup/connect \
+         programs (egress's own listeners)",
+        (5, 3),
+    ),
     ("cgroup/getpeername4|6 hooks", (5, 8)),
+    (
+        "cgroup/sock_release hooks (synthetic DNS permissions go with their socket)",
+        (5, 9),
+    ),
     (
         "BPF ring buffer (DNS messages of intercepted processes to the agent)",
         (5, 8),
