@@ -63,9 +63,10 @@ pub mod maps {
     /// cookie of the socket that sent it; the agent answers no one else. An entry goes with its
     /// socket (cgroup/sock_release), so a port reused by anyone else is not believed.
     pub const DNS_PEERS: &str = "EGRESS_DNS_PEERS";
-    /// Synthetic DNS: socket cookie -> its [`super::DnsPeer`], for removing that entry when the
-    /// socket is released (the release hook cannot read the socket's address).
-    pub const DNS_PEER_OF: &str = "EGRESS_DNS_PEER_OF";
+    /// Synthetic DNS: [`super::DnsPeerSlot`] (socket cookie, slot) -> a [`super::DnsPeer`] the
+    /// socket filed, for removing every one of them when the socket is released (the release
+    /// hook cannot read the socket's addresses, and a dual-stack socket may send from several).
+    pub const DNS_PEER_OF: &str = "EGRESS_DNS_PEER_SLOTS";
 }
 
 /// Capacity of each deny/bypass trie.
@@ -214,6 +215,19 @@ pub struct DnsPeer {
     pub _pad: u32,
 }
 
+/// One of the sources a socket filed as a [`DnsPeer`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsPeerSlot {
+    pub socket: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Sources one socket may send redirected queries from (a dual-stack socket has two); a socket
+/// sending from more gets no answers from those.
+pub const DNS_PEERS_PER_SOCKET: u32 = 4;
+
 /// Capacity of the DNS redirect and client maps.
 pub const MAX_DNS_REDIRECTS: u32 = 16384;
 
@@ -310,13 +324,22 @@ pub mod counter {
     /// Refused with EPERM: a socket option that would send TCP packets elsewhere than connect()
     /// decided (routing header, IPv4 source route, destination or hop-by-hop options).
     pub const DENY_SOCKOPT: u32 = 17;
-    /// Dropped: a TCP packet leaving with IPv4 options or an IPv6 routing or destination-options
-    /// header (set by a way the setsockopt hook does not see, such as a 32-bit process).
+    /// Dropped: a TCP or UDP packet leaving with IPv4 options or an IPv6 routing or
+    /// destination-options header (set by a way the setsockopt hook does not see, such as a
+    /// 32-bit process), or with more extension headers than the program walks.
     pub const DROP_IP_OPTIONS: u32 = 18;
     /// An original destination bound to the connection the agent accepted.
     pub const ORIGDST_BOUND: u32 = 19;
+    /// Dropped: a packet to a loopback address leaving by another device than loopback (a
+    /// socket bound to a device with SO_BINDTODEVICE, where 127/8 is no route).
+    pub const DROP_LOOPBACK_LEAK: u32 = 20;
+    /// Dropped: a TCP packet not sent by a TCP socket (a raw socket, which connect() never saw).
+    pub const DROP_RAW_TCP: u32 = 21;
+    /// Synthetic DNS: a redirected query's source not filed (the socket sends from more than
+    /// [`super::DNS_PEERS_PER_SOCKET`] sources, or the map is full); the agent ignores it.
+    pub const DNS_PEER_REFUSED: u32 = 22;
     /// Used slots; the map has [`SLOTS`] so that later versions can add counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 23;
     pub const SLOTS: u32 = 32;
 
     /// Human names for metrics and `egress status`, indexed like the constants above.
@@ -341,6 +364,9 @@ pub mod counter {
         "deny_sockopt",
         "drop_ip_options",
         "origdst_bound",
+        "drop_loopback_leak",
+        "drop_raw_tcp",
+        "dns_peer_refused",
     ];
 }
 
@@ -355,4 +381,5 @@ mod pod {
     unsafe impl aya::Pod for super::SynthName {}
     unsafe impl aya::Pod for super::DnsRedirect {}
     unsafe impl aya::Pod for super::DnsPeer {}
+    unsafe impl aya::Pod for super::DnsPeerSlot {}
 }

@@ -37,14 +37,14 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_LISTEN, bpf_sock, bpf_sock_addr,
         bpf_sock_tuple,
     },
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get,
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get,
         bpf_skb_load_bytes,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
@@ -54,7 +54,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use egress_common::{
     AF_INET, AF_INET6, AgentConfig, ConnKey, ContainerName, DNS_ANSWER, DNS_CAPTURE, DNS_QUERY,
-    DNS_RING_BYTES, DnsEvent, DnsPeer, DnsRedirect, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_REDIRECTS,
+    DNS_RING_BYTES, DnsEvent, DnsPeer, DnsPeerSlot, DnsRedirect, DNS_PEERS_PER_SOCKET, FLAG_DNS_SYNTHETIC, FLAG_KERNEL_LOG, MAX_DNS_REDIRECTS,
     MAX_DNS_SOCKETS, MAX_FOLLOWED, MAX_RANGES, MAX_SCOPED, MAX_SCOPES, MAX_SERVED_NETNS, MAX_SYNTHETIC,
     NETNS_OWN, SCOPE_INTERCEPT, SCOPE_PASS, Scope, SockAddr, SynthName, counter,
 };
@@ -83,7 +83,13 @@ const IPV6_DSTOPTS: i32 = 59;
 /// IPv6 extension headers: hop-by-hop, routing, destination options.
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
+/// IPv6 extension headers walked before giving up (and dropping).
+const MAX_EXTENSION_HEADERS: u32 = 8;
+/// `skb->ifindex` of the loopback device, in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 const LOOPBACK4: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
 const LOOPBACK6: [u32; 4] = [0, 0, 0, 1u32.to_be()];
 const MAPPED_PREFIX: u32 = 0xffffu32.to_be();
@@ -152,12 +158,13 @@ static DNS_REDIRECTS: LruHashMap<u64, DnsRedirect> = LruHashMap::pinned(MAX_DNS_
 
 /// Synthetic DNS: the sources of redirected queries (-> the sending socket's cookie), written by
 /// `egress_skb_out` as they leave; the agent answers only these. `egress_sock_release` removes a
-/// socket's entry with the socket, before its port is free for anyone else.
+/// socket's entries with the socket, before its port is free for anyone else. Plain hash maps, not
+/// LRU: an entry evicted from the slots but not from the peers would outlive its socket.
 #[map(name = "EGRESS_DNS_PEERS")]
-static DNS_PEERS: LruHashMap<DnsPeer, u64> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
+static DNS_PEERS: HashMap<DnsPeer, u64> = HashMap::pinned(MAX_DNS_REDIRECTS, 0);
 
-#[map(name = "EGRESS_DNS_PEER_OF")]
-static DNS_PEER_OF: LruHashMap<u64, DnsPeer> = LruHashMap::pinned(MAX_DNS_REDIRECTS, 0);
+#[map(name = "EGRESS_DNS_PEER_SLOTS")]
+static DNS_PEER_SLOTS: HashMap<DnsPeerSlot, DnsPeer> = HashMap::pinned(MAX_DNS_REDIRECTS, 0);
 
 /// Written and read by the agent only (see egress_common::maps::SYNTHETIC); allocated on use.
 #[map(name = "EGRESS_SYNTH")]
@@ -326,7 +333,7 @@ fn scope_verdict() -> u32 {
         // In the scope's own cgroup: no container.
         return SCOPE_PASS;
     }
-    match unsafe { SCOPED.get(&child) } {
+    match unsafe { SCOPED.get(child) } {
         Some(&verdict) if verdict == SCOPE_INTERCEPT || verdict == SCOPE_PASS => verdict,
         _ => SCOPE_UNKNOWN,
     }
@@ -627,12 +634,12 @@ fn dns_socket(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, dst_port: u16, scop
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if !synthetic {
-        let _ = DNS_SOCKETS.insert(&cookie, &netns, BPF_ANY as u64);
+        let _ = DNS_SOCKETS.insert(cookie, netns, BPF_ANY as u64);
         return ALLOW;
     }
     // Synthetic DNS is served in the agent's own namespace only: elsewhere root may set the mark,
     // so a listener there could be anyone's.
-    let served = match unsafe { SERVED_NETNS.get(&netns) } {
+    let served = match unsafe { SERVED_NETNS.get(netns) } {
         Some(&served) if served & NETNS_OWN != 0 => served,
         _ => {
             count(counter::DENY_NO_LISTENER);
@@ -664,7 +671,7 @@ fn dns_socket(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, dst_port: u16, scop
         _pad: 0,
         netns,
     };
-    if DNS_REDIRECTS.insert(&cookie, &redirect, BPF_ANY as u64).is_err() {
+    if DNS_REDIRECTS.insert(cookie, redirect, BPF_ANY as u64).is_err() {
         count(counter::DENY_NO_STATE);
         return DENY;
     }
@@ -751,7 +758,7 @@ fn redirected_dns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<SockAddr>
         return None;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    unsafe { DNS_REDIRECTS.get(&cookie) }.map(|r| r.original)
+    unsafe { DNS_REDIRECTS.get(cookie) }.map(|r| r.original)
 }
 
 #[cgroup_skb(ingress)]
@@ -762,8 +769,19 @@ pub fn egress_skb_in(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn egress_skb_out(ctx: SkBuffContext) -> i32 {
-    if rerouted_tcp(&ctx) {
+    let Some(packet) = Packet::read(&ctx) else {
+        return 1;
+    };
+    if packet.rerouted && (packet.protocol == IPPROTO_TCP_U8 || packet.protocol == IPPROTO_UDP) {
         count(counter::DROP_IP_OPTIONS);
+        return 0;
+    }
+    if packet.to_loopback && unsafe { (*ctx.skb.skb).ifindex } != LOOPBACK_IFINDEX {
+        count(counter::DROP_LOOPBACK_LEAK);
+        return 0;
+    }
+    if packet.protocol == IPPROTO_TCP_U8 && !from_tcp_socket(&ctx) {
+        count(counter::DROP_RAW_TCP);
         return 0;
     }
     note_dns_client(&ctx);
@@ -771,39 +789,84 @@ pub fn egress_skb_out(ctx: SkBuffContext) -> i32 {
     1
 }
 
-/// Whether a leaving packet is TCP carrying IPv4 options or an IPv6 routing or destination-options
-/// header: what source routing is made of. connect() decided on the destination in the IP header;
-/// these would send the packet elsewhere. Such options can be set where the setsockopt hook does
-/// not look (a 32-bit process's setsockopt skips it); TCP never needs them.
-#[inline(always)]
-fn rerouted_tcp(ctx: &SkBuffContext) -> bool {
-    match u16::from_be(ctx.skb.protocol() as u16) {
-        ETH_P_IP => {
-            let Ok(version_ihl) = ctx.load::<u8>(0) else { return false };
-            version_ihl & 0x0f > 5 && ctx.load::<u8>(9) == Ok(IPPROTO_TCP_U8)
-        }
-        ETH_P_IPV6 => {
-            // Walk up to three extension headers to the transport protocol.
-            let Ok(mut next) = ctx.load::<u8>(6) else { return false };
-            let mut at = 40usize;
-            let mut routed = false;
-            let mut i = 0;
-            while i < 3 {
-                if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
-                    break;
-                }
-                routed |= next != NEXTHDR_HOP;
-                let (Ok(following), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
-                    return routed;
-                };
-                next = following;
-                at += (len as usize + 1) * 8;
-                i += 1;
+/// What `egress_skb_out` checks about a leaving packet.
+struct Packet {
+    /// The transport protocol, after any IPv6 extension headers (255 if they were not walked to
+    /// the end).
+    protocol: u8,
+    /// IPv4 options, or an IPv6 routing or destination-options header, or more extension headers
+    /// than are walked: what source routing is made of. connect() decided on the destination in
+    /// the IP header; these would send the packet elsewhere. They can be set where the setsockopt
+    /// hook does not look (a 32-bit process's setsockopt skips it); TCP and DNS never need them.
+    rerouted: bool,
+    /// To 127.0.0.0/8, ::1 or a v4-mapped loopback address. The connect hooks let these pass as
+    /// loopback; bound to another device (SO_BINDTODEVICE, no capability needed) the kernel sends
+    /// them out of it, to whichever neighbour answers for the address.
+    to_loopback: bool,
+}
+
+impl Packet {
+    #[inline(always)]
+    fn read(ctx: &SkBuffContext) -> Option<Packet> {
+        match u16::from_be(ctx.skb.protocol() as u16) {
+            ETH_P_IP => {
+                let version_ihl = ctx.load::<u8>(0).ok()?;
+                let protocol = ctx.load::<u8>(9).ok()?;
+                let dst = ctx.load::<[u8; 4]>(16).ok()?;
+                Some(Packet {
+                    protocol,
+                    rerouted: version_ihl & 0x0f > 5,
+                    to_loopback: dst[0] == 127,
+                })
             }
-            routed && next == IPPROTO_TCP_U8
+            ETH_P_IPV6 => {
+                let dst = ctx.load::<[u32; 4]>(24).ok()?;
+                let to_loopback = dst == LOOPBACK6
+                    || (is_mapped(&dst) && u32::from_be(dst[3]) >> 24 == 127);
+                let mut next = ctx.load::<u8>(6).ok()?;
+                let mut at = 40usize;
+                let mut rerouted = false;
+                let mut walked = 0;
+                while walked < MAX_EXTENSION_HEADERS {
+                    let length = match next {
+                        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                            ctx.load::<u8>(at + 1).ok()? as usize * 8 + 8
+                        }
+                        NEXTHDR_FRAGMENT => 8,
+                        NEXTHDR_AUTH => ctx.load::<u8>(at + 1).ok()? as usize * 4 + 8,
+                        _ => break,
+                    };
+                    rerouted |= next == NEXTHDR_ROUTING || next == NEXTHDR_DEST;
+                    next = ctx.load::<u8>(at).ok()?;
+                    at += length;
+                    walked += 1;
+                }
+                let walked_all = walked < MAX_EXTENSION_HEADERS;
+                Some(Packet {
+                    protocol: if walked_all { next } else { 255 },
+                    rerouted: rerouted || !walked_all,
+                    to_loopback,
+                })
+            }
+            _ => None,
         }
-        _ => false,
     }
+}
+
+/// Whether the packet's socket is a TCP socket (or not a full socket: a request or time-wait
+/// socket answering for a TCP listener or connection). A raw socket (CAP_NET_RAW, which
+/// containers get by default) can write TCP that no connect() hook saw.
+#[inline(always)]
+fn from_tcp_socket(ctx: &SkBuffContext) -> bool {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return true;
+    }
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return true;
+    }
+    unsafe { (*full).type_ == SOCK_STREAM && (*full).protocol == IPPROTO_TCP }
 }
 
 /// Whether the packet is UDP over IPv6, and where its UDP header starts (`skb->data` is at the
@@ -835,7 +898,7 @@ fn note_dns_client(ctx: &SkBuffContext) {
     }
     let Ok(sport) = ctx.load::<u16>(udp) else { return };
     let socket = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut core::ffi::c_void) };
-    let Some(redirect) = (unsafe { DNS_REDIRECTS.get(&socket) }) else {
+    let Some(redirect) = (unsafe { DNS_REDIRECTS.get(socket) }) else {
         return;
     };
     // The source as the agent's listener will see it: address and port.
@@ -852,9 +915,47 @@ fn note_dns_client(ctx: &SkBuffContext) {
         addr,
         _pad: 0,
     };
-    if DNS_PEERS.insert(&peer, &socket, BPF_ANY as u64).is_ok() {
-        let _ = DNS_PEER_OF.insert(&socket, &peer, BPF_ANY as u64);
+    if !file_dns_peer(socket, &peer) {
+        count(counter::DNS_PEER_REFUSED);
     }
+}
+
+/// Files `peer` for `socket`, in one of its [`DNS_PEERS_PER_SOCKET`] slots (so that the release
+/// hook finds it). False if the socket has no free slot or a map is full: then the agent does not
+/// answer that source.
+#[inline(always)]
+fn file_dns_peer(socket: u64, peer: &DnsPeer) -> bool {
+    if unsafe { DNS_PEERS.get(peer) }.is_some_and(|&owner| owner == socket) {
+        return true;
+    }
+    let mut slot = 0;
+    while slot < DNS_PEERS_PER_SOCKET {
+        let key = DnsPeerSlot {
+            socket,
+            slot,
+            _pad: 0,
+        };
+        match unsafe { DNS_PEER_SLOTS.get(key) } {
+            // Filed before, and since taken by another socket of the same source: take it back.
+            Some(filed) if filed.netns == peer.netns && filed.addr == peer.addr => {
+                return DNS_PEERS.insert(peer, socket, BPF_ANY as u64).is_ok();
+            }
+            Some(_) => {}
+            None => {
+                // The slot first: a peer on file always has a slot the release hook finds.
+                if DNS_PEER_SLOTS.insert(key, peer, BPF_NOEXIST as u64).is_err() {
+                    return false;
+                }
+                if DNS_PEERS.insert(peer, socket, BPF_ANY as u64).is_err() {
+                    let _ = DNS_PEER_SLOTS.remove(key);
+                    return false;
+                }
+                return true;
+            }
+        }
+        slot += 1;
+    }
+    false
 }
 
 /// Copies a DNS message (UDP from port 53 arriving, or to port 53 leaving) of a noted socket into
@@ -883,7 +984,7 @@ fn capture_dns(ctx: &SkBuffContext, kind: u16) {
         return;
     }
     let socket = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut core::ffi::c_void) };
-    let Some(&netns) = (unsafe { DNS_SOCKETS.get(&socket) }) else {
+    let Some(&netns) = (unsafe { DNS_SOCKETS.get(socket) }) else {
         return;
     };
     let message_at = udp + 8;
@@ -977,13 +1078,22 @@ pub fn egress_sock_release(ctx: SockContext) -> i32 {
         return ALLOW;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(peer) = unsafe { DNS_PEER_OF.get(&cookie) } {
-        let peer = *peer;
-        // The entry may have gone to a newer socket of the same address meanwhile: not that one.
-        if unsafe { DNS_PEERS.get(&peer) }.is_some_and(|&owner| owner == cookie) {
-            let _ = DNS_PEERS.remove(&peer);
+    let mut slot = 0;
+    while slot < DNS_PEERS_PER_SOCKET {
+        let key = DnsPeerSlot {
+            socket: cookie,
+            slot,
+            _pad: 0,
+        };
+        if let Some(peer) = unsafe { DNS_PEER_SLOTS.get(key) } {
+            let peer = *peer;
+            // The entry may have gone to a newer socket of the same address meanwhile: not that one.
+            if unsafe { DNS_PEERS.get(peer) }.is_some_and(|&owner| owner == cookie) {
+                let _ = DNS_PEERS.remove(peer);
+            }
+            let _ = DNS_PEER_SLOTS.remove(key);
         }
-        let _ = DNS_PEER_OF.remove(&cookie);
+        slot += 1;
     }
     ALLOW
 }
@@ -991,13 +1101,12 @@ pub fn egress_sock_release(ctx: SockContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(original) = unsafe { SOCKET_DST.get(cookie) } {
-        if original.family == AF_INET {
+    if let Some(original) = unsafe { SOCKET_DST.get(cookie) }
+        && original.family == AF_INET {
             let sa = unsafe { &mut *ctx.sock_addr };
             sa.user_ip4 = original.addr[0];
             sa.user_port = original.port.to_be() as u32;
         }
-    }
     ALLOW
 }
 
@@ -1029,7 +1138,7 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
             // A destination still filed under the client's address was never bound to a
             // connection the agent accepted: it goes with the socket, whatever state it closed
             // from, so that nobody who takes the address later can claim it.
-            let _ = ORIG_DST.remove(&conn_key(&ctx, false));
+            let _ = ORIG_DST.remove(conn_key(&ctx, false));
         }
         _ => {}
     }
@@ -1046,7 +1155,7 @@ pub fn egress_sock_ops_accept(ctx: SockOpsContext) -> u32 {
             // Only accepted sockets with a bound destination ask for these: closed before the
             // agent read it.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = ACCEPTED_DST.remove(&cookie);
+            let _ = ACCEPTED_DST.remove(cookie);
         }
         _ => {}
     }
@@ -1067,15 +1176,15 @@ fn bind_original_dst(ctx: &SockOpsContext) {
         return;
     }
     let key = conn_key(ctx, true);
-    let Some(original) = (unsafe { ORIG_DST.get(&key) }) else {
+    let Some(original) = (unsafe { ORIG_DST.get(key) }) else {
         return;
     };
     let original = *original;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ACCEPTED_DST.insert(&cookie, &original, BPF_ANY as u64).is_err() {
+    if ACCEPTED_DST.insert(cookie, original, BPF_ANY as u64).is_err() {
         return;
     }
-    let _ = ORIG_DST.remove(&key);
+    let _ = ORIG_DST.remove(key);
     count(counter::ORIGDST_BOUND);
     // Ask for state changes, to forget the entry if the socket closes before the agent reads it.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -1099,7 +1208,7 @@ fn record_original_dst(ctx: &SockOpsContext) {
         return;
     };
     let original = *original;
-    if ORIG_DST.insert(&conn_key(ctx, false), &original, BPF_ANY as u64).is_ok() {
+    if ORIG_DST.insert(conn_key(ctx, false), original, BPF_ANY as u64).is_ok() {
         count(counter::ORIGDST_RECORDED);
     }
     // Ask for state changes, to forget the socket when it closes.

@@ -639,6 +639,73 @@ except socket.timeout:
     );
 }
 
+/// A dual-stack socket in the cgroup sends redirected queries from two sources (its v4-mapped
+/// and its IPv6 address), then closes. Both permissions go with it: a local user who then binds
+/// the IPv4 source gets no answer.
+#[test]
+fn a_dual_stack_dns_socket_takes_all_its_sources_with_it() {
+    let mut bed = Testbed::builder().squid().build().unwrap();
+    let _resolver = InternalResolver::start(&bed);
+    start_agent(&mut bed, SYNTHETIC);
+    let query = |name: &str| {
+        format!(
+            r#"struct.pack(">HHHHHH", 9, 0x0100, 1, 0, 0, 0) + b"".join(bytes([len(l)]) + l.encode() for l in "{name}".split(".")) + b"\x00" + struct.pack(">HH", 1, 1)"#
+        )
+    };
+    let dual_stack = format!(
+        r#"
+import socket, struct
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", 5398)); s.settimeout(3)
+for query, resolver in (({v4}, "::ffff:10.9.9.9"), ({v6}, "fd00:9::9")):
+    s.sendto(query, (resolver, 53)); print(socket.inet_ntoa(s.recv(512)[-4:]))
+s.close()
+"#,
+        v4 = query("mapped.example.test"),
+        v6 = query("six.example.test"),
+    );
+    let homeserver =
+        process::output(bed.hs_command(Some(&bed.cgroup.path), "python3", &["-c", &dual_stack])).unwrap();
+    let answers: Vec<&str> = homeserver.stdout.lines().collect();
+    assert_eq!(answers.len(), 2, "{homeserver:?}");
+    assert!(answers.iter().all(|a| a.starts_with("240.64.")), "{homeserver:?}");
+
+    let outsider = format!(
+        r#"
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 5398)); s.settimeout(3)
+s.sendto({q}, ("127.0.0.1", 1001))
+try:
+    print(socket.inet_ntoa(s.recv(512)[-4:]))
+except socket.timeout:
+    print("no answer")
+"#,
+        q = query("squatter.example.test"),
+    );
+    let outsider = process::output(bed.hs_command(
+        None,
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &outsider,
+        ],
+    ))
+    .unwrap();
+    assert_eq!(outsider.stdout.trim(), "no answer", "{outsider:?}");
+    bed.agent()
+        .wait_metric(
+            "egress_dns_queries_total",
+            &[("outcome", "ignored")],
+            1,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+}
+
 /// Synthetic mappings outlive the agent: an application that keeps an address past a restart
 /// still reaches the name behind it, and the name keeps its address. While no agent runs, DNS
 /// from the cgroup goes nowhere (never to the host's resolver). no_proxy names get their real

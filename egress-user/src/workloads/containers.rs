@@ -369,11 +369,21 @@ pub fn follow_pods(
 pub fn log_classified(change: &Classified) {
     let holds = change.holds.as_deref().unwrap_or("-");
     match change.how {
-        Classification::Intercept => tracing::info!(
-            holds,
-            cgroup = %change.cgroup.display(),
-            "following: its connections are intercepted"
-        ),
+        Classification::Intercept => {
+            tracing::info!(
+                holds,
+                cgroup = %change.cgroup.display(),
+                "following: its connections are intercepted"
+            );
+            if let Some(pid) = cgroups::raw_capable_process(&change.cgroup) {
+                tracing::warn!(
+                    holds,
+                    pid,
+                    "a followed process keeps CAP_NET_RAW: it can send packets no cgroup program \
+                     sees (packet sockets); run the container with --cap-drop NET_RAW"
+                );
+            }
+        }
         Classification::Pass => tracing::debug!(
             holds,
             cgroup = %change.cgroup.display(),
