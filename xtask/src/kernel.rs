@@ -183,10 +183,17 @@ fn vm_tools(dir: &Path) -> Result<PathBuf> {
 /// returns its vmlinuz.
 fn kernel(dir: &Path, version: &str) -> Result<PathBuf> {
     let unpacked = dir.join(format!("k{version}"));
-    if let Some(vmlinuz) = find_vmlinuz(&unpacked) {
+    if let Some(vmlinuz) = find_vmlinuz(&unpacked, version) {
         return Ok(vmlinuz);
     }
-    let pattern = format!("^linux-image-{}[.0-9+a-z-]*-amd64$", version.replace('.', "\\."));
+    // Another kernel unpacked there (an earlier, looser match took 6.12 for 6.1): start over.
+    if unpacked.exists() {
+        std::fs::remove_dir_all(&unpacked)?;
+    }
+    let pattern = format!(
+        "^linux-image-{}[.-][.0-9+a-z-]*-amd64$",
+        version.replace('.', "\\.")
+    );
     let mut found = setup::capture("apt-cache", &["search", "--names-only", &pattern])?;
     if found.trim().is_empty() {
         setup::sh("apt-get", &["update", "-qq"], &[])?;
@@ -197,9 +204,10 @@ fn kernel(dir: &Path, version: &str) -> Result<PathBuf> {
         .filter_map(|l| l.split_whitespace().next())
         // The generic flavour: cloud kernels lack modules the tests load, rt ones are another build.
         .filter(|n| {
-            !["-unsigned", "-dbg", "-cloud-", "-rt-"]
-                .iter()
-                .any(|f| n.contains(f))
+            is_release_of(n.strip_prefix("linux-image-").unwrap_or_default(), version)
+                && !["-unsigned", "-dbg", "-cloud-", "-rt-"]
+                    .iter()
+                    .any(|f| n.contains(f))
         })
         .collect();
     names.sort_by_key(|name| version_key(name));
@@ -229,7 +237,15 @@ fn kernel(dir: &Path, version: &str) -> Result<PathBuf> {
     )?;
     let release = package.strip_prefix("linux-image-").expect("matched the pattern");
     setup::sh("depmod", &["-a", "-b", &unpacked.to_string_lossy(), release], &[])?;
-    find_vmlinuz(&unpacked).with_context(|| format!("no vmlinuz in {package}"))
+    find_vmlinuz(&unpacked, version).with_context(|| format!("no vmlinuz of {version} in {package}"))
+}
+
+/// Whether kernel release `release` (`6.1.0-41-amd64`) is of `version` (`6.1`), and not of a
+/// later one sharing its digits (`6.12.118+deb12-amd64`).
+fn is_release_of(release: &str, version: &str) -> bool {
+    release
+        .strip_prefix(version)
+        .is_some_and(|rest| rest.starts_with(['.', '-']))
 }
 
 /// Orders `linux-image-6.1.0-9-amd64` before `linux-image-6.1.0-57-amd64`: by the numbers in it.
@@ -239,14 +255,15 @@ fn version_key(name: &str) -> Vec<u64> {
         .collect()
 }
 
-fn find_vmlinuz(unpacked: &Path) -> Option<PathBuf> {
+fn find_vmlinuz(unpacked: &Path, version: &str) -> Option<PathBuf> {
     std::fs::read_dir(unpacked.join("boot"))
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .is_some_and(|release| is_release_of(release, version))
         })
 }
 
@@ -289,4 +306,25 @@ fn test_executables(root: &Path) -> Result<BTreeMap<String, PathBuf>> {
         }
     }
     Ok(executables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_release_belongs_to_its_version_only() {
+        for (release, version, belongs) in [
+            ("6.1.0-41-amd64", "6.1", true),
+            ("6.1.0-9-amd64", "6.1", true),
+            ("6.12.118+deb12-amd64", "6.1", false),
+            ("6.10.3-amd64", "6.1", false),
+            ("6.12.118+deb12-amd64", "6.12", true),
+            ("5.10.0-30-amd64", "5.10", true),
+            ("5.10.0-30-amd64", "5.1", false),
+            ("6.1", "6.1", false),
+        ] {
+            assert_eq!(is_release_of(release, version), belongs, "{release} of {version}");
+        }
+    }
 }
