@@ -87,7 +87,7 @@ async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -
             );
             response
         }
-        "/dns" => dns(agent, request.uri().query().unwrap_or("")),
+        "/dns" => dns(agent, request.uri().query().unwrap_or("")).await,
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /health, /metrics or /dns\n".into(),
@@ -95,10 +95,12 @@ async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -
     }
 }
 
-/// `/dns?address=IP&name=NAME` (both optional): what the DNS record knows, as JSON: the plan's
-/// view for the agent's own namespace (`resolved`, given an address) and a report over all.
-fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
+/// `/dns?address=IP&port=PORT&name=NAME` (all optional): what the DNS record knows, as JSON:
+/// the plan's view for the agent's own namespace (`resolved`, given an address; with the
+/// agent's own lookup of SRV targets, as a connection would get) and a report over all.
+async fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
     let mut address = None;
+    let mut port = 443;
     let mut name = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -106,16 +108,30 @@ fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
                 Ok(ip) => address = Some(ip),
                 Err(_) => return text(StatusCode::BAD_REQUEST, "address: not an IP address\n".into()),
             },
+            Some(("port", value)) => match value.parse::<u16>() {
+                Ok(p) => port = p,
+                Err(_) => return text(StatusCode::BAD_REQUEST, "port: not a port number\n".into()),
+            },
             Some(("name", value)) if crate::hostport::valid_hostname(value) => name = Some(value),
             _ => {
                 return text(
                     StatusCode::BAD_REQUEST,
-                    "expected address=IP and/or name=HOSTNAME\n".into(),
+                    "expected address=IP, port=PORT and/or name=HOSTNAME\n".into(),
                 );
             }
         }
     }
-    let resolved = address.map(|ip| agent.names.resolved(agent.kernel.own_netns(), ip, name));
+    let own = agent.kernel.own_netns();
+    let mut resolved = address.map(|ip| agent.names.resolved(own, ip, port, name));
+    if let (Some(resolved), Some(ip)) = (resolved.as_mut(), address)
+        && resolved.needs_lookup()
+    {
+        agent
+            .names
+            .lookups
+            .narrow(own, &crate::dns::lookup::View::System, resolved, ip)
+            .await;
+    }
     let mut report = String::new();
     if let Some(synthetic) = &agent.names.synthetic
         && let Some(ip) = address.filter(|ip| synthetic.contains(*ip))

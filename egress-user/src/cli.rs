@@ -216,7 +216,7 @@ fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("{host} has no address (give one with --ip)"))?
             .ip(),
     };
-    let record = diag::explain::agent_record(settings.admin_addr.0, &host, ip);
+    let record = diag::explain::agent_record(settings.admin_addr.0, &host, ip, port);
     print!("{}", diag::explain::explain(&settings, &host, port, ip, &record));
     Ok(())
 }

@@ -112,6 +112,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 metrics: metrics.clone(),
             }))
         }),
+        lookups: dns::lookup::Lookups::new(),
     };
     let user = settings.user.clone();
     let worker_threads = settings.worker_threads;

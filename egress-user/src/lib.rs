@@ -104,7 +104,7 @@ pub mod fuzzing {
                 now,
             );
         }
-        let _ = records.resolved(1, [93, 184, 216, 34].into(), Some("matrix.example"), now);
+        let _ = records.resolved(1, [93, 184, 216, 34].into(), 8448, Some("matrix.example"), now);
         let _ = records.known(1, None, None, now);
         let query = hickory_proto::op::Message::from_vec(bytes).ok()?;
         let mut allocator = Allocator::new("240.64.0.0/29".parse().expect("a range"));

@@ -20,6 +20,10 @@ pub enum Enter {
     /// `ip netns exec NAME`: also /etc/netns/NAME/{resolv.conf,hosts} (the namespace's
     /// resolver), but /sys is remounted, hiding cgroupfs and bpffs.
     NetAndEtc,
+    /// `nsenter --target PID --mount --net`: the network and mount namespaces of a host view's
+    /// holder (see `peers::resolvers`): its hosts file, resolver and resolver daemons, with /sys
+    /// as the host's.
+    View(u32),
 }
 
 /// The one launcher: `program args...` in network namespace `netns` (if given, entered as
@@ -44,6 +48,9 @@ pub fn launch(
         }
         (Some(ns), Enter::NetAndEtc) => {
             command.args(["ip", "netns", "exec", ns]);
+        }
+        (Some(_), Enter::View(pid)) => {
+            command.args(["nsenter", "--target", &pid.to_string(), "--mount", "--net"]);
         }
     }
     command.arg(program).args(args);

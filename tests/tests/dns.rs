@@ -9,7 +9,9 @@ use egress_testbed::{
     peers::{
         PREVIEW_TITLE,
         federation::{DirectFederation, EtcGuard, PeerHomeserver, federation_overrides, register_with_name},
-        make_certs, start_dnsmasq_on,
+        make_certs,
+        resolvers::Resolution,
+        start_dnsmasq_on,
         synapse::{Synapse, client_get, query_encode},
     },
     process::{self, Daemon},
@@ -314,6 +316,195 @@ fn srv_delegated_federation_connects_to_the_srv_target() {
     );
 }
 
+/// The same delegation, with the SRV target's address resolved where the kernel programs
+/// cannot see it, on a host whose resolution is real: from the hosts file, through a running
+/// nscd, and through systemd-resolved with nss-resolve (Synapse's own SRV lookup still goes as
+/// UDP to the resolver, as Twisted sends it). The record has the delegation but not the target's
+/// address; egress must still CONNECT to fed2.test:8448 (the release before CONNECTed to
+/// delegated.test:8448, the web host), having checked the target with its own lookup through
+/// the same resolver.
+#[test]
+fn srv_targets_resolved_off_the_wire_are_connected_by_name() {
+    let dns_hosts = format!("{ORIGIN_IP_2} delegated.test\n{ORIGIN_IP} fed2.test\n");
+    let mut bed = Testbed::builder()
+        .squid_hosts(&dns_hosts)
+        .dns(
+            &dns_hosts,
+            &[("_matrix-fed._tcp.delegated.test", "fed2.test", 8448)],
+        )
+        .build()
+        .unwrap();
+    let direct_federation = DirectFederation::install(&bed.origin, HS_IP).unwrap();
+    let hs2_certs = make_certs(&bed.dir, "hs2", &["delegated.test"], &[], 2).unwrap();
+    let hs2 = PeerHomeserver::start(
+        &bed,
+        "delegated.test",
+        ORIGIN_IP,
+        &hs2_certs,
+        &format!("{HS_IP} hs.test\n"),
+        &[],
+    )
+    .unwrap();
+    let in_hs2 = |args: &[&str]| hs2.run(args);
+    register_with_name(&in_hs2, &hs2.dir, "bob", "Bob on hs2");
+    let hs1_certs = make_certs(&bed.dir, "hs1", &["hs.test"], &[HS_IP], 2).unwrap();
+
+    for (resolution, hosts_file) in [
+        (Resolution::Files, format!("{ORIGIN_IP} fed2.test\n")),
+        (Resolution::Nscd, String::new()),
+        (Resolution::Resolved, String::new()),
+    ] {
+        let mode = resolution.as_str();
+        bed.use_host_view(resolution, &hosts_file).unwrap();
+        start_agent(&mut bed, &[]);
+        let hs1_dir = bed.dir.join("synapse");
+        let _ = std::fs::remove_dir_all(&hs1_dir);
+        let hs1 = Synapse::start(&bed, &federation_overrides(&hs1_dir, &hs1_certs, HS_IP)).unwrap();
+        let bob = bed
+            .run_in_hs(
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "90",
+                    "http://127.0.0.1:8008/_matrix/client/v3/profile/@bob:delegated.test",
+                ],
+            )
+            .unwrap();
+        assert!(
+            bob.stdout.contains("Bob on hs2"),
+            "{mode}: hs1 asking hs2 for bob's profile: {bob:?}\n{}",
+            hs1.log()
+        );
+        // Decision lines and squid's entries come when the tunnels close: stop hs1.
+        hs1.stop().unwrap();
+        let line = bed
+            .agent()
+            .wait_decision(&[("target", &"fed2.test:8448"), ("status", &"200")])
+            .unwrap();
+        assert_eq!(
+            (
+                line.get("name").as_str(),
+                line.get("named_by").as_str(),
+                line.get("lookup").as_str()
+            ),
+            ("delegated.test", "srv_lookup", "done"),
+            "{mode}: {line}"
+        );
+        // What the lookup cost (for docs/dns.md; the first connection to the target pays it).
+        let lookups: Vec<String> = bed
+            .agent()
+            .decisions()
+            .iter()
+            .filter(|d| d.get("lookup") == "done")
+            .map(|d| d.get("lookup_us"))
+            .collect();
+        eprintln!("{mode}: lookup_us of the connections that looked up: {lookups:?}");
+        assert!(
+            !bed.agent()
+                .decisions()
+                .iter()
+                .any(|d| d.get("target") == "delegated.test:8448"),
+            "{mode}: a connection went to the server name's web host"
+        );
+        // The target's address was never on the homeserver's wire.
+        let (_, record) = bed.agent().admin_get("/dns?name=fed2.test").unwrap();
+        assert!(record.contains("knows nothing"), "{mode}: {record}");
+        let view = bed.host_view().unwrap();
+        match resolution {
+            Resolution::Files => {}
+            Resolution::Nscd => assert!(
+                view.daemon_log().contains("GETAI (fed2.test)"),
+                "{}",
+                view.daemon_log()
+            ),
+            Resolution::Resolved => assert!(
+                view.daemon_log().contains("ResolveHostname") && view.daemon_log().contains("fed2.test"),
+                "{}",
+                view.daemon_log()
+            ),
+        }
+        bed.stop_agent();
+    }
+    let log = bed.squid_access_log();
+    assert!(log.matches("CONNECT fed2.test:8448").count() >= 3, "{log}");
+    assert!(!log.contains("CONNECT delegated.test:8448"), "{log}");
+    assert_eq!(
+        direct_federation.packets().unwrap(),
+        0,
+        "hs1 reached hs2 directly"
+    );
+}
+
+/// A resolver that truncates over UDP (dnsmasq, past 512 bytes for a client without EDNS), as
+/// glibc meets it: it asks again over TCP to port 53. That connection goes direct to the resolver
+/// the application asked over UDP (a proxy would refuse CONNECT to port 53), and its answer is
+/// read into the record like a UDP one. TCP to port 53 of an address the application never asked
+/// goes the usual way, and a stream to the resolver that is not DNS is reset.
+#[test]
+fn dns_over_tcp_after_a_truncated_answer_reaches_the_resolver_and_is_read() {
+    let mut bed = Testbed::builder().squid().dns("", &[]).build().unwrap();
+    let big: String = (1..=40).map(|i| format!("10.249.7.{i} big.test\n")).collect();
+    let _resolver =
+        egress_testbed::peers::start_dnsmasq_on(&bed.proxy, &bed.dir, PROXY_IP, &big, &[], &[]).unwrap();
+    egress_testbed::wait::ready("dnsmasq on the proxy host", egress_testbed::wait::STARTUP, || {
+        Ok(bed.proxy.is_listening_udp(53))
+    })
+    .unwrap();
+    bed.use_host_view_with(Resolution::Files, "", PROXY_IP).unwrap();
+    start_agent(&mut bed, &[]);
+
+    let out = bed.run_in_cgroup("getent", &["ahostsv4", "big.test"]).unwrap();
+    let addresses: std::collections::BTreeSet<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(addresses.len(), 40, "{out:?}");
+    let line = bed
+        .agent()
+        .wait_decision(&[("target", &format!("{PROXY_IP}:53"))])
+        .unwrap();
+    assert_eq!(
+        (
+            line.get("route").as_str(),
+            line.get("rule_kind").as_str(),
+            line.get("outcome").as_str()
+        ),
+        ("direct", "resolver", "ok"),
+        "{line}"
+    );
+    // The answer that came over TCP names every address (a truncated UDP answer cannot hold 40).
+    let (_, record) = bed.agent().admin_get("/dns?name=big.test").unwrap();
+    assert_eq!(record.matches("big.test -> 10.249.7.").count(), 40, "{record}");
+
+    // Not DNS, to the same resolver: reset, never relayed.
+    let garbage = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 53), timeout=5)
+s.sendall(b"\x00\x10GET / HTTP/1.1\r\n\r\n")
+try:
+    print("eof" if not s.recv(100) else "answered")
+except ConnectionResetError:
+    print("reset")
+"#;
+    let out = bed.run_in_cgroup("python3", &["-c", garbage, PROXY_IP]).unwrap();
+    assert_eq!(out.stdout.trim(), "reset", "{out:?}");
+    let refused = bed
+        .agent()
+        .wait_decision(&[("target", &format!("{PROXY_IP}:53")), ("outcome", &"error")])
+        .unwrap();
+    assert!(refused.get("error").contains("no DNS message"), "{refused}");
+    // TCP to port 53 of an address the application never asked: through the proxy as before.
+    let out = bed.run_in_cgroup("python3", &["-c", garbage, ORIGIN_IP]).unwrap();
+    assert_ne!(out.stdout.trim(), "answered", "{out:?}");
+    let other = bed
+        .agent()
+        .wait_decision(&[("original_dst", &format!("{ORIGIN_IP}:53"))])
+        .unwrap();
+    assert_eq!(other.get("route"), "proxy-connect", "{other}");
+}
+
 /// The record is bounded: a flood of distinct names leaves at most its bound of entries, the
 /// newest kept.
 #[test]
@@ -390,7 +581,7 @@ impl InternalResolver {
             "127.0.0.1",
             &format!("{ORIGIN_IP_2} db.internal.test\n"),
             &[],
-            &["--local=/test/"],
+            &[],
         )
         .unwrap();
         egress_testbed::wait::ready("the internal resolver", egress_testbed::wait::STARTUP, || {

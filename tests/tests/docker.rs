@@ -442,7 +442,7 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
         "10.254.0.1",
         "10.248.0.30 example.test\n",
         &[],
-        &["--local=/test/"],
+        &[],
     )
     .unwrap();
     let hs1_dir = bed.dir.join("hs1");
@@ -557,4 +557,136 @@ fn synapse_in_a_container_federates_with_a_second_synapse_through_egress() {
         "{line}"
     );
     bed.squid_logged("CONNECT example.test:8448").unwrap();
+}
+
+/// In a container: asks argv[1] (the network's DNS server) for the SRV record of
+/// delegated.test, as a homeserver's Twisted does; resolves the target, fed2.test, from the
+/// container's own hosts file (no packet); then opens TLS to that address with SNI
+/// delegated.test, as Synapse does for an SRV-delegated server. argv[2], if given, is the address
+/// to dial instead (a container whose hosts file is gone). Prints the first bytes of the answer.
+const DELEGATED_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+labels = b"".join(bytes([len(l)]) + l.encode() for l in "_matrix-fed._tcp.delegated.test".split("."))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+u.sendto(struct.pack(">HHHHHH", 77, 0x0100, 1, 0, 0, 0) + labels + b"\x00" + struct.pack(">HH", 33, 1), (sys.argv[1], 53))
+u.recv(4096)
+address = sys.argv[2] if len(sys.argv) > 2 else socket.gethostbyname("fed2.test")
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+with socket.create_connection((address, 443), timeout=10) as s:
+    with ctx.wrap_socket(s, server_hostname="delegated.test") as t:
+        t.sendall(b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
+        print(t.recv(12).decode())
+"#;
+
+/// A container resolves an SRV target from its own hosts file (`--add-host`, as Kubernetes'
+/// hostAliases): egress reads that file (through the namespace helper, inside the container's
+/// root) and CONNECTs to the target. Another container (its root with CAP_SYS_ADMIN) replaces
+/// its /etc/hosts with a symbolic link to a file that exists only on the host, naming the
+/// target: the helper must not follow it
+/// out of the container's root, so that container's lookup fails (and its connection goes by the
+/// one SRV target, unchecked) instead of reading the host's file.
+#[test]
+fn a_containers_srv_target_from_its_hosts_file_is_checked_in_its_own_root() {
+    let mut bed = Testbed::builder()
+        .squid_hosts(&format!("{ORIGIN_IP} fed2.test delegated.test\n"))
+        .nginx()
+        .build()
+        .unwrap();
+    let docker = Docker::start(&bed).unwrap();
+    docker
+        .run(&[
+            "network",
+            "create",
+            "--subnet",
+            "10.247.0.0/24",
+            "matrix-homeserver",
+        ])
+        .unwrap();
+    let _dns = egress_testbed::peers::start_dnsmasq_on(
+        &bed.hs,
+        &bed.dir,
+        "10.247.0.1",
+        "",
+        &[("_matrix-fed._tcp.delegated.test".into(), "fed2.test".into(), 443)],
+        &[],
+    )
+    .unwrap();
+    let parent = docker.cgroup.path.to_string_lossy().into_owned();
+    bed.start_agent_with(&["--cgroup", &parent]).unwrap();
+
+    docker
+        .run_container(
+            "app",
+            &[
+                "--network",
+                "matrix-homeserver",
+                "--add-host",
+                &format!("fed2.test:{ORIGIN_IP}"),
+            ],
+        )
+        .unwrap();
+    let secret = bed.dir.join("host-only-hosts");
+    std::fs::write(&secret, format!("{ORIGIN_IP} fed2.test\n")).unwrap();
+    // Docker mounts the container's hosts file in place; its root, given CAP_SYS_ADMIN, takes
+    // it away and puts a link in its place.
+    let link = format!(
+        "umount /etc/hosts && rm -f /etc/hosts && ln -s {} /etc/hosts && exec sleep 600",
+        secret.display()
+    );
+    docker
+        .run(&[
+            "run",
+            "-d",
+            "--name",
+            "squatter",
+            "--network",
+            "matrix-homeserver",
+            "--cap-add",
+            "SYS_ADMIN",
+            "-v",
+            "/usr:/usr:ro",
+            egress_testbed::peers::docker::IMAGE,
+            "sh",
+            "-c",
+            &link,
+        ])
+        .unwrap();
+
+    for (name, extra) in [("app", None), ("squatter", Some(ORIGIN_IP))] {
+        let state = docker.run(&["inspect", "-f", "{{.State.Status}}", name]).unwrap();
+        let logs = docker.command(&["logs", name]).output().unwrap();
+        assert_eq!(
+            state,
+            "running",
+            "{name}: {}",
+            String::from_utf8_lossy(&logs.stderr)
+        );
+        let id = wait_served(&bed, &docker, name);
+        let mut args = vec!["exec", name, "python3", "-c", DELEGATED_CLIENT, "10.247.0.1"];
+        args.extend(extra);
+        let out = docker.command(&args).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.starts_with("HTTP/1.1"),
+            "{name}: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = bed
+            .agent()
+            .wait_decision(&[("netns", &id), ("target", &"fed2.test:443")])
+            .unwrap();
+        let (named_by, lookup) = (line.get("named_by"), line.get("lookup"));
+        match name {
+            "app" => assert_eq!(
+                (named_by.as_str(), lookup.as_str()),
+                ("srv_lookup", "done"),
+                "{line}"
+            ),
+            _ => assert_eq!(
+                (named_by.as_str(), lookup.as_str()),
+                ("srv_target", "failed"),
+                "{line}"
+            ),
+        }
+    }
 }

@@ -253,3 +253,42 @@ fn a_bad_server_name_is_named() {
         "{result:?}"
     );
 }
+
+/// The doctor says where the host resolves names out of egress's sight, on a real host view
+/// each time: entries in the hosts file, a running nscd, systemd-resolved through nss-resolve;
+/// and nothing of the kind where glibc asks DNS itself.
+#[test]
+fn the_doctor_says_how_the_host_resolves_names_out_of_sight() {
+    use egress_testbed::peers::resolvers::Resolution;
+    let mut bed = testbed();
+    for (resolution, hosts, said, not_said) in [
+        (Resolution::Files, "", "by DNS over UDP/TCP", "nscd"),
+        (
+            Resolution::Files,
+            "10.248.0.99 partner.example\n",
+            "/etc/hosts names 1 host",
+            "nscd",
+        ),
+        (Resolution::Nscd, "", "nscd runs", "/etc/hosts names"),
+        (Resolution::Resolved, "", "systemd-resolved (`resolve`)", "nscd"),
+    ] {
+        bed.use_host_view(resolution, hosts).unwrap();
+        let result = doctor(&bed, "plain.example.test", SQUID_PORT, true);
+        let steps = steps(&result);
+        let resolution_steps: Vec<&String> = steps
+            .iter()
+            .filter(|(step, _, _)| step == "host resolution")
+            .map(|(_, _, message)| message)
+            .collect();
+        assert!(
+            resolution_steps.iter().any(|m| m.contains(said)),
+            "{resolution:?} {hosts:?}: {resolution_steps:#?}"
+        );
+        assert!(
+            !resolution_steps.iter().any(|m| m.contains(not_said)),
+            "{resolution:?} {hosts:?}: {resolution_steps:#?}"
+        );
+        // Discovery itself still works through the view's resolver.
+        assert_eq!(result.code, Some(0), "{resolution:?}: {result:?}");
+    }
+}

@@ -46,6 +46,7 @@ pub fn tools_dir() -> PathBuf {
 pub fn setup(with_packages: bool) -> Result<()> {
     if with_packages {
         apt_packages()?;
+        resolver_daemons()?;
     }
     rust_src()?;
     bpf_linker()?;
@@ -88,6 +89,70 @@ pub fn debian_root() -> Result<PathBuf> {
     std::fs::rename(&partial, &root)?;
     std::fs::write(&stamp, "bookworm minbase\n")?;
     Ok(root)
+}
+
+/// Where the resolver daemons of the name-resolution tests are unpacked (not installed: their
+/// packages would take over the host's resolv.conf): $EGRESS_RESOLVERS_ROOT or
+/// /var/cache/egress-resolvers/root.
+pub fn resolvers_root() -> PathBuf {
+    std::env::var_os("EGRESS_RESOLVERS_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/egress-resolvers/root"))
+}
+
+/// systemd-resolved with libnss-resolve (and the libsystemd-shared it links), and nscd, unpacked
+/// into [`resolvers_root`] once per version; the tests run them inside their own namespaces.
+fn resolver_daemons() -> Result<()> {
+    let root = resolvers_root();
+    let candidate = |package: &str| -> Result<String> {
+        let policy = capture("apt-cache", &["policy", package])?;
+        policy
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate:"))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| v != "(none)")
+            .with_context(|| format!("Debian offers no {package}"))
+    };
+    let systemd = candidate("systemd-resolved")?;
+    // nscd must match the C library it talks to.
+    let libc = capture("dpkg-query", &["-W", "-f=${Version}", "libc6"])?;
+    let wanted = [
+        format!("systemd-resolved={systemd}"),
+        format!("libnss-resolve={systemd}"),
+        format!("libsystemd-shared={systemd}"),
+        format!("nscd={libc}"),
+    ];
+    let stamp = root.join(".egress-stamp");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted.join(" ")) {
+        return Ok(());
+    }
+    println!("setup: unpacking {} into {}", wanted.join(" "), root.display());
+    let debs = root.with_file_name("debs");
+    let _ = std::fs::remove_dir_all(&debs);
+    std::fs::create_dir_all(&debs)?;
+    let mut download = Command::new("apt-get");
+    download
+        .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
+        .args(&wanted)
+        .current_dir(&debs);
+    if !download.status()?.success() {
+        sh("apt-get", &["update", "-qq"], &[])?;
+        if !download.status()?.success() {
+            bail!("apt-get download {} failed", wanted.join(" "));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    for deb in std::fs::read_dir(&debs)? {
+        let deb = deb?.path();
+        sh(
+            "dpkg-deb",
+            &["-x", &deb.to_string_lossy(), &root.to_string_lossy()],
+            &[],
+        )?;
+    }
+    std::fs::write(&stamp, wanted.join(" "))?;
+    Ok(())
 }
 
 /// Installs those of `packages` that are missing (`apt-get update` first, then).

@@ -13,7 +13,7 @@ use crate::{
     diag::status::ask_agent,
     kernel::verdict::{KernelVerdict, kernel_verdict},
     route::{
-        plan::{Action, Plan, Resolved, Sniffed, plan},
+        plan::{Action, ClientName, Plan, Resolved, Sniffed, plan},
         policy::Policy,
     },
 };
@@ -26,9 +26,10 @@ pub struct AgentRecord {
     pub report: String,
 }
 
-/// Asks the running agent at `admin_addr` what its DNS record knows about `ip` and `host`.
-pub fn agent_record(admin_addr: SocketAddr, host: &str, ip: IpAddr) -> AgentRecord {
-    let mut path = format!("/dns?address={ip}");
+/// Asks the running agent at `admin_addr` what its DNS record knows about `ip` (dialled on
+/// `port`) and `host`.
+pub fn agent_record(admin_addr: SocketAddr, host: &str, ip: IpAddr, port: u16) -> AgentRecord {
+    let mut path = format!("/dns?address={ip}&port={port}");
     if crate::hostport::valid_hostname(host) && host.parse::<IpAddr>().is_err() {
         path.push_str(&format!("&name={host}"));
     }
@@ -117,6 +118,22 @@ pub fn explain(settings: &Settings, host: &str, port: u16, ip: IpAddr, record: &
     };
     let _ = writeln!(out, "kernel: {kernel}");
     let _ = write!(out, "DNS record (running agent):\n{}", indent(&record.report));
+    let resolved = &record.resolved;
+    if let (Some(name), ClientName::Delegates) = (name, resolved.client) {
+        let targets = match resolved.srv_targets.as_slice() {
+            [] => "none".to_owned(),
+            targets => targets.join(", "),
+        };
+        let checked = if resolved.looked_up {
+            " (those the agent's own lookup finds at the address)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "{name} delegates by SRV; its targets on port {port}{checked}: {targets}"
+        );
+    }
     if verdict != KernelVerdict::Redirect {
         return out;
     }

@@ -1,8 +1,10 @@
 //! Names behind addresses: the record of the intercepted processes' own DNS answers (see
 //! [`watch`] for how they arrive, [`record`] for what is kept), and synthetic DNS ([`synthetic`],
-//! served by [`server`]). [`Names`] answers the routing plan's question: which name does a
-//! connection to this address go by?
+//! served by [`server`]), and the agent's own lookups of what the record cannot see
+//! ([`lookup`]). [`Names`] answers the routing plan's question: which name does a connection to
+//! this address go by?
 
+pub mod lookup;
 pub mod record;
 pub mod server;
 pub mod synthetic;
@@ -19,14 +21,17 @@ pub struct Names {
     pub record: Arc<Watch>,
     /// Synthetic DNS, when configured.
     pub synthetic: Option<Arc<server::Synthesizer>>,
+    /// The agent's own lookups of SRV targets.
+    pub lookups: lookup::Lookups,
 }
 
 impl Names {
-    /// What the application in `netns` resolved about `address` (and the client's `name`): from
-    /// the synthetic mappings for a synthetic address, else from the record of its DNS answers.
-    pub fn resolved(&self, netns: u64, address: IpAddr, name: Option<&str>) -> Resolved {
+    /// What the application in `netns` resolved about `address`, dialled on `port` (and the
+    /// client's `name`): from the synthetic mappings for a synthetic address, else from the
+    /// record of its DNS answers.
+    pub fn resolved(&self, netns: u64, address: IpAddr, port: u16, name: Option<&str>) -> Resolved {
         let Some(synthetic) = self.synthetic.as_ref().filter(|s| s.contains(address)) else {
-            return self.record.resolved(netns, address, name);
+            return self.record.resolved(netns, address, port, name);
         };
         let dialled_name = synthetic.name_of(address);
         let client = match (name, &dialled_name) {
@@ -38,6 +43,7 @@ impl Names {
             client,
             dialled_name,
             synthetic: true,
+            ..Resolved::default()
         }
     }
 }

@@ -35,6 +35,9 @@ pub const MAX_DELEGATIONS: usize = 256;
 pub const MAX_SRV_TARGETS: usize = 8;
 /// How long a query waits for its answer.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Resolvers kept per namespace, and how long one counts as asked after its last query.
+pub const MAX_RESOLVERS: usize = 16;
+pub const RESOLVER_MEMORY: Duration = Duration::from_secs(600);
 /// Records of one answer that are looked at, and CNAME links followed.
 const MAX_RECORDS: usize = 64;
 const MAX_CHAIN: usize = 8;
@@ -105,6 +108,8 @@ struct Namespace {
     by_addr: HashMap<IpAddr, HashSet<String>>,
     by_name: HashMap<String, HashSet<IpAddr>>,
     delegations: HashMap<String, Delegation>,
+    /// The servers its processes sent queries to, and when last.
+    resolvers: HashMap<IpAddr, Instant>,
     taught: u64,
 }
 
@@ -160,6 +165,7 @@ impl Records {
         let server = observed.server.to_canonical();
         match (observed.answer, message.message_type()) {
             (false, MessageType::Query) => {
+                self.note_resolver(observed.netns, server, now);
                 self.make_room_for_query(observed.netns, now);
                 self.pending.insert(
                     key,
@@ -186,6 +192,20 @@ impl Records {
             }
             _ => Outcome::Malformed,
         }
+    }
+
+    /// `server` was asked a question from `netns` (kept for namespaces with a record, or the
+    /// room for one).
+    fn note_resolver(&mut self, netns: u64, server: IpAddr, now: Instant) {
+        let seq = self.seq;
+        let ns = self.namespace(netns, seq);
+        if ns.resolvers.len() >= MAX_RESOLVERS && !ns.resolvers.contains_key(&server) {
+            let oldest = ns.resolvers.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a);
+            if let Some(oldest) = oldest {
+                ns.resolvers.remove(&oldest);
+            }
+        }
+        ns.resolvers.insert(server, now);
     }
 
     /// Drops timed-out queries, then the oldest of `netns` (or of all) over the bounds: a
@@ -304,8 +324,16 @@ impl Records {
         ns
     }
 
-    /// What the application in `netns` resolved about `address`, and about `name` (SNI/Host).
-    pub fn resolved(&self, netns: u64, address: IpAddr, name: Option<&str>, now: Instant) -> Resolved {
+    /// What the application in `netns` resolved about `address` (dialled on `port`), and about
+    /// `name` (SNI/Host).
+    pub fn resolved(
+        &self,
+        netns: u64,
+        address: IpAddr,
+        port: u16,
+        name: Option<&str>,
+        now: Instant,
+    ) -> Resolved {
         let Some(ns) = self.namespaces.get(&netns) else {
             return Resolved::default();
         };
@@ -323,31 +351,52 @@ impl Records {
             .filter_map(|n| live(n, address).map(|e| (n, e)))
             .max_by_key(|(_, e)| (e.asked, e.seq))
             .map(|(n, _)| n.clone());
+        let mut srv_targets = Vec::new();
         let client = match name {
             None => ClientName::Unrecorded,
             Some(name) => {
                 let name = name.trim_end_matches('.').to_ascii_lowercase();
+                let delegations: Vec<&Delegation> = ns
+                    .delegations
+                    .values()
+                    .filter(|d| d.expires > now && d.is_under(&name))
+                    .collect();
                 if live(&name, address).is_some() {
                     ClientName::Resolved
+                } else if !delegations.is_empty() {
+                    // SNI names the server; the address it dialled is not the server name's own.
+                    for (target, _) in delegations
+                        .iter()
+                        .flat_map(|d| &d.targets)
+                        .filter(|(_, p)| *p == port)
+                    {
+                        if !srv_targets.contains(target) {
+                            srv_targets.push(target.clone());
+                        }
+                    }
+                    ClientName::Delegates
                 } else if ns
                     .by_name
                     .get(&name)
                     .is_some_and(|addrs| addrs.iter().any(|a| live(&name, *a).is_some()))
                 {
                     ClientName::Elsewhere
-                } else if dialled.as_ref().is_some_and(|d| delegates_to(ns, &name, d, now)) {
-                    // The name has no address of its own on record, but delegates (SRV) to the
-                    // name behind the dialled address.
-                    ClientName::Elsewhere
                 } else {
                     ClientName::Unrecorded
                 }
             }
         };
+        let resolver = ns
+            .resolvers
+            .get(&address)
+            .is_some_and(|asked| now.duration_since(*asked) < RESOLVER_MEMORY);
         Resolved {
             client,
             dialled_name: dialled,
             synthetic: false,
+            srv_targets,
+            looked_up: false,
+            resolver,
         }
     }
 
@@ -412,17 +461,6 @@ impl Records {
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
-}
-
-/// Whether a live SRV record of a service under `name` (`_matrix-fed._tcp.NAME`) names `target`.
-fn delegates_to(ns: &Namespace, name: &str, target: &str, now: Instant) -> bool {
-    ns.delegations.values().any(|d| {
-        d.expires > now
-            && d.service
-                .strip_suffix(name)
-                .is_some_and(|service| service.ends_with("._tcp."))
-            && d.targets.iter().any(|(t, _)| t == target)
-    })
 }
 
 fn ttl(seconds: u32) -> Duration {
@@ -574,13 +612,18 @@ mod tests {
         text.parse().unwrap()
     }
 
-    /// The SRV-delegation case from two real Synapses: the server name resolves to a web host,
-    /// federation is delegated to another name, and the application dials the target's address
-    /// with SNI = server name. Each row: (address dialled, SNI, expected view).
+    /// Every shape of delegation the record meets: the server name resolves to a web host,
+    /// federation is delegated by SRV to another name (whose address the application may have
+    /// resolved where the kernel cannot see), and the application dials a target's address with
+    /// SNI = server name. Each row: (address and port dialled, SNI, expected view).
     #[test]
     fn names_behind_addresses() {
         let now = Instant::now();
         let mut r = Records::default();
+        let srv_answer = |r: &mut Records, id, service: &str, targets: &[(&str, u16)]| {
+            let records = targets.iter().map(|(t, p)| srv(service, t, *p)).collect();
+            exchange(r, query(id, service, RecordType::SRV), records, vec![], now);
+        };
         exchange(
             &mut r,
             query(1, "example.org", RecordType::A),
@@ -588,12 +631,11 @@ mod tests {
             vec![],
             now,
         );
-        exchange(
+        srv_answer(
             &mut r,
-            query(2, "_matrix-fed._tcp.example.org", RecordType::SRV),
-            vec![srv("_matrix-fed._tcp.example.org", "matrix.example.org", 8448)],
-            vec![],
-            now,
+            2,
+            "_matrix-fed._tcp.example.org",
+            &[("matrix.example.org", 8448)],
         );
         exchange(
             &mut r,
@@ -613,39 +655,91 @@ mod tests {
             vec![],
             now,
         );
-        let view = |c: ClientName, n: Option<&str>| Resolved {
+        // Delegations whose targets' addresses the record never saw (hosts file, nscd, resolved).
+        srv_answer(
+            &mut r,
+            6,
+            "_matrix-fed._tcp.hosts.example",
+            &[("fed.hosts.example", 8448)],
+        );
+        srv_answer(
+            &mut r,
+            7,
+            "_matrix-fed._tcp.multi.example",
+            &[("a.multi.example", 8448), ("b.multi.example", 8448)],
+        );
+        srv_answer(
+            &mut r,
+            8,
+            "_matrix-fed._tcp.ports.example",
+            &[("x.ports.example", 8448), ("y.ports.example", 443)],
+        );
+        // The legacy service name delegates too, and a target named twice counts once.
+        srv_answer(
+            &mut r,
+            9,
+            "_matrix._tcp.legacy.example",
+            &[("fed.legacy.example", 8448)],
+        );
+        srv_answer(
+            &mut r,
+            10,
+            "_matrix-fed._tcp.legacy.example",
+            &[("fed.legacy.example", 8448)],
+        );
+        let view = |c: ClientName, n: Option<&str>, targets: &[&str]| Resolved {
             client: c,
             dialled_name: n.map(str::to_owned),
-            synthetic: false,
+            srv_targets: targets.iter().map(|t| t.to_string()).collect(),
+            ..Resolved::default()
         };
+        use ClientName::{Delegates, Elsewhere, Unrecorded};
+        let agreed = ClientName::Resolved;
         #[rustfmt::skip]
         let cases = [
-            ("203.0.113.8", Some("example.org"), view(ClientName::Elsewhere, Some("matrix.example.org"))),
-            ("203.0.113.8", Some("matrix.example.org"), view(ClientName::Resolved, Some("matrix.example.org"))),
-            ("198.51.100.1", Some("example.org"), view(ClientName::Resolved, Some("example.org"))),
-            ("198.51.100.1", Some("EXAMPLE.org."), view(ClientName::Resolved, Some("example.org"))),
-            ("203.0.113.8", None, view(ClientName::Unrecorded, Some("matrix.example.org"))),
-            ("203.0.113.8", Some("other.example"), view(ClientName::Unrecorded, Some("matrix.example.org"))),
-            ("192.0.2.200", Some("example.org"), view(ClientName::Elsewhere, None)),
-            ("192.0.2.200", None, view(ClientName::Unrecorded, None)),
+            // The target's address, recorded: the name behind it is among the targets.
+            ("203.0.113.8:8448", Some("example.org"), view(Delegates, Some("matrix.example.org"), &["matrix.example.org"])),
+            ("203.0.113.8:8448", Some("matrix.example.org"), view(agreed, Some("matrix.example.org"), &[])),
+            // The server name's own address (no SRV used): SNI agrees.
+            ("198.51.100.1:8448", Some("example.org"), view(agreed, Some("example.org"), &[])),
+            ("198.51.100.1:8448", Some("EXAMPLE.org."), view(agreed, Some("example.org"), &[])),
+            // Delegated, the target resolved off the wire: the targets on the dialled port.
+            ("192.0.2.50:8448", Some("hosts.example"), view(Delegates, None, &["fed.hosts.example"])),
+            ("192.0.2.51:8448", Some("multi.example"), view(Delegates, None, &["a.multi.example", "b.multi.example"])),
+            ("192.0.2.52:8448", Some("ports.example"), view(Delegates, None, &["x.ports.example"])),
+            ("192.0.2.52:443", Some("ports.example"), view(Delegates, None, &["y.ports.example"])),
+            ("192.0.2.52:9000", Some("ports.example"), view(Delegates, None, &[])),
+            ("192.0.2.53:8448", Some("legacy.example"), view(Delegates, None, &["fed.legacy.example"])),
+            // Delegated, and dialled on a port no target has.
+            ("192.0.2.200:443", Some("example.org"), view(Delegates, None, &[])),
+            // Not delegated, resolved elsewhere; or nothing recorded.
+            ("192.0.2.200:443", Some("www.example.net"), view(Elsewhere, None, &[])),
+            ("192.0.2.200:443", None, view(Unrecorded, None, &[])),
+            ("203.0.113.8:443", None, view(Unrecorded, Some("matrix.example.org"), &[])),
+            ("203.0.113.8:443", Some("other.example"), view(Unrecorded, Some("matrix.example.org"), &[])),
             // The asked name wins over the chain's; the chain's names still verify SNI.
-            ("2001:db8::7", None, view(ClientName::Unrecorded, Some("www.example.net"))),
-            ("2001:db8::7", Some("edge.cdn.example"), view(ClientName::Resolved, Some("www.example.net"))),
+            ("[2001:db8::7]:443", None, view(Unrecorded, Some("www.example.net"), &[])),
+            ("[2001:db8::7]:443", Some("edge.cdn.example"), view(agreed, Some("www.example.net"), &[])),
         ];
         for (dialled, sni, expected) in cases {
+            let dialled: std::net::SocketAddr = dialled.parse().unwrap();
             assert_eq!(
-                r.resolved(NS, ip(dialled), sni, now),
+                r.resolved(NS, dialled.ip(), dialled.port(), sni, now),
                 expected,
                 "{dialled} {sni:?}"
             );
         }
+        // The resolver the queries went to is known as one; another address is not.
+        assert!(r.resolved(NS, SERVER, 53, None, now).resolver);
+        assert!(!r.resolved(NS, ip("192.0.2.200"), 53, None, now).resolver);
+        assert!(!r.resolved(NS, SERVER, 53, None, now + RESOLVER_MEMORY).resolver);
         // Another namespace knows nothing of it; an IPv4-mapped address is the IPv4 one.
         assert_eq!(
-            r.resolved(NS + 1, ip("203.0.113.8"), None, now),
+            r.resolved(NS + 1, ip("203.0.113.8"), 443, None, now),
             Resolved::default()
         );
         assert_eq!(
-            r.resolved(NS, ip("::ffff:203.0.113.8"), None, now)
+            r.resolved(NS, ip("::ffff:203.0.113.8"), 443, None, now)
                 .dialled_name
                 .as_deref(),
             Some("matrix.example.org")
@@ -656,9 +750,12 @@ mod tests {
         );
         // TTLs: the CDN answer (60 s) is gone after 2 minutes, the others (300 s) are not.
         let later = now + Duration::from_secs(120);
-        assert_eq!(r.resolved(NS, ip("2001:db8::7"), None, later).dialled_name, None);
+        assert_eq!(
+            r.resolved(NS, ip("2001:db8::7"), 443, None, later).dialled_name,
+            None
+        );
         assert!(
-            r.resolved(NS, ip("203.0.113.8"), None, later)
+            r.resolved(NS, ip("203.0.113.8"), 443, None, later)
                 .dialled_name
                 .is_some()
         );
@@ -671,12 +768,12 @@ mod tests {
             now,
         );
         assert!(
-            r.resolved(NS, ip("192.0.2.9"), None, now + MIN_TTL / 2)
+            r.resolved(NS, ip("192.0.2.9"), 443, None, now + MIN_TTL / 2)
                 .dialled_name
                 .is_some()
         );
         assert!(
-            r.resolved(NS, ip("192.0.2.9"), None, now + MIN_TTL * 2)
+            r.resolved(NS, ip("192.0.2.9"), 443, None, now + MIN_TTL * 2)
                 .dialled_name
                 .is_none()
         );
@@ -751,7 +848,7 @@ mod tests {
             let mut r = Records::default();
             assert_eq!(run(&mut r), Outcome::Unsolicited, "{case}");
             assert_eq!(
-                r.resolved(NS, ip("203.0.113.8"), None, now),
+                r.resolved(NS, ip("203.0.113.8"), 443, None, now),
                 Resolved::default(),
                 "{case}"
             );
@@ -768,8 +865,14 @@ mod tests {
             vec![a("bank.example", "203.0.113.10", 300)],
             now,
         );
-        assert_eq!(r.resolved(NS, ip("203.0.113.9"), None, now).dialled_name, None);
-        assert_eq!(r.resolved(NS, ip("203.0.113.10"), None, now).dialled_name, None);
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.9"), 443, None, now).dialled_name,
+            None
+        );
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.10"), 443, None, now).dialled_name,
+            None
+        );
         // Garbage and cut messages are refused, not half-read.
         let bytes = answer(&q, good.clone(), vec![]).to_vec().unwrap();
         for broken in [
@@ -808,8 +911,14 @@ mod tests {
             ],
             now,
         );
-        assert_eq!(r.resolved(NS, ip("203.0.113.20"), None, now).dialled_name, None);
-        assert_eq!(r.resolved(NS, ip("203.0.113.21"), None, now).dialled_name, None);
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.20"), 443, None, now).dialled_name,
+            None
+        );
+        assert_eq!(
+            r.resolved(NS, ip("203.0.113.21"), 443, None, now).dialled_name,
+            None
+        );
         exchange(
             &mut r,
             query(2, "fed.example.org", RecordType::A),
@@ -818,19 +927,19 @@ mod tests {
             now,
         );
         assert_eq!(
-            r.resolved(NS, ip("203.0.113.20"), Some("example.org"), now)
+            r.resolved(NS, ip("203.0.113.20"), 443, Some("example.org"), now)
                 .dialled_name
                 .as_deref(),
             Some("fed.example.org")
         );
         // example.org itself was never resolved, but it delegates to the dialled name.
         assert_eq!(
-            r.resolved(NS, ip("203.0.113.20"), Some("example.org"), now)
+            r.resolved(NS, ip("203.0.113.20"), 443, Some("example.org"), now)
                 .client,
-            ClientName::Elsewhere
+            ClientName::Delegates
         );
         assert_eq!(
-            r.resolved(NS, ip("203.0.113.20"), Some("other.example"), now)
+            r.resolved(NS, ip("203.0.113.20"), 443, Some("other.example"), now)
                 .client,
             ClientName::Unrecorded
         );
@@ -882,11 +991,11 @@ mod tests {
         let last = MAX_ENTRIES as u32 * 3 - 1;
         let newest = IpAddr::V4(Ipv4Addr::from(0xc633_6400 + last));
         assert_eq!(
-            r.resolved(NS, newest, None, now).dialled_name,
+            r.resolved(NS, newest, 443, None, now).dialled_name,
             Some(format!("n{last}.flood.example"))
         );
         assert_eq!(
-            r.resolved(NS, IpAddr::V4(Ipv4Addr::from(0xc633_6400)), None, now)
+            r.resolved(NS, IpAddr::V4(Ipv4Addr::from(0xc633_6400)), 443, None, now)
                 .dialled_name,
             None
         );
@@ -940,7 +1049,7 @@ mod tests {
             observe_in(&mut r, netns, 1, SERVER, true, &reply, now);
         }
         assert_eq!(
-            r.resolved(NS, ip("203.0.113.1"), None, now)
+            r.resolved(NS, ip("203.0.113.1"), 443, None, now)
                 .dialled_name
                 .as_deref(),
             Some("kept.example")

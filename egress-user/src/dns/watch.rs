@@ -111,13 +111,33 @@ impl Watch {
         }
     }
 
-    /// What the application in the network namespace `netns` resolved about `address` and `name`.
-    pub fn resolved(&self, netns: u64, address: IpAddr, name: Option<&str>) -> Resolved {
+    /// What the application in the network namespace `netns` resolved about `address` (dialled
+    /// on `port`) and `name`.
+    pub fn resolved(&self, netns: u64, address: IpAddr, port: u16, name: Option<&str>) -> Resolved {
         self.drain();
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .resolved(netns, address, name, Instant::now())
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).resolved(
+            netns,
+            address,
+            port,
+            name,
+            Instant::now(),
+        )
+    }
+
+    /// Records a DNS message carried over TCP (DNS over TCP in observe mode), as the kernel's
+    /// copies of UDP ones are: `socket` names the connection.
+    pub fn observe_tcp(&self, netns: u64, socket: u64, server: IpAddr, answer: bool, message: &[u8]) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.observe(
+            Observed {
+                netns,
+                socket,
+                server,
+                answer,
+                message,
+            },
+            Instant::now(),
+        );
     }
 
     /// The record's entries about `address` and/or `name`, by namespace, and its SRV delegations.

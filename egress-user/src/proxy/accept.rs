@@ -4,7 +4,7 @@
 //! client: nothing goes direct unless the plan said direct.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -18,13 +18,18 @@ use tokio::{
 
 use super::{
     decision::Decision,
+    dns_tcp,
     forward::{self, Forward},
     relay::{self, reset},
     sniff::{self, Sniff},
 };
 use crate::{
     agent::Agent,
-    route::plan::{Action, Plan, Sniffed, plan},
+    dns::lookup::View,
+    route::{
+        plan::{Action, Plan, Protocol, Resolved, Sniffed, plan},
+        policy::RuleKind,
+    },
     upstream::{self, ProxyClient, Role, UpstreamStream},
     workloads::ClientNetns,
 };
@@ -71,13 +76,19 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
     decision.protocol = Some(sniffed.protocol());
     decision.name = sniffed.name().map(str::to_owned);
 
-    let resolved = agent.names.resolved(netns.cookie, original.ip(), sniffed.name());
+    let mut resolved = agent
+        .names
+        .resolved(netns.cookie, original.ip(), original.port(), sniffed.name());
+    if resolved.needs_lookup() && sniffed.protocol() != Protocol::Http {
+        look_up_srv_targets(agent, &netns, &mut resolved, original.ip(), decision).await;
+    }
     let Plan {
         action,
         rule,
         name,
         named_by,
     } = plan(&routing.rules(), routing.proxies(), original, &sniffed, &resolved);
+    let dns_over_tcp = rule.kind == RuleKind::Resolver;
     decision.resolved_name = resolved.dialled_name;
     decision.named_by = Some(named_by);
     decision.route_name = name;
@@ -88,6 +99,15 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
             let started = Instant::now();
             let timeout = settings.connect_timeout.get();
             match connect_direct(agent, netns, to, settings.agent_mark.0, timeout).await {
+                Ok(stream) if dns_over_tcp => {
+                    let observer = dns_tcp::Observer {
+                        watch: &agent.names.record,
+                        netns: netns.cookie,
+                        resolver: to.ip(),
+                        connection: (1 << 63) | decision.id,
+                    };
+                    dns_tcp::relay(client, stream, first_bytes, observer, decision).await
+                }
                 Ok(stream) => {
                     agent.metrics.upstream_latency(started.elapsed());
                     relay::relay(
@@ -125,6 +145,50 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
             tunnel(agent, proxy, &target, client, first_bytes.freeze(), decision).await;
         }
     }
+}
+
+/// Looks up the SRV targets of a delegated connection in the client's view (its hosts file, for
+/// a container; the system resolver, for the host), keeping those at the dialled address.
+async fn look_up_srv_targets(
+    agent: &Agent,
+    netns: &ClientNetns,
+    resolved: &mut Resolved,
+    address: IpAddr,
+    decision: &mut Decision,
+) {
+    let lookups = &agent.names.lookups;
+    let started = Instant::now();
+    let hosts_file = match netns.id {
+        None => None,
+        Some(id) => {
+            let text = match lookups.cached_hosts_file(netns.cookie) {
+                Some(text) => text,
+                None => {
+                    let read = agent.workloads.hosts_file(id).await;
+                    if let Err(e) = &read {
+                        tracing::debug!("{e:#}");
+                    }
+                    let text = read.ok().map(Arc::from);
+                    lookups.keep_hosts_file(netns.cookie, text.clone());
+                    text
+                }
+            };
+            match text {
+                Some(text) => Some(text),
+                None => {
+                    decision.lookup = Some("failed");
+                    return;
+                }
+            }
+        }
+    };
+    let view = match &hosts_file {
+        None => View::System,
+        Some(text) => View::HostsFile(text),
+    };
+    let looked = lookups.narrow(netns.cookie, &view, resolved, address).await;
+    decision.lookup = Some(looked.as_str());
+    decision.lookup_us = Some(started.elapsed().as_micros() as u64);
 }
 
 /// A direct connection leaves from the client's own network namespace, so that it is routed and

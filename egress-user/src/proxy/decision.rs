@@ -50,6 +50,9 @@ pub struct Decision {
     /// The name the plan went by (policy, CONNECT target), and where it came from.
     pub route_name: Option<String>,
     pub named_by: Option<TargetName>,
+    /// The agent's own lookup of SRV targets (`done`, `failed`), and how long it took.
+    pub lookup: Option<&'static str>,
+    pub lookup_us: Option<u64>,
     /// The plan's action (`deny`, `direct`, `proxy-connect`, `proxy-forward`), once planned.
     pub route: Option<&'static str>,
     pub rule: Option<Rule>,
@@ -88,6 +91,8 @@ impl Decision {
             resolved_name: None,
             route_name: None,
             named_by: None,
+            lookup: None,
+            lookup_us: None,
             route: None,
             rule: None,
             upstream: None,
@@ -161,6 +166,8 @@ impl Decision {
                     dns_name = %display_opt(&self.resolved_name),
                     route_name = %display_opt(&self.route_name),
                     named_by = %self.named_by.map_or("-", TargetName::as_str),
+                    lookup = %self.lookup.unwrap_or("-"),
+                    lookup_us = %display_opt(&self.lookup_us),
                     route = %self.route.unwrap_or("none"),
                     rule = ?self.rule.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
                     rule_kind = %self.rule_kind(),

@@ -14,6 +14,8 @@ use crate::{
     route::policy::{Disposition, Policy, Rule, RuleKind},
 };
 
+const DNS_PORT: u16 = 53;
+
 /// What a connection's first bytes said (see `proxy::sniff`, which reads them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sniffed {
@@ -58,9 +60,11 @@ pub enum ClientName {
     Unrecorded,
     /// It resolved to the dialled address.
     Resolved,
-    /// It resolved, but not to the dialled address (SRV delegation: SNI names the server,
-    /// the address is the SRV target's).
+    /// It resolved, but not to the dialled address, and delegates nowhere.
     Elsewhere,
+    /// It delegates by SRV (`_matrix-fed._tcp.NAME`), and the dialled address is not one of its
+    /// own: SNI names the server, the address is an SRV target's.
+    Delegates,
 }
 
 /// What the record of the application's DNS answers knows about a connection (see `dns`).
@@ -73,6 +77,30 @@ pub struct Resolved {
     /// the proxy, by name.
     #[serde(default)]
     pub synthetic: bool,
+    /// When the client's name delegates: its SRV targets on the dialled port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub srv_targets: Vec<String>,
+    /// `srv_targets` were narrowed by the agent's own lookup (in the client's view: hosts file,
+    /// nscd, systemd-resolved) to those that resolve to the dialled address.
+    #[serde(default)]
+    pub looked_up: bool,
+    /// The dialled address is a resolver the application sent DNS queries to (over UDP, lately).
+    #[serde(default)]
+    pub resolver: bool,
+}
+
+impl Resolved {
+    /// Whether the agent should look the SRV targets up itself: the client's name delegates, the
+    /// record has no name for the dialled address among them, and a target could be it.
+    pub fn needs_lookup(&self) -> bool {
+        self.client == ClientName::Delegates
+            && !self.looked_up
+            && !self.srv_targets.is_empty()
+            && !self
+                .dialled_name
+                .as_ref()
+                .is_some_and(|dialled| self.srv_targets.contains(dialled))
+    }
 }
 
 /// Which name a proxied connection is CONNECTed (or forwarded) by, for the decision log.
@@ -87,6 +115,12 @@ pub enum TargetName {
     /// The name the application resolved to the dialled address (the client named none, or
     /// one that resolved elsewhere).
     Resolved,
+    /// The one SRV target of the client's name on the dialled port (its address was resolved
+    /// where egress cannot see: hosts file, nscd, systemd-resolved).
+    SrvTarget,
+    /// The one SRV target of the client's name that the agent's own lookup found at the dialled
+    /// address.
+    SrvLookup,
     /// The address: no name fits it, or `connect_by_ip`.
     Address,
 }
@@ -98,6 +132,8 @@ impl TargetName {
             TargetName::ClientUnrecorded => "client_unrecorded",
             TargetName::ClientElsewhere => "client_elsewhere",
             TargetName::Resolved => "dns",
+            TargetName::SrvTarget => "srv_target",
+            TargetName::SrvLookup => "srv_lookup",
             TargetName::Address => "address",
         }
     }
@@ -225,9 +261,10 @@ pub struct Plan<'a, P> {
 }
 
 /// The name a connection goes by: the client's, if the application's DNS did not say it stands
-/// for another address; else the name that did resolve to the dialled address; else none.
-/// A plain-HTTP request keeps its Host whatever DNS said: the origin's virtual hosting and the
-/// proxy's absolute-form URL depend on it.
+/// for another address; else the name that did resolve to the dialled address; else, when the
+/// client's name delegates by SRV, its one target on the dialled port; else none. Never a name
+/// the evidence says points elsewhere. A plain-HTTP request keeps its Host whatever DNS said: the
+/// origin's virtual hosting and the proxy's absolute-form URL depend on it.
 fn choose_name(
     protocol: Protocol,
     client: Option<&str>,
@@ -244,8 +281,18 @@ fn choose_name(
         }
         (Some(name), ClientName::Resolved) => (Some(name.to_owned()), TargetName::Client),
         (Some(name), ClientName::Unrecorded) => (Some(name.to_owned()), TargetName::ClientUnrecorded),
-        (Some(name), ClientName::Elsewhere) if protocol == Protocol::Http => {
+        (Some(name), ClientName::Elsewhere | ClientName::Delegates) if protocol == Protocol::Http => {
             (Some(name.to_owned()), TargetName::ClientElsewhere)
+        }
+        (Some(_), ClientName::Delegates) => {
+            let targets = &resolved.srv_targets;
+            match (&resolved.dialled_name, targets.as_slice()) {
+                (Some(name), _) if targets.contains(name) => dialled(),
+                (_, [only]) if resolved.looked_up => (Some(only.clone()), TargetName::SrvLookup),
+                (_, [only]) => (Some(only.clone()), TargetName::SrvTarget),
+                // Several targets on that port, or none: the address is the one sure thing.
+                _ => (None, TargetName::Address),
+            }
         }
         (Some(_), ClientName::Elsewhere) | (None, _) => dialled(),
     }
@@ -267,6 +314,23 @@ pub fn plan<'a, P>(
     resolved: &Resolved,
 ) -> Plan<'a, P> {
     let protocol = sniffed.protocol();
+    // DNS over TCP (a truncated answer's retry) to a resolver the application asked over UDP:
+    // direct, like the UDP it follows (proxies refuse CONNECT to port 53), and read like it.
+    if protocol == Protocol::Unknown && dst.port() == DNS_PORT && resolved.resolver && !resolved.synthetic {
+        let (action, rule) = match rules.policy.denied(dst.ip()) {
+            Some(rule) => (Action::Deny, rule),
+            None => (
+                Action::Direct { to: dst },
+                Rule::new(RuleKind::Resolver, dst.ip().to_string()),
+            ),
+        };
+        return Plan {
+            action,
+            rule,
+            name: None,
+            named_by: TargetName::Address,
+        };
+    }
     let proxy = match (protocol, rules.default_route) {
         (Protocol::Http, _) => proxies.http,
         (Protocol::Tls, _) | (Protocol::Unknown, DefaultRoute::Proxy) => proxies.https,
@@ -495,16 +559,69 @@ mod tests {
         let known = |client: ClientName, dialled: Option<&str>| Resolved {
             client,
             dialled_name: dialled.map(str::to_owned),
-            synthetic: false,
+            ..Resolved::default()
         };
-        use ClientName::{Elsewhere, Unrecorded};
+        let delegated = |dialled: Option<&str>, targets: &[&str], looked_up: bool| Resolved {
+            srv_targets: targets.iter().map(|t| t.to_string()).collect(),
+            looked_up,
+            ..known(Delegates, dialled)
+        };
+        let resolver = Resolved {
+            resolver: true,
+            ..Resolved::default()
+        };
+        use ClientName::{Delegates, Elsewhere, Unrecorded};
         let agreed = ClientName::Resolved;
         #[rustfmt::skip]
         let cases: &[(&str, &str, Sniffed, Resolved, &str, TargetName)] = &[
             // SRV delegation: SNI is the server name, whose own address is elsewhere; the address
             // dialled is the SRV target's. CONNECT by the target, as Synapse's own proxy code does.
-            (proxies, "93.184.216.8:8448", tls(Some("example.org")), known(Elsewhere, Some("matrix.example.org")),
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")),
+                delegated(Some("matrix.example.org"), &["matrix.example.org"], false),
                 "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::Resolved),
+            // The target's address was resolved off the wire (hosts file, nscd, resolved): the
+            // one target on the dialled port; confirmed by the agent's own lookup, or not.
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")), delegated(None, &["fed.example.org"], false),
+                "connect fed.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::SrvTarget),
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")), delegated(None, &["fed.example.org"], true),
+                "connect fed.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::SrvLookup),
+            // The address is known under a name that is no target: still the target.
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")),
+                delegated(Some("cdn.example"), &["fed.example.org"], false),
+                "connect fed.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::SrvTarget),
+            // Several targets on that port, none, or none the lookup found there: the address,
+            // never the server name, which points elsewhere.
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")),
+                delegated(None, &["a.example.org", "b.example.org"], false),
+                "connect 93.184.216.8:8448 via tls-proxy:3128 [proxy]", TargetName::Address),
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")), delegated(None, &[], false),
+                "connect 93.184.216.8:8448 via tls-proxy:3128 [proxy]", TargetName::Address),
+            (proxies, "93.184.216.8:8448", tls(Some("example.org")), delegated(None, &[], true),
+                "connect 93.184.216.8:8448 via tls-proxy:3128 [proxy]", TargetName::Address),
+            // A target is a claim like SNI: the policy decides by it (a no_proxy target goes
+            // direct; a local one is refused).
+            (proxies, "93.184.216.9:8448", tls(Some("example.org")), delegated(None, &["relay.internal.example"], true),
+                "direct 93.184.216.9:8448 [no_proxy relay.internal.example]", TargetName::SrvLookup),
+            (proxies, "93.184.216.9:8448", tls(Some("example.org")), delegated(None, &["localhost"], false),
+                "deny [local name localhost]", TargetName::SrvTarget),
+            // Plain HTTP to a delegating name keeps its Host.
+            (proxies, "93.184.216.8:80", http(Some("example.org")), delegated(None, &["fed.example.org"], false),
+                "forward example.org via http-proxy:8080 [proxy]", TargetName::ClientElsewhere),
+            // .well-known delegation: Synapse dials the delegated host with SNI set to it; the
+            // SNI is right whether the record saw its address or not.
+            (proxies, "93.184.216.8:8448", tls(Some("matrix.example.org")), known(Unrecorded, None),
+                "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::ClientUnrecorded),
+            // DNS over TCP to a resolver the application asked over UDP: direct, unless
+            // blacklisted; to any other address, as before (the proxy, by address).
+            (proxies, "93.184.216.53:53", Sniffed::Other, resolver.clone(),
+                "direct 93.184.216.53:53 [DNS over TCP to the application's resolver 93.184.216.53]",
+                TargetName::Address),
+            (proxies, "10.0.0.53:53", Sniffed::Other, resolver.clone(),
+                "deny [ip_range_blacklist 10.0.0.0/8]", TargetName::Address),
+            (proxies, "93.184.216.53:53", Sniffed::Other, Resolved::default(),
+                "connect 93.184.216.53:53 via tls-proxy:3128 [proxy]", TargetName::Address),
+            (proxies, "93.184.216.53:53", tls(None), resolver.clone(),
+                "connect 93.184.216.53:53 via tls-proxy:3128 [proxy]", TargetName::Address),
             // SNI agrees with DNS: by SNI.
             (proxies, "93.184.216.8:8448", tls(Some("matrix.example.org")), known(agreed, Some("matrix.example.org")),
                 "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::Client),
@@ -542,6 +659,7 @@ mod tests {
             client,
             dialled_name: Some("matrix.example.org".to_owned()),
             synthetic: true,
+            ..Resolved::default()
         };
         let https_only = "https_proxy = \"http://tls-proxy:3128\"";
         let mut cases = cases.to_vec();

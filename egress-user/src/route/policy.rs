@@ -434,6 +434,8 @@ pub enum RuleKind {
     LocalName,
     /// A synthetic address (synthetic DNS) that the route would reach directly: it has no host.
     Synthetic,
+    /// DNS over TCP to a resolver the application asked over UDP: direct, read like UDP.
+    Resolver,
 }
 
 impl RuleKind {
@@ -446,6 +448,7 @@ impl RuleKind {
             RuleKind::DefaultRoute => "default_route",
             RuleKind::LocalName => "local_name",
             RuleKind::Synthetic => "synthetic",
+            RuleKind::Resolver => "resolver",
         }
     }
 }
@@ -488,6 +491,7 @@ impl fmt::Display for Rule {
                 "synthetic address {}: only the proxy reaches its name",
                 self.detail
             ),
+            RuleKind::Resolver => write!(f, "DNS over TCP to the application's resolver {}", self.detail),
         }
     }
 }

@@ -13,6 +13,9 @@
 //! - `Connect`: a direct connection started inside one of them (never to loopback: a
 //!   container's loopback-only services stay out of the agent's reach);
 //! - `Forget`: let go of a namespace;
+//! - `HostsFile`: the hosts file (`/etc/hosts`) of the process found in one of those namespaces,
+//!   read inside that process's root (symbolic links cannot leave it), at most 64 KiB: the SRV
+//!   targets a container resolved from its hosts file, for the agent to check;
 //! - `ContainerName`: ask the container engine (whose socket only root may use) for the name of
 //!   the container with a given id.
 //!
@@ -77,6 +80,9 @@ enum Request {
     Forget {
         netns: NetnsId,
     },
+    HostsFile {
+        netns: NetnsId,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -91,6 +97,8 @@ enum Reply {
     /// One socket follows, its connect started (non-blocking).
     Connecting,
     Container(Option<String>),
+    /// A hosts file's text.
+    Text(String),
     Done,
     Failed(String),
 }
@@ -215,6 +223,14 @@ impl Helper {
     pub fn container_name(&self, id: &str) -> Result<Option<String>> {
         match self.call(&Request::ContainerName { id: id.to_owned() })? {
             (Reply::Container(name), _) => Ok(name),
+            (other, _) => bail!("namespace helper: unexpected reply {other:?}"),
+        }
+    }
+
+    /// The hosts file of the process the last scan found in `netns`.
+    pub fn hosts_file(&self, netns: NetnsId) -> Result<String> {
+        match self.call(&Request::HostsFile { netns })? {
+            (Reply::Text(text), _) => Ok(text),
             (other, _) => bail!("namespace helper: unexpected reply {other:?}"),
         }
     }
@@ -368,6 +384,20 @@ impl HelperState {
                 self.known.remove(&netns);
                 Ok((Reply::Done, Vec::new()))
             }
+            Request::HostsFile { netns } => {
+                let Some((pid, _)) = self.known.get(&netns) else {
+                    bail!("network namespace {netns} is not one of an intercepted process");
+                };
+                let pid = *pid;
+                // The process must still be in it (a pid can be reused).
+                if std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino() != netns {
+                    bail!("process {pid} left network namespace {netns}");
+                }
+                Ok((
+                    Reply::Text(read_in_root(pid, "etc/hosts", MAX_HOSTS_FILE)?),
+                    Vec::new(),
+                ))
+            }
         }
     }
 
@@ -450,6 +480,46 @@ impl HelperState {
         self.known = known;
         Ok(found.into_iter().collect())
     }
+}
+
+/// The most of a hosts file read.
+const MAX_HOSTS_FILE: usize = 64 * 1024;
+
+/// Reads `path` (relative) as process `pid` sees it: resolved inside its root directory, so that
+/// no symbolic link there can name a file of the host (openat2 with RESOLVE_IN_ROOT, Linux 5.6).
+/// At most `limit` bytes; not valid UTF-8 is an error.
+fn read_in_root(pid: u32, path: &str, limit: usize) -> Result<String> {
+    use std::{ffi::CString, io::Read};
+    let root = std::fs::File::open(format!("/proc/{pid}/root"))
+        .with_context(|| format!("opening the root directory of process {pid}"))?;
+    let name = CString::new(path)?;
+    // SAFETY: open_how is plain data; all-zero is a valid value to fill in.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid directory descriptor, a NUL-terminated path and an open_how
+    // of the size passed; the returned descriptor (if any) is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening /{path} in the root of process {pid}"));
+    }
+    // SAFETY: a descriptor openat2 just returned, owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd as RawFd) };
+    if !file.metadata()?.is_file() {
+        bail!("/{path} of process {pid} is not a regular file");
+    }
+    let mut bytes = Vec::new();
+    file.take(limit as u64).read_to_end(&mut bytes)?;
+    String::from_utf8(bytes).with_context(|| format!("/{path} of process {pid} is not UTF-8"))
 }
 
 /// Every process in the cgroup `root` and below (at most [`MAX_CGROUPS_WALKED`] cgroups: a

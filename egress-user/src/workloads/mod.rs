@@ -171,6 +171,14 @@ impl Workloads {
     pub async fn connect(&self, id: NetnsId, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
         namespaces::connect(&self.helper, id, to, timeout).await
     }
+
+    /// The hosts file (`/etc/hosts`) of the processes in namespace `id`, as they see it.
+    pub async fn hosts_file(&self, id: NetnsId) -> Result<String> {
+        let helper = self.helper.clone();
+        tokio::task::spawn_blocking(move || helper.hosts_file(id))
+            .await?
+            .with_context(|| format!("reading the hosts file of network namespace {id}"))
+    }
 }
 
 /// Forgets the scopes whose cgroup has no scoped link pinned any more (detached, or gone),

@@ -165,7 +165,7 @@ impl PeerHomeserver {
         let etc_guard = EtcGuard(etc.clone());
         std::fs::write(etc.join("hosts"), format!("127.0.0.1 localhost\n{hosts}"))?;
         std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
-        let dns = super::start_dnsmasq_on(&bed.origin, &dir, "127.0.0.1", hosts, srv, &["--local=/test/"])?;
+        let dns = super::start_dnsmasq_on(&bed.origin, &dir, "127.0.0.1", hosts, srv, &[])?;
         let python = synapse::venv()?.join("bin/python").to_string_lossy().into_owned();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut command = process::launch(Some(&bed.origin.name), Enter::NetAndEtc, None, &python, &args);

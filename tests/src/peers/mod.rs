@@ -6,6 +6,7 @@
 pub mod docker;
 pub mod federation;
 pub mod kubernetes;
+pub mod resolvers;
 pub mod synapse;
 
 use std::{
@@ -362,6 +363,8 @@ pub fn start_dnsmasq_on(
         "--no-resolv",
         "--no-poll",
         "--no-hosts",
+        // Authoritative for .test: no REFUSED (no upstream) for a type a name lacks.
+        "--local=/test/",
         &listen_arg,
         "--bind-interfaces",
         "--user=root",

@@ -26,7 +26,10 @@ use anyhow::{Context, Result};
 use self::{cgroup::Cgroup, netns::Netns};
 use crate::{
     agent::Agent,
-    peers::{self, Certs, SquidOptions},
+    peers::{
+        self, Certs, SquidOptions,
+        resolvers::{HostView, Resolution},
+    },
     process::{self, ClientResult, Daemon, Enter, egress_bin},
     wait,
 };
@@ -141,6 +144,8 @@ pub struct Testbed {
     agent: Option<Agent>,
     agent_runs: u32,
     dns: Option<Daemon>,
+    /// How the homeserver host resolves names, when a test set it (see [`Testbed::use_host_view`]).
+    view: Option<HostView>,
     /// /etc/netns/<hs>: the resolv.conf and hosts `ip netns exec` gives the homeserver host.
     hs_etc: Option<PathBuf>,
     squid: Option<Daemon>,
@@ -198,6 +203,7 @@ impl Testbed {
             agent_runs: 0,
             dns: None,
             hs_etc: None,
+            view: None,
             squid: None,
             nginx: None,
             cgroup,
@@ -335,7 +341,7 @@ impl Testbed {
         all.extend_from_slice(args);
         let mut command = process::launch(
             Some(&self.hs.name),
-            Enter::Net,
+            self.view_or(Enter::Net),
             self.agent_cgroup.as_deref(),
             bin,
             &all,
@@ -411,7 +417,41 @@ impl Testbed {
     /// `program args...` in the homeserver namespace through `ip netns exec` (so with the
     /// resolver of [`Builder::dns`]), in `cgroup` if given.
     pub fn hs_command(&self, cgroup: Option<&Path>, program: &str, args: &[&str]) -> Command {
-        process::launch(Some(&self.hs.name), Enter::NetAndEtc, cgroup, program, args)
+        process::launch(
+            Some(&self.hs.name),
+            self.view_or(Enter::NetAndEtc),
+            cgroup,
+            program,
+            args,
+        )
+    }
+
+    /// From now on, the homeserver host resolves names as `resolution` says, with `hosts` in its
+    /// hosts file and the builder's dnsmasq as its DNS server: for the agent started next, and
+    /// for Synapse and clients started in the homeserver namespace. Replaces an earlier view.
+    pub fn use_host_view(&mut self, resolution: Resolution, hosts: &str) -> Result<&HostView> {
+        self.use_host_view_with(resolution, hosts, "127.0.0.1")
+    }
+
+    /// [`Self::use_host_view`] with another DNS server.
+    pub fn use_host_view_with(
+        &mut self,
+        resolution: Resolution,
+        hosts: &str,
+        nameserver: &str,
+    ) -> Result<&HostView> {
+        self.view = None;
+        let view = HostView::start(&self.hs, &self.dir, resolution, hosts, nameserver)?;
+        Ok(self.view.insert(view))
+    }
+
+    pub fn host_view(&self) -> Option<&HostView> {
+        self.view.as_ref()
+    }
+
+    /// `default`, or the host view's namespaces when a test set one.
+    fn view_or(&self, default: Enter) -> Enter {
+        self.view.as_ref().map_or(default, |view| Enter::View(view.pid))
     }
 
     /// Runs `program args...` in the homeserver namespace, outside the intercepted cgroups,
@@ -423,7 +463,13 @@ impl Testbed {
     /// The command running `program args...` inside `cgroup`, in the homeserver namespace
     /// (only the network namespace: /sys and its cgroupfs stay visible).
     fn in_cgroup(&self, cgroup: &Path, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
-        process::launch(Some(&self.hs.name), Enter::Net, Some(cgroup), program, args)
+        process::launch(
+            Some(&self.hs.name),
+            self.view_or(Enter::Net),
+            Some(cgroup),
+            program,
+            args,
+        )
     }
 
     /// Runs `program args...` inside the intercepted cgroup, in the homeserver namespace.
@@ -605,6 +651,7 @@ fn wait_listening(ns: &Netns, ports: &[u16], daemon: &mut Daemon) -> Result<()> 
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.kill_agent();
+        self.view.take();
         self.dns.take();
         if let Some(etc) = self.hs_etc.take() {
             let _ = std::fs::remove_dir_all(etc);

@@ -2,12 +2,14 @@
 //! (.well-known delegation, SRV `_matrix-fed._tcp` then `_matrix._tcp`, port 8448), with every
 //! connection routed the way egress routes the homeserver's (kernel decision, policy, CONNECT
 //! through the upstream proxy), then TLS checked for the right name, then the federation
-//! version endpoint asked. Each step is reported.
+//! version endpoint asked. Each step is reported, after how this host resolves names where
+//! egress cannot see ([`resolution`]).
 
 pub mod discovery;
 pub mod dns;
 pub mod probe;
 pub mod report;
+pub mod resolution;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -52,6 +54,17 @@ pub async fn diagnose(routing: &Routing, server_name: &str, options: &Options) -
             return report;
         }
     };
+    let findings = resolution::HostResolution::read().findings();
+    if findings.is_empty() {
+        report.ok(
+            "host resolution",
+            "names are resolved by DNS over UDP/TCP (and localhost entries): egress reads the answers",
+            Value::Null,
+        );
+    }
+    for (status, finding) in findings {
+        report.add("host resolution", status, finding, Value::Null);
+    }
     let (tls, dns) = match (probe::origin_tls(&options.ca_files), Dns::from_system()) {
         (Ok(tls), Ok(dns)) => (tls, dns),
         (Err(e), _) | (_, Err(e)) => {

@@ -162,9 +162,14 @@ impl Probe<'_> {
         };
         // What the running agent learnt from the homeserver's own lookups of this address (the
         // doctor's lookups are not in it): the agent would plan with that.
-        let (admin, name, ip) = (routing.settings.admin_addr.0, tls_name.to_owned(), addr.ip());
+        let (admin, name, ip, port) = (
+            routing.settings.admin_addr.0,
+            tls_name.to_owned(),
+            addr.ip(),
+            addr.port(),
+        );
         let record =
-            tokio::task::spawn_blocking(move || crate::diag::explain::agent_record(admin, &name, ip))
+            tokio::task::spawn_blocking(move || crate::diag::explain::agent_record(admin, &name, ip, port))
                 .await
                 .unwrap_or_default();
         report.info(
