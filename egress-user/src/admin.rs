@@ -128,8 +128,8 @@ async fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
     {
         agent
             .names
-            .lookups
-            .narrow(own, &crate::dns::lookup::View::System, resolved, ip)
+            .admin_lookups
+            .narrow(own, &crate::dns::lookup::View::System, resolved, name, ip)
             .await;
     }
     let mut report = String::new();

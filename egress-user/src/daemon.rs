@@ -113,6 +113,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }))
         }),
         lookups: dns::lookup::Lookups::new(),
+        admin_lookups: dns::lookup::Lookups::new(),
     };
     let user = settings.user.clone();
     let worker_threads = settings.worker_threads;

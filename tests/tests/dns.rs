@@ -438,9 +438,9 @@ fn srv_targets_resolved_off_the_wire_are_connected_by_name() {
 
 /// A resolver that truncates over UDP (dnsmasq, past 512 bytes for a client without EDNS), as
 /// glibc meets it: it asks again over TCP to port 53. That connection goes direct to the resolver
-/// the application asked over UDP (a proxy would refuse CONNECT to port 53), and its answer is
-/// read into the record like a UDP one. TCP to port 53 of an address the application never asked
-/// goes the usual way, and a stream to the resolver that is not DNS is reset.
+/// the application is configured with and that just truncated (a proxy would refuse CONNECT to
+/// port 53), and its answer is read into the record like a UDP one. TCP to port 53 of any other
+/// address goes the usual way, and a stream to the resolver that is not strictly DNS is reset.
 #[test]
 fn dns_over_tcp_after_a_truncated_answer_reaches_the_resolver_and_is_read() {
     let mut bed = Testbed::builder().squid().dns("", &[]).build().unwrap();
@@ -478,25 +478,40 @@ fn dns_over_tcp_after_a_truncated_answer_reaches_the_resolver_and_is_read() {
     let (_, record) = bed.agent().admin_get("/dns?name=big.test").unwrap();
     assert_eq!(record.matches("big.test -> 10.249.7.").count(), 40, "{record}");
 
-    // Not DNS, to the same resolver: reset, never relayed.
+    // Not DNS, to the same resolver: reset, never relayed. Nor a real query with a payload
+    // after it in the same frame (a tunnel dressed as DNS).
     let garbage = r#"
-import socket, sys
+import socket, struct, sys
+if sys.argv[2] == "http":
+    frame = b"GET / HTTP/1.1\r\n\r\n"
+else:
+    labels = b"".join(bytes([len(l)]) + l.encode() for l in "big.test".split("."))
+    frame = struct.pack(">HHHHHH", 5, 0x0100, 1, 0, 0, 0) + labels + b"\x00" + struct.pack(">HH", 1, 1) + b"payload"
 s = socket.create_connection((sys.argv[1], 53), timeout=5)
-s.sendall(b"\x00\x10GET / HTTP/1.1\r\n\r\n")
+s.sendall(struct.pack(">H", len(frame)) + frame)
 try:
     print("eof" if not s.recv(100) else "answered")
 except ConnectionResetError:
     print("reset")
 "#;
-    let out = bed.run_in_cgroup("python3", &["-c", garbage, PROXY_IP]).unwrap();
-    assert_eq!(out.stdout.trim(), "reset", "{out:?}");
-    let refused = bed
-        .agent()
-        .wait_decision(&[("target", &format!("{PROXY_IP}:53")), ("outcome", &"error")])
-        .unwrap();
-    assert!(refused.get("error").contains("no DNS message"), "{refused}");
+    for (kind, error) in [
+        ("http", "no DNS message"),
+        ("trailing", "7 bytes after a DNS message"),
+    ] {
+        let out = bed
+            .run_in_cgroup("python3", &["-c", garbage, PROXY_IP, kind])
+            .unwrap();
+        assert_eq!(out.stdout.trim(), "reset", "{kind}: {out:?}");
+        let refused = bed
+            .agent()
+            .wait_line(error, |l| l.is_decision() && l.get("error").contains(error))
+            .unwrap();
+        assert_eq!(refused.get("target"), format!("{PROXY_IP}:53"), "{refused}");
+    }
     // TCP to port 53 of an address the application never asked: through the proxy as before.
-    let out = bed.run_in_cgroup("python3", &["-c", garbage, ORIGIN_IP]).unwrap();
+    let out = bed
+        .run_in_cgroup("python3", &["-c", garbage, ORIGIN_IP, "http"])
+        .unwrap();
     assert_ne!(out.stdout.trim(), "answered", "{out:?}");
     let other = bed
         .agent()

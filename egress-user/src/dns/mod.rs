@@ -21,8 +21,11 @@ pub struct Names {
     pub record: Arc<Watch>,
     /// Synthetic DNS, when configured.
     pub synthetic: Option<Arc<server::Synthesizer>>,
-    /// The agent's own lookups of SRV targets.
+    /// The agent's own lookups of SRV targets, for connections.
     pub lookups: lookup::Lookups,
+    /// The same for the admin listener's `/dns` (`egress explain`): its own bound, so that local
+    /// users asking cannot take the connections' lookups.
+    pub admin_lookups: lookup::Lookups,
 }
 
 impl Names {

@@ -35,9 +35,10 @@ pub const MAX_DELEGATIONS: usize = 256;
 pub const MAX_SRV_TARGETS: usize = 8;
 /// How long a query waits for its answer.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Resolvers kept per namespace, and how long one counts as asked after its last query.
+/// Resolvers kept per namespace that sent a truncated answer, and how long such an answer
+/// stands for the retry over TCP it calls for.
 pub const MAX_RESOLVERS: usize = 16;
-pub const RESOLVER_MEMORY: Duration = Duration::from_secs(600);
+pub const TRUNCATED_MEMORY: Duration = Duration::from_secs(30);
 /// Records of one answer that are looked at, and CNAME links followed.
 const MAX_RECORDS: usize = 64;
 const MAX_CHAIN: usize = 8;
@@ -94,11 +95,12 @@ pub struct Delegation {
 }
 
 impl Delegation {
-    /// Whether this is a TCP service of `name` (`_matrix-fed._tcp.NAME`; `name` in lower case).
+    /// Whether this is Matrix federation's service of `name` (`_matrix-fed._tcp.NAME`, or the
+    /// older `_matrix._tcp.NAME`; `name` in lower case).
     fn is_under(&self, name: &str) -> bool {
         self.service
             .strip_suffix(name)
-            .is_some_and(|service| service.ends_with("._tcp."))
+            .is_some_and(|service| service == "_matrix-fed._tcp." || service == "_matrix._tcp.")
     }
 }
 
@@ -108,8 +110,8 @@ struct Namespace {
     by_addr: HashMap<IpAddr, HashSet<String>>,
     by_name: HashMap<String, HashSet<IpAddr>>,
     delegations: HashMap<String, Delegation>,
-    /// The servers its processes sent queries to, and when last.
-    resolvers: HashMap<IpAddr, Instant>,
+    /// The servers that last answered its processes over UDP with a truncated answer, and when.
+    truncated: HashMap<IpAddr, Instant>,
     taught: u64,
 }
 
@@ -165,7 +167,6 @@ impl Records {
         let server = observed.server.to_canonical();
         match (observed.answer, message.message_type()) {
             (false, MessageType::Query) => {
-                self.note_resolver(observed.netns, server, now);
                 self.make_room_for_query(observed.netns, now);
                 self.pending.insert(
                     key,
@@ -185,6 +186,9 @@ impl Records {
                     return Outcome::Unsolicited;
                 }
                 self.pending.remove(&key);
+                if message.truncated() {
+                    self.note_truncated(observed.netns, server, now);
+                }
                 if message.response_code() != ResponseCode::NoError {
                     return Outcome::Learnt(0);
                 }
@@ -194,18 +198,18 @@ impl Records {
         }
     }
 
-    /// `server` was asked a question from `netns` (kept for namespaces with a record, or the
-    /// room for one).
-    fn note_resolver(&mut self, netns: u64, server: IpAddr, now: Instant) {
+    /// `server` answered a query of `netns` with a truncated answer: its client asks again over
+    /// TCP, which the plan lets through to that server only (and only for a while).
+    fn note_truncated(&mut self, netns: u64, server: IpAddr, now: Instant) {
         let seq = self.seq;
         let ns = self.namespace(netns, seq);
-        if ns.resolvers.len() >= MAX_RESOLVERS && !ns.resolvers.contains_key(&server) {
-            let oldest = ns.resolvers.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a);
+        if ns.truncated.len() >= MAX_RESOLVERS && !ns.truncated.contains_key(&server) {
+            let oldest = ns.truncated.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a);
             if let Some(oldest) = oldest {
-                ns.resolvers.remove(&oldest);
+                ns.truncated.remove(&oldest);
             }
         }
-        ns.resolvers.insert(server, now);
+        ns.truncated.insert(server, now);
     }
 
     /// Drops timed-out queries, then the oldest of `netns` (or of all) over the bounds: a
@@ -262,7 +266,13 @@ impl Records {
             match record.data() {
                 RData::A(a) => learnt.push((IpAddr::V4(a.0), ttl)),
                 RData::AAAA(aaaa) => learnt.push((IpAddr::V6(aaaa.0), ttl)),
-                RData::SRV(srv) => srv_targets.push((name_text(srv.target()), srv.port(), ttl)),
+                // A target becomes a CONNECT target and a policy name: a host name, or nothing.
+                RData::SRV(srv) => {
+                    let target = name_text(srv.target());
+                    if crate::hostport::valid_hostname(&target) {
+                        srv_targets.push((target, srv.port(), ttl));
+                    }
+                }
                 _ => {}
             }
         }
@@ -270,6 +280,8 @@ impl Records {
         let seq = self.seq;
         let ns = self.namespace(netns, seq);
         let mut count = 0;
+        // Names become CONNECT targets and policy names: host names only.
+        chain.retain(|name| crate::hostport::valid_hostname(name));
         for (address, ttl) in learnt {
             for name in &chain {
                 ns.insert(name, address, name == asked, now + ttl, seq);
@@ -387,9 +399,9 @@ impl Records {
             }
         };
         let resolver = ns
-            .resolvers
+            .truncated
             .get(&address)
-            .is_some_and(|asked| now.duration_since(*asked) < RESOLVER_MEMORY);
+            .is_some_and(|answered| now.duration_since(*answered) < TRUNCATED_MEMORY);
         Resolved {
             client,
             dialled_name: dialled,
@@ -729,10 +741,29 @@ mod tests {
                 "{dialled} {sni:?}"
             );
         }
-        // The resolver the queries went to is known as one; another address is not.
+        // Any service but Matrix federation's delegates nothing.
+        srv_answer(&mut r, 11, "_ldap._tcp.corp.example", &[("dc.corp.example", 389)]);
+        assert_eq!(
+            r.resolved(NS, ip("192.0.2.60"), 389, Some("corp.example"), now)
+                .client,
+            Unrecorded
+        );
+        // Answers were whole so far: no server is owed a retry over TCP.
+        assert!(!r.resolved(NS, SERVER, 53, None, now).resolver);
+        // A truncated answer makes its server the one this namespace may ask over TCP, for a
+        // while; not another address, not another namespace.
+        let q = query(12, "big.example", RecordType::A);
+        assert_eq!(observe(&mut r, SERVER, false, &q, now), Outcome::QueryNoted);
+        let mut truncated = answer(&q, vec![a("big.example", "192.0.2.70", 300)], vec![]);
+        truncated.set_truncated(true);
+        assert!(matches!(
+            observe(&mut r, SERVER, true, &truncated, now),
+            Outcome::Learnt(_)
+        ));
         assert!(r.resolved(NS, SERVER, 53, None, now).resolver);
         assert!(!r.resolved(NS, ip("192.0.2.200"), 53, None, now).resolver);
-        assert!(!r.resolved(NS, SERVER, 53, None, now + RESOLVER_MEMORY).resolver);
+        assert!(!r.resolved(NS + 1, SERVER, 53, None, now).resolver);
+        assert!(!r.resolved(NS, SERVER, 53, None, now + TRUNCATED_MEMORY).resolver);
         // Another namespace knows nothing of it; an IPv4-mapped address is the IPv4 one.
         assert_eq!(
             r.resolved(NS + 1, ip("203.0.113.8"), 443, None, now),
@@ -745,7 +776,7 @@ mod tests {
             Some("matrix.example.org")
         );
         assert_eq!(
-            r.delegations(NS, None, now)[0].targets,
+            r.delegations(NS, Some("example.org"), now)[0].targets,
             vec![("matrix.example.org".to_owned(), 8448)]
         );
         // TTLs: the CDN answer (60 s) is gone after 2 minutes, the others (300 s) are not.
@@ -945,11 +976,11 @@ mod tests {
         );
         // Delegations are bounded, by number and by targets.
         let many: Vec<Record> = (0..40)
-            .map(|i| srv("_x._tcp.big.example", &format!("t{i}.example"), 1))
+            .map(|i| srv("_matrix-fed._tcp.big.example", &format!("t{i}.example"), 1))
             .collect();
         exchange(
             &mut r,
-            query(3, "_x._tcp.big.example", RecordType::SRV),
+            query(3, "_matrix-fed._tcp.big.example", RecordType::SRV),
             many,
             vec![],
             now,

@@ -25,13 +25,13 @@ use super::{
 };
 use crate::{
     agent::Agent,
-    dns::lookup::View,
+    dns::lookup::{ClientFile, View, nameservers},
     route::{
         plan::{Action, Plan, Protocol, Resolved, Sniffed, plan},
         policy::RuleKind,
     },
     upstream::{self, ProxyClient, Role, UpstreamStream},
-    workloads::ClientNetns,
+    workloads::{ClientNetns, MAX_ROOT_FILE, RootFile},
 };
 
 /// Serves the listener of the namespace `netns`.
@@ -80,7 +80,23 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
         .names
         .resolved(netns.cookie, original.ip(), original.port(), sniffed.name());
     if resolved.needs_lookup() && sniffed.protocol() != Protocol::Http {
-        look_up_srv_targets(agent, &netns, &mut resolved, original.ip(), decision).await;
+        look_up_srv_targets(
+            agent,
+            &netns,
+            &mut resolved,
+            sniffed.name(),
+            original.ip(),
+            decision,
+        )
+        .await;
+    }
+    // A truncated answer's retry over TCP goes direct only to a resolver the client is
+    // configured with.
+    if resolved.resolver {
+        let configured = client_file(agent, &netns, ClientFile::ResolvConf)
+            .await
+            .is_some_and(|text| nameservers(&text).contains(&original.ip().to_canonical()));
+        resolved.resolver = configured;
     }
     let Plan {
         action,
@@ -147,48 +163,76 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
     }
 }
 
-/// Looks up the SRV targets of a delegated connection in the client's view (its hosts file, for
-/// a container; the system resolver, for the host), keeping those at the dialled address.
+/// Looks up the SRV targets of a delegated connection (and the client's name itself) in the
+/// client's view: its hosts file, for a container; the system resolver, for the host.
 async fn look_up_srv_targets(
     agent: &Agent,
     netns: &ClientNetns,
     resolved: &mut Resolved,
+    sni: Option<&str>,
     address: IpAddr,
     decision: &mut Decision,
 ) {
-    let lookups = &agent.names.lookups;
     let started = Instant::now();
     let hosts_file = match netns.id {
         None => None,
-        Some(id) => {
-            let text = match lookups.cached_hosts_file(netns.cookie) {
-                Some(text) => text,
-                None => {
-                    let read = agent.workloads.hosts_file(id).await;
-                    if let Err(e) = &read {
-                        tracing::debug!("{e:#}");
-                    }
-                    let text = read.ok().map(Arc::from);
-                    lookups.keep_hosts_file(netns.cookie, text.clone());
-                    text
-                }
-            };
-            match text {
-                Some(text) => Some(text),
-                None => {
-                    decision.lookup = Some("failed");
-                    return;
-                }
+        Some(_) => match client_file(agent, netns, ClientFile::Hosts).await {
+            Some(text) => Some(text),
+            None => {
+                decision.lookup = Some("failed");
+                return;
             }
-        }
+        },
     };
     let view = match &hosts_file {
         None => View::System,
         Some(text) => View::HostsFile(text),
     };
-    let looked = lookups.narrow(netns.cookie, &view, resolved, address).await;
+    let looked = agent
+        .names
+        .lookups
+        .narrow(netns.cookie, &view, resolved, sni, address)
+        .await;
     decision.lookup = Some(looked.as_str());
     decision.lookup_us = Some(started.elapsed().as_micros() as u64);
+}
+
+/// A client's hosts file or resolv.conf as it sees it (cached): the host's own for the agent's
+/// namespace, a container's read inside its root by the namespace helper. None if unreadable.
+async fn client_file(agent: &Agent, netns: &ClientNetns, file: ClientFile) -> Option<Arc<str>> {
+    let lookups = &agent.names.lookups;
+    if let Some(cached) = lookups.cached_file(netns.cookie, file) {
+        return cached;
+    }
+    let read = match netns.id {
+        None => {
+            let path = match file {
+                ClientFile::Hosts => "/etc/hosts",
+                ClientFile::ResolvConf => "/etc/resolv.conf",
+            };
+            std::fs::read_to_string(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| {
+                    if text.len() > MAX_ROOT_FILE {
+                        anyhow::bail!("{path} is longer than {MAX_ROOT_FILE} bytes");
+                    }
+                    Ok(text)
+                })
+        }
+        Some(id) => {
+            let which = match file {
+                ClientFile::Hosts => RootFile::Hosts,
+                ClientFile::ResolvConf => RootFile::ResolvConf,
+            };
+            agent.workloads.root_file(id, which).await
+        }
+    };
+    if let Err(e) = &read {
+        tracing::debug!("{e:#}");
+    }
+    let text = read.ok().map(Arc::from);
+    lookups.keep_file(netns.cookie, file, text.clone());
+    text
 }
 
 /// A direct connection leaves from the client's own network namespace, so that it is routed and

@@ -2,11 +2,16 @@
 //! between an application and the resolver it asked, so that the record learns from the answers
 //! as it does from UDP ones. This is what a resolver does when a UDP answer comes back truncated.
 //! Anything that is not DNS ends the connection with a reset: port 53 goes direct for DNS only.
+//! A query is one question and nothing else (no records of its own but EDNS, no bytes after
+//! it); a response must answer a query still open on the connection.
 
-use std::{net::IpAddr, time::Duration};
+use std::{collections::HashSet, net::IpAddr, sync::Mutex, time::Duration};
 
 use bytes::{Buf, BytesMut};
-use hickory_proto::op::{Message, MessageType};
+use hickory_proto::{
+    op::{Message, MessageType},
+    serialize::binary::{BinDecodable, BinDecoder},
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -17,6 +22,14 @@ use crate::dns::Watch;
 
 /// A connection with no message for this long is closed (resolvers close theirs sooner).
 const IDLE: Duration = Duration::from_secs(30);
+/// Queries one connection may carry, and open at once.
+const MAX_QUERIES: usize = 256;
+const MAX_OPEN: usize = 16;
+/// The longest query (a question with EDNS options fits well within).
+const MAX_QUERY: usize = 1232;
+
+/// A query asked on the connection and not answered yet: its id and question.
+type Open = (u16, String, u16);
 
 /// Where a relayed connection's messages are recorded.
 pub struct Observer<'a> {
@@ -35,12 +48,13 @@ pub async fn relay(
     observer: Observer<'_>,
     decision: &mut Decision,
 ) {
+    let open = Mutex::new((HashSet::new(), 0));
     let carried = {
         let (client_read, client_write) = client.split();
         let (server_read, server_write) = server.split();
         tokio::try_join!(
-            carry(client_read, server_write, first_bytes, false, &observer),
-            carry(server_read, client_write, BytesMut::new(), true, &observer),
+            carry(client_read, server_write, first_bytes, false, &observer, &open),
+            carry(server_read, client_write, BytesMut::new(), true, &observer, &open),
         )
     };
     match carried {
@@ -63,6 +77,7 @@ async fn carry(
     mut buffered: BytesMut,
     answers: bool,
     observer: &Observer<'_>,
+    open: &Mutex<(HashSet<Open>, usize)>,
 ) -> Result<u64, String> {
     let side = if answers { "the resolver" } else { "the client" };
     let mut carried = 0u64;
@@ -74,7 +89,22 @@ async fn carry(
             let _ = to.shutdown().await;
             return Ok(carried);
         };
-        check(&message, answers).map_err(|e| format!("{side} sent {e}"))?;
+        let question = check(&message, answers).map_err(|e| format!("{side} sent {e}"))?;
+        {
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            let (asked, count) = &mut *open;
+            if answers {
+                if !asked.remove(&question) {
+                    return Err(format!("{side} sent an answer to no open query"));
+                }
+            } else {
+                *count += 1;
+                if *count > MAX_QUERIES || asked.len() >= MAX_OPEN {
+                    return Err(format!("{side} sent more queries than one connection carries"));
+                }
+                asked.insert(question);
+            }
+        }
         observer.watch.observe_tcp(
             observer.netns,
             observer.connection,
@@ -118,13 +148,35 @@ async fn read_message(
     }
 }
 
-/// Whether `message` is a DNS query with one question (or, with `answer`, a response).
-fn check(message: &[u8], answer: bool) -> Result<(), String> {
-    let parsed = Message::from_vec(message).map_err(|e| format!("no DNS message ({e})"))?;
+/// Whether `message` is exactly one DNS message, with nothing after it: a query of one question
+/// and no records but EDNS, at most [`MAX_QUERY`] bytes (or, with `answer`, a response to one
+/// question); its id and question.
+fn check(message: &[u8], answer: bool) -> Result<Open, String> {
+    let mut decoder = BinDecoder::new(message);
+    let parsed = Message::read(&mut decoder).map_err(|e| format!("no DNS message ({e})"))?;
+    if !decoder.is_empty() {
+        return Err(format!("{} bytes after a DNS message", decoder.len()));
+    }
+    let [query] = parsed.queries() else {
+        return Err("a DNS message without exactly one question".into());
+    };
+    let question = (
+        parsed.id(),
+        query.name().to_lowercase().to_ascii(),
+        u16::from(query.query_type()),
+    );
     match (answer, parsed.message_type()) {
-        (false, MessageType::Query) if parsed.queries().len() == 1 => Ok(()),
-        (false, _) => Err("a DNS message that is not a query of one question".into()),
-        (true, MessageType::Response) => Ok(()),
+        (false, MessageType::Query)
+            if message.len() <= MAX_QUERY
+                && parsed.answers().is_empty()
+                && parsed.name_servers().is_empty()
+                && parsed.additionals().is_empty() =>
+        {
+            Ok(question)
+        }
+        (false, MessageType::Query) => Err("a query carrying records, or too long".into()),
+        (false, _) => Err("a DNS message that is not a query".into()),
+        (true, MessageType::Response) => Ok(question),
         (true, _) => Err("a DNS message that is not a response".into()),
     }
 }
@@ -203,8 +255,9 @@ mod tests {
         let mut response = Message::from_vec(&q).unwrap();
         response.set_message_type(MessageType::Response);
         let response = response.to_vec().unwrap();
-        assert_eq!(check(&q, false), Ok(()));
-        assert_eq!(check(&response, true), Ok(()));
+        let question = (7, "a.example.".to_owned(), 1);
+        assert_eq!(check(&q, false), Ok(question.clone()));
+        assert_eq!(check(&response, true), Ok(question));
         assert!(check(&response, false).unwrap_err().contains("not a query"));
         assert!(check(&q, true).unwrap_err().contains("not a response"));
         assert!(
@@ -213,5 +266,24 @@ mod tests {
                 .contains("no DNS message")
         );
         assert!(check(b"", false).is_err());
+        // A query with anything after it, or records of its own, is a tunnel, not DNS.
+        let mut trailing = q.clone();
+        trailing.extend_from_slice(b"payload");
+        assert!(check(&trailing, false).unwrap_err().contains("7 bytes after"));
+        let mut carrying = Message::from_vec(&q).unwrap();
+        carrying.add_additional(hickory_proto::rr::Record::from_rdata(
+            Name::from_ascii("x.example.").unwrap(),
+            0,
+            hickory_proto::rr::RData::TXT(hickory_proto::rr::rdata::TXT::new(vec!["payload".into()])),
+        ));
+        let carrying = carrying.to_vec().unwrap();
+        assert!(check(&carrying, false).unwrap_err().contains("carrying records"));
+        let mut two = Message::from_vec(&q).unwrap();
+        two.add_query(Query::query(
+            Name::from_ascii("b.example.").unwrap(),
+            RecordType::A,
+        ));
+        let two = two.to_vec().unwrap();
+        assert!(check(&two, false).unwrap_err().contains("exactly one question"));
     }
 }

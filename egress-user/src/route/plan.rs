@@ -316,7 +316,14 @@ pub fn plan<'a, P>(
     let protocol = sniffed.protocol();
     // DNS over TCP (a truncated answer's retry) to a resolver the application asked over UDP:
     // direct, like the UDP it follows (proxies refuse CONNECT to port 53), and read like it.
-    if protocol == Protocol::Unknown && dst.port() == DNS_PORT && resolved.resolver && !resolved.synthetic {
+    // (The agent sets `resolver` only for a resolver the client is configured with that just
+    // sent it a truncated answer.) `default_route = "deny"` still denies.
+    if protocol == Protocol::Unknown
+        && dst.port() == DNS_PORT
+        && resolved.resolver
+        && !resolved.synthetic
+        && rules.default_route != DefaultRoute::Deny
+    {
         let (action, rule) = match rules.policy.denied(dst.ip()) {
             Some(rule) => (Action::Deny, rule),
             None => (
@@ -357,9 +364,12 @@ pub fn plan<'a, P>(
             return deny(refused);
         }
     }
+    // A target nothing confirmed names the CONNECT, but cannot claim a no_proxy name: direct
+    // would send the dialled address past the proxy on a guess.
+    let policy_name = name.as_deref().filter(|_| named_by != TargetName::SrvTarget);
     let ruling = rules
         .policy
-        .decide(dst.ip(), dst.port(), name.as_deref(), proxy.is_some());
+        .decide(dst.ip(), dst.port(), policy_name, proxy.is_some());
     let action = match (ruling.disposition, proxy) {
         (Disposition::Deny, _) => Action::Deny,
         (Disposition::Direct, _) | (Disposition::Proxy, None) if resolved.synthetic => {
@@ -556,6 +566,7 @@ mod tests {
         let proxies = "https_proxy = \"http://tls-proxy:3128\"\nhttp_proxy = \"http://http-proxy:8080\"\n\
                        no_proxy = [\"relay.internal.example\"]";
         let by_ip = &format!("{proxies}\nconnect_by_ip = true");
+        let deny_default = "https_proxy = \"http://tls-proxy:3128\"\ndefault_route = \"deny\"";
         let known = |client: ClientName, dialled: Option<&str>| Resolved {
             client,
             dialled_name: dialled.map(str::to_owned),
@@ -604,6 +615,9 @@ mod tests {
                 "direct 93.184.216.9:8448 [no_proxy relay.internal.example]", TargetName::SrvLookup),
             (proxies, "93.184.216.9:8448", tls(Some("example.org")), delegated(None, &["localhost"], false),
                 "deny [local name localhost]", TargetName::SrvTarget),
+            // ...but a target nothing confirmed (the lookup failed) cannot take it direct.
+            (proxies, "93.184.216.9:8448", tls(Some("example.org")), delegated(None, &["relay.internal.example"], false),
+                "connect relay.internal.example:8448 via tls-proxy:3128 [proxy]", TargetName::SrvTarget),
             // Plain HTTP to a delegating name keeps its Host.
             (proxies, "93.184.216.8:80", http(Some("example.org")), delegated(None, &["fed.example.org"], false),
                 "forward example.org via http-proxy:8080 [proxy]", TargetName::ClientElsewhere),
@@ -622,6 +636,8 @@ mod tests {
                 "connect 93.184.216.53:53 via tls-proxy:3128 [proxy]", TargetName::Address),
             (proxies, "93.184.216.53:53", tls(None), resolver.clone(),
                 "connect 93.184.216.53:53 via tls-proxy:3128 [proxy]", TargetName::Address),
+            (deny_default, "93.184.216.53:53", Sniffed::Other, resolver.clone(),
+                "deny [default_route deny (neither TLS nor HTTP)]", TargetName::Address),
             // SNI agrees with DNS: by SNI.
             (proxies, "93.184.216.8:8448", tls(Some("matrix.example.org")), known(agreed, Some("matrix.example.org")),
                 "connect matrix.example.org:8448 via tls-proxy:3128 [proxy]", TargetName::Client),

@@ -13,9 +13,10 @@
 //! - `Connect`: a direct connection started inside one of them (never to loopback: a
 //!   container's loopback-only services stay out of the agent's reach);
 //! - `Forget`: let go of a namespace;
-//! - `HostsFile`: the hosts file (`/etc/hosts`) of the process found in one of those namespaces,
-//!   read inside that process's root (symbolic links cannot leave it), at most 64 KiB: the SRV
-//!   targets a container resolved from its hosts file, for the agent to check;
+//! - `OpenInRoot`: the hosts file or resolv.conf of the process found in one of those
+//!   namespaces, opened inside that process's root (symbolic links cannot leave it) and only if it
+//!   is a regular file; the descriptor is handed over, and the agent reads it (what a container
+//!   resolves from its hosts file, and which resolvers it uses);
 //! - `ContainerName`: ask the container engine (whose socket only root may use) for the name of
 //!   the container with a given id.
 //!
@@ -80,9 +81,26 @@ enum Request {
     Forget {
         netns: NetnsId,
     },
-    HostsFile {
+    OpenInRoot {
         netns: NetnsId,
+        file: RootFile,
     },
+}
+
+/// A file of a client's root the agent may read.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RootFile {
+    Hosts,
+    ResolvConf,
+}
+
+impl RootFile {
+    fn path(self) -> &'static str {
+        match self {
+            RootFile::Hosts => "etc/hosts",
+            RootFile::ResolvConf => "etc/resolv.conf",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -97,8 +115,8 @@ enum Reply {
     /// One socket follows, its connect started (non-blocking).
     Connecting,
     Container(Option<String>),
-    /// A hosts file's text.
-    Text(String),
+    /// One descriptor follows: the file opened, read-only.
+    Opened,
     Done,
     Failed(String),
 }
@@ -227,12 +245,11 @@ impl Helper {
         }
     }
 
-    /// The hosts file of the process the last scan found in `netns`.
-    pub fn hosts_file(&self, netns: NetnsId) -> Result<String> {
-        match self.call(&Request::HostsFile { netns })? {
-            (Reply::Text(text), _) => Ok(text),
-            (other, _) => bail!("namespace helper: unexpected reply {other:?}"),
-        }
+    /// `file` of the process the last scan found in `netns`, opened read-only inside its root.
+    pub fn open_in_root(&self, netns: NetnsId, file: RootFile) -> Result<std::fs::File> {
+        let (_, mut fds) = self.call(&Request::OpenInRoot { netns, file })?;
+        let fd = fds.pop().context("namespace helper: no descriptor")?;
+        Ok(std::fs::File::from(fd))
     }
 
     pub fn forget(&self, netns: NetnsId) -> Result<()> {
@@ -333,7 +350,11 @@ fn child_main(
             Err(e) => (Reply::Failed(format!("{e:#}")), Vec::new()),
         };
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        send(socket.as_fd(), &reply, &raw)?;
+        // A reply that cannot be sent (too long) becomes an error the agent gets; only a
+        // broken socket (the agent gone) ends the helper.
+        if let Err(e) = send(socket.as_fd(), &reply, &raw) {
+            send(socket.as_fd(), &Reply::Failed(format!("{e:#}")), &[])?;
+        }
     }
     Ok(())
 }
@@ -384,19 +405,11 @@ impl HelperState {
                 self.known.remove(&netns);
                 Ok((Reply::Done, Vec::new()))
             }
-            Request::HostsFile { netns } => {
+            Request::OpenInRoot { netns, file } => {
                 let Some((pid, _)) = self.known.get(&netns) else {
                     bail!("network namespace {netns} is not one of an intercepted process");
                 };
-                let pid = *pid;
-                // The process must still be in it (a pid can be reused).
-                if std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino() != netns {
-                    bail!("process {pid} left network namespace {netns}");
-                }
-                Ok((
-                    Reply::Text(read_in_root(pid, "etc/hosts", MAX_HOSTS_FILE)?),
-                    Vec::new(),
-                ))
+                Ok((Reply::Opened, vec![open_in_root(*pid, netns, file.path())?]))
             }
         }
     }
@@ -482,44 +495,70 @@ impl HelperState {
     }
 }
 
-/// The most of a hosts file read.
-const MAX_HOSTS_FILE: usize = 64 * 1024;
+/// Opens `path` (relative) as process `pid`, which must still be in network namespace `netns`,
+/// sees it: resolved inside its root directory, so that no symbolic link there can name a file
+/// of the host (openat2 with RESOLVE_IN_ROOT, Linux 5.6); first as a path only, so that nothing
+/// but a regular file is ever opened (a device would act on being opened), then for reading.
+fn open_in_root(pid: u32, netns: NetnsId, path: &str) -> Result<OwnedFd> {
+    // One handle on the process: the checks and the root are the same process's, even if the
+    // pid is reused meanwhile.
+    let process = std::fs::File::open(format!("/proc/{pid}")).with_context(|| format!("process {pid}"))?;
+    let ns = openat2(process.as_raw_fd(), "ns/net", libc::O_PATH | libc::O_CLOEXEC, 0)
+        .with_context(|| format!("the network namespace of process {pid}"))?;
+    if std::fs::File::from(ns).metadata()?.ino() != netns {
+        bail!("process {pid} left network namespace {netns}");
+    }
+    let root = openat2(
+        process.as_raw_fd(),
+        "root",
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )
+    .with_context(|| format!("the root directory of process {pid}"))?;
+    let found = openat2(
+        root.as_raw_fd(),
+        path,
+        libc::O_PATH | libc::O_CLOEXEC,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
+    .with_context(|| format!("/{path} in the root of process {pid}"))?;
+    let found = std::fs::File::from(found);
+    if !found.metadata()?.is_file() {
+        bail!("/{path} of process {pid} is not a regular file");
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    // Reopened through the path-only descriptor: the same file, now for reading.
+    let readable = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", found.as_raw_fd()))
+        .with_context(|| format!("reading /{path} of process {pid}"))?;
+    Ok(readable.into())
+}
 
-/// Reads `path` (relative) as process `pid` sees it: resolved inside its root directory, so that
-/// no symbolic link there can name a file of the host (openat2 with RESOLVE_IN_ROOT, Linux 5.6).
-/// At most `limit` bytes; not valid UTF-8 is an error.
-fn read_in_root(pid: u32, path: &str, limit: usize) -> Result<String> {
-    use std::{ffi::CString, io::Read};
-    let root = std::fs::File::open(format!("/proc/{pid}/root"))
-        .with_context(|| format!("opening the root directory of process {pid}"))?;
-    let name = CString::new(path)?;
+/// openat2(2) of `path` under the directory `dir`.
+fn openat2(dir: RawFd, path: &str, flags: i32, resolve: u64) -> std::io::Result<OwnedFd> {
+    let name = std::ffi::CString::new(path)?;
     // SAFETY: open_how is plain data; all-zero is a valid value to fill in.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 with a valid directory descriptor, a NUL-terminated path and an open_how
-    // of the size passed; the returned descriptor (if any) is owned below.
+    how.flags = flags as u64;
+    how.resolve = resolve;
+    // SAFETY: openat2 with a directory descriptor, a NUL-terminated path and an open_how of the
+    // size passed; the returned descriptor (if any) is owned below.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            root.as_raw_fd(),
+            dir,
             name.as_ptr(),
             &how as *const libc::open_how,
             std::mem::size_of::<libc::open_how>(),
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("opening /{path} in the root of process {pid}"));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a descriptor openat2 just returned, owned by nothing else.
-    let file = unsafe { std::fs::File::from_raw_fd(fd as RawFd) };
-    if !file.metadata()?.is_file() {
-        bail!("/{path} of process {pid} is not a regular file");
-    }
-    let mut bytes = Vec::new();
-    file.take(limit as u64).read_to_end(&mut bytes)?;
-    String::from_utf8(bytes).with_context(|| format!("/{path} of process {pid} is not UTF-8"))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Every process in the cgroup `root` and below (at most [`MAX_CGROUPS_WALKED`] cgroups: a

@@ -45,7 +45,12 @@ use crate::{
 };
 use containers::Follower;
 use engine::Engine;
+pub use helper::RootFile;
 use helper::{Helper, NetnsId};
+
+/// The most of a client's hosts file or resolv.conf read, and how long reading it may take.
+pub const MAX_ROOT_FILE: usize = 64 * 1024;
+pub const ROOT_FILE_TIMEOUT: Duration = Duration::from_secs(2);
 pub use namespaces::ClientNetns;
 use namespaces::Namespaces;
 use scopes::ScopeMaps;
@@ -172,12 +177,24 @@ impl Workloads {
         namespaces::connect(&self.helper, id, to, timeout).await
     }
 
-    /// The hosts file (`/etc/hosts`) of the processes in namespace `id`, as they see it.
-    pub async fn hosts_file(&self, id: NetnsId) -> Result<String> {
+    /// `file` (hosts file, resolv.conf) of the processes in namespace `id`, as they see it: at
+    /// most [`MAX_ROOT_FILE`] bytes, read within [`ROOT_FILE_TIMEOUT`].
+    pub async fn root_file(&self, id: NetnsId, file: RootFile) -> Result<String> {
         let helper = self.helper.clone();
-        tokio::task::spawn_blocking(move || helper.hosts_file(id))
-            .await?
-            .with_context(|| format!("reading the hosts file of network namespace {id}"))
+        let read = tokio::task::spawn_blocking(move || -> Result<String> {
+            use std::io::Read;
+            let opened = helper.open_in_root(id, file)?;
+            let mut bytes = Vec::new();
+            opened.take(MAX_ROOT_FILE as u64 + 1).read_to_end(&mut bytes)?;
+            if bytes.len() > MAX_ROOT_FILE {
+                anyhow::bail!("longer than {MAX_ROOT_FILE} bytes");
+            }
+            Ok(String::from_utf8(bytes)?)
+        });
+        tokio::time::timeout(ROOT_FILE_TIMEOUT, read)
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))??
+            .with_context(|| format!("reading the {file:?} file of network namespace {id}"))
     }
 }
 
