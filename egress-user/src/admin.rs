@@ -37,7 +37,7 @@ struct HealthCache {
 struct Probe {
     at: Instant,
     of: Weak<Routing>,
-    result: Result<(), String>,
+    result: Result<String, String>,
 }
 
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
@@ -78,7 +78,15 @@ async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -
         },
         "/metrics" => {
             let kernel = agent.kernel.counters().unwrap_or_default();
-            let mut response = text(StatusCode::OK, agent.metrics.encode(&kernel));
+            let proxies: Vec<crate::metrics::ProxyState> = proxy_states(&agent.routing())
+                .into_iter()
+                .map(|s| crate::metrics::ProxyState {
+                    proxy: s.proxy,
+                    up: s.up,
+                    failovers: s.failovers,
+                })
+                .collect();
+            let mut response = text(StatusCode::OK, agent.metrics.encode(&kernel, &proxies));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -88,9 +96,13 @@ async fn route(agent: &Agent, cache: &HealthCache, request: Request<Incoming>) -
             response
         }
         "/dns" => dns(agent, request.uri().query().unwrap_or("")).await,
+        "/proxies" => {
+            let states = proxy_states(&agent.routing());
+            text(StatusCode::OK, format!("{}\n", serde_json::json!(states)))
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health, /metrics or /dns\n".into(),
+            "not found: try /health, /metrics, /dns or /proxies\n".into(),
         ),
     }
 }
@@ -149,6 +161,17 @@ async fn dns(agent: &Agent, query: &str) -> Response<Full<Bytes>> {
     text(StatusCode::OK, format!("{body}\n"))
 }
 
+/// Each upstream proxy once, as the data path knows it (up, or down since when and why).
+fn proxy_states(routing: &Routing) -> Vec<crate::upstream::group::MemberState> {
+    let mut seen = std::collections::HashSet::new();
+    routing
+        .proxies()
+        .iter()
+        .flat_map(|list| list.states())
+        .filter(|state| seen.insert(state.proxy.clone()))
+        .collect()
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -174,33 +197,64 @@ async fn health(agent: &Agent, cache: &HealthCache) -> Result<String, String> {
             return Err(format!("not attached to cgroup {}", cgroup.display()));
         }
     }
-    upstream_reachable(&routing, cache).await?;
-    let proxies: Vec<String> = routing.proxies().iter().map(|p| p.url.to_string()).collect();
+    let upstream = upstream_reachable(&routing, cache).await?;
     Ok(format!(
-        "attached to {} cgroup(s); upstream reachable: {}",
+        "attached to {} cgroup(s); {upstream}",
         settings.targets.cgroups.len(),
-        if proxies.is_empty() {
-            "none configured (direct)".to_owned()
-        } else {
-            proxies.join(", ")
-        }
     ))
 }
 
-async fn upstream_reachable(current: &Arc<Routing>, cache: &HealthCache) -> Result<(), String> {
+async fn upstream_reachable(current: &Arc<Routing>, cache: &HealthCache) -> Result<String, String> {
     if let Some(probe) = &*cache.last.lock().unwrap_or_else(|e| e.into_inner())
         && probe.at.elapsed() < PROBE_CACHE
         && Weak::ptr_eq(&probe.of, &Arc::downgrade(current))
     {
         return probe.result.clone();
     }
-    let mut result = Ok(());
-    for proxy in current.proxies().iter() {
-        if let Err(e) = proxy.dial().await {
-            result = Err(format!("upstream proxy {} unreachable: {e}", proxy.url));
-            break;
+    // Healthy while every list has a proxy that answers; the others are named.
+    let mut reachable = Vec::new();
+    let mut unreachable = Vec::new();
+    let mut lists_down = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for list in current.proxies().iter() {
+        let mut any = false;
+        for member in list.members() {
+            let proxy = member.client.url.to_string();
+            let answered = member.client.dial().await;
+            any |= answered.is_ok();
+            if !seen.insert(proxy.clone()) {
+                continue;
+            }
+            match answered {
+                Ok(_) => reachable.push(proxy),
+                Err(e) => unreachable.push(format!("{proxy} ({e})")),
+            }
+        }
+        if !any {
+            lists_down.push(list.to_string());
         }
     }
+    let summary = match (reachable.is_empty(), unreachable.is_empty()) {
+        (true, true) => "upstream: none configured (direct)".to_owned(),
+        (_, true) => format!("upstream reachable: {}", reachable.join(", ")),
+        (_, false) => format!(
+            "upstream reachable: {}; unreachable: {}",
+            if reachable.is_empty() {
+                "none".to_owned()
+            } else {
+                reachable.join(", ")
+            },
+            unreachable.join(", ")
+        ),
+    };
+    let result = if lists_down.is_empty() {
+        Ok(summary)
+    } else {
+        Err(format!(
+            "no proxy of {} answers; {summary}",
+            lists_down.join(" / ")
+        ))
+    };
     *cache.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Probe {
         at: Instant::now(),
         of: Arc::downgrade(current),

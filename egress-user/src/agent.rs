@@ -16,7 +16,7 @@ use crate::{
         plan::{Proxies, Rules},
         policy::Policy,
     },
-    upstream::{ProxyClient, Upstreams},
+    upstream::{Upstreams, group::ProxyGroup},
     workloads::{self, Workloads},
 };
 
@@ -49,7 +49,7 @@ impl Routing {
         self.settings.rules(&self.policy)
     }
 
-    pub fn proxies(&self) -> Proxies<'_, ProxyClient> {
+    pub fn proxies(&self) -> Proxies<'_, ProxyGroup> {
         self.upstreams.proxies()
     }
 }
@@ -151,7 +151,9 @@ fn keep_start_settings(old: &Settings, new: &mut Settings) -> Vec<&'static str> 
         kernel_log,
         dns_mode,
         synthetic_range,
-        dns_resolver
+        dns_resolver,
+        kerberos_keytab,
+        kerberos_ccache
     );
     changed
 }

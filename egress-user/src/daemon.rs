@@ -33,6 +33,8 @@ struct Listeners {
 pub fn run(args: &RunArgs) -> Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let mut settings = config::load(args, &env)?;
+    // Before any thread starts.
+    crate::upstream::negotiate::set_environment(&settings);
     workloads::cgroups::resolve_units(&mut settings)?;
     let resolver = match settings.synthetic_dns() {
         true => Some(config::dns_resolver(&settings)?),

@@ -63,6 +63,20 @@ struct DnsLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabels {
+    proxy: String,
+}
+
+/// An upstream proxy as the metrics show it.
+pub struct ProxyState {
+    /// `host:port`.
+    pub proxy: String,
+    pub up: bool,
+    /// Connections that moved on past it because it failed.
+    pub failovers: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KernelLabels {
     decision: &'static str,
 }
@@ -76,6 +90,8 @@ pub struct Metrics {
     upstream_seconds: Histogram,
     upstream_connections: Family<PoolLabels, Counter>,
     dns_queries: Family<DnsLabels, Counter>,
+    proxy_up: Family<ProxyLabels, Gauge>,
+    proxy_failovers: Family<ProxyLabels, Counter>,
     kernel: Family<KernelLabels, Counter>,
 }
 
@@ -135,6 +151,18 @@ impl Metrics {
              user sending to the port, or a socket that is gone)",
             dns_queries.clone(),
         );
+        let proxy_up = Family::<ProxyLabels, Gauge>::default();
+        registry.register(
+            "proxy_up",
+            "Whether each upstream proxy is taking connections (1), or is down and probed (0)",
+            proxy_up.clone(),
+        );
+        let proxy_failovers = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "proxy_failovers",
+            "Connections that went on to the next proxy of a list because this one failed",
+            proxy_failovers.clone(),
+        );
         let kernel = Family::<KernelLabels, Counter>::default();
         registry.register(
             "kernel_decisions",
@@ -150,6 +178,8 @@ impl Metrics {
             upstream_seconds,
             upstream_connections,
             dns_queries,
+            proxy_up,
+            proxy_failovers,
             kernel,
         }
     }
@@ -210,8 +240,18 @@ impl Metrics {
         self.upstream_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The text exposition (OpenMetrics), with the kernel counters as given.
-    pub fn encode(&self, kernel_counters: &[(&'static str, u64)]) -> String {
+    /// The text exposition (OpenMetrics), with the kernel counters and proxy states as given.
+    pub fn encode(&self, kernel_counters: &[(&'static str, u64)], proxies: &[ProxyState]) -> String {
+        for state in proxies {
+            let labels = ProxyLabels {
+                proxy: state.proxy.clone(),
+            };
+            self.proxy_up.get_or_create(&labels).set(i64::from(state.up));
+            self.proxy_failovers
+                .get_or_create(&labels)
+                .inner()
+                .store(state.failovers, std::sync::atomic::Ordering::Relaxed);
+        }
         for (name, value) in kernel_counters {
             let counter = self.kernel.get_or_create(&KernelLabels { decision: name });
             counter
@@ -257,7 +297,19 @@ mod tests {
         metrics.dns_query(DnsOutcome::Ignored);
         metrics.dns_query(DnsOutcome::Ignored);
         metrics.dns_query(DnsOutcome::Synthesized);
-        let text = metrics.encode(&[("redirected", 7), ("deny_blacklist", 2)]);
+        let proxies = [
+            ProxyState {
+                proxy: "a:3128".into(),
+                up: true,
+                failovers: 0,
+            },
+            ProxyState {
+                proxy: "b:3128".into(),
+                up: false,
+                failovers: 5,
+            },
+        ];
+        let text = metrics.encode(&[("redirected", 7), ("deny_blacklist", 2)], &proxies);
         for line in [
             "egress_connections_total{route=\"proxy-connect\",outcome=\"ok\",rule_kind=\"proxy\"} 2",
             "egress_connections_total{route=\"proxy-connect\",outcome=\"error\",rule_kind=\"proxy\"} 1",
@@ -273,6 +325,9 @@ mod tests {
             "egress_upstream_connect_seconds_bucket{le=\"0.005\"} 1",
             "egress_upstream_connect_seconds_bucket{le=\"0.0025\"} 0",
             "egress_dns_queries_total{outcome=\"ignored\"} 2",
+            "egress_proxy_up{proxy=\"a:3128\"} 1",
+            "egress_proxy_up{proxy=\"b:3128\"} 0",
+            "egress_proxy_failovers_total{proxy=\"b:3128\"} 5",
             "egress_dns_queries_total{outcome=\"synthesized\"} 1",
             "egress_kernel_decisions_total{decision=\"redirected\"} 7",
             "egress_kernel_decisions_total{decision=\"deny_blacklist\"} 2",
@@ -280,7 +335,7 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
         }
         // Kernel counters are absolute values, not increments.
-        let text = metrics.encode(&[("redirected", 9)]);
+        let text = metrics.encode(&[("redirected", 9)], &[]);
         assert!(
             text.contains("egress_kernel_decisions_total{decision=\"redirected\"} 9"),
             "{text}"

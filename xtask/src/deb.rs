@@ -113,7 +113,7 @@ pub fn build(root: &Path, bin: &Path) -> Result<PathBuf> {
              Architecture: amd64\n\
              Maintainer: egress developers <egress@localhost>\n\
              Installed-Size: {size_kib}\n\
-             Depends: libc6 (>= 2.34), passwd\n\
+             Depends: libc6 (>= 2.34), libgssapi-krb5-2, passwd\n\
              Section: net\n\
              Priority: optional\n\
              Description: transparent egress proxy for Matrix homeserver hosts\n \

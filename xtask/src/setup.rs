@@ -29,6 +29,16 @@ pub const APT_PACKAGES: &[&str] = &[
     "docker.io",
     // A 32-bit test program (its setsockopt is a compat syscall, which skips the cgroup hook).
     "gcc-multilib",
+    // Kerberos: the system GSSAPI egress links (headers, and libclang for their bindings), and
+    // a real KDC with its admin tools and kinit for the Negotiate proxy tests.
+    "libkrb5-dev",
+    "libclang-dev",
+    "pkg-config",
+    "krb5-kdc",
+    "krb5-admin-server",
+    "krb5-user",
+    // A proxy whose clock is off, for the Kerberos clock-skew test.
+    "faketime",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -64,8 +74,11 @@ pub fn debian_root() -> Result<PathBuf> {
     let root = std::env::var_os("EGRESS_DEBIAN_ROOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/egress-debian12"));
+    // What the root holds: minbase, and the libraries egress links beyond it (as `apt install`
+    // of the package would pull them in). Another stamp means an older root: made again.
+    const CONTENTS: &str = "bookworm minbase libgssapi-krb5-2\n";
     let stamp = root.join(".egress-complete");
-    if stamp.exists() {
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == CONTENTS) {
         return Ok(root);
     }
     apt_install(&["debootstrap"])?;
@@ -79,6 +92,7 @@ pub fn debian_root() -> Result<PathBuf> {
         "debootstrap",
         &[
             "--variant=minbase",
+            "--include=libgssapi-krb5-2",
             "bookworm",
             &partial.to_string_lossy(),
             "http://deb.debian.org/debian",
@@ -87,7 +101,7 @@ pub fn debian_root() -> Result<PathBuf> {
     )?;
     let _ = std::fs::remove_dir_all(&root);
     std::fs::rename(&partial, &root)?;
-    std::fs::write(&stamp, "bookworm minbase\n")?;
+    std::fs::write(&stamp, CONTENTS)?;
     Ok(root)
 }
 

@@ -6,6 +6,7 @@
 //! half-configured.
 
 pub mod homeserver;
+pub mod proxy_route;
 pub mod proxy_url;
 pub mod reference;
 pub mod settings;
@@ -131,6 +132,39 @@ fn check(settings: &mut Settings, env: &[(String, String)]) -> Result<()> {
     }
     if settings.synthetic_dns() {
         check_synthetic(settings)?;
+    }
+    check_proxies(settings)?;
+    Ok(())
+}
+
+/// Routes are bounded; Kerberos has one source of credentials and needs proxies named by host
+/// name (their service principal is `HTTP/<name>`).
+fn check_proxies(settings: &Settings) -> Result<()> {
+    if settings.proxy_routes.len() > proxy_route::MAX_ROUTES {
+        bail!(
+            "proxy_routes: {} routes, at most {}",
+            settings.proxy_routes.len(),
+            proxy_route::MAX_ROUTES
+        );
+    }
+    if settings.kerberos_keytab.is_some() && settings.kerberos_ccache.is_some() {
+        bail!("kerberos_keytab and kerberos_ccache are both set: give egress one of them");
+    }
+    if settings.kerberos() {
+        let routes = settings.proxy_routes.iter().filter_map(|r| match &r.via {
+            crate::route::plan::Via::Proxies(list) => Some(list),
+            crate::route::plan::Via::Direct => None,
+        });
+        let lists = [&settings.https_proxy, &settings.http_proxy]
+            .into_iter()
+            .chain(routes);
+        for url in lists.flat_map(|list| list.urls()) {
+            if !url.has_credentials() && url.host.parse::<std::net::IpAddr>().is_ok() {
+                bail!(
+                    "proxy {url}: Kerberos (kerberos_keytab/kerberos_ccache) needs the proxy's host name,                      as in its service principal HTTP/<name>, not an address"
+                );
+            }
+        }
     }
     Ok(())
 }

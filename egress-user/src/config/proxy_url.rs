@@ -35,6 +35,8 @@ pub enum ProxyUrlError {
     InvalidPort(String),
     #[error("invalid IPv6 literal in proxy URL: missing ']'")]
     UnclosedBracket,
+    #[error("{0} proxies in one list: at most 8")]
+    TooMany(usize),
 }
 
 impl ProxyUrlError {
@@ -168,48 +170,75 @@ impl fmt::Display for ProxyUrl {
 }
 
 /// An upstream proxy setting as Synapse reads `https_proxy`: a proxy URL, or blank for none (the
-/// connections it would carry go direct). Shown redacted; serialized whole, for layering the
-/// configuration sources only.
+/// connections it would carry go direct); or several, separated by spaces (a list in TOML),
+/// tried in order: the first that can be reached carries the connection. Shown redacted;
+/// serialized whole, for layering the configuration sources only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProxySetting(pub Option<ProxyUrl>);
+pub struct ProxySetting(pub Vec<ProxyUrl>);
+
+/// Proxies in one list.
+pub const MAX_PROXIES: usize = 8;
 
 impl ProxySetting {
+    /// The first proxy, if any.
     pub fn url(&self) -> Option<&ProxyUrl> {
-        self.0.as_ref()
+        self.0.first()
+    }
+
+    pub fn urls(&self) -> &[ProxyUrl] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
 impl std::str::FromStr for ProxySetting {
     type Err = ProxyUrlError;
     fn from_str(s: &str) -> Result<Self, ProxyUrlError> {
-        if s.trim().is_empty() {
-            return Ok(Self(None));
+        let urls = s
+            .split_whitespace()
+            .map(ProxyUrl::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.len() > MAX_PROXIES {
+            return Err(ProxyUrlError::TooMany(urls.len()));
         }
-        ProxyUrl::parse(s).map(|url| Self(Some(url)))
+        Ok(Self(urls))
     }
 }
 
 impl fmt::Display for ProxySetting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(url) => url.fmt(f),
-            None => Ok(()),
-        }
+        let urls: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&urls.join(" "))
     }
 }
 
 impl serde::Serialize for ProxySetting {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
-            Some(url) => s.serialize_str(&url.secret_text()),
-            None => s.serialize_str(""),
-        }
+        let urls: Vec<String> = self.0.iter().map(ProxyUrl::secret_text).collect();
+        s.serialize_str(&urls.join(" "))
     }
 }
 
 impl<'de> serde::Deserialize<'de> for ProxySetting {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = <String as serde::Deserialize>::deserialize(d)?;
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            One(String),
+            List(Vec<String>),
+        }
+        let text = match Text::deserialize(d)? {
+            Text::One(text) => text,
+            Text::List(urls) => {
+                if urls.iter().any(|u| u.split_whitespace().count() != 1) {
+                    return Err(serde::de::Error::custom("each list entry must be one proxy URL"));
+                }
+                urls.join(" ")
+            }
+        };
         text.parse().map_err(serde::de::Error::custom)
     }
 }
@@ -217,7 +246,7 @@ impl<'de> serde::Deserialize<'de> for ProxySetting {
 impl ProxyUrl {
     /// The whole URL, password included: only for passing the setting between configuration
     /// layers, never for output.
-    fn secret_text(&self) -> String {
+    pub(crate) fn secret_text(&self) -> String {
         let scheme = match self.scheme {
             ProxyScheme::Http => "http",
             ProxyScheme::Https => "https",
@@ -384,5 +413,51 @@ mod tests {
         let url = ProxyUrl::parse("https://alice:s3cret@[::1]:3129").unwrap();
         assert_eq!(url.to_string(), "https://alice:***@[::1]:3129");
         assert!(!format!("{url:?}").contains("s3cret"));
+    }
+}
+
+#[cfg(test)]
+mod list_tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_holds_a_list_tried_in_order() {
+        let list: ProxySetting = " http://u:pw@a:3128  https://b:443 ".parse().unwrap();
+        let hosts: Vec<&str> = list.urls().iter().map(|u| u.host.as_str()).collect();
+        assert_eq!(hosts, ["a", "b"]);
+        assert_eq!(list.url().unwrap().host, "a");
+        assert_eq!(list.to_string(), "http://u:***@a:3128 https://b:443");
+        let blank: ProxySetting = "  ".parse().unwrap();
+        assert!(blank.is_empty() && blank.url().is_none());
+        let too_many = (0..9)
+            .map(|i| format!("http://p{i}:1"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(too_many.parse::<ProxySetting>(), Err(ProxyUrlError::TooMany(9)));
+
+        // TOML: a string as Synapse writes it, or a list; the list's entries are one URL each.
+        #[derive(serde::Deserialize)]
+        struct File {
+            https_proxy: ProxySetting,
+        }
+        let read = |text: &str| toml::from_str::<File>(text).map(|f| f.https_proxy);
+        assert_eq!(
+            read("https_proxy = \"http://a:1 http://b:2\"")
+                .unwrap()
+                .urls()
+                .len(),
+            2
+        );
+        assert_eq!(
+            read("https_proxy = [\"http://a:1\", \"http://b:2\"]")
+                .unwrap()
+                .urls()
+                .len(),
+            2
+        );
+        let error = read("https_proxy = [\"http://a:1 http://b:2\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("one proxy URL"), "{error}");
     }
 }

@@ -23,8 +23,8 @@ use clap::{Args, FromArgMatches};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::proxy_url::ProxyUrl;
 use super::{
+    proxy_route::ProxyRoute,
     proxy_url::ProxySetting,
     values::{
         AtMost, ContainerRef, KubeApi, LabelSelector, ListenAddr, Mark, NamespaceName, Port, Resolver,
@@ -86,7 +86,9 @@ pub struct Settings {
     pub kube_ca_file: PathBuf,
 
     /// Proxy for TLS (and unrecognised) connections, `[http://][user:pass@]host[:port]` (port
-    /// 1080 by default), as Synapse parses it. Blank: none.
+    /// 1080 by default), as Synapse parses it; or several, space-separated (a list in TOML),
+    /// tried in order: one that cannot be reached is passed over until it answers again. Blank:
+    /// none.
     #[arg(
         long,
         value_name = "URL",
@@ -96,8 +98,8 @@ pub struct Settings {
         help_heading = "Upstream proxies"
     )]
     pub https_proxy: ProxySetting,
-    /// Proxy for plain HTTP requests, forwarded in absolute form. Without one, plain HTTP goes
-    /// direct (the blacklist still applies), as in Synapse.
+    /// Proxy for plain HTTP requests, forwarded in absolute form (several: as https_proxy).
+    /// Without one, plain HTTP goes direct (the blacklist still applies), as in Synapse.
     #[arg(
         long,
         value_name = "URL",
@@ -107,6 +109,20 @@ pub struct Settings {
         help_heading = "Upstream proxies"
     )]
     pub http_proxy: ProxySetting,
+    /// Per-destination proxies: `DESTINATIONS -> PROXIES` (tried in order) or `DESTINATIONS ->
+    /// direct`, destinations written as no_proxy entries, e.g. `partner.example 10.20.0.0/16 ->
+    /// http://partner-proxy:8080`; repeatable, the first match wins, after the blacklist and
+    /// no_proxy; at most 64.
+    #[arg(long = "proxy-route", value_name = "ROUTE", help_heading = "Upstream proxies")]
+    pub proxy_routes: Vec<ProxyRoute>,
+    /// Kerberos (Negotiate) to proxies whose URL has no user and password: the keytab of egress's
+    /// principal (readable by the agent's user). egress gets and renews its tickets itself.
+    #[arg(long, value_name = "PATH", help_heading = "Upstream proxies")]
+    pub kerberos_keytab: Option<PathBuf>,
+    /// Kerberos (Negotiate) with a ticket cache another program keeps fresh (e.g.
+    /// FILE:/run/egress/krb5cc, renewed by k5start), instead of a keytab.
+    #[arg(long, value_name = "CCACHE", help_heading = "Upstream proxies")]
+    pub kerberos_ccache: Option<String>,
     /// CA certificates (PEM) to verify https:// proxies with, instead of the system roots.
     #[arg(long, value_name = "PATH", help_heading = "Upstream proxies")]
     pub proxy_ca_file: Option<PathBuf>,
@@ -361,11 +377,17 @@ impl Settings {
     }
 
     /// The configured proxy URLs, as a routing plan chooses from them.
-    pub fn proxy_urls(&self) -> Proxies<'_, ProxyUrl> {
+    pub fn proxy_urls(&self) -> Proxies<'_, ProxySetting> {
         Proxies {
-            https: self.https_proxy.url(),
-            http: self.http_proxy.url(),
+            https: (!self.https_proxy.is_empty()).then_some(&self.https_proxy),
+            http: (!self.http_proxy.is_empty()).then_some(&self.http_proxy),
+            routes: &self.proxy_routes,
         }
+    }
+
+    /// Whether proxies without a user and password get Kerberos (Negotiate).
+    pub fn kerberos(&self) -> bool {
+        self.kerberos_keytab.is_some() || self.kerberos_ccache.is_some()
     }
 
     pub fn timeouts(&self) -> Timeouts {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    config::{Settings, proxy_url::ProxyUrl},
+    config::{Settings, proxy_url::ProxySetting},
     diag::status::ask_agent,
     kernel::verdict::{KernelVerdict, kernel_verdict},
     route::{
@@ -81,7 +81,7 @@ pub fn plans<'a>(
     name: Option<&str>,
     dst: SocketAddr,
     resolved: &Resolved,
-) -> Vec<(&'static str, Plan<'a, ProxyUrl>)> {
+) -> Vec<(&'static str, Plan<'a, ProxySetting>)> {
     let rules = settings.rules(policy);
     traffic_kinds(name)
         .into_iter()
@@ -159,6 +159,16 @@ fn indent(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An action in words, its proxies by their display (a client shows as its URL).
+    fn describe_action<P: std::fmt::Display>(action: &Action<'_, P>) -> String {
+        match action {
+            Action::Deny => "deny".into(),
+            Action::Direct { to } => format!("direct {to}"),
+            Action::Connect { proxy, target } => format!("connect {target} via {proxy}"),
+            Action::Forward { proxy, authority } => format!("forward {authority} via {proxy}"),
+        }
+    }
     use crate::{agent::Routing, hostport};
 
     #[test]
@@ -298,13 +308,22 @@ mod tests {
                         &sniffed,
                         &Resolved::default(),
                     );
-                    let agent = Plan {
-                        action: agent.action.map_proxy(|client| &client.url),
-                        rule: agent.rule,
-                        name: agent.name,
-                        named_by: agent.named_by,
-                    };
-                    assert_eq!(agent, explained, "config {text:?}, {label} to {host} at {dst}");
+                    // The same action through the same proxies (the agent's are clients).
+                    assert_eq!(
+                        (
+                            describe_action(&agent.action),
+                            agent.rule,
+                            agent.name,
+                            agent.named_by
+                        ),
+                        (
+                            describe_action(&explained.action),
+                            explained.rule,
+                            explained.name,
+                            explained.named_by
+                        ),
+                        "config {text:?}, {label} to {host} at {dst}"
+                    );
                 }
             }
         }

@@ -9,6 +9,9 @@ use crate::kernel;
 
 pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
     println!("agent: {}", agent_health(admin_addr));
+    for line in proxy_lines(admin_addr) {
+        println!("{line}");
+    }
     if !pin_dir.exists() {
         println!("not attached (no {})", pin_dir.display());
         return Ok(());
@@ -57,6 +60,33 @@ pub fn status(pin_dir: &Path, admin_addr: std::net::SocketAddr) -> Result<()> {
         println!("{name:>20} {value}");
     }
     Ok(())
+}
+
+/// Each upstream proxy as the running agent's data path knows it (from /proxies).
+fn proxy_lines(admin_addr: std::net::SocketAddr) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct State {
+        proxy: String,
+        up: bool,
+        why: Option<String>,
+        down_for: Option<u64>,
+        failovers: u64,
+    }
+    let Ok(body) = ask_agent(admin_addr, "/proxies") else {
+        return Vec::new();
+    };
+    let states: Vec<State> = serde_json::from_str(&body).unwrap_or_default();
+    states
+        .into_iter()
+        .map(|s| {
+            let state = match (s.up, s.down_for, s.why) {
+                (true, ..) => "up".to_owned(),
+                (false, Some(secs), Some(why)) => format!("down for {secs}s ({why}), probed"),
+                (false, ..) => "down, probed".to_owned(),
+            };
+            format!("proxy {}: {state}; failovers {}", s.proxy, s.failovers)
+        })
+        .collect()
 }
 
 /// The running agent's /health answer, or why there is none.

@@ -30,7 +30,7 @@ use crate::{
         plan::{Action, Plan, Protocol, Resolved, Sniffed, plan},
         policy::RuleKind,
     },
-    upstream::{self, ProxyClient, Role, UpstreamStream},
+    upstream::{self, Role, UpstreamStream, group::ProxyGroup},
     workloads::{ClientNetns, MAX_ROOT_FILE, RootFile},
 };
 
@@ -108,7 +108,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
     decision.resolved_name = resolved.dialled_name;
     decision.named_by = Some(named_by);
     decision.route_name = name;
-    decision.planned(&action, rule, |proxy| proxy.url.authority());
+    decision.planned(&action, rule, ToString::to_string);
     match action {
         Action::Deny => reset(client),
         Action::Direct { to } => {
@@ -258,7 +258,7 @@ async fn connect_direct(
 
 async fn tunnel(
     agent: &Agent,
-    proxy: &ProxyClient,
+    proxy: &ProxyGroup,
     target: &str,
     client: TcpStream,
     first_bytes: Bytes,
@@ -268,7 +268,9 @@ async fn tunnel(
     // Boxed: the handshake's state is large and must not size the connection's future for its
     // whole life (thousands of idle tunnels).
     match Box::pin(proxy.open_tunnel(target)).await {
-        Ok(tunnel) => {
+        Ok((tunnel, member)) => {
+            decision.upstream = Some(member.client.url.authority());
+            decision.upstream_auth = Some(member.client.auth.as_str());
             agent.metrics.upstream_latency(started.elapsed());
             agent.metrics.upstream_connection(tunnel.warm);
             decision.upstream_warm = Some(tunnel.warm);

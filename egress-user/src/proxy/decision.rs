@@ -56,7 +56,10 @@ pub struct Decision {
     /// The plan's action (`deny`, `direct`, `proxy-connect`, `proxy-forward`), once planned.
     pub route: Option<&'static str>,
     pub rule: Option<Rule>,
+    /// The proxy list planned, then the proxy of it that carried the connection.
     pub upstream: Option<String>,
+    /// How egress authenticated to that proxy: `basic`, `negotiate` or `none`.
+    pub upstream_auth: Option<&'static str>,
     /// What was asked of the upstream proxy (CONNECT target or absolute-form authority), or the
     /// direct destination.
     pub target: Option<String>,
@@ -96,6 +99,7 @@ impl Decision {
             route: None,
             rule: None,
             upstream: None,
+            upstream_auth: None,
             target: None,
             upstream_status: None,
             requests: 0,
@@ -172,6 +176,7 @@ impl Decision {
                     rule = ?self.rule.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
                     rule_kind = %self.rule_kind(),
                     upstream = %display_opt(&self.upstream),
+                    auth = %self.upstream_auth.unwrap_or("-"),
                     target = %display_opt(&self.target),
                     status = %display_opt(&self.upstream_status),
                     upstream_conn = %self.upstream_warm.map_or("-", |warm| if warm { "warm" } else { "new" }),
@@ -228,7 +233,7 @@ mod tests {
     }
 
     fn has_line(metrics: &Metrics, line: &str) -> bool {
-        metrics.encode(&[]).lines().any(|l| l == line)
+        metrics.encode(&[], &[]).lines().any(|l| l == line)
     }
 
     /// Each record is counted once, when it drops, with its outcome and rule kind.

@@ -1,6 +1,8 @@
 //! Plain HTTP through the upstream proxy, as a real forward proxy client would send it: each
 //! request rewritten to absolute form (`GET http://host/path`), `Proxy-Authorization` on every
-//! request, keep-alive on both sides. hyper speaks HTTP/1 to the client and to the proxy.
+//! request (Basic) or on the first of each connection to the proxy (Negotiate: the proxy
+//! authenticates the connection), keep-alive on both sides. hyper speaks HTTP/1 to the client and
+//! to the proxy. The proxy is the first of its list that can be reached.
 
 use std::{
     os::fd::{AsRawFd, BorrowedFd, RawFd},
@@ -22,11 +24,11 @@ use super::{
     decision::Decision,
     relay::{ByteCounts, PrefixedIo},
 };
-use crate::upstream::{ProxyClient, UpstreamError};
+use crate::upstream::{ProxyAuth, ProxyClient, UpstreamError, group::ProxyGroup};
 
 /// Where and how one client connection's requests are forwarded.
 pub struct Forward {
-    pub proxy: ProxyClient,
+    pub proxy: ProxyGroup,
     /// Authority for the absolute-form URI: the client's host (port added when not 80), or the
     /// original IP:port when connecting by IP.
     pub authority: String,
@@ -36,8 +38,9 @@ pub struct Forward {
 
 struct State {
     forward: Forward,
-    authorization: Option<HeaderValue>,
-    sender: tokio::sync::Mutex<Option<SendRequest<Incoming>>>,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
+    /// The proxy that carried the requests, and how egress authenticated to it.
+    used: Mutex<Option<(String, &'static str)>>,
     requests: AtomicU64,
     last_status: AtomicU16,
     failure: Mutex<Option<String>>,
@@ -51,19 +54,10 @@ pub async fn serve(
     header_timeout: Duration,
     decision: &mut Decision,
 ) {
-    let authorization = forward
-        .proxy
-        .url
-        .authorization()
-        .and_then(|a| HeaderValue::from_str(&a).ok())
-        .map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
     let state = Arc::new(State {
         forward,
-        authorization,
-        sender: tokio::sync::Mutex::new(None),
+        upstream: tokio::sync::Mutex::new(None),
+        used: Mutex::new(None),
         requests: AtomicU64::new(0),
         last_status: AtomicU16::new(0),
         failure: Mutex::new(None),
@@ -86,6 +80,10 @@ pub async fn serve(
         .await;
 
     decision.requests = state.requests.load(Ordering::Relaxed);
+    if let Some((proxy, auth)) = state.used.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        decision.upstream = Some(proxy);
+        decision.upstream_auth = Some(auth);
+    }
     decision.bytes_up = counts.read.load(Ordering::Relaxed);
     decision.bytes_down = counts.written.load(Ordering::Relaxed);
     let status = state.last_status.load(Ordering::Relaxed);
@@ -165,17 +163,17 @@ impl State {
         let headers = request.headers_mut();
         headers.remove(header::PROXY_AUTHORIZATION);
         headers.remove("proxy-connection");
-        if let Some(auth) = &self.authorization {
-            headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
-        }
 
-        let mut sender = self.sender.lock().await;
-        if sender.as_ref().is_none_or(|s| s.is_closed()) {
-            *sender = Some(self.connect().await?);
+        let mut upstream = self.upstream.lock().await;
+        if upstream.as_ref().is_none_or(|u| u.sender.is_closed()) {
+            *upstream = Some(self.connect().await?);
         }
-        let response = sender
-            .as_mut()
-            .expect("connected above")
+        let upstream = upstream.as_mut().expect("connected above");
+        if let Some(auth) = upstream.authorization() {
+            request.headers_mut().insert(header::PROXY_AUTHORIZATION, auth);
+        }
+        let response = upstream
+            .sender
             .send_request(request)
             .await
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
@@ -183,23 +181,39 @@ impl State {
             .store(response.status().as_u16(), Ordering::Relaxed);
         // 407 is the proxy refusing egress's credentials, not an answer from the origin.
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-            return Err(UpstreamError::Status(response.status()));
+            return Err(upstream
+                .client
+                .refused_ticket(UpstreamError::Status(response.status())));
         }
         // The proxy works: keep connections to it ready (not after its own errors, so that a
         // failing proxy is not dialled more often than clients ask).
         if !response.status().is_server_error() {
-            self.forward.proxy.top_up();
+            upstream.client.top_up();
         }
         Ok(response)
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let (stream, _warm) = self.forward.proxy.connect().await?;
+    /// A connection to the first proxy of the list that can be reached, and its credentials.
+    async fn connect(&self) -> Result<Upstream, UpstreamError> {
+        let (stream, _warm, member) = self.forward.proxy.connect().await?;
+        let client = member.client.clone();
+        let authorization = client.authorization().await?.and_then(|value| {
+            let mut value = HeaderValue::from_str(&value).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
         let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        Ok(sender)
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((client.url.authority(), client.auth.as_str()));
+        Ok(Upstream {
+            sender,
+            authorization,
+            sent: false,
+            client,
+        })
     }
 
     /// Records why, and makes the coming close of the client connection a reset.
@@ -209,6 +223,27 @@ impl State {
         // in flight, so the fd is open; we only set a socket option on it.
         let fd = unsafe { BorrowedFd::borrow_raw(self.client_fd) };
         let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// The connection to the proxy the requests go down.
+struct Upstream {
+    sender: SendRequest<Incoming>,
+    authorization: Option<HeaderValue>,
+    /// Whether a request went down it already (a Negotiate token is for the first one only).
+    sent: bool,
+    client: ProxyClient,
+}
+
+impl Upstream {
+    /// `Proxy-Authorization` for the next request on this connection.
+    fn authorization(&mut self) -> Option<HeaderValue> {
+        let first = !self.sent;
+        self.sent = true;
+        match self.client.auth {
+            ProxyAuth::Negotiate if !first => None,
+            _ => self.authorization.clone(),
+        }
     }
 }
 

@@ -185,13 +185,32 @@ impl Sniffed {
     }
 }
 
-/// The upstream proxies a plan chooses from: the agent's clients, or the configured URLs.
+/// The upstream proxies a plan chooses from: the agent's proxy lists, or the configured URLs.
 #[derive(Debug)]
 pub struct Proxies<'a, P> {
     /// For TLS and (by default) unrecognised traffic.
     pub https: Option<&'a P>,
     /// For plain HTTP.
     pub http: Option<&'a P>,
+    /// Per-destination choices (`proxy_routes`), the first that matches wins.
+    pub routes: &'a [Route<P>],
+}
+
+/// A per-destination choice: where connections to `destinations` go, whatever their protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route<P> {
+    /// Matched as no_proxy entries are: host names (with their subdomains), IPs, CIDR ranges,
+    /// `host:port`.
+    pub destinations: crate::route::policy::NoProxy,
+    pub via: Via<P>,
+    /// How the route was written (credentials hidden), for the rule in logs and `explain`.
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via<P> {
+    Direct,
+    Proxies(P),
 }
 
 impl<P> Clone for Proxies<'_, P> {
@@ -203,9 +222,15 @@ impl<P> Clone for Proxies<'_, P> {
 impl<P> Copy for Proxies<'_, P> {}
 
 impl<'a, P> Proxies<'a, P> {
-    /// Each configured proxy once.
+    /// Each configured proxy list (the same list may come twice).
     pub fn iter(self) -> impl Iterator<Item = &'a P> {
-        self.https.into_iter().chain(self.http)
+        self.https
+            .into_iter()
+            .chain(self.http)
+            .chain(self.routes.iter().filter_map(|route| match &route.via {
+                Via::Proxies(list) => Some(list),
+                Via::Direct => None,
+            }))
     }
 }
 
@@ -230,23 +255,6 @@ impl<'a, P> Action<'a, P> {
             Action::Direct { .. } => "direct",
             Action::Connect { .. } => "proxy-connect",
             Action::Forward { .. } => "proxy-forward",
-        }
-    }
-
-    /// The same action with the proxy seen through `f` (e.g. a client as its URL).
-    #[cfg(test)]
-    pub fn map_proxy<Q>(self, f: impl FnOnce(&'a P) -> &'a Q) -> Action<'a, Q> {
-        match self {
-            Action::Deny => Action::Deny,
-            Action::Direct { to } => Action::Direct { to },
-            Action::Connect { proxy, target } => Action::Connect {
-                proxy: f(proxy),
-                target,
-            },
-            Action::Forward { proxy, authority } => Action::Forward {
-                proxy: f(proxy),
-                authority,
-            },
         }
     }
 }
@@ -367,9 +375,29 @@ pub fn plan<'a, P>(
     // A target nothing confirmed names the CONNECT, but cannot claim a no_proxy name: direct
     // would send the dialled address past the proxy on a guess.
     let policy_name = name.as_deref().filter(|_| named_by != TargetName::SrvTarget);
-    let ruling = rules
+    let mut ruling = rules
         .policy
         .decide(dst.ip(), dst.port(), policy_name, proxy.is_some());
+    // A route for the destination, past the blacklist and no_proxy: its proxies, or direct.
+    let mut proxy = proxy;
+    let routed = ruling.disposition != Disposition::Deny && ruling.rule.kind != RuleKind::NoProxy;
+    if let Some(route) = proxies.routes.iter().find(|route| {
+        routed
+            && route
+                .destinations
+                .matches(dst.ip(), dst.port(), policy_name)
+                .is_some()
+    }) {
+        let rule = Rule {
+            whitelisted: ruling.rule.whitelisted,
+            ..Rule::new(RuleKind::ProxyRoute, route.text.clone())
+        };
+        (ruling.disposition, proxy) = match &route.via {
+            Via::Direct => (Disposition::Direct, None),
+            Via::Proxies(list) => (Disposition::Proxy, Some(list)),
+        };
+        ruling.rule = rule;
+    }
     let action = match (ruling.disposition, proxy) {
         (Disposition::Deny, _) => Action::Deny,
         (Disposition::Direct, _) | (Disposition::Proxy, None) if resolved.synthetic => {
@@ -440,7 +468,7 @@ fn refuse_name(policy: &Policy, name: &str) -> Option<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Settings, proxy_url::ProxyUrl};
+    use crate::config::{Settings, proxy_url::ProxySetting};
 
     fn tls(sni: Option<&str>) -> Sniffed {
         Sniffed::Tls {
@@ -457,12 +485,16 @@ mod tests {
 
     /// The plan in one line: `deny`, `direct ADDR`, `connect TARGET via PROXY`,
     /// `forward AUTHORITY via PROXY`, then ` [rule]`.
-    fn describe(plan: &Plan<'_, ProxyUrl>) -> String {
+    fn describe(plan: &Plan<'_, ProxySetting>) -> String {
+        let via = |list: &ProxySetting| {
+            let authorities: Vec<String> = list.urls().iter().map(|u| u.authority()).collect();
+            authorities.join(" ")
+        };
         let action = match &plan.action {
             Action::Deny => "deny".to_owned(),
             Action::Direct { to } => format!("direct {to}"),
-            Action::Connect { proxy, target } => format!("connect {target} via {}", proxy.authority()),
-            Action::Forward { proxy, authority } => format!("forward {authority} via {}", proxy.authority()),
+            Action::Connect { proxy, target } => format!("connect {target} via {}", via(proxy)),
+            Action::Forward { proxy, authority } => format!("forward {authority} via {}", via(proxy)),
         };
         format!("{action} [{}]", plan.rule)
     }
@@ -703,6 +735,72 @@ mod tests {
             assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?} {resolved:?}");
             assert_eq!(plan.named_by, *named_by, "{dst} {sniffed:?} {resolved:?}");
         }
+    }
+
+    /// Per-destination routes: (configuration, destination, first bytes, expected plan). Each
+    /// route matches as a no_proxy entry does; the first wins; the blacklist and no_proxy come
+    /// first; a route's proxies carry TLS, HTTP and the rest alike.
+    #[test]
+    fn routes_choose_a_proxy_list_or_direct_per_destination() {
+        let config = "https_proxy = \"http://a:3128 http://b:3128\"\nhttp_proxy = \"http://h:8080\"\n\
+                      no_proxy = [\"internal.example\"]\n\
+                      proxy_routes = [\"partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080\", \
+                      \"db.partner.example -> direct\", \"partner.example:8448 -> http://fed:3128\", \
+                      \"internal.example -> http://never:3128\", \"10.0.0.0/8 -> direct\"]\n\
+                      ip_range_whitelist = [\"10.20.0.0/16\"]";
+        #[rustfmt::skip]
+        let cases: &[(&str, Sniffed, &str)] = &[
+            // The default list, both proxies in order.
+            ("93.184.216.34:443", tls(Some("matrix.org")), "connect matrix.org:443 via a:3128 b:3128 [proxy]"),
+            // A route by name (subdomains too): its list, for TLS and for HTTP.
+            ("93.184.216.34:443", tls(Some("www.partner.example")),
+                "connect www.partner.example:443 via p1:8080 p2:8080 [proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
+            ("93.184.216.34:80", http(Some("partner.example")),
+                "forward partner.example via p1:8080 p2:8080 [proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
+            // By address (whitelisted out of the blacklist), whatever the name.
+            ("10.20.3.4:443", tls(None),
+                "connect 10.20.3.4:443 via p1:8080 p2:8080 [ip_range_whitelist 10.20.0.0/16, proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
+            // The first match wins: the broader route comes first, so these never reach theirs.
+            ("93.184.216.35:443", tls(Some("db.partner.example")),
+                "connect db.partner.example:443 via p1:8080 p2:8080 [proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
+            ("93.184.216.35:8448", tls(Some("partner.example")),
+                "connect partner.example:8448 via p1:8080 p2:8080 [proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
+            // no_proxy before routes, and the blacklist before everything.
+            ("93.184.216.36:443", tls(Some("internal.example")), "direct 93.184.216.36:443 [no_proxy internal.example]"),
+            ("10.1.2.3:443", tls(None), "deny [ip_range_blacklist 10.0.0.0/8]"),
+            // Unrecognised traffic follows routes like the rest.
+            ("10.20.3.4:5432", Sniffed::Other,
+                "connect 10.20.3.4:5432 via p1:8080 p2:8080 [ip_range_whitelist 10.20.0.0/16, proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
+        ];
+        let settings = Settings::from_toml(config);
+        let policy = settings.policy();
+        for (dst, sniffed, expected) in cases {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let plan = plan(
+                &settings.rules(&policy),
+                settings.proxy_urls(),
+                dst,
+                sniffed,
+                &Resolved::default(),
+            );
+            assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?}");
+        }
+        // A route to direct, reached first.
+        let direct = Settings::from_toml(
+            "https_proxy = \"http://a:3128\"\nproxy_routes = [\"db.partner.example -> direct\", \"partner.example -> http://p:1\"]",
+        );
+        let policy = direct.policy();
+        let plan = plan(
+            &direct.rules(&policy),
+            direct.proxy_urls(),
+            "93.184.216.35:5432".parse().unwrap(),
+            &tls(Some("db.partner.example")),
+            &Resolved::default(),
+        );
+        assert_eq!(
+            describe(&plan),
+            "direct 93.184.216.35:5432 [proxy_route db.partner.example -> direct]"
+        );
     }
 
     #[test]

@@ -436,6 +436,8 @@ pub enum RuleKind {
     Synthetic,
     /// DNS over TCP to a resolver the application asked over UDP: direct, read like UDP.
     Resolver,
+    /// A `proxy_routes` entry: its proxies, or direct.
+    ProxyRoute,
 }
 
 impl RuleKind {
@@ -449,6 +451,7 @@ impl RuleKind {
             RuleKind::LocalName => "local_name",
             RuleKind::Synthetic => "synthetic",
             RuleKind::Resolver => "resolver",
+            RuleKind::ProxyRoute => "proxy_route",
         }
     }
 }
@@ -492,6 +495,7 @@ impl fmt::Display for Rule {
                 self.detail
             ),
             RuleKind::Resolver => write!(f, "DNS over TCP to the application's resolver {}", self.detail),
+            RuleKind::ProxyRoute => write!(f, "proxy_route {}", self.detail),
         }
     }
 }

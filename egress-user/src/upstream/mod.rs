@@ -1,8 +1,11 @@
 //! The upstream proxies: how egress reaches them (TCP, and TLS for `https://` proxies, see
-//! [`tls`]), keeps connections to them ready ([`warm`]), and opens tunnels through them with
-//! `CONNECT host:port` + `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream is
-//! then handed back to the data path for relaying.
+//! [`tls`]), keeps connections to them ready ([`warm`]), authenticates (Basic from the URL, or
+//! Kerberos: [`negotiate`]), and opens tunnels through them with `CONNECT host:port` +
+//! `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream is then handed back to
+//! the data path for relaying. Proxies come in ordered lists with failover ([`group`]).
 
+pub mod group;
+pub mod negotiate;
 pub mod tls;
 pub mod warm;
 
@@ -28,10 +31,12 @@ use tokio_rustls::client::TlsStream;
 use crate::{
     config::{
         Settings, Timeouts,
-        proxy_url::{ProxyScheme, ProxyUrl},
+        proxy_url::{ProxyScheme, ProxySetting, ProxyUrl},
     },
-    route::plan::Proxies,
+    route::plan::{Proxies, Route, Via},
 };
+use group::ProxyGroup;
+use negotiate::NegotiateError;
 use tls::ProxyTls;
 use warm::WarmPool;
 
@@ -55,6 +60,10 @@ pub enum UpstreamError {
     HandshakeTimeout,
     #[error("CONNECT exchange with proxy failed: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Negotiate(#[from] NegotiateError),
+    #[error("every proxy of the list failed: {0}")]
+    AllFailed(String),
 }
 
 impl UpstreamError {
@@ -63,6 +72,22 @@ impl UpstreamError {
     fn went_stale(&self) -> bool {
         matches!(self, Self::Protocol(_) | Self::HandshakeTimeout)
             || self.status() == Some(StatusCode::REQUEST_TIMEOUT.as_u16())
+    }
+
+    /// Whether the proxy could not be used at all (reached, secured, asked, or authenticated
+    /// to): the next one of its list may serve the connection. A proxy's own answer (403, 502)
+    /// is not: it stands.
+    pub fn is_proxy_failure(&self) -> bool {
+        match self {
+            Self::Resolve { .. }
+            | Self::ConnectTimeout(_)
+            | Self::Tls { .. }
+            | Self::HandshakeTimeout
+            | Self::Protocol(_)
+            | Self::Negotiate(_) => true,
+            Self::Connect { role, .. } => *role == Role::Proxy,
+            Self::Status(_) | Self::AllFailed(_) => false,
+        }
     }
 
     /// The proxy's HTTP status, when it answered with one.
@@ -172,10 +197,31 @@ pub async fn connect_marked(
     }
 }
 
+/// How egress authenticates to a proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyAuth {
+    None,
+    /// `Proxy-Authorization: Basic`, from the URL's user and password.
+    Basic(String),
+    /// Kerberos: a fresh `Negotiate` token for `HTTP/<host>` on each new connection.
+    Negotiate,
+}
+
+impl ProxyAuth {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Basic(_) => "basic",
+            Self::Negotiate => "negotiate",
+        }
+    }
+}
+
 /// One upstream proxy and how to reach it.
 #[derive(Clone)]
 pub struct ProxyClient {
     pub url: ProxyUrl,
+    pub auth: ProxyAuth,
     /// Present exactly for `https://` proxies.
     tls: Option<ProxyTls>,
     mark: u32,
@@ -187,12 +233,48 @@ pub struct ProxyClient {
 impl ProxyClient {
     pub fn new(url: ProxyUrl, tls: Option<ProxyTls>, mark: u32, timeouts: Timeouts) -> Self {
         debug_assert_eq!(tls.is_some(), url.scheme == ProxyScheme::Https);
+        let auth = match url.authorization() {
+            Some(basic) => ProxyAuth::Basic(basic),
+            None => ProxyAuth::None,
+        };
         Self {
             url,
+            auth,
             tls,
             mark,
             timeouts,
             warm: None,
+        }
+    }
+
+    /// Authenticates with Kerberos where the URL has no user and password.
+    pub fn with_kerberos(mut self, kerberos: bool) -> Self {
+        if kerberos && self.auth == ProxyAuth::None {
+            self.auth = ProxyAuth::Negotiate;
+        }
+        self
+    }
+
+    /// The `Proxy-Authorization` for a new connection: Basic's is the same each time; a
+    /// Negotiate token is made for each (a proxy takes each token once).
+    pub async fn authorization(&self) -> Result<Option<String>, UpstreamError> {
+        match &self.auth {
+            ProxyAuth::None => Ok(None),
+            ProxyAuth::Basic(value) => Ok(Some(value.clone())),
+            ProxyAuth::Negotiate => Ok(Some(negotiate::token(&self.url.host).await?)),
+        }
+    }
+
+    /// A 407 to a Kerberos ticket, said as what it usually means.
+    pub fn refused_ticket(&self, error: UpstreamError) -> UpstreamError {
+        match (&self.auth, error.status()) {
+            (ProxyAuth::Negotiate, Some(407)) => UpstreamError::Negotiate(NegotiateError {
+                host: self.url.host.clone(),
+                reason: "the proxy refused the Kerberos ticket (407): its clock and this host's differ, \
+                         or its keytab for that principal is not the KDC's"
+                    .into(),
+            }),
+            _ => error,
         }
     }
 
@@ -299,11 +381,12 @@ impl ProxyClient {
         target: &str,
         warm: bool,
     ) -> Result<Tunnel, UpstreamError> {
-        let authorization = self.url.authorization();
+        let authorization = self.authorization().await?;
         let exchange = connect_exchange(stream, target, authorization.as_deref());
         let (stream, early_data) = tokio::time::timeout(self.timeouts.handshake, exchange)
             .await
-            .map_err(|_| UpstreamError::HandshakeTimeout)??;
+            .map_err(|_| UpstreamError::HandshakeTimeout)?
+            .map_err(|e| self.refused_ticket(e))?;
         Ok(Tunnel {
             stream,
             early_data,
@@ -313,9 +396,12 @@ impl ProxyClient {
 }
 
 /// The upstream proxies of one configuration: a client for each configured proxy.
+/// The upstream proxies of one configuration: a list (with failover) for each protocol and
+/// route; a proxy named in several lists is one client, with one pool of ready connections.
 pub struct Upstreams {
-    https: Option<ProxyClient>,
-    http: Option<ProxyClient>,
+    https: Option<ProxyGroup>,
+    http: Option<ProxyGroup>,
+    routes: Vec<Route<ProxyGroup>>,
 }
 
 impl Upstreams {
@@ -324,8 +410,11 @@ impl Upstreams {
     /// (`warm`: whether to keep any at all).
     pub fn new(settings: &Settings, mark: u32, warm: bool) -> anyhow::Result<Self> {
         let pool = if warm { settings.warm_upstream.get() } else { 0 };
-        let client = |url: Option<&ProxyUrl>| -> anyhow::Result<Option<ProxyClient>> {
-            let Some(url) = url else { return Ok(None) };
+        let mut clients: Vec<ProxyClient> = Vec::new();
+        let mut client = |url: &ProxyUrl| -> anyhow::Result<ProxyClient> {
+            if let Some(known) = clients.iter().find(|c| c.url == *url) {
+                return Ok(known.clone());
+            }
             let tls = match url.scheme {
                 ProxyScheme::Https => Some(ProxyTls::new(
                     settings.proxy_ca_file.as_deref(),
@@ -333,24 +422,50 @@ impl Upstreams {
                 )?),
                 ProxyScheme::Http => None,
             };
-            Ok(Some(
-                ProxyClient::new(url.clone(), tls, mark, settings.timeouts()).with_warm_pool(pool),
-            ))
+            let made = ProxyClient::new(url.clone(), tls, mark, settings.timeouts())
+                .with_kerberos(settings.kerberos())
+                .with_warm_pool(pool);
+            clients.push(made.clone());
+            Ok(made)
         };
-        let https = client(settings.https_proxy.url())?;
-        // One proxy for both: one client, so one pool of ready connections.
-        let http = match (&https, settings.http_proxy.url()) {
-            (Some(https), Some(url)) if https.url == *url => Some(https.clone()),
-            (_, url) => client(url)?,
+        let mut group = |list: &ProxySetting| -> anyhow::Result<Option<ProxyGroup>> {
+            if list.is_empty() {
+                return Ok(None);
+            }
+            let members = list
+                .urls()
+                .iter()
+                .map(&mut client)
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Some(ProxyGroup::new(members)))
         };
-        Ok(Self { https, http })
+        let https = group(&settings.https_proxy)?;
+        // The same list for both: one list, so one state of its proxies.
+        let http = match &https {
+            Some(https) if settings.http_proxy == settings.https_proxy => Some(https.clone()),
+            _ => group(&settings.http_proxy)?,
+        };
+        let mut routes = Vec::new();
+        for route in &settings.proxy_routes {
+            let via = match &route.via {
+                Via::Direct => Via::Direct,
+                Via::Proxies(list) => Via::Proxies(group(list)?.expect("a route names proxies")),
+            };
+            routes.push(Route {
+                destinations: route.destinations.clone(),
+                via,
+                text: route.text.clone(),
+            });
+        }
+        Ok(Self { https, http, routes })
     }
 
-    /// The clients, as the routing plan chooses from them.
-    pub fn proxies(&self) -> Proxies<'_, ProxyClient> {
+    /// The proxy lists, as the routing plan chooses from them.
+    pub fn proxies(&self) -> Proxies<'_, ProxyGroup> {
         Proxies {
             https: self.https.as_ref(),
             http: self.http.as_ref(),
+            routes: &self.routes,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod docker;
 pub mod federation;
+pub mod kerberos;
 pub mod kubernetes;
 pub mod resolvers;
 pub mod synapse;
@@ -123,6 +124,20 @@ pub struct SquidOptions<'a> {
     /// A second plain port with squid's stock CONNECT rule: CONNECT only to port 443
     /// (`http_access deny CONNECT !SSL_ports`), as operators' squids usually have it.
     pub strict_port: Option<u16>,
+    /// The address the plain port listens on (default: all of the namespace's).
+    pub listen: Option<&'a str>,
+    /// Kerberos only (`Negotiate`, no Basic): the proxy's service principal and its keytab.
+    pub negotiate: Option<SquidNegotiate<'a>>,
+    /// A clock this far off (`faketime`, e.g. `+2h`) for squid and its helpers.
+    pub clock_offset: Option<&'a str>,
+}
+
+/// squid authenticating with Kerberos (`negotiate_kerberos_auth`).
+pub struct SquidNegotiate<'a> {
+    /// `HTTP/proxy.fqdn@REALM`.
+    pub principal: &'a str,
+    pub keytab: &'a Path,
+    pub krb5_conf: &'a Path,
 }
 
 /// squid with basic auth (htpasswd + basic_ncsa_auth), CONNECT allowed to any port, access log
@@ -130,6 +145,9 @@ pub struct SquidOptions<'a> {
 pub fn start_squid(ns: &Netns, dir: &Path, instance: &str, opts: &SquidOptions) -> Result<Daemon> {
     let sq = dir.join("squid");
     fs::create_dir_all(&sq)?;
+    if let Some(negotiate) = &opts.negotiate {
+        fs::copy(negotiate.keytab, sq.join("squid.keytab"))?;
+    }
     let passwd = sq.join("passwd");
     run(
         "htpasswd",
@@ -154,13 +172,25 @@ pub fn start_squid(ns: &Netns, dir: &Path, instance: &str, opts: &SquidOptions) 
         .strict_port
         .map(|p| format!("http_port {p} name=strict\n"))
         .unwrap_or_default();
+    let auth = match &opts.negotiate {
+        Some(negotiate) => format!(
+            "auth_param negotiate program /usr/lib/squid/negotiate_kerberos_auth -s {}\n\
+             auth_param negotiate children 2 startup=1 idle=1\n\
+             auth_param negotiate keep_alive on\n",
+            negotiate.principal
+        ),
+        None => format!(
+            "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
+             auth_param basic children 2 startup=1 idle=1\n\
+             auth_param basic realm egress-test\n",
+            passwd.display()
+        ),
+    };
+    let listen = opts.listen.map(|a| format!("{a}:")).unwrap_or_default();
     let conf = format!(
-        "http_port {port}
+        "http_port {listen}{port}
 {strict}{https_ports}
-auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}
-auth_param basic children 2 startup=1 idle=1
-auth_param basic realm egress-test
-acl authed proxy_auth REQUIRED
+{auth}acl authed proxy_auth REQUIRED
 acl strict_port myportname strict
 acl SSL_ports port 443
 acl CONNECT method CONNECT
@@ -179,19 +209,26 @@ shutdown_lifetime 1 second
 max_filedescriptors 65536
 ",
         port = opts.http_port,
-        passwd = passwd.display(),
         hosts = hosts.display(),
     );
     let conf_path = sq.join("squid.conf");
     fs::write(&conf_path, conf)?;
     let conf_path = conf_path.to_string_lossy();
-    let command = launch(
-        Some(&ns.name),
-        Enter::NetAndEtc,
-        None,
-        "squid",
-        &["-N", "-n", instance, "-f", &conf_path],
-    );
+    let mut args = vec!["squid", "-N", "-n", instance, "-f", &conf_path];
+    let offset;
+    if let Some(clock) = opts.clock_offset {
+        offset = clock.to_owned();
+        args.splice(0..0, ["faketime", "-f", offset.as_str()]);
+    }
+    let mut command = launch(Some(&ns.name), Enter::NetAndEtc, None, args[0], &args[1..]);
+    if let Some(negotiate) = &opts.negotiate {
+        command
+            .env(
+                "KRB5_KTNAME",
+                format!("FILE:{}", sq.join("squid.keytab").display()),
+            )
+            .env("KRB5_CONFIG", negotiate.krb5_conf);
+    }
     Daemon::spawn("squid", command, &sq.join("stdout.log"))
 }
 

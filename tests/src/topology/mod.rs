@@ -139,6 +139,8 @@ pub struct Testbed {
     pub agent_cgroup: Option<PathBuf>,
     /// A bpffs mounted for this testbed alone (see [`Testbed::use_private_bpffs`]).
     private_bpffs: Option<PathBuf>,
+    /// Environment variables the agents started from now on get (e.g. KRB5_CONFIG).
+    pub agent_env: Vec<(String, String)>,
     // Drop order matters: processes first, then the cgroups, then the namespaces.
     /// The current (or last) agent run.
     agent: Option<Agent>,
@@ -204,6 +206,7 @@ impl Testbed {
             dns: None,
             hs_etc: None,
             view: None,
+            agent_env: Vec::new(),
             squid: None,
             nginx: None,
             cgroup,
@@ -270,6 +273,9 @@ impl Testbed {
                     MATRIX_NAMES.join(" ")
                 ),
                 strict_port,
+                listen: None,
+                negotiate: None,
+                clock_offset: None,
             },
         )?;
         let ports: Vec<u16> = std::iter::once(SQUID_PORT)
@@ -347,6 +353,7 @@ impl Testbed {
             &all,
         );
         command.env("EGRESS_LOG", "info,egress=debug");
+        command.envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let agent = Agent::start(command, log, &self.hs.name, &self.pin_dir)?;
         Ok(self.agent.insert(agent))
     }

@@ -207,13 +207,19 @@ impl Probe<'_> {
             Action::Connect { proxy, target } => {
                 report.ok(
                     "route",
-                    format!("{addr} ({tls_name}): CONNECT {target} via {} [{rule}]", proxy.url),
+                    format!("{addr} ({tls_name}): CONNECT {target} via {proxy} [{rule}]"),
                     data("proxy", rule),
                 );
-                let data = json!({"proxy": proxy.url.to_string(), "connect": target});
+                let data = json!({"proxy": proxy.to_string(), "connect": target});
                 match proxy.open_tunnel(&target).await {
-                    Ok(tunnel) if tunnel.early_data.is_empty() => {
-                        report.ok("proxy", format!("CONNECT {target}: 200, tunnel open"), data);
+                    Ok((tunnel, member)) if tunnel.early_data.is_empty() => {
+                        let auth = member.client.auth.as_str();
+                        let by = member.client.url.authority();
+                        report.ok(
+                            "proxy",
+                            format!("CONNECT {target}: 200 from {by} (authentication: {auth}), tunnel open"),
+                            data,
+                        );
                         Some(tunnel.stream)
                     }
                     Ok(_) => {
