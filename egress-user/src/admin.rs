@@ -34,6 +34,9 @@ struct HealthCache {
     last: Mutex<Option<Probe>>,
 }
 
+/// How long /health waits for each proxy.
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+
 struct Probe {
     at: Instant,
     of: Weak<Routing>,
@@ -212,28 +215,46 @@ async fn upstream_reachable(current: &Arc<Routing>, cache: &HealthCache) -> Resu
         return probe.result.clone();
     }
     // Healthy while every list has a proxy that answers; the others are named.
-    let mut reachable = Vec::new();
-    let mut unreachable = Vec::new();
-    let mut lists_down = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    // Each proxy once, all at once, each within PROBE_DEADLINE.
+    let mut clients = Vec::new();
     for list in current.proxies().iter() {
-        let mut any = false;
         for member in list.members() {
-            let proxy = member.client.url.to_string();
-            let answered = member.client.dial().await;
-            any |= answered.is_ok();
-            if !seen.insert(proxy.clone()) {
-                continue;
+            if !clients
+                .iter()
+                .any(|c: &&crate::upstream::ProxyClient| c.url == member.client.url)
+            {
+                clients.push(&member.client);
             }
-            match answered {
-                Ok(_) => reachable.push(proxy),
-                Err(e) => unreachable.push(format!("{proxy} ({e})")),
-            }
-        }
-        if !any {
-            lists_down.push(list.to_string());
         }
     }
+    let answers = futures_util::future::join_all(clients.iter().map(|client| async move {
+        match tokio::time::timeout(PROBE_DEADLINE, client.dial()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {}s", PROBE_DEADLINE.as_secs())),
+        }
+    }))
+    .await;
+    let mut reachable = Vec::new();
+    let mut unreachable = Vec::new();
+    for (client, answer) in clients.iter().zip(&answers) {
+        match answer {
+            Ok(()) => reachable.push(client.url.to_string()),
+            Err(e) => unreachable.push(format!("{} ({e})", client.url)),
+        }
+    }
+    let answered = |url: &crate::config::proxy_url::ProxyUrl| {
+        clients
+            .iter()
+            .zip(&answers)
+            .any(|(client, answer)| client.url == *url && answer.is_ok())
+    };
+    let lists_down: Vec<String> = current
+        .proxies()
+        .iter()
+        .filter(|list| !list.members().iter().any(|m| answered(&m.client.url)))
+        .map(|list| list.authorities())
+        .collect();
     let summary = match (reachable.is_empty(), unreachable.is_empty()) {
         (true, true) => "upstream: none configured (direct)".to_owned(),
         (_, true) => format!("upstream reachable: {}", reachable.join(", ")),

@@ -113,7 +113,7 @@ impl Agent {
             &routing.policy.kernel_bypass_nets(),
         )?;
         if let Some(synthetic) = &self.names.synthetic {
-            synthetic.set_no_proxy(routing.policy.no_proxy.clone());
+            synthetic.set_no_proxy(routing.settings.direct_names());
         }
         *self.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
         Ok(())

@@ -190,9 +190,14 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Status(args) => diag::status::status(&args.pins.bpffs_dir, args.admin_addr),
-        Command::CheckConfig(args) => {
-            load(&args).map(|settings| print!("{}", diag::check_config::check_config(&settings)))
-        }
+        Command::CheckConfig(args) => load(&args).and_then(|settings| {
+            let (text, problem) = diag::check_config::check_config(&settings);
+            print!("{text}");
+            match problem {
+                None => Ok(()),
+                Some(problem) => Err(anyhow::anyhow!(problem)),
+            }
+        }),
         Command::Explain(args) => explain(&args),
         Command::Doctor(args) => return run_doctor(&args),
     };
@@ -240,6 +245,8 @@ fn run_doctor(args: &DoctorArgs) -> ExitCode {
             timeout: std::time::Duration::from_secs_f64(args.timeout),
             mark,
         };
+        // Kerberos as the agent has it (its keytab), not the invoking user's tickets.
+        crate::upstream::negotiate::set_environment(&settings);
         // Every probe dials: it checks the proxy, not connections kept ready.
         let upstreams = Upstreams::new(&settings, mark, false)?;
         let routing = crate::agent::Routing::with_upstreams(settings, upstreams);

@@ -35,6 +35,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut settings = config::load(args, &env)?;
     // Before any thread starts.
     crate::upstream::negotiate::set_environment(&settings);
+    if settings.kerberos_keytab.is_some() && settings.user == "nobody" {
+        tracing::warn!(
+            "kerberos_keytab with user = \"nobody\": the keytab must be readable by nobody, and so \
+             by every other service running as nobody; set user to a dedicated one (the package's \
+             `egress`)"
+        );
+    }
     workloads::cgroups::resolve_units(&mut settings)?;
     let resolver = match settings.synthetic_dns() {
         true => Some(config::dns_resolver(&settings)?),
@@ -108,7 +115,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 pinned: kernel.take_synthetic(),
                 clients: kernel.take_dns_peers(),
                 netns: kernel.own_netns(),
-                no_proxy: policy.no_proxy.clone(),
+                no_proxy: settings.direct_names(),
                 resolver,
                 mark: settings.agent_mark.0,
                 metrics: metrics.clone(),

@@ -242,6 +242,9 @@ impl Metrics {
 
     /// The text exposition (OpenMetrics), with the kernel counters and proxy states as given.
     pub fn encode(&self, kernel_counters: &[(&'static str, u64)], proxies: &[ProxyState]) -> String {
+        // Only the proxies of the configuration in force (a reload may have dropped some).
+        self.proxy_up.clear();
+        self.proxy_failovers.clear();
         for state in proxies {
             let labels = ProxyLabels {
                 proxy: state.proxy.clone(),

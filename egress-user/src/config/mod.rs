@@ -161,7 +161,8 @@ fn check_proxies(settings: &Settings) -> Result<()> {
         for url in lists.flat_map(|list| list.urls()) {
             if !url.has_credentials() && url.host.parse::<std::net::IpAddr>().is_ok() {
                 bail!(
-                    "proxy {url}: Kerberos (kerberos_keytab/kerberos_ccache) needs the proxy's host name,                      as in its service principal HTTP/<name>, not an address"
+                    "proxy {url}: Kerberos (kerberos_keytab/kerberos_ccache) needs the proxy's host name, \
+                     as in its service principal HTTP/<name>, not an address"
                 );
             }
         }

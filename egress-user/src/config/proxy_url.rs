@@ -40,7 +40,7 @@ pub enum ProxyUrlError {
 }
 
 impl ProxyUrlError {
-    fn redacted(self) -> Self {
+    pub(crate) fn redacted(self) -> Self {
         const HIDDEN: &str = "(not shown: the URL contains credentials)";
         match self {
             Self::InvalidPort(_) => Self::InvalidPort(HIDDEN.into()),
@@ -197,9 +197,22 @@ impl ProxySetting {
 impl std::str::FromStr for ProxySetting {
     type Err = ProxyUrlError;
     fn from_str(s: &str) -> Result<Self, ProxyUrlError> {
-        let urls = s
-            .split_whitespace()
-            .map(ProxyUrl::parse)
+        // A new proxy starts at a scheme: a word without one belongs to the URL before it (a
+        // password may hold a space, as Synapse takes credentials verbatim).
+        let mut parts: Vec<String> = Vec::new();
+        for word in s.split_whitespace() {
+            match parts.last_mut() {
+                Some(last) if !word.contains("://") => {
+                    last.push(' ');
+                    last.push_str(word);
+                }
+                _ => parts.push(word.to_owned()),
+            }
+        }
+        let credentials = s.contains('@');
+        let urls = parts
+            .iter()
+            .map(|part| ProxyUrl::parse(part).map_err(|e| if credentials { e.redacted() } else { e }))
             .collect::<Result<Vec<_>, _>>()?;
         if urls.len() > MAX_PROXIES {
             return Err(ProxyUrlError::TooMany(urls.len()));
@@ -422,6 +435,18 @@ mod list_tests {
 
     #[test]
     fn a_setting_holds_a_list_tried_in_order() {
+        // A password may hold a space: a proxy starts at a scheme.
+        let spaced: ProxySetting = "http://alice:hunter 2@proxy:3128".parse().unwrap();
+        assert_eq!(spaced.urls().len(), 1);
+        assert_eq!(spaced.urls()[0].host, "proxy");
+        // An error about any part of a setting with credentials shows none of it.
+        let error = "http://alice:hunter http://bob:pw/x@p:99999"
+            .parse::<ProxySetting>()
+            .unwrap_err();
+        assert!(
+            !error.to_string().contains("hunter") && !error.to_string().contains("pw"),
+            "{error}"
+        );
         let list: ProxySetting = " http://u:pw@a:3128  https://b:443 ".parse().unwrap();
         let hosts: Vec<&str> = list.urls().iter().map(|u| u.host.as_str()).collect();
         assert_eq!(hosts, ["a", "b"]);

@@ -385,6 +385,18 @@ impl Settings {
         }
     }
 
+    /// The names synthetic DNS answers with real addresses: no_proxy's, and those routed direct
+    /// (both go direct, so they need the real address).
+    pub fn direct_names(&self) -> NoProxy {
+        let mut names = NoProxy::new(self.no_proxy.clone());
+        for route in &self.proxy_routes {
+            if route.via == crate::route::plan::Via::Direct {
+                names.extend(route.destinations.clone());
+            }
+        }
+        names
+    }
+
     /// Whether proxies without a user and password get Kerberos (Negotiate).
     pub fn kerberos(&self) -> bool {
         self.kerberos_keytab.is_some() || self.kerberos_ccache.is_some()

@@ -108,7 +108,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
     decision.resolved_name = resolved.dialled_name;
     decision.named_by = Some(named_by);
     decision.route_name = name;
-    decision.planned(&action, rule, ToString::to_string);
+    decision.planned(&action, rule, ProxyGroup::authorities);
     match action {
         Action::Deny => reset(client),
         Action::Direct { to } => {

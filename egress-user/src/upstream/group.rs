@@ -9,7 +9,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -26,6 +26,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 pub struct Member {
     pub client: ProxyClient,
     down: Mutex<Option<Down>>,
+    /// Failures since the proxy last carried a connection: the backoff grows with them, and a
+    /// probe that reaches the proxy does not reset them (a proxy that takes TCP but answers no
+    /// CONNECT must not be tried at full rate).
+    failures: AtomicU32,
     /// Connections that moved on past this proxy because it failed.
     failovers: AtomicU64,
 }
@@ -34,7 +38,6 @@ pub struct Member {
 struct Down {
     since: Instant,
     retry_at: Instant,
-    failures: u32,
     why: String,
 }
 
@@ -99,10 +102,16 @@ impl Member {
         }
     }
 
+    /// It carried a connection: up, and its failures forgotten.
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.mark_up();
+    }
+
     fn mark_down(&self, why: &UpstreamError) {
         let mut down = self.lock();
         let now = Instant::now();
-        let failures = down.as_ref().map_or(0, |d| d.failures) + 1;
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         let backoff = FIRST_BACKOFF
             .saturating_mul(1 << (failures - 1).min(5))
             .min(MAX_BACKOFF);
@@ -115,7 +124,6 @@ impl Member {
         *down = Some(Down {
             since: down.as_ref().map_or(now, |d| d.since),
             retry_at: now + backoff,
-            failures,
             why: why.to_string(),
         });
     }
@@ -139,6 +147,7 @@ impl ProxyGroup {
             .map(|client| Member {
                 client,
                 down: Mutex::new(None),
+                failures: AtomicU32::new(0),
                 failovers: AtomicU64::new(0),
             })
             .collect();
@@ -152,6 +161,12 @@ impl ProxyGroup {
 
     pub fn members(&self) -> &[Member] {
         &self.inner.members
+    }
+
+    /// The proxies' `host:port`, space-separated: for logs (no user names).
+    pub fn authorities(&self) -> String {
+        let names: Vec<String> = self.members().iter().map(|m| m.client.url.authority()).collect();
+        names.join(" ")
     }
 
     /// The order to try them in: those up, as configured; then those down, the one due for a
@@ -174,20 +189,19 @@ impl ProxyGroup {
         for member in self.order() {
             match member.client.open_tunnel(target).await {
                 Ok(tunnel) => {
-                    member.mark_up();
+                    member.succeeded();
                     return Ok((tunnel, member));
                 }
                 Err(e) if e.is_proxy_failure() => {
                     member.failovers.fetch_add(1, Ordering::Relaxed);
+                    // A refused ticket is this host's Kerberos with that proxy, not the proxy
+                    // being down: it is not probed back.
                     if !matches!(e, UpstreamError::Negotiate(_)) {
                         self.mark_down(member, &e);
                     }
                     failures.push((member, e));
                 }
-                Err(e) => {
-                    member.mark_up();
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
         Err(all_failed(failures))
@@ -200,7 +214,10 @@ impl ProxyGroup {
         for member in self.order() {
             match member.client.connect().await {
                 Ok((stream, warm)) => {
-                    member.mark_up();
+                    // A new connection shows the proxy is there; a ready one shows nothing yet.
+                    if !warm {
+                        member.mark_up();
+                    }
                     return Ok((stream, warm, member));
                 }
                 Err(e) => {
@@ -402,7 +419,7 @@ mod tests {
         let e = group(&[&a, &b]).open_tunnel("x.example:443").await.err().unwrap();
         let text = e.to_string();
         assert!(
-            text.contains(&a.authority()) || text.contains(&b.authority()),
+            text.contains(&a.authority()) && text.contains(&b.authority()),
             "{text}"
         );
         assert!(text.contains("every proxy of the list failed"), "{text}");

@@ -79,14 +79,14 @@ impl UpstreamError {
     /// is not: it stands.
     pub fn is_proxy_failure(&self) -> bool {
         match self {
-            Self::Resolve { .. }
-            | Self::ConnectTimeout(_)
-            | Self::Tls { .. }
-            | Self::HandshakeTimeout
-            | Self::Protocol(_)
-            | Self::Negotiate(_) => true,
+            Self::Resolve { .. } | Self::ConnectTimeout(_) | Self::Tls { .. } | Self::Protocol(_) => true,
             Self::Connect { role, .. } => *role == Role::Proxy,
-            Self::Status(_) | Self::AllFailed(_) => false,
+            // Refused by this proxy: another may take it. Not made at all (the KDC, the keytab):
+            // no other proxy would fare better.
+            Self::Negotiate(e) => e.refused_by_proxy,
+            // The proxy got the CONNECT and is still at it (a slow or silent destination): the
+            // next proxy would wait on the same destination.
+            Self::HandshakeTimeout | Self::Status(_) | Self::AllFailed(_) => false,
         }
     }
 
@@ -261,7 +261,7 @@ impl ProxyClient {
         match &self.auth {
             ProxyAuth::None => Ok(None),
             ProxyAuth::Basic(value) => Ok(Some(value.clone())),
-            ProxyAuth::Negotiate => Ok(Some(negotiate::token(&self.url.host).await?)),
+            ProxyAuth::Negotiate => Ok(negotiate::token_if_known(&self.url.host).await?),
         }
     }
 
@@ -273,6 +273,7 @@ impl ProxyClient {
                 reason: "the proxy refused the Kerberos ticket (407): its clock and this host's differ, \
                          or its keytab for that principal is not the KDC's"
                     .into(),
+                refused_by_proxy: true,
             }),
             _ => error,
         }

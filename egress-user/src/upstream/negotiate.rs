@@ -61,7 +61,17 @@ pub const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NegotiateError {
     pub host: String,
     pub reason: String,
+    /// The proxy refused the token (407): another proxy of the list may take it. Otherwise the
+    /// token could not be made (the KDC, the keytab): no other proxy would fare better.
+    pub refused_by_proxy: bool,
 }
+
+/// Token requests at once: each may wait on the KDC on a blocking thread, which must not fill
+/// the runtime's blocking pool (proxy name lookups and direct connects use it too).
+const MAX_TOKENS_AT_ONCE: usize = 4;
+
+static TOKEN_PERMITS: std::sync::LazyLock<std::sync::Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_TOKENS_AT_ONCE)));
 
 /// A `Negotiate <base64>` header value for the proxy at `host` (its name, as in its service
 /// principal: an address cannot name one). Blocking: call from a blocking thread.
@@ -69,6 +79,7 @@ pub fn token_blocking(host: &str) -> Result<String, NegotiateError> {
     let error = |e: &dyn std::fmt::Display| NegotiateError {
         host: host.to_owned(),
         reason: hint(&e.to_string()),
+        refused_by_proxy: false,
     };
     if host.parse::<std::net::IpAddr>().is_ok() {
         return Err(NegotiateError {
@@ -76,6 +87,7 @@ pub fn token_blocking(host: &str) -> Result<String, NegotiateError> {
             reason: "the proxy is named by an address; Kerberos needs its host name (the one in \
                      its HTTP/ service principal)"
                 .into(),
+            refused_by_proxy: false,
         });
     }
     let target = Name::new(format!("HTTP@{host}").as_bytes(), Some(GSS_NT_HOSTBASED_SERVICE))
@@ -87,6 +99,7 @@ pub fn token_blocking(host: &str) -> Result<String, NegotiateError> {
     let token = token.ok_or_else(|| NegotiateError {
         host: host.to_owned(),
         reason: "the security context completed without a token".into(),
+        refused_by_proxy: false,
     })?;
     Ok(format!(
         "Negotiate {}",
@@ -94,20 +107,77 @@ pub fn token_blocking(host: &str) -> Result<String, NegotiateError> {
     ))
 }
 
-/// A token without blocking the event loop, within [`TOKEN_TIMEOUT`].
+/// A token without blocking the event loop, within [`TOKEN_TIMEOUT`] (waiting for a turn
+/// included: at most [`MAX_TOKENS_AT_ONCE`] are made at once, and a thread past its deadline
+/// keeps its turn until the library gives up).
 pub async fn token(host: &str) -> Result<String, NegotiateError> {
+    let failed = |reason: String| NegotiateError {
+        host: host.to_owned(),
+        reason,
+        refused_by_proxy: false,
+    };
     let owned = host.to_owned();
-    let made = tokio::task::spawn_blocking(move || token_blocking(&owned));
+    let made = async move {
+        let permit = TOKEN_PERMITS
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            token_blocking(&owned)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    };
     match tokio::time::timeout(TOKEN_TIMEOUT, made).await {
         Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(NegotiateError {
-            host: host.to_owned(),
-            reason: format!("the token thread failed: {e}"),
-        }),
-        Err(_) => Err(NegotiateError {
-            host: host.to_owned(),
-            reason: format!("no answer from the KDC within {}s", TOKEN_TIMEOUT.as_secs()),
-        }),
+        Ok(Err(e)) => Err(failed(format!("the token thread failed: {e}"))),
+        Err(_) => Err(failed(format!(
+            "no token within {}s (the KDC does not answer, or too many requests wait for it)",
+            TOKEN_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Whether the KDC does not know the proxy's service principal: that proxy takes no Kerberos
+/// (a partner's, a route's), and is asked without credentials.
+fn unknown_principal(error: &NegotiateError) -> bool {
+    error.reason.contains("not found in Kerberos database")
+}
+
+/// How long a proxy whose principal the KDC does not know is asked without credentials before
+/// the KDC is asked again.
+const UNKNOWN_FOR: Duration = Duration::from_secs(60);
+
+static UNKNOWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A token for the proxy at `host`, or none when the realm has no principal for it (then the
+/// proxy is asked without credentials, and says itself whether it wants some).
+pub async fn token_if_known(host: &str) -> Result<Option<String>, NegotiateError> {
+    let unknown = |now: std::time::Instant| {
+        UNKNOWN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+            .is_some_and(|since| now.duration_since(*since) < UNKNOWN_FOR)
+    };
+    if unknown(std::time::Instant::now()) {
+        return Ok(None);
+    }
+    match token(host).await {
+        Ok(token) => Ok(Some(token)),
+        Err(e) if unknown_principal(&e) => {
+            tracing::info!("{e}: the proxy is asked without Kerberos");
+            let mut known = UNKNOWN.lock().unwrap_or_else(|e| e.into_inner());
+            if known.len() > 256 {
+                known.clear();
+            }
+            known.insert(host.to_owned(), std::time::Instant::now());
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
