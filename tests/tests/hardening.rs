@@ -352,7 +352,8 @@ fn no_error_output_shows_a_proxy_password() {
             format!("http_proxy = \"http://alice:{PASSWORD}@pro xy:3128\"\n"),
         ),
         ("wrong type", format!("connect_by_ip = \"{url}\"\n")),
-        ("list for a string", format!("https_proxy = [\"{url}\"]\n")),
+        // (A list is a proxy setting's other form: several proxies, tried in order.)
+        ("list for a number", format!("listen_port = [\"{url}\"]\n")),
         (
             "duplicate key",
             format!("https_proxy = \"{url}\"\nhttps_proxy = \"{url}\"\n"),
