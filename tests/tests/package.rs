@@ -141,4 +141,6 @@ fn the_debian_package_installs_runs_and_removes_cleanly_on_debian_12() {
     assert!(!chroot.path("/etc/egress/egress.toml").exists());
     let (code, _) = chroot.run("dpkg", &["-s", "egress"]);
     assert_ne!(code, Some(0), "still installed after purge");
+    let (code, out) = chroot.run("getent", &["passwd", "egress"]);
+    assert_ne!(code, Some(0), "the egress user outlived the purge: {out}");
 }

@@ -2,10 +2,13 @@
 //!
 //! - `/usr/bin/egress` (debug info stripped; it embeds its kernel programs);
 //! - `egress.service`, installed but not enabled, and the Synapse drop-in under
-//!   `/usr/share/egress/` for the admin to copy (it makes Synapse require egress);
+//!   `/usr/share/egress/` for the admin to copy (it makes Synapse want egress and start after it);
 //! - `/etc/egress/egress.toml`, a conffile, running the agent as the system user `egress`, which
-//!   the maintainer scripts create (and leave in place on purge, as Debian does);
-//! - `RequiresMountsFor=/sys/fs/bpf` in the unit (egress mounts bpffs there itself if nothing did).
+//!   the maintainer scripts create;
+//! - `RequiresMountsFor=/sys/fs/bpf` in the unit (egress mounts bpffs there itself if nothing did);
+//! - maintainer scripts: an upgrade restarts a running agent on the new binary; a removal stops
+//!   it, leaving its programs attached (intercepted services fail closed); a purge removes the
+//!   pins (the programs detach and unload) and the user.
 
 use std::{
     fs,
@@ -27,6 +30,11 @@ if [ "$1" = configure ]; then
     # Not enabled or started: point egress.toml at the homeserver's units and proxy first.
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
+        # An upgrade: a running agent restarts on the new binary. Meanwhile the pinned programs
+        # refuse intercepted connections (fail closed); none goes direct.
+        if [ -n "$2" ]; then
+            systemctl try-restart egress.service || true
+        fi
     fi
 fi
 "#;
@@ -45,12 +53,27 @@ set -e
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || true
 fi
+# Purged: the interception goes too. Its pins hold the programs on the homeserver's cgroups;
+# with egress stopped (prerm) and gone, removing them detaches and unloads the programs.
+if [ "$1" = purge ]; then
+    rm -rf /sys/fs/bpf/egress
+    if getent passwd egress >/dev/null; then
+        userdel egress || true
+    fi
+    if getent group egress >/dev/null; then
+        groupdel egress || true
+    fi
+fi
 "#;
 
 /// Builds the package from the release binary `bin`; returns its path.
 pub fn build(root: &Path, bin: &Path) -> Result<PathBuf> {
     // xtask shares the workspace's version.
-    let version = env!("CARGO_PKG_VERSION");
+    build_as(root, bin, env!("CARGO_PKG_VERSION"))
+}
+
+/// [`build`] with another package version (a newer build, for upgrade tests).
+pub fn build_as(root: &Path, bin: &Path, version: &str) -> Result<PathBuf> {
     let name = format!("egress_{version}_amd64");
     let stage = root.join("target/deb").join(&name);
     let _ = fs::remove_dir_all(&stage);

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::setup;
 
-const DIR: &str = "/var/cache/egress-kernels";
+pub const DIR: &str = "/var/cache/egress-kernels";
 const VIRTME_NG: &str = "virtme-ng==1.42";
 /// Debian packages the VM needs (kmod: a new machine has no depmod, which virtme-ng uses).
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
@@ -163,7 +163,7 @@ fn test_file(spec: &str) -> &str {
 }
 
 /// qemu from Debian, virtme-ng from PyPI in a virtualenv; returns the `vng` program.
-fn vm_tools(dir: &Path) -> Result<PathBuf> {
+pub fn vm_tools(dir: &Path) -> Result<PathBuf> {
     setup::apt_install(PACKAGES)?;
     let venv = dir.join("venv");
     let vng = venv.join("bin/vng");
@@ -181,7 +181,7 @@ fn vm_tools(dir: &Path) -> Result<PathBuf> {
 
 /// The newest `linux-image-VERSION*-amd64` Debian offers, unpacked (once) with its module index;
 /// returns its vmlinuz.
-fn kernel(dir: &Path, version: &str) -> Result<PathBuf> {
+pub fn kernel(dir: &Path, version: &str) -> Result<PathBuf> {
     let unpacked = dir.join(format!("k{version}"));
     if let Some(vmlinuz) = find_vmlinuz(&unpacked, version) {
         return Ok(vmlinuz);
@@ -268,7 +268,7 @@ fn find_vmlinuz(unpacked: &Path, version: &str) -> Option<PathBuf> {
 }
 
 /// The integration test executables by name, as `cargo test --no-run` built them.
-fn test_executables(root: &Path) -> Result<BTreeMap<String, PathBuf>> {
+pub fn test_executables(root: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let output = Command::new("cargo")
         .args([
             "test",

@@ -8,6 +8,7 @@ mod imports;
 mod kernel;
 mod previous;
 mod setup;
+mod system;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,10 @@ enum Task {
         /// other test files. No fuzzing or benchmark then.
         #[arg(long, value_name = "VERSION")]
         kernel: Option<String>,
+        /// Run the system test instead: Debian 12 booted with systemd as PID 1 under qemu,
+        /// the package installed with apt and used by a Synapse unit (tests/tests/system.rs).
+        #[arg(long, conflicts_with = "kernel")]
+        system: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
@@ -106,6 +111,7 @@ fn main() -> Result<()> {
             no_fuzz,
             no_bench,
             kernel,
+            system,
             args,
         } => {
             require_root()?;
@@ -113,6 +119,9 @@ fn main() -> Result<()> {
             imports::check(&workspace_root().join("egress-user/src"))?;
             setup::setup(true)?;
             build()?;
+            if system {
+                return system::run(&workspace_root(), &egress_bin());
+            }
             if let Some(version) = kernel {
                 return kernel::run(&workspace_root(), &egress_bin(), &version, &args);
             }

@@ -384,6 +384,28 @@ pub fn start_dnsmasq_on(
     srv: &[crate::topology::SrvRecord],
     extra: &[&str],
 ) -> Result<Daemon> {
+    spawn_dnsmasq(Some(&ns.name), dir, listen, hosts, srv, extra)
+}
+
+/// [`start_dnsmasq_on`] in this process's own network namespace (the host's resolver, where the
+/// test runs on a host of its own: `system.rs`).
+pub fn start_dnsmasq_here(
+    dir: &Path,
+    listen: &str,
+    hosts: &str,
+    srv: &[crate::topology::SrvRecord],
+) -> Result<Daemon> {
+    spawn_dnsmasq(None, dir, listen, hosts, srv, &[])
+}
+
+fn spawn_dnsmasq(
+    netns: Option<&str>,
+    dir: &Path,
+    listen: &str,
+    hosts: &str,
+    srv: &[crate::topology::SrvRecord],
+    extra: &[&str],
+) -> Result<Daemon> {
     let dns = dir.join(format!("dnsmasq-{listen}"));
     fs::create_dir_all(&dns)?;
     let hosts_file = dns.join("hosts");
@@ -412,6 +434,6 @@ pub fn start_dnsmasq_on(
     ];
     args.extend(srv_args.iter().map(String::as_str));
     args.extend_from_slice(extra);
-    let command = launch(Some(&ns.name), Enter::NetAndEtc, None, "dnsmasq", &args);
+    let command = launch(netns, Enter::NetAndEtc, None, "dnsmasq", &args);
     Daemon::spawn("dnsmasq", command, &dns.join("dnsmasq.log"))
 }

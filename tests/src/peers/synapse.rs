@@ -17,7 +17,7 @@ use crate::{
 
 /// The Synapse release the tests were written against (1.163 measured here).
 /// The url-preview extra: lxml and beautifulsoup4, which previews of HTML pages need.
-const SYNAPSE_REQUIREMENT: &str = "matrix-synapse[url-preview]>=1.136,<1.200";
+pub const SYNAPSE_REQUIREMENT: &str = "matrix-synapse[url-preview]>=1.136,<1.200";
 pub const SERVER_NAME: &str = "hs.test";
 pub const CLIENT_PORT: u16 = 8008;
 
