@@ -330,17 +330,12 @@ mod tests {
                 };
                 let count = count.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
+                    if super::super::read_request_head(&mut stream).await.is_none() {
+                        return;
                     }
                     count.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.write_all(answer).await;
-                    let _ = stream.read(&mut byte).await;
+                    let _ = stream.read(&mut [0u8; 1]).await;
                 });
             }
         })

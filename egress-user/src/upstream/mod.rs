@@ -518,6 +518,22 @@ where
     Ok((parts.io.into_inner(), parts.read_buf))
 }
 
+/// Reads a request head (through the blank line) byte by byte, for the tests' fake proxies;
+/// None if the connection ends first.
+#[cfg(test)]
+async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,14 +718,9 @@ mod tests {
                 }
                 let log = log.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
+                    let Some(head) = read_request_head(&mut stream).await else {
+                        return;
+                    };
                     let line = String::from_utf8_lossy(&head)
                         .lines()
                         .next()
