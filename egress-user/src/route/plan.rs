@@ -485,6 +485,18 @@ mod tests {
 
     /// The plan in one line: `deny`, `direct ADDR`, `connect TARGET via PROXY`,
     /// `forward AUTHORITY via PROXY`, then ` [rule]`.
+    /// The plan for `dst` and `sniffed` under `settings`, with nothing from DNS, described.
+    fn describe_plan(settings: &Settings, dst: SocketAddr, sniffed: &Sniffed) -> String {
+        let policy = settings.policy();
+        describe(&plan(
+            &settings.rules(&policy),
+            settings.proxy_urls(),
+            dst,
+            sniffed,
+            &Resolved::default(),
+        ))
+    }
+
     fn describe(plan: &Plan<'_, ProxySetting>) -> String {
         let via = |list: &ProxySetting| {
             let authorities: Vec<String> = list.urls().iter().map(|u| u.authority()).collect();
@@ -577,17 +589,9 @@ mod tests {
                 "connect localhost.example:443 via tls-proxy:3128 [proxy]"),
         ];
         for (text, dst, sniffed, expected) in cases {
-            let settings = Settings::from_toml(text);
-            let policy = settings.policy();
             let dst: SocketAddr = dst.parse().unwrap();
-            let plan = plan(
-                &settings.rules(&policy),
-                settings.proxy_urls(),
-                dst,
-                sniffed,
-                &Resolved::default(),
-            );
-            assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?} with\n{text}");
+            let described = describe_plan(&Settings::from_toml(text), dst, sniffed);
+            assert_eq!(described, *expected, "{dst} {sniffed:?} with\n{text}");
         }
     }
 
@@ -773,32 +777,24 @@ mod tests {
                 "connect 10.20.3.4:5432 via p1:8080 p2:8080 [ip_range_whitelist 10.20.0.0/16, proxy_route partner.example 10.20.0.0/16 -> http://p1:8080 http://p2:8080]"),
         ];
         let settings = Settings::from_toml(config);
-        let policy = settings.policy();
         for (dst, sniffed, expected) in cases {
             let dst: SocketAddr = dst.parse().unwrap();
-            let plan = plan(
-                &settings.rules(&policy),
-                settings.proxy_urls(),
-                dst,
-                sniffed,
-                &Resolved::default(),
+            assert_eq!(
+                describe_plan(&settings, dst, sniffed),
+                *expected,
+                "{dst} {sniffed:?}"
             );
-            assert_eq!(describe(&plan), *expected, "{dst} {sniffed:?}");
         }
         // A route to direct, reached first.
         let direct = Settings::from_toml(
             "https_proxy = \"http://a:3128\"\nproxy_routes = [\"db.partner.example -> direct\", \"partner.example -> http://p:1\"]",
         );
-        let policy = direct.policy();
-        let plan = plan(
-            &direct.rules(&policy),
-            direct.proxy_urls(),
-            "93.184.216.35:5432".parse().unwrap(),
-            &tls(Some("db.partner.example")),
-            &Resolved::default(),
-        );
         assert_eq!(
-            describe(&plan),
+            describe_plan(
+                &direct,
+                "93.184.216.35:5432".parse().unwrap(),
+                &tls(Some("db.partner.example"))
+            ),
             "direct 93.184.216.35:5432 [proxy_route db.partner.example -> direct]"
         );
     }
