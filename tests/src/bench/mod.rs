@@ -4,6 +4,8 @@
 //!   figures measure what they claim (the kernel's counters against the connect() samples);
 //! - `client`: the load generator, run inside the namespaces and cgroups;
 //! - `servers`: a fast CONNECT proxy and a byte source added to the testbed;
+//! - `delay`: the delay lines that stand for a network path to the proxy and to the origin;
+//! - `floor.c`: the floor peer, a minimal C splice relay (built by `peers`);
 //! - `peers`: redsocks with its iptables rules, and the load clients;
 //! - `measure`: percentiles (RSS and CPU time come from egress_testbed::procfs);
 //! - `report` and `chart`: the markdown report and the SVG chart, written from `results.json`,
@@ -11,6 +13,7 @@
 
 pub mod chart;
 pub mod client;
+pub mod delay;
 pub mod measure;
 pub mod peers;
 pub mod report;

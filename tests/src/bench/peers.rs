@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use base64::Engine;
 use egress_testbed::{
     ORIGIN_IP, Testbed,
     cgroup::Cgroup,
@@ -230,4 +231,42 @@ pub fn run_client<T: DeserializeOwned>(
 /// The path of the benchmark binary to run inside the namespaces: this very program.
 pub fn bench_bin() -> Result<PathBuf> {
     std::env::current_exe().context("locating egress-bench")
+}
+
+/// The C splice relay (floor.c), built with the machine's C compiler into the testbed's
+/// directory and started in the homeserver namespace on `listen`: every connection to it is
+/// tunnelled with `CONNECT target` through `proxy`.
+pub fn start_floor(
+    bed: &Testbed,
+    listen: SocketAddr,
+    proxy: SocketAddr,
+    target: &str,
+    credentials: &str,
+) -> Result<Daemon> {
+    let source = bed.dir.join("floor.c");
+    let binary = bed.dir.join("egress-floor-relay");
+    std::fs::write(&source, include_str!("floor.c"))?;
+    let built = std::process::Command::new("cc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .context("running cc for the C splice relay (the floor peer)")?;
+    if !built.status.success() {
+        bail!(
+            "building the C splice relay: {}",
+            String::from_utf8_lossy(&built.stderr).trim()
+        );
+    }
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let (listen_ip, listen_port) = (listen.ip().to_string(), listen.port().to_string());
+    let (proxy_ip, proxy_port) = (proxy.ip().to_string(), proxy.port().to_string());
+    bed.start_daemon(
+        &bed.hs,
+        Enter::Net,
+        "floor-relay",
+        &binary,
+        &[&listen_ip, &listen_port, &proxy_ip, &proxy_port, target, &encoded],
+        &[listen.port()],
+    )
 }

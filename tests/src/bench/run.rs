@@ -10,9 +10,16 @@
 //! 3. squid's TLS port (an `https://` proxy): application-level proxying (the client speaks
 //!    TLS to squid itself, a full handshake per connection, as Synapse does) and egress
 //!    (redsocks cannot speak TLS to a proxy);
-//! 4. a fresh agent: RSS idle and with thousands of idle tunnels.
+//! 4. delay profiles: squid (`http://` and `https://`) behind a delay line of 0, 2 and 5 ms one
+//!    way, and 2 ms with an origin 20 ms away: time to first byte, application-level against
+//!    egress, where the round trips egress saves are worth something;
+//! 5. a fresh agent: RSS idle and with thousands of idle tunnels.
+//!
+//! The fast-proxy phase also measures the floor: a minimal C splice relay (floor.c) whose CPU
+//! per GiB is what the kernel's work costs anyway.
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -28,9 +35,10 @@ use egress_testbed::{
 use super::{
     BYPASS_IP, DENY_IP, FAST_PROXY_PORT, SOURCE_PORT,
     client::Report,
+    delay::Line,
     measure::Summary,
     peers::{self, ClientProc, Redsocks},
-    report::{self, ConnectResult, IdleResult, KernelCounts, PathResult, Results},
+    report::{self, ConnectResult, DelayResult, IdleResult, KernelCounts, PathResult, Results},
 };
 
 #[derive(clap::Args, Debug)]
@@ -58,6 +66,8 @@ pub enum Part {
     Connect,
     /// Agent memory, idle and with idle tunnels.
     Idle,
+    /// Time to first byte with delay lines in front of squid and the origin.
+    Delay,
 }
 
 /// How much of everything. The full mode is bounded to a few minutes on 2 cores.
@@ -73,6 +83,9 @@ struct Plan {
     idle_tunnels: usize,
     /// connect() samples per kind (plain, bypassed, denied).
     connect_samples: usize,
+    /// New HTTPS connections per peer and delay profile (a third of it with the origin far
+    /// away, where each takes several of its round trips), in two rounds.
+    delay_conns: usize,
 }
 
 const FULL: Plan = Plan {
@@ -85,6 +98,7 @@ const FULL: Plan = Plan {
     // At most: the agent's descriptor limit may allow fewer (see `Bench::idle_tunnels`).
     idle_tunnels: report::TUNNEL_TARGET,
     connect_samples: 5_000,
+    delay_conns: 300,
 };
 
 const QUICK: Plan = Plan {
@@ -96,12 +110,41 @@ const QUICK: Plan = Plan {
     bulk_rounds: 1,
     idle_tunnels: 500,
     connect_samples: 500,
+    delay_conns: 12,
 };
 
 /// Sockets per idle-tunnel client process (each must stay under the descriptor cap too).
 const IDLE_PER_CLIENT: usize = 5_000;
 const REDSOCKS_SQUID_PORT: u16 = 12345;
 const REDSOCKS_FAST_PORT: u16 = 12346;
+/// The C splice relay, on the homeserver host's loopback.
+const FLOOR_PORT: u16 = 12400;
+/// The delay lines' ports: in front of squid's plain and TLS ports (plus the one-way delay in
+/// ms), on the proxy host; in front of nginx, on the origin host.
+const DELAYED_SQUID_PORT: u16 = 13000;
+const DELAYED_SQUID_TLS_PORT: u16 = 13100;
+const DELAYED_ORIGIN_PORT: u16 = 8443;
+/// One-way delays to the proxy, ms, each alone, and then one with the origin far away.
+const PROXY_DELAYS_MS: [u16; 3] = [0, 2, 5];
+const ORIGIN_DELAY_MS: u16 = 20;
+const PROFILES: [Profile; 4] = [
+    Profile {
+        proxy_ms: 0,
+        origin_ms: 0,
+    },
+    Profile {
+        proxy_ms: 2,
+        origin_ms: 0,
+    },
+    Profile {
+        proxy_ms: 5,
+        origin_ms: 0,
+    },
+    Profile {
+        proxy_ms: 2,
+        origin_ms: ORIGIN_DELAY_MS,
+    },
+];
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -115,6 +158,8 @@ enum Kind {
     Egress,
     /// redsocks with an iptables REDIRECT rule.
     Redsocks,
+    /// The C splice relay: the floor of relaying CPU (bulk only).
+    Floor,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -125,13 +170,41 @@ enum Upstream {
     SquidTls,
 }
 
+/// Delay lines on the way: one way to the proxy, and from the proxy to the origin.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Profile {
+    proxy_ms: u16,
+    origin_ms: u16,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Peer {
     kind: Kind,
     upstream: Upstream,
+    /// Through delay lines (squid only), or straight.
+    delay: Option<Profile>,
 }
 
 impl Peer {
+    fn new(kind: Kind, upstream: Upstream) -> Self {
+        Self {
+            kind,
+            upstream,
+            delay: None,
+        }
+    }
+
+    /// The proxy's port this peer goes to: a delay line's, or the proxy's own.
+    fn proxy_port(self) -> u16 {
+        match (self.upstream, self.delay) {
+            (Upstream::Squid, Some(d)) => DELAYED_SQUID_PORT + d.proxy_ms,
+            (Upstream::SquidTls, Some(d)) => DELAYED_SQUID_TLS_PORT + d.proxy_ms,
+            (Upstream::Squid, None) => SQUID_PORT,
+            (Upstream::SquidTls, None) => SQUID_TLS_PORT,
+            (Upstream::Fast, _) => FAST_PROXY_PORT,
+        }
+    }
+
     fn label(self) -> String {
         let upstream = match self.upstream {
             Upstream::Squid => "squid",
@@ -143,6 +216,7 @@ impl Peer {
             Kind::App => format!("application-level → {upstream}"),
             Kind::Egress => format!("egress → {upstream}"),
             Kind::Redsocks => format!("redsocks → {upstream}"),
+            Kind::Floor => format!("C splice relay (floor) → {upstream}"),
         }
     }
 }
@@ -152,6 +226,8 @@ impl Peer {
 struct Bench {
     redsocks_squid: Redsocks,
     redsocks_fast: Redsocks,
+    floor: Daemon,
+    _delay_lines: (Daemon, Daemon),
     _source: Daemon,
     _fast_proxy: Daemon,
     bed: Testbed,
@@ -251,6 +327,14 @@ impl Bench {
             ],
             &[FAST_PROXY_PORT],
         )?;
+        let floor = peers::start_floor(
+            &bed,
+            SocketAddr::from(([127, 0, 0, 1], FLOOR_PORT)),
+            fast_addr.parse()?,
+            &source_addr,
+            &auth,
+        )?;
+        let delay_lines = start_delay_lines(&bed, &bin)?;
         let redsocks_squid = peers::start_redsocks(
             &bed,
             "redsocks-squid",
@@ -270,6 +354,8 @@ impl Bench {
         Ok(Self {
             redsocks_squid,
             redsocks_fast,
+            floor,
+            _delay_lines: delay_lines,
             _source: source,
             _fast_proxy: fast_proxy,
             bed,
@@ -279,14 +365,10 @@ impl Bench {
     }
 
     fn measure(&mut self, plan: &Plan, parts: &[Part], results: &mut Results) -> Result<()> {
-        let squid_peers = [Kind::Direct, Kind::App, Kind::Egress, Kind::Redsocks].map(|kind| Peer {
-            kind,
-            upstream: Upstream::Squid,
-        });
-        let fast_peers = [Kind::App, Kind::Egress, Kind::Redsocks].map(|kind| Peer {
-            kind,
-            upstream: Upstream::Fast,
-        });
+        let squid_peers = [Kind::Direct, Kind::App, Kind::Egress, Kind::Redsocks]
+            .map(|kind| Peer::new(kind, Upstream::Squid));
+        let fast_peers = [Kind::App, Kind::Egress, Kind::Redsocks, Kind::Floor]
+            .map(|kind| Peer::new(kind, Upstream::Fast));
         // The squid configuration also serves the connect() measurement: the bypass set holds
         // BYPASS_IP whatever the upstream.
         let phase = Instant::now();
@@ -313,13 +395,22 @@ impl Bench {
         if parts.contains(&Part::SquidTls) {
             let phase = Instant::now();
             self.start_agent(Upstream::SquidTls)?;
-            let tls_peers = [Kind::App, Kind::Egress].map(|kind| Peer {
-                kind,
-                upstream: Upstream::SquidTls,
-            });
+            let tls_peers = [Kind::App, Kind::Egress].map(|kind| Peer::new(kind, Upstream::SquidTls));
             results.paths.extend(self.measure_peers(plan, &tls_peers)?);
             eprintln!(
                 "bench: squid https:// phase done ({:.0} s)",
+                phase.elapsed().as_secs_f64()
+            );
+        }
+        if parts.contains(&Part::Delay) {
+            let phase = Instant::now();
+            for upstream in [Upstream::Squid, Upstream::SquidTls] {
+                for profile in PROFILES {
+                    results.delay.push(self.delay_profile(plan, upstream, profile)?);
+                }
+            }
+            eprintln!(
+                "bench: delay profiles done ({:.0} s)",
                 phase.elapsed().as_secs_f64()
             );
         }
@@ -338,13 +429,19 @@ impl Bench {
     /// (Re)starts the agent chaining to `upstream`; the origin's second address is bypassed
     /// in the kernel, the rest of the test LAN whitelisted (it is private address space).
     fn start_agent(&mut self, upstream: Upstream) -> Result<()> {
-        let proxy = match upstream {
-            Upstream::Squid => self.bed.proxy_url(PROXY_PASSWORD),
-            Upstream::Fast => format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{FAST_PROXY_PORT}"),
-            Upstream::SquidTls => {
-                format!("https://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{SQUID_TLS_PORT}")
-            }
+        self.start_agent_for(Peer::new(Kind::Egress, upstream))
+    }
+
+    /// (Re)starts the agent chaining to `peer`'s proxy port (a delay line's, or the proxy's).
+    fn start_agent_for(&mut self, peer: Peer) -> Result<()> {
+        let scheme = match peer.upstream {
+            Upstream::SquidTls => "https",
+            Upstream::Squid | Upstream::Fast => "http",
         };
+        let proxy = format!(
+            "{scheme}://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{}",
+            peer.proxy_port()
+        );
         let bypass = format!("{BYPASS_IP}/32");
         let ca = self.bed.certs.ca.to_string_lossy().into_owned();
         let args = [
@@ -386,8 +483,16 @@ impl Bench {
     /// Where a peer's client runs and how it addresses the origin: `https` for nginx's TLS
     /// port, else the byte source.
     fn client_for(&self, peer: Peer, https: bool) -> (PathBuf, Vec<String>) {
-        let port = if https { 443 } else { SOURCE_PORT };
-        let target = format!("{ORIGIN_IP}:{port}");
+        let far_origin = peer.delay.is_some_and(|d| d.origin_ms > 0);
+        let port = match (https, far_origin) {
+            (true, true) => DELAYED_ORIGIN_PORT,
+            (true, false) => 443,
+            (false, _) => SOURCE_PORT,
+        };
+        let target = match peer.kind {
+            Kind::Floor => format!("127.0.0.1:{FLOOR_PORT}"),
+            _ => format!("{ORIGIN_IP}:{port}"),
+        };
         let mut args = vec![
             "client".to_owned(),
             "--target".to_owned(),
@@ -396,19 +501,15 @@ impl Bench {
             self.bed.certs.ca.to_string_lossy().into_owned(),
         ];
         let cgroup = match peer.kind {
-            Kind::Direct => self.bed.cgroup_b.path.clone(),
+            Kind::Direct | Kind::Floor => self.bed.cgroup_b.path.clone(),
             Kind::App => {
-                let proxy_port = match peer.upstream {
-                    Upstream::Squid => SQUID_PORT,
-                    Upstream::Fast => FAST_PROXY_PORT,
-                    Upstream::SquidTls => {
-                        args.push("--proxy-tls".to_owned());
-                        SQUID_TLS_PORT
-                    }
-                };
+                if peer.upstream == Upstream::SquidTls {
+                    args.push("--proxy-tls".to_owned());
+                }
+                let proxy_port = peer.proxy_port();
                 // Like Synapse: CONNECT by name for TLS; the byte source has no name.
                 let connect_to = if https {
-                    format!("{ORIGIN_NAME}:443")
+                    format!("{ORIGIN_NAME}:{port}")
                 } else {
                     target
                 };
@@ -466,8 +567,10 @@ impl Bench {
                 ..Default::default()
             })
             .collect();
-        // Warm up: squid's credential cache, redsocks' auth negotiation, the agent.
-        for &peer in list {
+        // Warm up: squid's credential cache, redsocks' auth negotiation, the agent. (The floor
+        // relay only moves bulk bytes.)
+        let tls_capable: Vec<usize> = (0..list.len()).filter(|&i| list[i].kind != Kind::Floor).collect();
+        for &peer in list.iter().filter(|p| p.kind != Kind::Floor) {
             let report = self.client(
                 peer,
                 true,
@@ -482,7 +585,7 @@ impl Bench {
         let mut samples: Vec<Vec<u32>> = vec![Vec::new(); list.len()];
         let per_round = (plan.latency_conns / plan.latency_rounds).to_string();
         for round in 0..plan.latency_rounds {
-            for i in rotation(list.len(), round) {
+            for i in rotation(list.len(), round).filter(|i| tls_capable.contains(i)) {
                 let report = self.client(
                     list[i],
                     true,
@@ -501,7 +604,7 @@ impl Bench {
         let seconds = plan.rate_seconds.to_string();
         let mut rate = vec![(0u64, 0f64); list.len()];
         for round in 0..plan.rate_rounds {
-            for i in rotation(list.len(), round) {
+            for i in rotation(list.len(), round).filter(|i| tls_capable.contains(i)) {
                 let cpu = self.cpu_of(list[i])?;
                 let report = self.client(
                     list[i],
@@ -518,6 +621,9 @@ impl Bench {
             }
         }
         for (result, (completed, seconds)) in results.iter_mut().zip(&rate) {
+            if *seconds == 0.0 {
+                continue;
+            }
             result.conns_per_s = Some(*completed as f64 / seconds);
             if let Some(cpu) = result.cpu_us_per_conn.as_mut() {
                 *cpu /= (*completed).max(1) as f64;
@@ -561,12 +667,75 @@ impl Bench {
         Ok(results)
     }
 
+    /// Time to first byte through the delay lines of `profile`, application-level against
+    /// egress (restarted for the delay line's port, so its warm pool dials through it too), in
+    /// two rounds that alternate which goes first.
+    fn delay_profile(&mut self, plan: &Plan, upstream: Upstream, profile: Profile) -> Result<DelayResult> {
+        let app = Peer {
+            delay: Some(profile),
+            ..Peer::new(Kind::App, upstream)
+        };
+        let egress = Peer {
+            kind: Kind::Egress,
+            ..app
+        };
+        self.start_agent_for(egress)?;
+        let count = if profile.origin_ms > 0 {
+            plan.delay_conns / 3
+        } else {
+            plan.delay_conns
+        };
+        let peers = [app, egress];
+        let mut samples: [Vec<u32>; 2] = Default::default();
+        for round in 0..3 {
+            for i in rotation(2, round) {
+                // The first round warms up (squid's credential cache, the pool) and is not kept.
+                let n = if round == 0 { 4 } else { count.div_ceil(2) };
+                let report = self.client(
+                    peers[i],
+                    true,
+                    &["--mode", "latency", "--count", &n.to_string()],
+                    Duration::from_secs(300),
+                )?;
+                if report.completed == 0 {
+                    bail!(
+                        "{}: no request succeeded: {:?}",
+                        peers[i].label(),
+                        report.first_error
+                    );
+                }
+                if round > 0 {
+                    samples[i].extend(report.samples_us);
+                }
+            }
+        }
+        let what = format!(
+            "{} with {} ms to the proxy, {} ms to the origin",
+            egress.label(),
+            profile.proxy_ms,
+            profile.origin_ms
+        );
+        let summary = |s: &[u32]| Summary::of(s).with_context(|| format!("{what}: no samples"));
+        eprintln!("bench: {what} done");
+        Ok(DelayResult {
+            upstream: match upstream {
+                Upstream::SquidTls => "squid https://".into(),
+                _ => "squid".into(),
+            },
+            proxy_ms: profile.proxy_ms,
+            origin_ms: profile.origin_ms,
+            app_us: summary(&samples[0])?,
+            egress_us: summary(&samples[1])?,
+        })
+    }
+
     /// CPU seconds so far of the process in the middle of `peer`'s path, if it has one of ours.
     fn cpu_of(&self, peer: Peer) -> Result<Option<f64>> {
         let pid = match (peer.kind, peer.upstream) {
             (Kind::Egress, _) => self.agent_pid()?,
             (Kind::Redsocks, Upstream::Squid | Upstream::SquidTls) => self.redsocks_squid.daemon.child.id(),
             (Kind::Redsocks, Upstream::Fast) => self.redsocks_fast.daemon.child.id(),
+            (Kind::Floor, _) => self.floor.child.id(),
             _ => return Ok(None),
         };
         Ok(Some(procfs::cpu_seconds(pid)?))
@@ -657,10 +826,7 @@ impl Bench {
         // without CAP_SYS_RESOURCE): as many tunnels as fit, up to the plan's number.
         let limit = procfs::nofile_hard_limit(pid)?;
         let tunnels = plan.idle_tunnels.min(report::tunnels_that_fit(limit));
-        let peer = Peer {
-            kind: Kind::Egress,
-            upstream: Upstream::Fast,
-        };
+        let peer = Peer::new(Kind::Egress, Upstream::Fast);
         // One connection first: the runtime's threads and buffers exist in a working agent.
         self.client(
             peer,
@@ -742,6 +908,44 @@ impl Bench {
                 + marginal_kib * (report::TUNNEL_TARGET as u64).saturating_sub(opened) as f64,
         })
     }
+}
+
+/// The delay lines of every profile, in one process on each side: in front of squid's plain and
+/// TLS ports on the proxy host, and in front of nginx on the origin host.
+fn start_delay_lines(bed: &Testbed, bin: &std::path::Path) -> Result<(Daemon, Daemon)> {
+    let proxy = |port: u16| SocketAddr::new(PROXY_IP.parse().expect("PROXY_IP"), port);
+    let mut proxy_lines = Vec::new();
+    for ms in PROXY_DELAYS_MS {
+        for (front, port) in [
+            (DELAYED_SQUID_PORT, SQUID_PORT),
+            (DELAYED_SQUID_TLS_PORT, SQUID_TLS_PORT),
+        ] {
+            proxy_lines.push(Line {
+                listen: proxy(front + ms),
+                to: proxy(port),
+                delay: Duration::from_millis(ms.into()),
+            });
+        }
+    }
+    let origin = |port: u16| SocketAddr::new(ORIGIN_IP.parse().expect("ORIGIN_IP"), port);
+    let origin_line = Line {
+        listen: origin(DELAYED_ORIGIN_PORT),
+        to: origin(443),
+        delay: Duration::from_millis(ORIGIN_DELAY_MS.into()),
+    };
+    let start = |ns, name, lines: &[Line]| {
+        let mut args = vec!["delay-line".to_owned()];
+        for line in lines {
+            args.extend(["--line".to_owned(), line.arg()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ports: Vec<u16> = lines.iter().map(|l| l.listen.port()).collect();
+        bed.start_daemon(ns, Enter::Net, name, bin, &args, &ports)
+    };
+    Ok((
+        start(&bed.proxy, "delay-proxy", &proxy_lines)?,
+        start(&bed.origin, "delay-origin", &[origin_line])?,
+    ))
 }
 
 /// Indexes 0..n starting at `round` (mod n): each peer goes first in turn.

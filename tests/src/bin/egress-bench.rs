@@ -27,6 +27,8 @@ enum Command {
     ConnectProxy(bench::servers::ProxyArgs),
     /// A TCP byte source: an 8-byte big-endian length in, that many bytes out.
     Source(bench::servers::SourceArgs),
+    /// TCP forwarders that hold each chunk for a one-way delay (a network path here).
+    DelayLine(bench::delay::DelayArgs),
     /// Render a recorded run's README.md and chart.svg again from its results.json.
     Render(bench::report::RenderArgs),
     /// The before/after table of two recorded runs (results.json), as markdown.
@@ -39,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Client(args) => bench::client::main(*args),
         Command::ConnectProxy(args) => bench::servers::proxy_main(args),
         Command::Source(args) => bench::servers::source_main(args),
+        Command::DelayLine(args) => bench::delay::main(args),
         Command::Render(args) => bench::report::render_main(args),
         Command::Compare(args) => bench::report::compare_main(args),
     }
