@@ -42,6 +42,7 @@ pub mod fuzzing {
     pub use crate::proxy::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
     pub use crate::route::{plan::Sniffed, policy::NoProxy};
     pub use crate::upstream::{UpstreamError, connect_exchange};
+    pub use bytes::Bytes;
 
     /// An answer of the container engine or the Kubernetes API server, replayed and then
     /// closed: its status and body length, if it was taken; the body is then read as a pod

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use egress_user::fuzzing::{connect_exchange, UpstreamError};
+use egress_user::fuzzing::{connect_exchange, Bytes, UpstreamError};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,7 +23,14 @@ fuzz_target!(|answer: &[u8]| {
         });
         let result = tokio::time::timeout(
             Duration::from_secs(10),
-            connect_exchange(agent_side, "matrix.example:8448", Some("Basic dTpw")),
+            // A ClientHello sent ahead of the answer (optimistic CONNECT): whatever the answer,
+            // the exchange behaves the same.
+            connect_exchange(
+                agent_side,
+                "matrix.example:8448",
+                Some("Basic dTpw"),
+                Bytes::from_static(b"\x16\x03\x01\x00\x05hello"),
+            ),
         )
         .await;
         proxy.abort();

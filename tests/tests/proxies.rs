@@ -492,3 +492,73 @@ fn routes_send_each_destination_to_its_proxy() {
     assert_eq!(line.get("rule_kind"), "proxy_route", "{line}");
     assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
 }
+
+/// Optimistic CONNECT against a real squid: after squid answered one CONNECT with 200, egress
+/// sends each next CONNECT and the client's ClientHello in one write; squid passes the
+/// ClientHello on once its tunnel is open, so the TLS handshake with the origin completes and
+/// curl gets the page. When squid refuses such a CONNECT (its stock rule: CONNECT to port 443
+/// only), the client is reset and nothing reaches the origin, directly or otherwise. With
+/// `--no-optimistic-connect` naming the proxy, every answer is awaited.
+#[test]
+fn optimistic_connect_through_squid_and_a_refusal() {
+    use egress_testbed::{LAN, ORIGIN_NAME, PROXY_IP, SQUID_STRICT_PORT};
+    let mut bed = Testbed::builder().squid_strict().nginx().build().unwrap();
+    let strict = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{PROXY_IP}:{SQUID_STRICT_PORT}");
+    bed.start_agent(&["--https-proxy", &strict, "--ip-range-whitelist", LAN])
+        .unwrap();
+    for _ in 0..3 {
+        let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
+        assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
+        assert_eq!(result.stdout, "origin ok 443\n");
+    }
+    let optimistic: Vec<String> = bed
+        .agent()
+        .wait_decisions(3)
+        .unwrap()
+        .iter()
+        .map(|d| d.get("optimistic"))
+        .collect();
+    assert_eq!(optimistic, ["no", "yes", "yes"], "{}", bed.agent().log());
+
+    // Refused by squid after the ClientHello went out with the CONNECT.
+    let result = bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap();
+    assert_ne!(result.code, Some(0), "{result:?}");
+    assert!(
+        result.stderr.contains("reset"),
+        "the client sees a reset: {result:?}"
+    );
+    let refused = bed.agent().wait_decision(&[("status", &"403")]).unwrap();
+    assert_eq!(refused.get("outcome"), "error", "{refused}");
+    bed.wait_squid_log("the refused CONNECT", |l| {
+        l.lines()
+            .any(|line| line.contains("TCP_DENIED/403") && line.contains(":8448"))
+    })
+    .unwrap();
+    let origin = bed
+        .wait_origin_log("three requests", |l| l.lines().count() >= 3)
+        .unwrap();
+    assert_eq!(origin.lines().count(), 3, "only the three allowed ones: {origin}");
+    assert_eq!(bed.direct_packets_at_origin().unwrap(), 0);
+
+    bed.start_agent(&[
+        "--https-proxy",
+        &strict,
+        "--ip-range-whitelist",
+        LAN,
+        "--no-optimistic-connect",
+        PROXY_IP,
+    ])
+    .unwrap();
+    for _ in 0..2 {
+        let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
+        assert_eq!(result.code, Some(0), "{result:?}");
+    }
+    let optimistic: Vec<String> = bed
+        .agent()
+        .wait_decisions(2)
+        .unwrap()
+        .iter()
+        .map(|d| d.get("optimistic"))
+        .collect();
+    assert_eq!(optimistic, ["no", "no"]);
+}

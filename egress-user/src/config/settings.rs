@@ -27,8 +27,8 @@ use super::{
     proxy_route::ProxyRoute,
     proxy_url::ProxySetting,
     values::{
-        AtMost, ContainerRef, KubeApi, LabelSelector, ListenAddr, Mark, NamespaceName, Port, Resolver,
-        Seconds, SyntheticRange,
+        AtMost, ContainerRef, KubeApi, LabelSelector, ListenAddr, Mark, NamespaceName, Port, ProxyMatch,
+        Resolver, Seconds, SyntheticRange,
     },
 };
 use crate::route::{
@@ -139,6 +139,13 @@ pub struct Settings {
         help_heading = "Upstream proxies"
     )]
     pub warm_upstream: AtMost<MAX_WARM_UPSTREAM>,
+    /// Proxies whose answer to CONNECT egress waits for before it sends the client's first
+    /// bytes: `host` or `host:port` as in the proxy's URL, or `*` for all; repeatable. To the
+    /// others, once one has answered a CONNECT with 200, egress sends the next CONNECT and the
+    /// client's TLS ClientHello in one write, a round trip less; any answer but 200 then resets
+    /// the client. Name here a proxy that drops bytes sent ahead of its answer.
+    #[arg(long, value_name = "PROXY", help_heading = "Upstream proxies")]
+    pub no_optimistic_connect: Vec<ProxyMatch>,
     /// Seconds allowed for the TCP connect (and TLS handshake) to the proxy, or a direct
     /// connect.
     #[arg(

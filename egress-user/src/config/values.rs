@@ -424,9 +424,122 @@ impl fmt::Display for ListenAddr {
 
 string_value!(ListenAddr, "IP:PORT");
 
+/// An upstream proxy as an admin names it in a setting: `host` (any port) or `host:port`
+/// (`[v6]:port`), as in its URL but without scheme or credentials; or `*`, every proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyMatch {
+    Any,
+    Proxy { host: String, port: Option<u16> },
+}
+
+impl ProxyMatch {
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Proxy { host: h, port: p } => h == host && p.is_none_or(|p| p == port),
+        }
+    }
+}
+
+impl FromStr for ProxyMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "*" {
+            return Ok(Self::Any);
+        }
+        if s.contains('@') || s.contains('/') {
+            // Never echoed: it may hold a password.
+            return Err("expected a proxy as host or host:port, without scheme or credentials".into());
+        }
+        let (host, port) = match s.strip_prefix('[') {
+            Some(rest) => {
+                let (host, after) = rest.split_once(']').ok_or("missing ']' after an IPv6 address")?;
+                let port = match after {
+                    "" => None,
+                    _ => Some(after.strip_prefix(':').ok_or("expected :PORT after ']'")?),
+                };
+                (host, port)
+            }
+            None => match s.split_once(':') {
+                Some((host, port)) if !port.contains(':') => (host, Some(port)),
+                _ => (s, None),
+            },
+        };
+        let host = host.to_ascii_lowercase();
+        if !crate::hostport::valid_hostname(&host) {
+            return Err(format!("{s}: not a host name or IP address"));
+        }
+        let port = match port {
+            None => None,
+            Some(port) => Some(
+                port.parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("{s}: the port must be from 1 to 65535"))?,
+            ),
+        };
+        Ok(Self::Proxy { host, port })
+    }
+}
+
+impl fmt::Display for ProxyMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("*"),
+            Self::Proxy { host, port } => {
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.clone()
+                };
+                match port {
+                    Some(port) => write!(f, "{host}:{port}"),
+                    None => f.write_str(&host),
+                }
+            }
+        }
+    }
+}
+
+string_value!(ProxyMatch, "a proxy as host or host:port, or *");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxies_are_named_by_host_and_optional_port() {
+        // (host, port, whether it matches)
+        type Against = (&'static str, u16, bool);
+        let cases: &[(&str, Option<Against>)] = &[
+            // (text, Some(against)) or None when refused
+            ("*", Some(("anything.example", 1, true))),
+            ("Proxy.Corp", Some(("proxy.corp", 3128, true))),
+            ("proxy.corp:3128", Some(("proxy.corp", 3128, true))),
+            ("proxy.corp:3128", Some(("proxy.corp", 8080, false))),
+            ("proxy.corp", Some(("other.corp", 3128, false))),
+            ("[2001:db8::1]:3128", Some(("2001:db8::1", 3128, true))),
+            ("2001:db8::1", Some(("2001:db8::1", 3128, true))),
+            ("10.0.0.1", Some(("10.0.0.1", 1080, true))),
+            ("http://proxy.corp:3128", None),
+            ("u:secret@proxy.corp", None),
+            ("proxy.corp:0", None),
+            ("proxy.corp:http", None),
+            ("[2001:db8::1", None),
+            ("bad host", None),
+        ];
+        for &(text, expected) in cases {
+            match (text.parse::<ProxyMatch>(), expected) {
+                (Ok(m), Some((host, port, matches))) => {
+                    assert_eq!(m.matches(host, port), matches, "{text} against {host}:{port}");
+                    assert_eq!(m.to_string().parse::<ProxyMatch>().unwrap(), m, "{text}");
+                }
+                (Err(e), None) => assert!(!e.contains("secret"), "{text}: {e}"),
+                (got, expected) => panic!("{text}: {got:?}, expected {expected:?}"),
+            }
+        }
+    }
 
     /// Each type refuses the same values from text (flags) and from TOML, and says why.
     #[test]

@@ -132,6 +132,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
                         first_bytes.freeze(),
                         Bytes::new(),
                         decision,
+                        || {},
                     )
                     .await
                 }
@@ -158,7 +159,19 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
             .await;
         }
         Action::Connect { proxy, target } => {
-            tunnel(agent, proxy, &target, client, first_bytes.freeze(), decision).await;
+            // Only a ClientHello may go ahead of the proxy's answer: it is safe to send again
+            // (to the next proxy of the list, should this one fail without answering).
+            let ahead = sniffed.protocol() == Protocol::Tls;
+            tunnel(
+                agent,
+                proxy,
+                &target,
+                client,
+                first_bytes.freeze(),
+                ahead,
+                decision,
+            )
+            .await;
         }
     }
 }
@@ -256,18 +269,22 @@ async fn connect_direct(
         .map_err(|e| format!("{e:#}"))
 }
 
+/// CONNECT through the proxy list, then relay. `ahead`: whether the client's first bytes may
+/// go out with the CONNECT (see upstream's optimistic CONNECT).
 async fn tunnel(
     agent: &Agent,
     proxy: &ProxyGroup,
     target: &str,
     client: TcpStream,
     first_bytes: Bytes,
+    ahead: bool,
     decision: &mut Decision,
 ) {
     let started = Instant::now();
+    let offered = if ahead { first_bytes.clone() } else { Bytes::new() };
     // Boxed: the handshake's state is large and must not size the connection's future for its
     // whole life (thousands of idle tunnels).
-    match Box::pin(proxy.open_tunnel(target)).await {
+    match Box::pin(proxy.open_tunnel(target, &offered)).await {
         Ok((tunnel, member)) => {
             decision.upstream = Some(member.client.url.authority());
             decision.upstream_auth = Some(member.client.auth.as_str());
@@ -275,7 +292,26 @@ async fn tunnel(
             agent.metrics.upstream_connection(tunnel.warm);
             decision.upstream_warm = Some(tunnel.warm);
             decision.upstream_status = Some(200);
-            relay::relay(client, tunnel.stream, first_bytes, tunnel.early_data, decision).await;
+            decision.optimistic = Some(tunnel.first_bytes_sent);
+            let to_upstream = if tunnel.first_bytes_sent {
+                decision.bytes_up += first_bytes.len() as u64;
+                Bytes::new()
+            } else {
+                first_bytes
+            };
+            // The pool is refilled once the origin answered: its dials then stay out of the
+            // way of this connection's own round trips.
+            let client_of_proxy = member.client.clone();
+            let refill = move || client_of_proxy.top_up();
+            relay::relay(
+                client,
+                tunnel.stream,
+                to_upstream,
+                tunnel.early_data,
+                decision,
+                refill,
+            )
+            .await;
         }
         Err(e) => {
             decision.upstream_status = e.status();

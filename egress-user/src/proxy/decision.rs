@@ -72,6 +72,8 @@ pub struct Decision {
     pub bytes_spliced: u64,
     /// Whether the connection to the proxy came ready from the warm pool.
     pub upstream_warm: Option<bool>,
+    /// Whether the client's first bytes went out with the CONNECT, ahead of the proxy's answer.
+    pub optimistic: Option<bool>,
     pub error: Option<String>,
     /// Set when the connection's handling ran to its end; a record dropped without it was
     /// cancelled or panicked.
@@ -107,6 +109,7 @@ impl Decision {
             bytes_down: 0,
             bytes_spliced: 0,
             upstream_warm: None,
+            optimistic: None,
             error: None,
             finished: false,
         }
@@ -180,6 +183,7 @@ impl Decision {
                     target = %display_opt(&self.target),
                     status = %display_opt(&self.upstream_status),
                     upstream_conn = %self.upstream_warm.map_or("-", |warm| if warm { "warm" } else { "new" }),
+                    optimistic = %self.optimistic.map_or("-", |sent| if sent { "yes" } else { "no" }),
                     requests = self.requests,
                     bytes_up = self.bytes_up,
                     bytes_down = self.bytes_down,

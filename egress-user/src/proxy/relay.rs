@@ -7,7 +7,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -34,15 +34,21 @@ fn reset_upstream(stream: UpstreamStream) {
 
 /// Relays until both directions are done. `to_upstream` (bytes already read from the client)
 /// and `to_client` (bytes already read from upstream) are sent first, then let go. Half-close is
-/// passed on; an error on either side resets both.
+/// passed on; an error on either side resets both. `first_answer` runs once, when the first
+/// bytes from upstream are on their way to the client.
 pub async fn relay(
     mut client: TcpStream,
     mut upstream: UpstreamStream,
     to_upstream: Bytes,
     to_client: Bytes,
     decision: &mut Decision,
+    first_answer: impl FnOnce(),
 ) {
+    let mut first_answer = Some(first_answer);
     if !to_client.is_empty() {
+        if let Some(first_answer) = first_answer.take() {
+            first_answer();
+        }
         if let Err(e) = client.write_all(&to_client).await {
             decision.fail(format!("writing to client: {e}"));
             return reset_both(client, upstream);
@@ -59,10 +65,8 @@ pub async fn relay(
     // Long-lived connections must not keep the sniffing and handshake buffers.
     drop((to_upstream, to_client));
     let copied = match &mut upstream {
-        UpstreamStream::Plain(tcp) => copy_lean(&client, tcp).await,
-        UpstreamStream::Tls(_) => tokio::io::copy_bidirectional(&mut client, &mut upstream)
-            .await
-            .map(|(up, down)| Copied { up, down, spliced: 0 }),
+        UpstreamStream::Plain(tcp) => copy_lean(&client, tcp, first_answer).await,
+        UpstreamStream::Tls(tls) => copy_lean_tls(&mut client, tls.as_mut(), first_answer).await,
     };
     match copied {
         Ok(copied) => {
@@ -108,7 +112,11 @@ impl Direction {
 /// before taking any resource: bytes move by splice(2) through a pipe taken from a per-thread
 /// pool (or, when no pipe can be had, through a per-thread buffer), so an idle connection holds
 /// neither, and one under backpressure holds at most one read's worth.
-async fn copy_lean(a: &TcpStream, b: &TcpStream) -> io::Result<Copied> {
+async fn copy_lean(
+    a: &TcpStream,
+    b: &TcpStream,
+    mut first_answer: Option<impl FnOnce()>,
+) -> io::Result<Copied> {
     let mut up = Direction::default(); // a -> b
     let mut down = Direction::default(); // b -> a
     while !(up.done && down.done) {
@@ -118,12 +126,153 @@ async fn copy_lean(a: &TcpStream, b: &TcpStream) -> io::Result<Copied> {
             ready = b.readable(), if !down.done && !down.has_pending() && !down.eof => { ready?; step(&mut down, b, a)? }
             ready = a.writable(), if !down.done && (down.has_pending() || down.eof) => { ready?; step(&mut down, b, a)? }
         }
+        if (down.bytes > 0 || down.has_pending())
+            && let Some(first_answer) = first_answer.take()
+        {
+            first_answer();
+        }
     }
     Ok(Copied {
         up: up.bytes,
         down: down.bytes,
         spliced: up.spliced + down.spliced,
     })
+}
+
+/// One direction of the relay with a TLS side: what the destination did not take yet, and how
+/// far it got.
+#[derive(Default)]
+struct StreamDirection {
+    pending: Vec<u8>,
+    /// Bytes were written since the last flush (TLS holds records until flushed or full).
+    unflushed: bool,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+/// Copies both ways between the client and a TLS stream to the proxy, like
+/// `copy_bidirectional`, but without buffers of its own while idle: each direction reads into the
+/// per-thread buffer (as much as the source has, up to its size, so records are written on in
+/// large writes) and writes straight on; only what the destination does not take is kept.
+async fn copy_lean_tls<A, B>(
+    a: &mut A,
+    b: &mut B,
+    mut first_answer: Option<impl FnOnce()>,
+) -> io::Result<Copied>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = StreamDirection::default(); // a -> b
+    let mut down = StreamDirection::default(); // b -> a
+    std::future::poll_fn(|cx| {
+        let up_done = poll_stream_direction(&mut up, cx, a, b)?.is_ready();
+        let down_done = poll_stream_direction(&mut down, cx, b, a)?.is_ready();
+        if (down.bytes > 0 || !down.pending.is_empty())
+            && let Some(first_answer) = first_answer.take()
+        {
+            first_answer();
+        }
+        if up_done && down_done {
+            Poll::Ready(Ok::<_, io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(Copied {
+        up: up.bytes,
+        down: down.bytes,
+        spliced: 0,
+    })
+}
+
+/// Moves what it can from `src` to `dst`; Ready once the direction is done (end of stream
+/// passed on).
+fn poll_stream_direction<R, W>(
+    dir: &mut StreamDirection,
+    cx: &mut Context<'_>,
+    src: &mut R,
+    dst: &mut W,
+) -> Poll<io::Result<()>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        if dir.done {
+            return Poll::Ready(Ok(()));
+        }
+        while !dir.pending.is_empty() {
+            let n = ready!(Pin::new(&mut *dst).poll_write(cx, &dir.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            dir.pending.drain(..n);
+            dir.bytes += n as u64;
+            dir.unflushed = true;
+        }
+        dir.pending = Vec::new(); // give the memory back
+        if dir.eof {
+            // Shutting down flushes, and passes the half-close on (close_notify over TLS).
+            ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
+            dir.done = true;
+            continue;
+        }
+        let read = BUFFER.with(|buffer| -> Poll<io::Result<()>> {
+            let mut buffer = buffer.borrow_mut();
+            let mut filled = ReadBuf::new(&mut buffer[..]);
+            // As much as the source has now: TLS hands out one record per read.
+            let mut source_waits = false;
+            while filled.remaining() > 0 {
+                let before = filled.filled().len();
+                match Pin::new(&mut *src).poll_read(cx, &mut filled) {
+                    Poll::Ready(Ok(())) if filled.filled().len() == before => {
+                        dir.eof = before == 0;
+                        break;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        source_waits = true;
+                        break;
+                    }
+                }
+            }
+            let data = filled.filled();
+            if data.is_empty() {
+                return if source_waits {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Ok(()))
+                };
+            }
+            let mut written = 0;
+            while written < data.len() {
+                match Pin::new(&mut *dst).poll_write(cx, &data[written..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            dir.bytes += written as u64;
+            dir.unflushed |= written > 0;
+            dir.pending.extend_from_slice(&data[written..]);
+            Poll::Ready(Ok(()))
+        });
+        match read {
+            Poll::Ready(result) => result?,
+            Poll::Pending => {
+                // Nothing more to read now: let what was written go out.
+                if dir.unflushed && Pin::new(&mut *dst).poll_flush(cx)?.is_ready() {
+                    dir.unflushed = false;
+                }
+                return Poll::Pending;
+            }
+        }
+    }
 }
 
 /// Bytes relayed each way, and how many of them moved by splice(2).
@@ -330,23 +479,46 @@ mod lean_tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// Which copy a test runs.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Copy {
+        Pipes,
+        Memory,
+        /// The one for a TLS leg (generic over streams; plain TCP here).
+        Streams,
+    }
+
     #[tokio::test]
     async fn copies_both_ways_with_half_close_and_backpressure_through_pipes() {
-        copies_both_ways_with_half_close_and_backpressure(true).await
+        copies_both_ways_with_half_close_and_backpressure(Copy::Pipes).await
     }
 
     #[tokio::test]
     async fn copies_both_ways_through_memory_when_no_pipe_can_be_had() {
-        copies_both_ways_with_half_close_and_backpressure(false).await
+        copies_both_ways_with_half_close_and_backpressure(Copy::Memory).await
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_between_streams_as_for_a_tls_leg() {
+        copies_both_ways_with_half_close_and_backpressure(Copy::Streams).await
     }
 
     /// The test runtime is single-threaded: the relay task runs on this thread, so the pipe
-    /// switch (thread-local) applies to it.
-    async fn copies_both_ways_with_half_close_and_backpressure(pipes: bool) {
-        splice::NO_PIPES.set(!pipes);
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut upstream) = pair().await;
-        let relay = tokio::spawn(async move { copy_lean(&client_side, &upstream_side).await });
+    /// switch (thread-local) applies to it. The first-answer hook runs once the upstream's first
+    /// bytes arrive, not before.
+    async fn copies_both_ways_with_half_close_and_backpressure(copy: Copy) {
+        splice::NO_PIPES.set(copy == Copy::Memory);
+        let (mut client, mut client_side) = pair().await;
+        let (mut upstream_side, mut upstream) = pair().await;
+        let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hook = answered.clone();
+        let first_answer = Some(move || hook.store(true, Ordering::SeqCst));
+        let relay = tokio::spawn(async move {
+            match copy {
+                Copy::Streams => copy_lean_tls(&mut client_side, &mut upstream_side, first_answer).await,
+                _ => copy_lean(&client_side, &upstream_side, first_answer).await,
+            }
+        });
 
         // 8 MiB up, written before anyone reads: exercises backpressure and pending bytes.
         let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
@@ -369,13 +541,19 @@ mod lean_tests {
         upstream.read_to_end(&mut received).await.unwrap(); // sees the half-close as EOF
         assert_eq!(received.len(), data.len());
         assert!(received == data);
+        assert!(!answered.load(Ordering::SeqCst), "nothing came back yet");
         upstream.write_all(b"answer after half-close").await.unwrap();
         upstream.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"answer after half-close");
         let copied = relay.await.unwrap().unwrap();
+        assert!(answered.load(Ordering::SeqCst));
         assert_eq!((copied.up, copied.down), (data.len() as u64, 23));
         // Which path the bytes took: all through pipes, or none.
-        let expected_spliced = if pipes { copied.up + copied.down } else { 0 };
+        let expected_spliced = if copy == Copy::Pipes {
+            copied.up + copied.down
+        } else {
+            0
+        };
         assert_eq!(copied.spliced, expected_spliced);
     }
 
@@ -383,7 +561,7 @@ mod lean_tests {
     async fn a_reset_on_one_side_is_an_error() {
         let (client, client_side) = pair().await;
         let (upstream_side, upstream) = pair().await;
-        let relay = tokio::spawn(async move { copy_lean(&client_side, &upstream_side).await });
+        let relay = tokio::spawn(async move { copy_lean(&client_side, &upstream_side, None::<fn()>).await });
         socket2::SockRef::from(&upstream)
             .set_linger(Some(Duration::ZERO))
             .unwrap();

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+
 use super::{ProxyClient, Tunnel, UpstreamError, UpstreamStream};
 
 /// Backoff of a proxy found down: doubling from the first, up to the last.
@@ -183,11 +185,17 @@ impl ProxyGroup {
         up
     }
 
-    /// `CONNECT target` through the first proxy that can be reached; which one it was.
-    pub async fn open_tunnel(&self, target: &str) -> Result<(Tunnel, &Member), UpstreamError> {
+    /// `CONNECT target` through the first proxy that can be reached (with the client's
+    /// `first_bytes` ahead of its answer where it allows that); which one it was. A proxy that
+    /// answered anything but 200 ends it: that answer stands, and nothing goes to the next.
+    pub async fn open_tunnel(
+        &self,
+        target: &str,
+        first_bytes: &Bytes,
+    ) -> Result<(Tunnel, &Member), UpstreamError> {
         let mut failures = Vec::new();
         for member in self.order() {
-            match member.client.open_tunnel(target).await {
+            match member.client.open_tunnel(target, first_bytes).await {
                 Ok(tunnel) => {
                     member.succeeded();
                     return Ok((tunnel, member));
@@ -364,7 +372,7 @@ mod tests {
         let _served = serve(listener, b"HTTP/1.1 200 OK\r\n\r\n", count.clone());
         let list = group(&[&down, &up]);
         for _ in 0..3 {
-            let (_, member) = list.open_tunnel("example.org:443").await.unwrap();
+            let (_, member) = list.open_tunnel("example.org:443", &Bytes::new()).await.unwrap();
             assert_eq!(member.client.url, up);
         }
         assert_eq!(count.load(Ordering::Relaxed), 3);
@@ -389,7 +397,7 @@ mod tests {
         })
         .await
         .expect("the probe did not find the proxy back");
-        let (_, member) = list.open_tunnel("example.org:443").await.unwrap();
+        let (_, member) = list.open_tunnel("example.org:443", &Bytes::new()).await.unwrap();
         assert_eq!(member.client.url, down);
         assert_eq!(back.load(Ordering::Relaxed), 1);
     }
@@ -401,7 +409,11 @@ mod tests {
         let (other, other_count, listener) = proxy().await;
         let _other = serve(listener, b"HTTP/1.1 200 OK\r\n\r\n", other_count.clone());
         let list = group(&[&refusing, &other]);
-        let e = list.open_tunnel("blocked.example:443").await.err().unwrap();
+        let e = list
+            .open_tunnel("blocked.example:443", &Bytes::new())
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.status(), Some(403));
         assert_eq!(
             other_count.load(Ordering::Relaxed),
@@ -411,7 +423,11 @@ mod tests {
         assert!(list.states()[0].up);
 
         let (a, b) = (closed().await, closed().await);
-        let e = group(&[&a, &b]).open_tunnel("x.example:443").await.err().unwrap();
+        let e = group(&[&a, &b])
+            .open_tunnel("x.example:443", &Bytes::new())
+            .await
+            .err()
+            .unwrap();
         let text = e.to_string();
         assert!(
             text.contains(&a.authority()) && text.contains(&b.authority()),

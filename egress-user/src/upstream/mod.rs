@@ -3,6 +3,11 @@
 //! Kerberos: [`negotiate`]), and opens tunnels through them with `CONNECT host:port` +
 //! `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream is then handed back to
 //! the data path for relaying. Proxies come in ordered lists with failover ([`group`]).
+//!
+//! Optimistic CONNECT: once a proxy has answered a CONNECT with 200, the next CONNECT goes out
+//! in one write with the client's first bytes (its TLS ClientHello), without waiting for the
+//! answer: the origin's answer then comes a round trip sooner. A proxy only forwards them once
+//! it has opened the tunnel; any other answer fails the tunnel, and the client is reset.
 
 pub mod group;
 pub mod negotiate;
@@ -13,8 +18,11 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -169,6 +177,9 @@ pub struct Tunnel {
     pub early_data: Bytes,
     /// Whether the connection to the proxy was taken from the warm pool.
     pub warm: bool,
+    /// Whether the client's first bytes went out with the CONNECT (optimistic): then they are
+    /// not to be sent again.
+    pub first_bytes_sent: bool,
 }
 
 /// Opens a TCP connection marked with `mark`, so the kernel program lets it through unchanged.
@@ -228,6 +239,10 @@ pub struct ProxyClient {
     timeouts: Timeouts,
     /// Connections kept ready, if configured.
     warm: Option<Arc<WarmPool>>,
+    /// Whether the client's first bytes may go out with the CONNECT, once `proven`.
+    optimistic: bool,
+    /// Whether this proxy has answered a CONNECT with 200 (shared by the clones).
+    proven: Arc<AtomicBool>,
 }
 
 impl ProxyClient {
@@ -244,7 +259,16 @@ impl ProxyClient {
             mark,
             timeouts,
             warm: None,
+            optimistic: true,
+            proven: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether the client's first bytes may go out with the CONNECT once this proxy has
+    /// answered one with 200 (`no_optimistic_connect` says no).
+    pub fn with_optimistic_connect(mut self, optimistic: bool) -> Self {
+        self.optimistic = optimistic;
+        self
     }
 
     /// Authenticates with Kerberos where the URL has no user and password.
@@ -300,10 +324,11 @@ impl ProxyClient {
         }
     }
 
-    /// Starts background dials up to the pool's size. Called once the proxy has answered a
-    /// tunnel, so the dials (and their TLS handshakes, on the agent's one event loop) run while
-    /// that tunnel waits on the network rather than in front of it; and a proxy that is down
-    /// is never asked more often than clients ask (nor for a while after a dial failed).
+    /// Starts background dials up to the pool's size. Called once a tunnel through the proxy
+    /// has carried the origin's first answer (or a forwarded request its response), so the
+    /// dials (and their TLS handshakes, on the agent's one event loop) run after that
+    /// connection's round trips rather than in the middle of them; and a proxy that is down is
+    /// never asked more often than clients ask (nor for a while after a dial failed).
     pub fn top_up(&self) {
         let Some(pool) = &self.warm else { return };
         for slot in pool.reserve_dials() {
@@ -359,20 +384,28 @@ impl ProxyClient {
         }
     }
 
-    /// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through the proxy. A ready
-    /// connection that fails before the proxy answered CONNECT (closed meanwhile, silent, or a
-    /// 408 the proxy sent because it waited too long) is replaced by a new one, once: nothing of
-    /// the client's has been sent yet.
-    pub async fn open_tunnel(&self, target: &str) -> Result<Tunnel, UpstreamError> {
+    /// Opens `CONNECT target` (`host:port`, IPv6 bracketed) through the proxy, with
+    /// `first_bytes` (the client's ClientHello, or nothing) in the same write when the proxy has
+    /// proved it answers 200 and optimism is allowed. A ready connection that fails before the
+    /// proxy answered CONNECT (closed meanwhile, silent, or a 408 the proxy sent because it
+    /// waited too long) is replaced by a new one to the same proxy, once: no tunnel was opened,
+    /// so nothing of the client's went past the proxy. Start [`Self::top_up`] once the tunnel
+    /// carried its first answer.
+    pub async fn open_tunnel(&self, target: &str, first_bytes: &Bytes) -> Result<Tunnel, UpstreamError> {
         let (stream, warm) = self.connect().await?;
-        let tunnel = match self.handshake(stream, target, warm).await {
+        let ahead = if self.optimistic && self.proven.load(Ordering::Relaxed) {
+            first_bytes.clone()
+        } else {
+            Bytes::new()
+        };
+        let tunnel = match self.handshake(stream, target, warm, ahead.clone()).await {
             Err(e) if warm && e.went_stale() => {
                 let stream = self.dial().await?;
-                self.handshake(stream, target, false).await
+                self.handshake(stream, target, false, ahead).await
             }
             result => result,
         }?;
-        self.top_up();
+        self.proven.store(true, Ordering::Relaxed);
         Ok(tunnel)
     }
 
@@ -381,9 +414,11 @@ impl ProxyClient {
         stream: UpstreamStream,
         target: &str,
         warm: bool,
+        ahead: Bytes,
     ) -> Result<Tunnel, UpstreamError> {
         let authorization = self.authorization().await?;
-        let exchange = connect_exchange(stream, target, authorization.as_deref());
+        let first_bytes_sent = !ahead.is_empty();
+        let exchange = connect_exchange(stream, target, authorization.as_deref(), ahead);
         let (stream, early_data) = tokio::time::timeout(self.timeouts.handshake, exchange)
             .await
             .map_err(|_| UpstreamError::HandshakeTimeout)?
@@ -392,6 +427,7 @@ impl ProxyClient {
             stream,
             early_data,
             warm,
+            first_bytes_sent,
         })
     }
 }
@@ -423,9 +459,14 @@ impl Upstreams {
                 )?),
                 ProxyScheme::Http => None,
             };
+            let optimistic = !settings
+                .no_optimistic_connect
+                .iter()
+                .any(|m| m.matches(&url.host, url.port));
             let made = ProxyClient::new(url.clone(), tls, mark, settings.timeouts())
                 .with_kerberos(settings.kerberos())
-                .with_warm_pool(pool);
+                .with_warm_pool(pool)
+                .with_optimistic_connect(optimistic);
             clients.push(made.clone());
             Ok(made)
         };
@@ -472,17 +513,24 @@ impl Upstreams {
 }
 
 /// The CONNECT exchange over any stream: sends `CONNECT target` (with `authorization` as
-/// Proxy-Authorization), and on a 2xx answer gives back the stream and the bytes the proxy sent
-/// after its answer head. Public for the fuzz target that feeds it arbitrary answers.
+/// Proxy-Authorization) and `ahead` right behind it in the same write, and on a 2xx answer gives
+/// back the stream and the bytes the proxy sent after its answer head. Public for the fuzz
+/// target that feeds it arbitrary answers.
 pub async fn connect_exchange<IO>(
     io: IO,
     target: &str,
     authorization: Option<&str>,
+    ahead: Bytes,
 ) -> Result<(IO, Bytes), UpstreamError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
+    let io = AheadOfAnswer {
+        io,
+        ahead: Some(ahead),
+        unsent: Vec::new(),
+    };
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
         .await
@@ -513,9 +561,71 @@ where
     }
     let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
     let parts = upgraded
-        .downcast::<TokioIo<IO>>()
+        .downcast::<TokioIo<AheadOfAnswer<IO>>>()
         .map_err(|_| UpstreamError::Protocol("upgraded connection is not ours".into()))?;
-    Ok((parts.io.into_inner(), parts.read_buf))
+    let mut io = parts.io.into_inner();
+    // A proxy may answer before all of it went out (a socket buffer that filled up).
+    std::future::poll_fn(|cx| io.poll_unsent(cx))
+        .await
+        .map_err(|e| UpstreamError::Protocol(format!("sending the client's first bytes: {e}")))?;
+    Ok((io.io, parts.read_buf))
+}
+
+/// A stream whose first write (hyper's request head) carries `ahead` behind it, in one write
+/// when the socket takes it; what it does not take yet is written before anything else.
+struct AheadOfAnswer<IO> {
+    io: IO,
+    ahead: Option<Bytes>,
+    unsent: Vec<u8>,
+}
+
+impl<IO: AsyncWrite + Unpin> AheadOfAnswer<IO> {
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.unsent.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.unsent))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.unsent.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for AheadOfAnswer<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for AheadOfAnswer<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(ahead) = this.ahead.take().filter(|a| !a.is_empty()) {
+            // Taken whole: the rest goes out in poll_unsent (flush, or the next write).
+            this.unsent = [data, &ahead].concat();
+            if let Poll::Ready(Err(e)) = this.poll_unsent(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(data.len()));
+        }
+        ready!(this.poll_unsent(cx))?;
+        Pin::new(&mut this.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_unsent(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_unsent(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Reads a request head (through the blank line) byte by byte, for the tests' fake proxies;
@@ -580,7 +690,7 @@ mod tests {
         timeouts: Timeouts,
     ) -> Result<Tunnel, UpstreamError> {
         ProxyClient::new(proxy.clone(), None, mark, timeouts)
-            .open_tunnel(target)
+            .open_tunnel(target, &Bytes::new())
             .await
     }
 
@@ -766,17 +876,21 @@ mod tests {
         );
     }
 
-    /// The first tunnel dials; the pool then fills to its size in the background, and the next
-    /// tunnels go down connections the proxy accepted before they were asked for.
+    /// The first tunnel dials; nothing more is dialled while it opens. Once it carried an
+    /// answer (`top_up`), the pool fills to its size in the background, and the next tunnels go
+    /// down connections the proxy accepted before they were asked for.
     #[tokio::test]
     async fn tunnels_take_ready_connections_from_the_warm_pool() {
         let (url, requests, accepted) = counting_proxy(|_| Conduct::Answer).await;
         let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(2);
-        let first = client.open_tunnel("10.0.0.1:443").await.unwrap();
+        let first = client.open_tunnel("10.0.0.1:443", &Bytes::new()).await.unwrap();
         assert!(!first.warm);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        client.top_up();
         until_warm(&client, 2).await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
-        let mut second = client.open_tunnel("10.0.0.2:443").await.unwrap();
+        let mut second = client.open_tunnel("10.0.0.2:443", &Bytes::new()).await.unwrap();
         assert!(second.warm);
         second.stream.write_all(b"ping").await.unwrap();
         let mut echoed = [0u8; 4];
@@ -788,6 +902,7 @@ mod tests {
         assert!([1, 2].contains(index), "{log:?}");
         assert_eq!(line, "CONNECT 10.0.0.2:443 HTTP/1.1");
         // Topped up again behind it.
+        client.top_up();
         until_warm(&client, 2).await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
     }
@@ -799,7 +914,8 @@ mod tests {
         let (url, _requests, _accepted) =
             counting_proxy(|i| if i == 1 { Conduct::HangUp } else { Conduct::Answer }).await;
         let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
-        client.open_tunnel("10.0.0.1:443").await.unwrap();
+        client.open_tunnel("10.0.0.1:443", &Bytes::new()).await.unwrap();
+        client.top_up();
         until_warm(&client, 1).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let pool = client.warm.as_ref().unwrap();
@@ -829,9 +945,10 @@ mod tests {
             // Connection 1 is the pool's.
             let (url, requests, _accepted) = counting_proxy(conduct).await;
             let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(1);
-            client.open_tunnel("10.0.0.1:443").await.unwrap();
+            client.open_tunnel("10.0.0.1:443", &Bytes::new()).await.unwrap();
+            client.top_up();
             until_warm(&client, 1).await;
-            let tunnel = client.open_tunnel("10.0.0.2:443").await.unwrap();
+            let tunnel = client.open_tunnel("10.0.0.2:443", &Bytes::new()).await.unwrap();
             assert!(!tunnel.warm, "the tunnel went down the retried, new connection");
             let log = requests.lock().unwrap().clone();
             let to_second: Vec<usize> = log
@@ -854,8 +971,122 @@ mod tests {
         for slot in pool.reserve_dials() {
             slot.fill(Some(client.dial().await.unwrap()));
         }
-        let err = client.open_tunnel("10.0.0.1:443").await.err().unwrap();
+        let err = client
+            .open_tunnel("10.0.0.1:443", &Bytes::new())
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.status(), Some(407), "{err}");
+    }
+
+    /// A fake proxy that keeps, per connection, what its first read after the accept got (one
+    /// write of the agent's arrives in one read on loopback), answers the first connection 200
+    /// and the later ones `later`, and after a 200 echoes what follows.
+    async fn recording_proxy(later: &'static [u8]) -> (ProxyUrl, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        tokio::spawn(async move {
+            for index in 0.. {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut first = vec![0u8; 4096];
+                let n = stream.read(&mut first).await.unwrap();
+                first.truncate(n);
+                let end = first
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("a whole head in one read");
+                let behind = first[end + 4..].to_vec();
+                log.lock().unwrap().push(first);
+                let answer = if index == 0 { OK } else { later };
+                stream.write_all(answer).await.unwrap();
+                if answer.starts_with(b"HTTP/1.1 200") {
+                    stream.write_all(&behind).await.unwrap();
+                    tokio::spawn(async move {
+                        let (mut reader, mut writer) = stream.split();
+                        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                    });
+                }
+            }
+        });
+        let url = ProxyUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        (url, received)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    const HELLO: &[u8] = b"\x16\x03\x01\x00\x05hello";
+
+    /// Once the proxy answered a CONNECT with 200, the next CONNECT and the client's first bytes
+    /// go out in one write; the proxy gets them whole, behind the head, and they are marked sent.
+    #[tokio::test]
+    async fn after_a_200_the_first_bytes_go_out_with_the_next_connect() {
+        let (url, received) = recording_proxy(OK).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS);
+        let hello = Bytes::from_static(HELLO);
+        let first = client.open_tunnel("10.0.0.1:443", &hello).await.unwrap();
+        assert!(
+            !first.first_bytes_sent,
+            "not before the proxy answered one CONNECT"
+        );
+        let mut second = client.open_tunnel("10.0.0.2:443", &hello).await.unwrap();
+        assert!(second.first_bytes_sent);
+        // The echo may have come with the answer (then hyper read it: early data).
+        let mut echoed = second.early_data.to_vec();
+        let mut rest = vec![0u8; HELLO.len() - echoed.len()];
+        second.stream.read_exact(&mut rest).await.unwrap();
+        echoed.extend(rest);
+        assert_eq!(echoed, HELLO, "forwarded intact once the tunnel was open");
+        let log = received.lock().unwrap().clone();
+        assert!(
+            log[0].ends_with(b"\r\n\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&log[0])
+        );
+        assert!(log[1].starts_with(b"CONNECT 10.0.0.2:443 HTTP/1.1\r\n"));
+        assert!(
+            log[1].ends_with(&[b"\r\n\r\n", HELLO].concat()),
+            "{:?}",
+            String::from_utf8_lossy(&log[1])
+        );
+    }
+
+    /// An optimistic CONNECT answered with anything but 200 fails the tunnel with that status,
+    /// and nothing is retried: the caller resets the client.
+    #[tokio::test]
+    async fn any_answer_but_200_to_an_optimistic_connect_fails_it() {
+        for refusal in [
+            &b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let (url, received) = recording_proxy(refusal).await;
+            let client = ProxyClient::new(url, None, 0, TIMEOUTS);
+            let hello = Bytes::from_static(HELLO);
+            client.open_tunnel("10.0.0.1:443", &hello).await.unwrap();
+            let err = client.open_tunnel("10.0.0.2:443", &hello).await.err().unwrap();
+            let status = std::str::from_utf8(&refusal[9..12])
+                .unwrap()
+                .parse::<u16>()
+                .unwrap();
+            assert_eq!(err.status(), Some(status), "{err}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(received.lock().unwrap().len(), 2, "not retried");
+        }
+    }
+
+    /// `no_optimistic_connect`: the proxy's answer is awaited every time.
+    #[tokio::test]
+    async fn a_proxy_named_in_no_optimistic_connect_gets_the_head_alone() {
+        let (url, received) = recording_proxy(OK).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_optimistic_connect(false);
+        let hello = Bytes::from_static(HELLO);
+        for target in ["10.0.0.1:443", "10.0.0.2:443", "10.0.0.3:443"] {
+            assert!(!client.open_tunnel(target, &hello).await.unwrap().first_bytes_sent);
+        }
+        for head in received.lock().unwrap().iter() {
+            assert!(head.ends_with(b"\r\n\r\n"), "{:?}", String::from_utf8_lossy(head));
+        }
     }
 
     /// No pool: every tunnel dials, and nothing is dialled ahead.
@@ -864,7 +1095,13 @@ mod tests {
         let (url, _requests, accepted) = counting_proxy(|_| Conduct::Answer).await;
         let client = ProxyClient::new(url, None, 0, TIMEOUTS).with_warm_pool(0);
         for _ in 0..3 {
-            assert!(!client.open_tunnel("10.0.0.1:443").await.unwrap().warm);
+            assert!(
+                !client
+                    .open_tunnel("10.0.0.1:443", &Bytes::new())
+                    .await
+                    .unwrap()
+                    .warm
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);

@@ -211,7 +211,7 @@ impl Probe<'_> {
                     data("proxy", rule),
                 );
                 let data = json!({"proxy": proxy.to_string(), "connect": target});
-                match proxy.open_tunnel(&target).await {
+                match proxy.open_tunnel(&target, &bytes::Bytes::new()).await {
                     Ok((tunnel, member)) if tunnel.early_data.is_empty() => {
                         let auth = member.client.auth.as_str();
                         let by = member.client.url.authority();
