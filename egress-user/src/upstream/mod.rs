@@ -34,7 +34,6 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
 };
-use tokio_rustls::client::TlsStream;
 
 use crate::{
     config::{
@@ -45,7 +44,7 @@ use crate::{
 };
 use group::ProxyGroup;
 use negotiate::NegotiateError;
-use tls::ProxyTls;
+use tls::{ProxyTls, ProxyTlsStream};
 use warm::WarmPool;
 
 #[derive(Debug, thiserror::Error)]
@@ -126,14 +125,14 @@ impl std::fmt::Display for Role {
 /// A connection to the proxy (or a direct one): plain TCP, or TLS for `https://` proxies.
 pub enum UpstreamStream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<ProxyTlsStream>),
 }
 
 impl UpstreamStream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Self::Plain(s) => s,
-            Self::Tls(s) => s.get_ref().0,
+            Self::Tls(s) => s.get_ref().0.get_ref(),
         }
     }
 }
