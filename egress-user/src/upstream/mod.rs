@@ -1,8 +1,8 @@
 //! The upstream proxies: how egress reaches them (TCP, and TLS for `https://` proxies, see
 //! [`tls`]), keeps connections to them ready ([`warm`]), authenticates (Basic from the URL, or
 //! Kerberos: [`negotiate`]), and opens tunnels through them with `CONNECT host:port` +
-//! `Proxy-Authorization`, spoken by hyper's HTTP/1 client; the raw stream is then handed back to
-//! the data path for relaying. Proxies come in ordered lists with failover ([`group`]).
+//! `Proxy-Authorization` ([`connect_exchange`]); the raw stream is then handed back to the data
+//! path for relaying. Proxies come in ordered lists with failover ([`group`]).
 //!
 //! Optimistic CONNECT: once a proxy has answered a CONNECT with 200, the next CONNECT goes out
 //! in one write with the client's first bytes (its TLS ClientHello), without waiting for the
@@ -22,14 +22,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use http::{StatusCode, header};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
@@ -511,12 +509,19 @@ impl Upstreams {
     }
 }
 
+/// The longest answer head taken from a proxy.
+const MAX_ANSWER_HEAD: usize = 16 * 1024;
+
 /// The CONNECT exchange over any stream: sends `CONNECT target` (with `authorization` as
 /// Proxy-Authorization) and `ahead` right behind it in the same write, and on a 2xx answer gives
 /// back the stream and the bytes the proxy sent after its answer head. Public for the fuzz
 /// target that feeds it arbitrary answers.
+///
+/// Written out and parsed (httparse, hyper's own parser) here rather than through hyper's
+/// client: a CONNECT is one request whose answer hands the stream over, and hyper's connection
+/// task, upgrade channel and dispatch cost a task spawn and several wakeups per tunnel.
 pub async fn connect_exchange<IO>(
-    io: IO,
+    mut io: IO,
     target: &str,
     authorization: Option<&str>,
     ahead: Bytes,
@@ -524,106 +529,82 @@ pub async fn connect_exchange<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
-    let io = AheadOfAnswer {
-        io,
-        ahead: Some(ahead),
-        unsent: Vec::new(),
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // What hyper checked: an authority for a target, a header value for the credentials.
+    if target.parse::<http::uri::Authority>().is_err() {
+        return Err(UpstreamError::Protocol(format!(
+            "building CONNECT {target}: not an authority"
+        )));
+    }
+    if authorization.is_some_and(|a| header::HeaderValue::from_str(a).is_err()) {
+        return Err(UpstreamError::Protocol(
+            "building CONNECT: the Proxy-Authorization value has characters a header cannot carry".into(),
+        ));
+    }
+    let mut request = Vec::with_capacity(128 + authorization.map_or(0, str::len) + ahead.len());
+    request.extend_from_slice(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").as_bytes());
+    if let Some(authorization) = authorization {
+        request.extend_from_slice(b"Proxy-Authorization: ");
+        request.extend_from_slice(authorization.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"\r\n");
+    request.extend_from_slice(&ahead);
+    let sent = async {
+        io.write_all(&request).await?;
+        io.flush().await
     };
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-        .await
-        .map_err(protocol)?;
-    // The connection future hands the socket over to the upgrade once the proxy says 2xx.
-    let conn = tokio::spawn(conn.with_upgrades());
+    sent.await
+        .map_err(|e| UpstreamError::Protocol(format!("sending CONNECT: {e}")))?;
+    drop(request);
 
-    let mut request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target)
-        .header(header::HOST, target);
-    if let Some(auth) = authorization {
-        request = request.header(header::PROXY_AUTHORIZATION, auth);
-    }
-    let request = request
-        .body(Empty::new())
-        .map_err(|e| UpstreamError::Protocol(format!("building CONNECT {target}: {e}")))?;
-    let response = match sender.send_request(request).await {
-        Ok(r) => r,
-        Err(e) => {
-            conn.abort();
-            return Err(protocol(e));
-        }
-    };
-    if !response.status().is_success() {
-        conn.abort();
-        return Err(UpstreamError::Status(response.status()));
-    }
-    let upgraded = hyper::upgrade::on(response).await.map_err(protocol)?;
-    let parts = upgraded
-        .downcast::<TokioIo<AheadOfAnswer<IO>>>()
-        .map_err(|_| UpstreamError::Protocol("upgraded connection is not ours".into()))?;
-    let mut io = parts.io.into_inner();
-    // A proxy may answer before all of it went out (a socket buffer that filled up).
-    std::future::poll_fn(|cx| io.poll_unsent(cx))
-        .await
-        .map_err(|e| UpstreamError::Protocol(format!("sending the client's first bytes: {e}")))?;
-    Ok((io.io, parts.read_buf))
-}
-
-/// A stream whose first write (hyper's request head) carries `ahead` behind it, in one write
-/// when the socket takes it; what it does not take yet is written before anything else.
-struct AheadOfAnswer<IO> {
-    io: IO,
-    ahead: Option<Bytes>,
-    unsent: Vec<u8>,
-}
-
-impl<IO: AsyncWrite + Unpin> AheadOfAnswer<IO> {
-    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.unsent.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.unsent))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    let mut answer = bytes::BytesMut::with_capacity(1024);
+    let mut parse_first = false;
+    loop {
+        // More to read unless a whole head (after an informational one) is already here.
+        if !parse_first {
+            let read = io
+                .read_buf(&mut answer)
+                .await
+                .map_err(|e| UpstreamError::Protocol(format!("reading the answer to CONNECT: {e}")))?;
+            if read == 0 {
+                return Err(UpstreamError::Protocol(
+                    "the proxy closed the connection before answering CONNECT".into(),
+                ));
             }
-            self.unsent.drain(..n);
         }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for AheadOfAnswer<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for AheadOfAnswer<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if let Some(ahead) = this.ahead.take().filter(|a| !a.is_empty()) {
-            // Taken whole: the rest goes out in poll_unsent (flush, or the next write).
-            this.unsent = [data, &ahead].concat();
-            if let Poll::Ready(Err(e)) = this.poll_unsent(cx) {
-                return Poll::Ready(Err(e));
+        parse_first = false;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&answer) {
+            Ok(httparse::Status::Complete(len)) => {
+                let code = response.code.unwrap_or(0);
+                let status = StatusCode::from_u16(code)
+                    .map_err(|_| UpstreamError::Protocol(format!("the proxy answered status {code}")))?;
+                if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                    // 100 Continue and the like come before the answer.
+                    let _ = answer.split_to(len);
+                    parse_first = !answer.is_empty();
+                    continue;
+                }
+                if !status.is_success() {
+                    return Err(UpstreamError::Status(status));
+                }
+                let early = answer.split_off(len);
+                return Ok((io, early.freeze()));
             }
-            return Poll::Ready(Ok(data.len()));
+            Ok(httparse::Status::Partial) if answer.len() < MAX_ANSWER_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(UpstreamError::Protocol(format!(
+                    "the proxy's answer head is longer than {MAX_ANSWER_HEAD} bytes"
+                )));
+            }
+            Err(e) => {
+                return Err(UpstreamError::Protocol(format!(
+                    "malformed answer to CONNECT: {e}"
+                )));
+            }
         }
-        ready!(this.poll_unsent(cx))?;
-        Pin::new(&mut this.io).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_unsent(cx))?;
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_unsent(cx))?;
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -745,6 +726,66 @@ mod tests {
             let err = open_tunnel(&proxy, "10.1.2.3:443", 0, TIMEOUTS).await.err().unwrap();
             assert_eq!(err.status(), Some(status), "{err}");
         }
+    }
+
+    /// Answers as proxies send them: in pieces, after an informational answer, too long, or
+    /// refusing a bad request before it is sent. What follows a 2xx head is the tunnel's.
+    #[tokio::test]
+    async fn answers_in_pieces_informational_first_and_over_long() {
+        let long = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+        let cases: Vec<(Vec<&[u8]>, Result<&[u8], &str>)> = vec![
+            (vec![b"HTTP/1.1 2", b"00 OK\r\n", b"\r\ntunnel"], Ok(b"tunnel")),
+            (
+                vec![b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"],
+                Ok(b""),
+            ),
+            (
+                vec![b"HTTP/1.0 200 Connection established\r\nProxy-Agent: x\r\n\r\n"],
+                Ok(b""),
+            ),
+            (
+                vec![b"HTTP/1.1 403 Forbidden\r\n\r\n"],
+                Err("proxy answered 403 Forbidden"),
+            ),
+            (
+                vec![b"HTTP/1.1 200 OK\r\n"],
+                Err("closed the connection before answering"),
+            ),
+            (vec![long.as_bytes()], Err("longer than 16384 bytes")),
+            (vec![b"HTTP/1.1 999 What\r\n\r\n"], Err("proxy answered 999")),
+        ];
+        for (pieces, expected) in cases {
+            let (agent, mut proxy) = tokio::io::duplex(64 * 1024);
+            let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+            let written = pieces.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = proxy.read(&mut request).await;
+                for piece in written {
+                    let _ = proxy.write_all(&piece).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+            let got = connect_exchange(agent, "10.1.2.3:443", None, Bytes::new()).await;
+            match (got, expected) {
+                (Ok((_, early)), Ok(want)) => assert_eq!(&early[..], want, "{pieces:?}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e} for {pieces:?}"),
+                (got, want) => panic!("{:?} for {pieces:?}, want {want:?}", got.map(|(_, e)| e)),
+            }
+        }
+        // Values that would split the request are refused before anything is sent.
+        let (agent, _proxy) = tokio::io::duplex(1024);
+        let e = connect_exchange(agent, "10.1.2.3:443", Some("Basic x\r\nX-Evil: 1"), Bytes::new())
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("Proxy-Authorization"), "{e}");
+        let (agent, _proxy) = tokio::io::duplex(1024);
+        let e = connect_exchange(agent, "a b\r\n:443", None, Bytes::new())
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not an authority"), "{e}");
     }
 
     #[tokio::test]
