@@ -257,7 +257,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         ..Default::default()
     };
     let parts = if args.only.is_empty() {
-        vec![Part::Squid, Part::Fast, Part::SquidTls, Part::Connect, Part::Idle]
+        vec![
+            Part::Squid,
+            Part::Fast,
+            Part::SquidTls,
+            Part::Connect,
+            Part::Delay,
+            Part::Idle,
+        ]
     } else {
         args.only.clone()
     };
