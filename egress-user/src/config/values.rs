@@ -436,8 +436,16 @@ impl ProxyMatch {
     pub fn matches(&self, host: &str, port: u16) -> bool {
         match self {
             Self::Any => true,
-            Self::Proxy { host: h, port: p } => h == host && p.is_none_or(|p| p == port),
+            Self::Proxy { host: h, port: p } => same_host(h, host) && p.is_none_or(|p| p == port),
         }
+    }
+}
+
+/// Host names by text (both lower case), IP addresses by value (`2001:db8:0::1` is `2001:db8::1`).
+fn same_host(a: &str, b: &str) -> bool {
+    match (a.parse::<std::net::IpAddr>(), b.parse::<std::net::IpAddr>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 
@@ -521,6 +529,8 @@ mod tests {
             ("proxy.corp", Some(("other.corp", 3128, false))),
             ("[2001:db8::1]:3128", Some(("2001:db8::1", 3128, true))),
             ("2001:db8::1", Some(("2001:db8::1", 3128, true))),
+            ("[2001:db8:0::1]:3128", Some(("2001:db8::1", 3128, true))),
+            ("2001:db8::1", Some(("2001:0db8::0:1", 3128, true))),
             ("10.0.0.1", Some(("10.0.0.1", 1080, true))),
             ("http://proxy.corp:3128", None),
             ("u:secret@proxy.corp", None),

@@ -159,9 +159,7 @@ async fn handle(agent: &Agent, mut client: TcpStream, netns: ClientNetns, decisi
             .await;
         }
         Action::Connect { proxy, target } => {
-            // Only a ClientHello may go ahead of the proxy's answer: it is safe to send again
-            // (to the next proxy of the list, should this one fail without answering).
-            let ahead = sniffed.protocol() == Protocol::Tls;
+            let ahead = client_hello_record(&first_bytes, &sniffed);
             tunnel(
                 agent,
                 proxy,
@@ -269,19 +267,35 @@ async fn connect_direct(
         .map_err(|e| format!("{e:#}"))
 }
 
-/// CONNECT through the proxy list, then relay. `ahead`: whether the client's first bytes may
-/// go out with the CONNECT (see upstream's optimistic CONNECT).
+/// The length of the client's ClientHello record, when its first bytes start with one complete
+/// record holding exactly one ClientHello that named a server (so the sniffer parsed it whole):
+/// the only bytes that may go out ahead of a proxy's answer (optimistic CONNECT). Sending them
+/// again, to the next proxy of a list, is harmless; what follows them (0-RTT data) waits for the
+/// 200. None for anything else.
+fn client_hello_record(first_bytes: &[u8], sniffed: &Sniffed) -> Option<usize> {
+    let Sniffed::Tls { sni: Some(_) } = sniffed else {
+        return None;
+    };
+    let header = first_bytes.get(..9)?;
+    let record = 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    let hello = 4 + u32::from_be_bytes([0, header[6], header[7], header[8]]) as usize;
+    let one_hello = header[0] == 0x16 && header[5] == 0x01 && hello == record - 5;
+    (one_hello && first_bytes.len() >= record).then_some(record)
+}
+
+/// CONNECT through the proxy list, then relay. `ahead`: how many of the client's first bytes
+/// may go out with the CONNECT (see upstream's optimistic CONNECT).
 async fn tunnel(
     agent: &Agent,
     proxy: &ProxyGroup,
     target: &str,
     client: TcpStream,
-    first_bytes: Bytes,
-    ahead: bool,
+    mut first_bytes: Bytes,
+    ahead: Option<usize>,
     decision: &mut Decision,
 ) {
     let started = Instant::now();
-    let offered = if ahead { first_bytes.clone() } else { Bytes::new() };
+    let offered = ahead.map_or_else(Bytes::new, |n| first_bytes.slice(..n));
     // Boxed: the handshake's state is large and must not size the connection's future for its
     // whole life (thousands of idle tunnels).
     match Box::pin(proxy.open_tunnel(target, &offered)).await {
@@ -293,12 +307,11 @@ async fn tunnel(
             decision.upstream_warm = Some(tunnel.warm);
             decision.upstream_status = Some(200);
             decision.optimistic = Some(tunnel.first_bytes_sent);
-            let to_upstream = if tunnel.first_bytes_sent {
-                decision.bytes_up += first_bytes.len() as u64;
-                Bytes::new()
-            } else {
-                first_bytes
-            };
+            if tunnel.first_bytes_sent {
+                decision.bytes_up += offered.len() as u64;
+                let _ = first_bytes.split_to(offered.len());
+            }
+            let to_upstream = first_bytes;
             // The pool is refilled once the origin answered: its dials then stay out of the
             // way of this connection's own round trips.
             let client_of_proxy = member.client.clone();
@@ -343,6 +356,42 @@ async fn read_first_bytes(client: &mut TcpStream, window: Duration) -> std::io::
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only one whole ClientHello record that named a server goes ahead of a proxy's answer,
+    /// and nothing behind it.
+    #[test]
+    fn only_a_whole_client_hello_record_may_go_ahead() {
+        let sni = || Sniffed::Tls {
+            sni: Some("origin.test".into()),
+        };
+        // A record of 9 bytes of body: a ClientHello of 5 bytes after its 4-byte header.
+        let hello = [0x16, 3, 1, 0, 9, 1, 0, 0, 5, 3, 3, 0, 0, 0];
+        let with_more = [&hello[..], b"0-RTT data"].concat();
+        let cases: Vec<(&[u8], Sniffed, Option<usize>)> = vec![
+            (&hello, sni(), Some(14)),
+            (&with_more, sni(), Some(14)),
+            (&hello, Sniffed::Tls { sni: None }, None),
+            (&hello[..13], sni(), None),
+            // Not a handshake record; not a ClientHello; a record with more than the hello.
+            (&[0x17, 3, 1, 0, 9, 1, 0, 0, 5, 3, 3, 0, 0, 0], sni(), None),
+            (&[0x16, 3, 1, 0, 9, 2, 0, 0, 5, 3, 3, 0, 0, 0], sni(), None),
+            (&[0x16, 3, 1, 0, 9, 1, 0, 0, 4, 3, 3, 0, 0, 0], sni(), None),
+            (b"GET / HTTP/1.1\r\n\r\n", Sniffed::Other, None),
+            (&hello, Sniffed::Other, None),
+        ];
+        for (bytes, sniffed, expected) in cases {
+            assert_eq!(
+                client_hello_record(bytes, &sniffed),
+                expected,
+                "{bytes:?} {sniffed:?}"
+            );
         }
     }
 }

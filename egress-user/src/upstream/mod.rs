@@ -395,15 +395,29 @@ impl ProxyClient {
         } else {
             Bytes::new()
         };
-        let tunnel = match self.handshake(stream, target, warm, ahead.clone()).await {
+        let result = match self.handshake(stream, target, warm, ahead.clone()).await {
             Err(e) if warm && e.went_stale() => {
+                // Not knowing why it failed, the new connection waits for the answer.
+                self.unprove(&ahead);
                 let stream = self.dial().await?;
-                self.handshake(stream, target, false, ahead).await
+                self.handshake(stream, target, false, Bytes::new()).await
             }
             result => result,
-        }?;
-        self.proven.store(true, Ordering::Relaxed);
-        Ok(tunnel)
+        };
+        match &result {
+            Ok(_) => self.proven.store(true, Ordering::Relaxed),
+            // Failed without an answer after bytes went ahead: maybe because they did. The
+            // next CONNECT waits for the answer, and a 200 proves the proxy again.
+            Err(e) if e.status().is_none() => self.unprove(&ahead),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn unprove(&self, ahead: &Bytes) {
+        if !ahead.is_empty() {
+            self.proven.store(false, Ordering::Relaxed);
+        }
     }
 
     async fn handshake(
@@ -547,6 +561,11 @@ where
         request.extend_from_slice(b"Proxy-Authorization: ");
         request.extend_from_slice(authorization.as_bytes());
         request.extend_from_slice(b"\r\n");
+    }
+    if !ahead.is_empty() {
+        // Should the proxy refuse the tunnel and keep the connection, it must not take what
+        // follows for a next request (RFC 9112, 9.6).
+        request.extend_from_slice(b"Connection: close\r\n");
     }
     request.extend_from_slice(b"\r\n");
     request.extend_from_slice(&ahead);
@@ -733,7 +752,9 @@ mod tests {
     #[tokio::test]
     async fn answers_in_pieces_informational_first_and_over_long() {
         let long = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(20_000));
-        let cases: Vec<(Vec<&[u8]>, Result<&[u8], &str>)> = vec![
+        // (the answer's pieces, the early data or a part of the error)
+        type Case<'a> = (Vec<&'a [u8]>, Result<&'a [u8], &'a str>);
+        let cases: Vec<Case> = vec![
             (vec![b"HTTP/1.1 2", b"00 OK\r\n", b"\r\ntunnel"], Ok(b"tunnel")),
             (
                 vec![b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"],
@@ -1085,7 +1106,7 @@ mod tests {
         );
         assert!(log[1].starts_with(b"CONNECT 10.0.0.2:443 HTTP/1.1\r\n"));
         assert!(
-            log[1].ends_with(&[b"\r\n\r\n", HELLO].concat()),
+            log[1].ends_with(&[b"Connection: close\r\n\r\n", HELLO].concat()),
             "{:?}",
             String::from_utf8_lossy(&log[1])
         );
@@ -1113,6 +1134,34 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(received.lock().unwrap().len(), 2, "not retried");
         }
+    }
+
+    /// A proxy that fails a CONNECT with bytes ahead without answering (here: closes) is not
+    /// sent bytes ahead again until it has answered a plain CONNECT with 200.
+    #[tokio::test]
+    async fn a_failure_after_bytes_went_ahead_makes_the_next_connect_wait() {
+        let (url, _requests, _accepted) =
+            counting_proxy(|i| if i == 1 { Conduct::Mute } else { Conduct::Answer }).await;
+        let client = ProxyClient::new(url, None, 0, TIMEOUTS);
+        let hello = Bytes::from_static(HELLO);
+        let sent: Vec<Option<bool>> = tunnels_in_a_row(&client, &hello).await;
+        assert_eq!(sent, [Some(false), None, Some(false), Some(true)]);
+    }
+
+    /// Four tunnels in a row: whether each sent the first bytes ahead (None: it failed).
+    async fn tunnels_in_a_row(client: &ProxyClient, hello: &Bytes) -> Vec<Option<bool>> {
+        let mut sent = Vec::new();
+        for i in 0..4 {
+            let target = format!("10.0.0.{i}:443");
+            sent.push(
+                client
+                    .open_tunnel(&target, hello)
+                    .await
+                    .ok()
+                    .map(|t| t.first_bytes_sent),
+            );
+        }
+        sent
     }
 
     /// `no_optimistic_connect`: the proxy's answer is awaited every time.
