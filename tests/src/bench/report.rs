@@ -764,27 +764,66 @@ mod tests {
 
     #[test]
     fn targets_are_ratios_against_the_right_peer() {
+        let summary = |p50: f64| Summary {
+            n: 1,
+            p10: p50,
+            p50,
+            p90: p50,
+            p99: p50,
+            mean: p50,
+        };
+        let delay = |upstream: &str, proxy_ms, origin_ms, egress| DelayResult {
+            upstream: upstream.into(),
+            proxy_ms,
+            origin_ms,
+            app_us: summary(10_000.0),
+            egress_us: summary(egress),
+        };
+        let mut floor = path("floor/fast", 0.0, 0.0, 500.0);
+        floor.cpu_s_per_gib = Some(0.25);
+        let mut egress_fast = path("egress/fast", 1000.0, 100.0, 400.0);
+        egress_fast.cpu_s_per_gib = Some(0.35);
         let results = Results {
             paths: vec![
                 path("app/squid", 1000.0, 100.0, 400.0),
                 path("egress/squid", 1040.0, 300.0, 360.0),
                 path("redsocks/squid", 1100.0, 100.0, 400.0),
+                egress_fast,
+                floor,
+            ],
+            delay: vec![
+                // The 2 ms profile with the origin far away must not be taken for the target's.
+                delay("squid", 2, 20, 9_900.0),
+                delay("squid", 2, 0, 7_000.0),
+                delay("squid https://", 2, 0, 7_500.0),
             ],
             ..Default::default()
         };
         let targets = results.targets();
         let find = |what: &str| targets.iter().find(|t| t.what.starts_with(what)).unwrap();
-        let latency = find("TTFB p50, egress ÷ application-level (squid)");
+        let latency = find("TTFB p50 at zero RTT, egress ÷ application-level (squid)");
         assert_eq!((latency.got, latency.pass), (Some(1.04), Some(true)));
+        let near = find("TTFB p50 at 2 ms to the proxy, egress ÷ application-level (squid)");
+        assert_eq!((near.got, near.pass), (Some(0.7), Some(true)));
+        let near = find("TTFB p50 at 2 ms to the proxy, egress ÷ application-level (squid https://)");
+        assert_eq!((near.got, near.pass), (Some(0.75), Some(false)));
         let bulk = find("throughput, 1 tunnel, egress ÷ application-level (squid)");
+        assert_eq!((bulk.got, bulk.pass), (Some(0.9), Some(true)));
+        let bulk = find("throughput, 16 tunnels, egress ÷ application-level (squid)");
         assert_eq!((bulk.got, bulk.pass), (Some(0.9), Some(false)));
         let rate = find("connections/s at c64, egress ÷ redsocks (squid)");
         assert_eq!((rate.got, rate.pass), (Some(3.0), Some(true)));
-        // Not measured: no fast-proxy paths, no connect or memory figures.
+        let cpu = find("agent CPU per GiB ÷ the C splice relay's");
         assert_eq!(
-            find("TTFB p50, egress ÷ application-level (fast proxy)").pass,
+            (cpu.got.map(|g| (g * 100.0).round()), cpu.pass),
+            (Some(140.0), Some(false))
+        );
+        // Not measured: no application-level fast-proxy path, no connect or memory figures.
+        assert_eq!(
+            find("TTFB p50 at zero RTT, egress ÷ application-level (fast proxy)").pass,
             None
         );
+        assert_eq!(find("agent RSS").pass, None);
         assert!(markdown(&results).contains("| 1.040 | ≤ 1.05 | met |"));
     }
 
@@ -818,14 +857,22 @@ mod tests {
 
     #[test]
     fn recorded_runs_read_back_and_compare() {
-        // The records the README's table is generated from still parse, and every figure of the
-        // table is in both (full runs).
+        // The records the README's tables are generated from still parse, and every figure of
+        // the table is in the last full run (earlier ones predate some figures).
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-        let before = read(&dir.join("first-run.json")).unwrap();
         let after = read(&dir.join("results.json")).unwrap();
-        let table = compare(&before, &after);
-        assert_eq!(table.lines().count(), 2 + 7, "{table}");
-        assert!(!table.contains('–'), "a figure is missing:\n{table}");
+        for earlier in ["first-run.json", "second-run.json", "third-run.json"] {
+            let before = read(&dir.join(earlier)).unwrap();
+            let table = compare(&before, &after);
+            assert_eq!(table.lines().count(), 2 + 10, "{table}");
+            for line in table.lines().skip(2) {
+                assert!(
+                    !line.ends_with("| – |"),
+                    "a figure of the last run is missing: {line}"
+                );
+            }
+        }
+        let table = compare(&read(&dir.join("third-run.json")).unwrap(), &after);
         assert!(table.contains(&after.source), "{table}");
         assert!(markdown(&after).contains(&format!("A record of one run, measured at {}", after.source)));
     }
