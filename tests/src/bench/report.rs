@@ -148,7 +148,7 @@ pub struct IdleResult {
 pub struct Target {
     pub what: String,
     pub got: Option<f64>,
-    pub want: &'static str,
+    pub want: String,
     pub pass: Option<bool>,
 }
 
@@ -176,104 +176,103 @@ impl Results {
     /// Issue 29's targets, each a ratio within this run.
     pub fn targets(&self) -> Vec<Target> {
         let mut targets = Vec::new();
-        let at_most = |got: Option<f64>, limit: f64| got.map(|g| g <= limit);
-        let at_least = |got: Option<f64>, limit: f64| got.map(|g| g >= limit);
-        let mut target = |what: String, got: Option<f64>, want: &'static str, pass: Option<bool>| {
-            targets.push(Target {
-                what,
-                got,
-                want,
-                pass,
-            })
+        let mut at_most = |what: String, got: Option<f64>, limit: f64| {
+            targets.push(Target::new(what, got, Bound::AtMost(limit)))
         };
         // What users feel: a new request's latency with the proxy a real network away.
-        for (upstream, limit, want) in [("squid", 0.78, "≤ 0.78"), ("squid https://", 0.70, "≤ 0.70")] {
-            let got = self.delay(upstream, 2).map(DelayResult::ratio);
-            target(
+        for (upstream, limit) in [("squid", 0.78), ("squid https://", 0.70)] {
+            at_most(
                 format!("TTFB p50 at 2 ms to the proxy, egress ÷ application-level ({upstream})"),
-                got,
-                want,
-                at_most(got, limit),
+                self.delay(upstream, 2).map(DelayResult::ratio),
+                limit,
             );
         }
-        for (key, name, limit, want) in [
-            ("squid", "squid", 1.05, "≤ 1.05"),
-            ("fast", "fast proxy", 1.05, "≤ 1.05"),
-            ("squidtls", "squid https://", 0.95, "≤ 0.95"),
+        for (key, name, limit) in [
+            ("squid", "squid", 1.05),
+            ("fast", "fast proxy", 1.05),
+            ("squidtls", "squid https://", 0.95),
         ] {
-            let got = self.ratio(key, "app", |p| Some(p.latency_us?.p50));
-            target(
+            at_most(
                 format!("TTFB p50 at zero RTT, egress ÷ application-level ({name})"),
-                got,
-                want,
-                at_most(got, limit),
+                self.ratio(key, "app", |p| Some(p.latency_us?.p50)),
+                limit,
             );
         }
-        for (key, name) in UPSTREAMS {
-            let got = self.ratio(key, "redsocks", |p| p.conns_per_s);
-            target(
-                format!("connections/s at c64, egress ÷ redsocks ({name})"),
-                got,
-                "≥ 1.2",
-                at_least(got, 1.2),
-            );
-        }
-        for (key, name) in UPSTREAMS {
-            let got = self.ratio(key, "app", |p| p.bulk16_mib_s);
-            target(
-                format!("throughput, 16 tunnels, egress ÷ application-level ({name})"),
-                got,
-                "≥ 0.95",
-                at_least(got, 0.95),
-            );
-            let got = self.ratio(key, "app", |p| p.bulk1_mib_s);
-            target(
-                format!("throughput, 1 tunnel, egress ÷ application-level ({name})"),
-                got,
-                "≥ 0.90",
-                at_least(got, 0.90),
-            );
-        }
-        let got = self.ratio("fast", "floor", |p| p.cpu_s_per_gib);
-        target(
+        at_most(
             "agent CPU per GiB ÷ the C splice relay's (fast proxy)".into(),
-            got,
-            "≤ 1.3",
-            at_most(got, 1.3),
+            self.ratio("fast", "floor", |p| p.cpu_s_per_gib),
+            1.3,
         );
-        let got = self.path("egress/squidtls").and_then(|p| p.cpu_s_per_gib);
-        target(
+        at_most(
             "agent CPU per GiB on the https:// proxy leg, s".into(),
-            got,
-            "≤ 1.0",
-            at_most(got, 1.0),
+            self.path("egress/squidtls").and_then(|p| p.cpu_s_per_gib),
+            1.0,
         );
         for (key, name) in UPSTREAMS {
-            let got = self
-                .path(&format!("egress/{key}"))
-                .and_then(|p| p.cpu_us_per_conn);
-            target(
+            at_most(
                 format!("agent CPU per connection ({name}), µs"),
-                got,
-                "≤ 250",
-                at_most(got, 250.0),
+                self.path(&format!("egress/{key}"))
+                    .and_then(|p| p.cpu_us_per_conn),
+                250.0,
             );
         }
-        let got = self.connect.as_ref().map(|c| c.bypass_ns.p50 / c.plain_ns.p50);
-        target(
+        at_most(
             "connect() p50, in-kernel bypass ÷ no eBPF".into(),
-            got,
-            "≤ 1.02",
-            at_most(got, 1.02),
+            self.connect.as_ref().map(|c| c.bypass_ns.p50 / c.plain_ns.p50),
+            1.02,
         );
-        let got = self.idle.as_ref().map(|i| i.rss_10k_kib / 1024.0);
-        target(
+        at_most(
             "agent RSS with 10,000 idle tunnels, MiB".into(),
-            got,
-            "≤ 64",
-            at_most(got, 64.0),
+            self.idle.as_ref().map(|i| i.rss_10k_kib / 1024.0),
+            64.0,
         );
+        for (key, name) in UPSTREAMS {
+            for (what, got, limit) in [
+                (
+                    "connections/s at c64, egress ÷ redsocks",
+                    self.ratio(key, "redsocks", |p| p.conns_per_s),
+                    1.2,
+                ),
+                (
+                    "throughput, 16 tunnels, egress ÷ application-level",
+                    self.ratio(key, "app", |p| p.bulk16_mib_s),
+                    0.95,
+                ),
+                (
+                    "throughput, 1 tunnel, egress ÷ application-level",
+                    self.ratio(key, "app", |p| p.bulk1_mib_s),
+                    0.90,
+                ),
+            ] {
+                targets.push(Target::new(
+                    format!("{what} ({name})"),
+                    got,
+                    Bound::AtLeast(limit),
+                ));
+            }
+        }
         targets
+    }
+}
+
+/// Which side of its limit a target's figure must be on.
+pub enum Bound {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Target {
+    fn new(what: String, got: Option<f64>, bound: Bound) -> Self {
+        let (pass, want) = match bound {
+            Bound::AtMost(limit) => (got.map(|g| g <= limit), format!("≤ {limit}")),
+            Bound::AtLeast(limit) => (got.map(|g| g >= limit), format!("≥ {limit}")),
+        };
+        Self {
+            what,
+            got,
+            want,
+            pass,
+        }
     }
 }
 
