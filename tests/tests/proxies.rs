@@ -511,14 +511,7 @@ fn optimistic_connect_through_squid_and_a_refusal() {
         assert_eq!(result.code, Some(0), "{result:?}\n{}", bed.agent().log());
         assert_eq!(result.stdout, "origin ok 443\n");
     }
-    let optimistic: Vec<String> = bed
-        .agent()
-        .wait_decisions(3)
-        .unwrap()
-        .iter()
-        .map(|d| d.get("optimistic"))
-        .collect();
-    assert_eq!(optimistic, ["no", "yes", "yes"], "{}", bed.agent().log());
+    assert_eq!(optimistic(&bed, 3), ["no", "yes", "yes"], "{}", bed.agent().log());
 
     // Refused by squid after the ClientHello went out with the CONNECT.
     let result = bed.curl(&format!("https://{ORIGIN_NAME}:8448/")).unwrap();
@@ -553,12 +546,11 @@ fn optimistic_connect_through_squid_and_a_refusal() {
         let result = bed.curl(&format!("https://{ORIGIN_NAME}/")).unwrap();
         assert_eq!(result.code, Some(0), "{result:?}");
     }
-    let optimistic: Vec<String> = bed
-        .agent()
-        .wait_decisions(2)
-        .unwrap()
-        .iter()
-        .map(|d| d.get("optimistic"))
-        .collect();
-    assert_eq!(optimistic, ["no", "no"]);
+    assert_eq!(optimistic(&bed, 2), ["no", "no"]);
+}
+
+/// The `optimistic` field of this agent run's first `n` decision records.
+fn optimistic(bed: &Testbed, n: usize) -> Vec<String> {
+    let decisions = bed.agent().wait_decisions(n).unwrap();
+    decisions.iter().map(|d| d.get("optimistic")).collect()
 }

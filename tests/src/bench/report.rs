@@ -742,18 +742,23 @@ pub fn machine() -> Machine {
 mod tests {
     use super::*;
 
+    /// One sample's summary.
+    fn summary(p50: f64) -> Summary {
+        Summary {
+            n: 1,
+            p10: p50,
+            p50,
+            p90: p50,
+            p99: p50,
+            mean: p50,
+        }
+    }
+
     fn path(key: &str, p50: f64, rate: f64, bulk: f64) -> PathResult {
         PathResult {
             key: key.into(),
             label: key.into(),
-            latency_us: Some(Summary {
-                n: 1,
-                p10: p50,
-                p50,
-                p90: p50,
-                p99: p50,
-                mean: p50,
-            }),
+            latency_us: Some(summary(p50)),
             conns_per_s: Some(rate),
             bulk1_mib_s: Some(bulk),
             bulk16_mib_s: Some(bulk),
@@ -763,14 +768,6 @@ mod tests {
 
     #[test]
     fn targets_are_ratios_against_the_right_peer() {
-        let summary = |p50: f64| Summary {
-            n: 1,
-            p10: p50,
-            p50,
-            p90: p50,
-            p99: p50,
-            mean: p50,
-        };
         let delay = |upstream: &str, proxy_ms, origin_ms, egress| DelayResult {
             upstream: upstream.into(),
             proxy_ms,
