@@ -19,6 +19,8 @@ const POOL_MAX: usize = 16;
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// What the pipe holds at most: a fill that got this much left bytes in the socket.
+    capacity: usize,
 }
 
 impl Pipe {
@@ -29,16 +31,25 @@ impl Pipe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
-        let pipe = unsafe {
+        let mut pipe = unsafe {
             Self {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
+                capacity: 0,
             }
         };
         // Best effort: above fs.pipe-max-size, or over the user's pipe quota, it stays smaller.
         // SAFETY: fcntl on a descriptor we own.
         unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        // SAFETY: as above.
+        let capacity = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        pipe.capacity = usize::try_from(capacity).unwrap_or(0).clamp(1, CHUNK);
         Ok(pipe)
+    }
+
+    /// Whether a fill of `n` bytes filled the pipe: the socket likely holds more.
+    pub fn filled_by(&self, n: usize) -> bool {
+        n >= self.capacity
     }
 }
 
@@ -73,8 +84,11 @@ pub fn give_back(pipe: Pipe) {
     });
 }
 
-fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+fn splice(from: i32, to: i32, len: usize, more: bool) -> io::Result<usize> {
+    let mut flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    if more {
+        flags |= libc::SPLICE_F_MORE;
+    }
     // SAFETY: plain splice(2) between descriptors we hold, no offsets.
     let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
     if n < 0 {
@@ -88,13 +102,15 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
 /// WouldBlock clears `src`'s read readiness, as tokio requires.
 pub fn fill(pipe: &Pipe, src: &TcpStream) -> io::Result<usize> {
     src.try_io(Interest::READABLE, || {
-        splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
+        splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK, false)
     })
 }
 
 /// Moves up to `len` bytes from the pipe into `dst`; WouldBlock clears `dst`'s write readiness.
-pub fn drain(pipe: &Pipe, dst: &TcpStream, len: usize) -> io::Result<usize> {
+/// `more`: more bytes are known to follow (the fill filled the pipe), so TCP may hold a last
+/// partial segment for them (it goes out with the next write, or the next ACK, at the latest).
+pub fn drain(pipe: &Pipe, dst: &TcpStream, len: usize, more: bool) -> io::Result<usize> {
     dst.try_io(Interest::WRITABLE, || {
-        splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), len)
+        splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), len, more)
     })
 }
