@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod metrics;
+pub mod overlay;
 pub mod peers;
 pub mod process;
 pub mod procfs;

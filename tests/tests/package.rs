@@ -6,38 +6,25 @@
 
 use std::path::{Path, PathBuf};
 
-use egress_testbed::process::{self, TempDir};
+use egress_testbed::{
+    overlay::Overlay,
+    process::{self, TempDir},
+};
 
 /// An overlay over the Debian root with /proc mounted, unmounted on drop.
 struct Chroot {
     root: PathBuf,
+    /// Unmounted after /proc (fields drop after `Drop::drop`).
+    _overlay: Overlay,
 }
 
 impl Chroot {
     fn new(base: &Path, scratch: &Path) -> Self {
-        let (upper, work, root) = (scratch.join("upper"), scratch.join("work"), scratch.join("root"));
-        for dir in [&upper, &work, &root] {
-            std::fs::create_dir_all(dir).unwrap();
-        }
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            base.display(),
-            upper.display(),
-            work.display()
-        );
-        process::run(
-            "mount",
-            &[
-                "-t",
-                "overlay",
-                "overlay",
-                "-o",
-                &options,
-                &root.to_string_lossy(),
-            ],
-        )
-        .unwrap();
-        let chroot = Self { root };
+        let overlay = Overlay::mount(&[base], scratch).unwrap();
+        let chroot = Self {
+            root: overlay.merged.clone(),
+            _overlay: overlay,
+        };
         process::run(
             "mount",
             &["-t", "proc", "proc", &chroot.root.join("proc").to_string_lossy()],
@@ -73,7 +60,6 @@ impl Chroot {
 impl Drop for Chroot {
     fn drop(&mut self) {
         process::quietly("umount", &[&self.root.join("proc").to_string_lossy()]);
-        process::quietly("umount", &[&self.root.to_string_lossy()]);
     }
 }
 

@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use egress_testbed::overlay::Overlay;
+
 use crate::{deb, kernel, setup};
 
 const DIR: &str = "/var/cache/egress-system";
@@ -96,35 +98,8 @@ pub fn run(root: &Path, egress_bin: &Path) -> Result<()> {
 
     // The guest's root: the clean system root and the kernel's modules, under a fresh overlay.
     let run = dir.join("run");
-    let merged = run.join("merged");
-    let _ = Command::new("umount")
-        .arg(&merged)
-        .stderr(std::process::Stdio::null())
-        .status();
-    let _ = std::fs::remove_dir_all(&run);
-    for sub in ["upper", "work", "merged"] {
-        std::fs::create_dir_all(run.join(sub))?;
-    }
-    let options = format!(
-        "lowerdir={}:{},upperdir={},workdir={}",
-        system_root.display(),
-        modules.display(),
-        run.join("upper").display(),
-        run.join("work").display()
-    );
-    setup::sh(
-        "mount",
-        &[
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            &options,
-            &merged.to_string_lossy(),
-        ],
-        &[],
-    )?;
-    let overlay = Overlay(merged.clone());
+    let overlay = Overlay::mount(&[&system_root, &modules], &run)?;
+    let merged = overlay.merged.clone();
     let guest = merged.join(GUEST_DIR.trim_start_matches('/'));
     std::fs::create_dir_all(guest.join("debs"))?;
     std::fs::create_dir_all(guest.join("results"))?;
@@ -168,12 +143,10 @@ pub fn run(root: &Path, egress_bin: &Path) -> Result<()> {
         .status()
         .context("running vng")?;
     let elapsed = started.elapsed().as_secs();
+    let upper = overlay.upper.clone();
     drop(overlay);
 
-    let results = run
-        .join("upper")
-        .join(GUEST_DIR.trim_start_matches('/'))
-        .join("results");
+    let results = upper.join(GUEST_DIR.trim_start_matches('/')).join("results");
     let output = std::fs::read_to_string(results.join("system.log")).unwrap_or_default();
     println!("{output}");
     let code = std::fs::read_to_string(results.join("exit-code")).unwrap_or_default();
@@ -215,15 +188,6 @@ fn kernel_layer(dir: &Path, unpacked: &Path) -> Result<PathBuf> {
         std::fs::rename(&partial, &layer)?;
     }
     Ok(layer)
-}
-
-/// Unmounts the guest's overlay when the run ends, also on an error.
-struct Overlay(PathBuf);
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// The Debian 12 system root ([`PACKAGES`], Synapse in [`SYNAPSE_VENV`]), made once (several
