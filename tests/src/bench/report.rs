@@ -883,7 +883,7 @@ mod tests {
         // the table is in the last full run (earlier ones predate some figures).
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
         let after = read(&dir.join("results.json")).unwrap();
-        for earlier in ["first-run.json", "second-run.json", "third-run.json"] {
+        for earlier in ["first-run.json", "second-run.json", "third-run.json", "fourth-run.json"] {
             let before = read(&dir.join(earlier)).unwrap();
             let table = compare(&before, &after);
             assert_eq!(table.lines().count(), 2 + 11, "{table}");
@@ -894,7 +894,7 @@ mod tests {
                 );
             }
         }
-        let table = compare(&read(&dir.join("third-run.json")).unwrap(), &after);
+        let table = compare(&read(&dir.join("fourth-run.json")).unwrap(), &after);
         assert!(table.contains(&after.source), "{table}");
         assert!(markdown(&after).contains(&format!("A record of one run, measured at {}", after.source)));
     }
