@@ -883,7 +883,12 @@ mod tests {
         // the table is in the last full run (earlier ones predate some figures).
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
         let after = read(&dir.join("results.json")).unwrap();
-        for earlier in ["first-run.json", "second-run.json", "third-run.json", "fourth-run.json"] {
+        for earlier in [
+            "first-run.json",
+            "second-run.json",
+            "third-run.json",
+            "fourth-run.json",
+        ] {
             let before = read(&dir.join(earlier)).unwrap();
             let table = compare(&before, &after);
             assert_eq!(table.lines().count(), 2 + 11, "{table}");
