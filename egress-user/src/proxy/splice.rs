@@ -38,12 +38,20 @@ impl Pipe {
                 capacity: 0,
             }
         };
+        #[cfg(not(test))]
+        let size = CHUNK;
+        #[cfg(test)]
+        let size = PIPE_SIZE.get();
         // Best effort: above fs.pipe-max-size, or over the user's pipe quota, it stays smaller.
         // SAFETY: fcntl on a descriptor we own.
-        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
         // SAFETY: as above.
         let capacity = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        pipe.capacity = usize::try_from(capacity).unwrap_or(0).clamp(1, CHUNK);
+        // Unknown: never taken for full (no SPLICE_F_MORE, one round a wakeup).
+        pipe.capacity = usize::try_from(capacity)
+            .ok()
+            .filter(|&c| c > 0)
+            .unwrap_or(usize::MAX);
         Ok(pipe)
     }
 
@@ -61,6 +69,17 @@ thread_local! {
 thread_local! {
     /// Tests of the memory-copy fallback turn pipes off on their thread.
     pub static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The size new pipes on this thread ask for.
+    static PIPE_SIZE: std::cell::Cell<usize> = const { std::cell::Cell::new(CHUNK) };
+    /// How many times [`push`] ran on this thread.
+    pub static PUSHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Tests: new pipes on this thread ask for `size` bytes, and the pooled ones are dropped.
+#[cfg(test)]
+pub fn set_pipe_size(size: usize) {
+    PIPE_SIZE.set(size);
+    POOL.with(|pool| pool.borrow_mut().clear());
 }
 
 /// An empty pipe from the pool, or a new one; None when no descriptor is left (the caller
@@ -108,9 +127,18 @@ pub fn fill(pipe: &Pipe, src: &TcpStream) -> io::Result<usize> {
 
 /// Moves up to `len` bytes from the pipe into `dst`; WouldBlock clears `dst`'s write readiness.
 /// `more`: more bytes are known to follow (the fill filled the pipe), so TCP may hold a last
-/// partial segment for them (it goes out with the next write, or the next ACK, at the latest).
+/// partial segment for them; whoever drains with `more` must [`push`] once no more came.
 pub fn drain(pipe: &Pipe, dst: &TcpStream, len: usize, more: bool) -> io::Result<usize> {
     dst.try_io(Interest::WRITABLE, || {
         splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), len, more)
     })
+}
+
+/// Sends what drains with `more` left held in `dst`: setting TCP_NODELAY (already set on every
+/// relayed socket) makes the kernel push pending segments. Without it a held tail waits for an
+/// ACK of earlier data or, with nothing in flight, for TCP's probe timer (200 ms or more).
+pub fn push(dst: &TcpStream) -> io::Result<()> {
+    #[cfg(test)]
+    PUSHES.set(PUSHES.get() + 1);
+    dst.set_nodelay(true)
 }
