@@ -888,6 +888,7 @@ mod tests {
             "second-run.json",
             "third-run.json",
             "fourth-run.json",
+            "fifth-run.json",
         ] {
             let before = read(&dir.join(earlier)).unwrap();
             let table = compare(&before, &after);
@@ -899,7 +900,7 @@ mod tests {
                 );
             }
         }
-        let table = compare(&read(&dir.join("fourth-run.json")).unwrap(), &after);
+        let table = compare(&read(&dir.join("fifth-run.json")).unwrap(), &after);
         assert!(table.contains(&after.source), "{table}");
         assert!(markdown(&after).contains(&format!("A record of one run, measured at {}", after.source)));
     }
