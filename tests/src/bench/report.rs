@@ -328,29 +328,26 @@ pub fn compare_main(args: CompareArgs) -> Result<()> {
     Ok(())
 }
 
+/// "squid / squid https://" time-to-first-byte ratios with `proxy_ms` to the proxy.
+fn delay_ratios(r: &Results, proxy_ms: u16) -> Option<String> {
+    Some(format!(
+        "{:.2} / {:.2}",
+        r.delay("squid", proxy_ms)?.ratio(),
+        r.delay("squid https://", proxy_ms)?.ratio()
+    ))
+}
+
 /// The figures the tuning went after, in two recorded runs, as a markdown table.
 pub fn compare(before: &Results, after: &Results) -> String {
     type Figure = fn(&Results) -> Option<String>;
     let figures: [(&str, Figure); 11] = [
         (
             "TTFB p50 ÷ application-level at 2 ms to the proxy, squid / squid https://",
-            |r| {
-                Some(format!(
-                    "{:.2} / {:.2}",
-                    r.delay("squid", 2)?.ratio(),
-                    r.delay("squid https://", 2)?.ratio()
-                ))
-            },
+            |r| delay_ratios(r, 2),
         ),
         (
             "TTFB p50 ÷ application-level through a 0 ms delay line, squid / squid https://",
-            |r| {
-                Some(format!(
-                    "{:.2} / {:.2}",
-                    r.delay("squid", 0)?.ratio(),
-                    r.delay("squid https://", 0)?.ratio()
-                ))
-            },
+            |r| delay_ratios(r, 0),
         ),
         (
             "TTFB p50 ÷ application-level with no delay line, squid / squid https://",
