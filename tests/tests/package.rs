@@ -13,21 +13,17 @@ use egress_testbed::{
 
 /// An overlay over the Debian root with /proc mounted, unmounted on drop.
 struct Chroot {
-    root: PathBuf,
-    /// Unmounted after /proc (fields drop after `Drop::drop`).
-    _overlay: Overlay,
+    /// Its root is `overlay.merged`; unmounted after /proc (fields drop after `Drop::drop`).
+    overlay: Overlay,
 }
 
 impl Chroot {
     fn new(base: &Path, scratch: &Path) -> Self {
         let overlay = Overlay::mount(&[base], scratch).unwrap();
-        let chroot = Self {
-            root: overlay.merged.clone(),
-            _overlay: overlay,
-        };
+        let chroot = Self { overlay };
         process::run(
             "mount",
-            &["-t", "proc", "proc", &chroot.root.join("proc").to_string_lossy()],
+            &["-t", "proc", "proc", &chroot.path("/proc").to_string_lossy()],
         )
         .unwrap();
         chroot
@@ -36,7 +32,7 @@ impl Chroot {
     /// `program args...` inside; (exit code, stdout + stderr).
     fn run(&self, program: &str, args: &[&str]) -> (Option<i32>, String) {
         let out = std::process::Command::new("chroot")
-            .arg(&self.root)
+            .arg(&self.overlay.merged)
             .arg(program)
             .args(args)
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -53,13 +49,13 @@ impl Chroot {
     }
 
     fn path(&self, inside: &str) -> PathBuf {
-        self.root.join(inside.trim_start_matches('/'))
+        self.overlay.merged.join(inside.trim_start_matches('/'))
     }
 }
 
 impl Drop for Chroot {
     fn drop(&mut self) {
-        process::quietly("umount", &[&self.root.join("proc").to_string_lossy()]);
+        process::quietly("umount", &[&self.path("/proc").to_string_lossy()]);
     }
 }
 

@@ -621,8 +621,8 @@ mod lean_tests {
             let mut start = Some(start);
             let pushes = splice::PUSHES.get();
             let began = std::time::Instant::now();
-            const ROUNDS: usize = 8;
-            for round in 0..ROUNDS {
+            const EXCHANGES: usize = 8;
+            for round in 0..EXCHANGES {
                 client.write_all(&request).await.unwrap();
                 if let Some(start) = start.take() {
                     start.send(()).unwrap();
@@ -642,13 +642,13 @@ mod lean_tests {
                 assert_eq!(&answer, b"ok");
             }
             let took = began.elapsed();
-            // Held each round, the rounds would take 8 × 200 ms at least.
+            // Held each time, the exchanges would take 8 × 200 ms at least.
             assert!(
                 took < Duration::from_millis(400),
-                "{size}: {ROUNDS} rounds took {took:?}"
+                "{size}: {EXCHANGES} exchanges took {took:?}"
             );
             assert!(
-                splice::PUSHES.get() - pushes >= ROUNDS,
+                splice::PUSHES.get() - pushes >= EXCHANGES,
                 "{size}: the requests were not drained with SPLICE_F_MORE and pushed"
             );
             drop((client, upstream));
